@@ -1,0 +1,5 @@
+"""Where sum g and sum g^2 come from outside DeepSpeed."""
+
+from .microstep import MicroStepMoments
+
+__all__ = ["MicroStepMoments"]

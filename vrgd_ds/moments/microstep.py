@@ -1,0 +1,98 @@
+"""Gradient moments from micro-steps in one process ("virtual devices").
+
+The global batch is split into k micro-batches; each micro-batch is one gradient group
+(ALGORITHM.md section 1). A tensor hook on every parameter sees each backward pass's own
+gradient h_i before autograd accumulates it into ``p.grad``; the hook adds h_i^2 into
+an fp32 buffer. After k backward passes ``p.grad = sum_i h_i`` and the buffer holds
+``sum_i h_i^2``, which is all the GSNR needs, so k >= 8 works on one CPU:
+
+    model = ...
+    moments = MicroStepMoments(model.parameters())
+    opt = VRLAMB(model.parameters(), lr=1e-3, moments=moments)
+    for batch in loader:
+        for micro in batch.chunk(k):
+            (loss_fn(model(micro)) / k).backward()   # p.grad becomes the mean gradient
+        moments.clip_grad_norm_(1.0)                  # optional; never clip p.grad directly
+        opt.step()
+        opt.zero_grad()                               # also resets the moments
+
+Scale: with ``p.grad = sum_i h_i`` and h_i = c g_i for any common c (1/k above), the mean
+of squared group gradients in p.grad's scale is ``k * sum_i h_i^2``; ``sq_scale`` says so.
+A parameter that a micro-batch does not reach has h_i = 0 for that group, so k is the
+number of backward passes, not a per-parameter count.
+
+Clipping ``p.grad`` directly would leave the squares at the old scale and make the GSNR
+wrong; :meth:`clip_grad_norm_` clips the mean gradient and rescales the squares with it,
+so the GSNR stays that of the unclipped moments (section 1).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+
+class MicroStepMoments:
+    def __init__(self, params: Iterable[Tensor]):
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
+        self._sum_sq: dict[Tensor, Tensor] = {}
+        self._hits: dict[Tensor, int] = {}
+        self._clip_scale = 1.0
+        self._backward_passes = 0
+        self._handles = [p.register_hook(self._hook_for(p)) for p in self.params]
+
+    def _hook_for(self, p: Tensor):
+        def hook(grad: Tensor) -> None:
+            buf = self._sum_sq.get(p)
+            if buf is None:
+                buf = self._sum_sq[p] = torch.zeros_like(p, dtype=torch.float32)
+            g = grad.float()
+            buf.addcmul_(g, g)
+            self._hits[p] = self._hits.get(p, 0) + 1
+            self._backward_passes = max(self._backward_passes, self._hits[p])
+        return hook
+
+    @property
+    def group_count(self) -> int:
+        """k: backward passes since the last reset (one per micro-batch)."""
+        return self._backward_passes
+
+    @property
+    def sq_scale(self) -> float:
+        return self._backward_passes * self._clip_scale**2
+
+    def sum_sq(self, param: Tensor) -> Tensor:
+        buf = self._sum_sq.get(param)
+        if buf is None:
+            raise KeyError(
+                f"no squared gradient for a parameter of shape {tuple(param.shape)}: it was not "
+                "among the parameters given to MicroStepMoments, or its gradient did not come "
+                "from backward()"
+            )
+        return buf
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip the mean gradient like ``torch.nn.utils.clip_grad_norm_``; keep the GSNR exact."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+        self._clip_scale *= float(coef)
+        return total
+
+    def reset(self) -> None:
+        for buf in self._sum_sq.values():
+            buf.zero_()
+        self._hits.clear()
+        self._backward_passes = 0
+        self._clip_scale = 1.0
+
+    def remove(self) -> None:
+        """Detach the hooks (the moments stop updating)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []

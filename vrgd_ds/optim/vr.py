@@ -1,0 +1,229 @@
+"""VR optimizers: the GSNR gradient transform in front of a base update.
+
+Each class is ``GSNRTransform`` mixed into a base optimizer; the GSNR math lives in
+:mod:`vrgd_ds.gsnr` and nowhere else. Per step (ALGORITHM.md sections 1-4):
+
+1. read the mean gradient gbar (``p.grad``) and the mean of squared group gradients
+   from the attached moment source (:mod:`vrgd_ds.moments`, or the DeepSpeed adapter);
+2. r = clamp(r_raw / layer mean, gamma, 1), with optional GSNR momentum ``beta3``;
+3. hand g' = phat * gbar to the base update in place of the gradient.
+
+``gamma = 1`` makes the transform the identity (r = phat = 1 exactly): no moments are
+read and no GSNR state is kept, so the base optimizer's trajectory is reproduced bit
+for bit.
+
+A non-finite gradient or squared gradient is found from the per-layer GSNR sums the
+step computes anyway (no extra pass). ``on_nonfinite="raise"`` (default) raises
+``FloatingPointError`` before any state changes; ``"skip"`` skips the whole step,
+leaves parameters and all optimizer state untouched and counts it in
+``skipped_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .. import gsnr
+from .base import GroupBatch
+from .lamb import LAMB
+from .lars import LARS
+from .layout import layer_totals
+from .torch_bases import AdamUpdate, AdamWUpdate, SGDUpdate
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class MomentSource(Protocol):
+    """Where the second moment comes from (``vrgd_ds.moments`` or the DeepSpeed adapter).
+
+    ``sq_scale * sum_sq(p)`` is the mean over the k groups of the squared group gradient,
+    in the same scale as ``p.grad``, which holds the mean gradient.
+    """
+
+    group_count: int
+    sq_scale: float
+
+    def sum_sq(self, param: Tensor) -> Tensor: ...
+
+    def reset(self) -> None: ...
+
+
+class GSNRTransform:
+    """Mixin: scale the gradient by its clamped, layer-normalised GSNR before the base update."""
+
+    def _init_gsnr(self, moments, on_nonfinite: str) -> None:
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        self.moments = moments
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+
+    def attach_moments(self, moments: MomentSource) -> None:
+        self.moments = moments
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self.moments is not None:
+            self.moments.reset()
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        if self.moments is not None:
+            self.moments.reset()
+        return loss
+
+    def _moment_source(self) -> MomentSource:
+        if self.moments is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs the second gradient moment: attach a source, "
+                "e.g. vrgd_ds.moments.MicroStepMoments(model.parameters()) as moments=..., "
+                "or select the optimizer in a DeepSpeed config"
+            )
+        return self.moments
+
+    def _transform(self, batches: list[GroupBatch]) -> list[list[Tensor]] | None:
+        groups = self.param_groups
+        out: list[list[Tensor]] = [[p.grad for p in b.params] for b in batches]
+        active = [i for i, b in enumerate(batches) if b.params and groups[i]["gamma"] < 1.0]
+        if not active:
+            return out
+        src = self._moment_source()
+        gsnr.check_group_count(src.group_count)
+        r_raw = {}
+        for i in active:
+            b = batches[i]
+            sum_sqs = b.views(self._sum_sq(src, p) for p in b.params)
+            r_raw[i] = gsnr.raw_gsnr(b.views(out[i]), sum_sqs, src.sq_scale,
+                                     foreach=self._use_foreach(groups[i]))
+        segments = [s for i in active for s in batches[i].flat_segments]
+        partial = torch.cat([gsnr.partial_sums(r_raw[i], foreach=self._use_foreach(groups[i]))
+                             for i in active])
+        (sums,) = layer_totals(self.layout, segments, partial)
+        if not all(math.isfinite(s) for s in sums):
+            return self._nonfinite(sums, segments)
+        means = iter([s / seg.layer_numel for s, seg in zip(sums, segments)])
+        for i in active:
+            out[i] = self._scaled_grads(groups[i], batches[i], r_raw[i],
+                                        [next(means) for _ in r_raw[i]])
+        return out
+
+    @staticmethod
+    def _sum_sq(src: MomentSource, p: Tensor) -> Tensor:
+        sq = src.sum_sq(p)
+        if sq.shape != p.shape:
+            raise RuntimeError(f"moment source gave sum_sq of shape {tuple(sq.shape)} for a "
+                               f"parameter of shape {tuple(p.shape)}")
+        return sq
+
+    def _nonfinite(self, sums: list[float], segments) -> None:
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            return None
+        bad = [i for i, s in enumerate(sums) if not math.isfinite(s)]
+        raise FloatingPointError(
+            f"{type(self).__name__}: non-finite gradient or squared gradient in {len(bad)} of "
+            f"{len(sums)} parameter tensors (first: tensor #{bad[0]} of {segments[bad[0]].layer_numel} "
+            "elements); no state was changed. Use on_nonfinite='skip' to skip such steps."
+        )
+
+    def _scaled_grads(self, group: dict, batch: GroupBatch, r: list[Tensor],
+                      layer_means: list[float]) -> list[Tensor]:
+        foreach = self._use_foreach(group)
+        gsnr.normalise_and_clamp(r, layer_means, group["gamma"], foreach=foreach)
+        factors = None
+        if group["beta3"] > 0.0:
+            steps = batch.per_view(self._advance_step(batch.params, "gsnr_step"))
+            bufs = batch.views(self._state_tensor(p, "gsnr_momentum") for p in batch.params)
+            factors = gsnr.gsnr_momentum(r, bufs, group["beta3"], steps, foreach=foreach)
+            r = bufs
+        grads = batch.views(p.grad for p in batch.params)
+        scaled = gsnr.scale_gradients(grads, r, factors, foreach=foreach)
+        # Back to one tensor per parameter, in the gradient dtype the base update expects.
+        per_param, start = [], 0
+        for p, segs in zip(batch.params, batch.segments):
+            pieces = scaled[start:start + len(segs)]
+            start += len(segs)
+            t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            t = t.view(p.shape)
+            per_param.append(t if self.fp32_update else t.to(p.grad.dtype))
+        return per_param
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gsnr.check_gamma(group["gamma"])
+        gsnr.check_beta3(group["beta3"])
+
+
+def _vr_defaults(gamma: float, beta3: float) -> dict:
+    return dict(gamma=gsnr.check_gamma(gamma), beta3=gsnr.check_beta3(beta3))
+
+
+class VRSGD(GSNRTransform, SGDUpdate):
+    """VR-SGD (paper Algorithm 1): theta -= lr * (g' + wd * theta)."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, gamma=0.1, beta3=0.0, *,
+                 moments=None, on_nonfinite="raise", foreach=None):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach,
+                         **_vr_defaults(gamma, beta3))
+        self._init_gsnr(moments, on_nonfinite)
+
+
+class VRMomentum(GSNRTransform, SGDUpdate):
+    """VR-Momentum: torch SGD with momentum (optionally nesterov) on g'."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, gamma=0.1, beta3=0.0, *, moments=None, on_nonfinite="raise",
+                 foreach=None):
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, foreach=foreach,
+                         **_vr_defaults(gamma, beta3))
+        self._init_gsnr(moments, on_nonfinite)
+
+
+class VRAdam(GSNRTransform, AdamUpdate):
+    """VR-Adam: torch Adam (L2 weight decay) on g'."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None, on_nonfinite="raise",
+                 foreach=None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, foreach=foreach, **_vr_defaults(gamma, beta3))
+        self._init_gsnr(moments, on_nonfinite)
+
+
+class VRAdamW(GSNRTransform, AdamWUpdate):
+    """VR-AdamW: torch AdamW (decoupled weight decay) on g'."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None, on_nonfinite="raise",
+                 foreach=None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, foreach=foreach, **_vr_defaults(gamma, beta3))
+        self._init_gsnr(moments, on_nonfinite)
+
+
+class VRLAMB(GSNRTransform, LAMB):
+    """VR-LAMB: LAMB (see :class:`vrgd_ds.optim.lamb.LAMB`) on g'."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 bias_correction=True, gamma=0.1, beta3=0.9, *, moments=None,
+                 on_nonfinite="raise", foreach=None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         bias_correction=bias_correction, foreach=foreach,
+                         **_vr_defaults(gamma, beta3))
+        self._init_gsnr(moments, on_nonfinite)
+
+
+class VRLARS(GSNRTransform, LARS):
+    """VR-LARS: LARS (see :class:`vrgd_ds.optim.lars.LARS`) on g'."""
+
+    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, gamma=0.1,
+                 beta3=0.0, *, moments=None, on_nonfinite="raise", foreach=None):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                         foreach=foreach, **_vr_defaults(gamma, beta3))
+        self._init_gsnr(moments, on_nonfinite)
