@@ -9,7 +9,10 @@ per-view partial sums that the caller reduces over all views of the same layer (
 :class:`vrgd_ds.optim.layout.LayerLayout`), so a layer split across partitions is exact.
 
 Arithmetic is fp32 whatever the gradient dtype. Two paths with the same math: a
-multi-tensor path on ``torch._foreach_*`` kernels and a per-tensor loop.
+multi-tensor path on ``torch._foreach_*`` kernels (the ``*_foreach`` functions), and
+per-tensor kernels (:func:`gsnr_sum`, :func:`gsnr_grad`) that the optimizers run in a
+loop, either eagerly or under ``torch.compile``, which fuses each into one pass over
+memory and lets the base update fuse :func:`gsnr_grad` into its own first pass.
 """
 
 from __future__ import annotations
@@ -49,13 +52,7 @@ def moments_from_sums(sum_g: Tensor, sum_sq: Tensor, k: int) -> tuple[Tensor, Te
     return sum_g.float() / k, sum_sq.float() / k
 
 
-def raw_gsnr(
-    grads: Sequence[Tensor],
-    sum_sqs: Sequence[Tensor],
-    sq_scale: float,
-    *,
-    foreach: bool = True,
-) -> list[Tensor]:
+def raw_gsnr_foreach(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float) -> list[Tensor]:
     """Elementwise r_raw = gbar^2 / (max(s - gbar^2, 0) + tiny), new fp32 tensors.
 
     ``grads`` hold the mean gradient gbar; ``sq_scale * sum_sqs`` is the mean of the
@@ -63,98 +60,95 @@ def raw_gsnr(
     """
     if not grads:
         return []
-    if foreach:
-        var = torch._foreach_mul(list(sum_sqs), sq_scale)
-        g32 = [g.float() for g in grads]
-        torch._foreach_addcmul_(var, g32, g32, value=-1.0)
-        torch._foreach_clamp_min_(var, 0.0)
-        torch._foreach_add_(var, TINY)
-        r = torch._foreach_mul(g32, g32)
-        torch._foreach_div_(r, var)
-        return r
-    out = []
-    for g, sq in zip(grads, sum_sqs):
-        g32 = g.float()
-        var = (sq * sq_scale).addcmul_(g32, g32, value=-1.0).clamp_min_(0.0).add_(TINY)
-        out.append((g32 * g32).div_(var))
-    return out
+    var = torch._foreach_mul(list(sum_sqs), sq_scale)
+    g32 = [g.float() for g in grads]
+    torch._foreach_addcmul_(var, g32, g32, value=-1.0)
+    torch._foreach_clamp_min_(var, 0.0)
+    torch._foreach_add_(var, TINY)
+    r = torch._foreach_mul(g32, g32)
+    torch._foreach_div_(r, var)
+    return r
 
 
-def partial_sums(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
-    """Sum of each (non-negative) tensor's elements, as one fp32 vector."""
+def sums_foreach(tensors: Sequence[Tensor]) -> Tensor:
+    """Sum of each non-negative tensor's elements (fp32 vector)."""
     if not tensors:
         return torch.zeros(0)
-    if foreach:
-        return torch.stack(torch._foreach_norm(list(tensors), 1)).float()
-    return torch.stack([t.abs().sum() for t in tensors]).float()
+    return torch.stack(torch._foreach_norm(list(tensors), 1)).float()
 
 
-def partial_sq_norms(tensors: Sequence[Tensor], *, foreach: bool = True) -> Tensor:
-    """Sum of squares of each tensor's elements (fp32), to be reduced per layer."""
+def sq_norms_foreach(tensors: Sequence[Tensor]) -> Tensor:
+    """Sum of squares of each tensor's elements (fp32 vector), to be reduced per layer."""
     if not tensors:
         return torch.zeros(0)
-    if foreach:
-        norms = torch._foreach_norm([t.float() for t in tensors], 2)
-    else:
-        norms = [t.float().norm(2) for t in tensors]
-    return torch.stack(norms).square()
+    return torch.stack(torch._foreach_norm([t.float() for t in tensors], 2)).square()
 
 
-def normalise_and_clamp(
-    r_raw: list[Tensor], layer_means: Sequence[float], gamma: float, *, foreach: bool = True
-) -> list[Tensor]:
+def normalise_and_clamp_foreach(r_raw: list[Tensor], layer_means: Sequence[float], gamma: float) -> None:
     """r = clamp(r_raw / m, gamma, 1), r = 1 where the layer mean m is 0 (eq. 8-9); in place."""
-    ones = [i for i, m in enumerate(layer_means) if not m > 0.0]
-    if foreach:
-        divisors = [m if m > 0.0 else 1.0 for m in layer_means]
-        torch._foreach_div_(r_raw, divisors)
-        torch._foreach_clamp_min_(r_raw, gamma)
-        torch._foreach_clamp_max_(r_raw, 1.0)
-    else:
-        for r, m in zip(r_raw, layer_means):
-            if m > 0.0:
-                r.div_(m).clamp_(gamma, 1.0)
-    for i in ones:
-        r_raw[i].fill_(1.0)
-    return r_raw
+    torch._foreach_div_(r_raw, [m if m > 0.0 else 1.0 for m in layer_means])
+    torch._foreach_clamp_min_(r_raw, gamma)
+    torch._foreach_clamp_max_(r_raw, 1.0)
+    for r, m in zip(r_raw, layer_means):
+        if not m > 0.0:
+            r.fill_(1.0)
 
 
-def gsnr_momentum(
-    r: list[Tensor],
-    bufs: list[Tensor],
-    beta3: float,
-    steps: Sequence[int],
-    *,
-    foreach: bool = True,
-) -> list[float]:
-    """p_t = beta3 p_{t-1} + (1 - beta3) r_t in place on ``bufs``; returns 1/(1 - beta3^t).
-
-    phat_t = bufs * the returned factor (section 3, one per tensor: t counts that tensor's
-    applied steps); the caller folds it into the gradient product, saving a pass.
-    """
-    if foreach:
-        torch._foreach_lerp_(bufs, r, 1.0 - beta3)
-    else:
-        for b, ri in zip(bufs, r):
-            b.lerp_(ri, 1.0 - beta3)
+def bias_corrections(beta3: float, steps: Sequence[int]) -> list[float]:
+    """1 / (1 - beta3^t) per tensor: phat_t = p_t * this (section 3)."""
     return [1.0 / (1.0 - beta3**t) for t in steps]
 
 
-def scale_gradients(
-    grads: Sequence[Tensor],
-    ratios: list[Tensor],
-    factors: Sequence[float] | None = None,
-    *,
-    foreach: bool = True,
+def scaled_grads_foreach(
+    grads: Sequence[Tensor], r: list[Tensor], bufs: list[Tensor] | None, beta3: float,
+    factors: Sequence[float] | None,
 ) -> list[Tensor]:
-    """g' = factor * ratio * gbar as new fp32 tensors (factor: bias correction of phat)."""
-    if foreach:
-        out = torch._foreach_mul(ratios, [g.float() for g in grads]) if ratios else []
-        if factors is not None and out:
-            torch._foreach_mul_(out, list(factors))
-        return out
-    out = []
-    for i, (g, r) in enumerate(zip(grads, ratios)):
-        t = r * g.float()
-        out.append(t.mul_(factors[i]) if factors is not None else t)
+    """GSNR momentum (in place on ``bufs``) then g' = phat * gbar as new fp32 tensors."""
+    if bufs is not None:
+        torch._foreach_lerp_(bufs, r, 1.0 - beta3)
+        r = bufs
+    out = torch._foreach_mul(r, [g.float() for g in grads]) if r else []
+    if factors is not None and out:
+        torch._foreach_mul_(out, list(factors))
     return out
+
+
+# ---- per-tensor kernels (eager loop or torch.compile) -------------------------------
+
+
+def _raw(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
+    var = (sq * sq_scale - g * g).clamp_min(0.0) + TINY
+    return g * g / var
+
+
+def gsnr_sum(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
+    """Sum over the tensor of r_raw (a 0-d fp32 tensor), for the layer mean."""
+    return _raw(g.float(), sq, sq_scale).sum()
+
+
+def gsnr_grad(
+    g: Tensor, sq: Tensor, sq_scale: float, mean: float, gamma: float,
+    mom: Tensor | None, beta3: float, bias_correction: float, update_momentum: bool,
+) -> Tensor:
+    """g' = phat * gbar for one tensor (fp32), eq. 8-9 and section 3.
+
+    With ``mom`` (GSNR momentum buffer, beta3 > 0): p_t = lerp(p_{t-1}, r, 1 - beta3) in
+    place when ``update_momentum``; otherwise ``mom`` already holds p_t (a second pass
+    over the same step) and r is not needed.
+    """
+    g = g.float()
+    if mom is not None and not update_momentum:
+        return mom * bias_correction * g
+    if mean > 0.0:
+        r = (_raw(g, sq, sq_scale) / mean).clamp(gamma, 1.0)
+    else:
+        r = torch.ones_like(g)
+    if mom is None:
+        return r * g
+    mom.lerp_(r, 1.0 - beta3)
+    return mom * bias_correction * g
+
+
+def as_fp32(g: Tensor) -> Tensor:
+    """The identity gradient source of the base optimizers."""
+    return g.float()

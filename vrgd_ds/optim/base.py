@@ -14,7 +14,36 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from ..gsnr import as_fp32
 from .layout import LayerLayout, Segment, segment_views
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def kernel(fn: Callable, compiled: bool) -> Callable:
+    """``fn`` itself, or its ``torch.compile`` (dynamic shapes, one compile per kernel)."""
+    if not compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+@dataclass(frozen=True)
+class GradSource:
+    """A gradient view that the base update computes inside its own kernels.
+
+    ``fn(*args)`` gives the fp32 gradient; ``fn(*repeat_args)`` gives it again later in
+    the same step without touching state (the GSNR momentum is advanced only once).
+    Lets the compiled path fuse the GSNR scaling into the base update's first pass.
+    """
+
+    fn: Callable
+    args: tuple
+    repeat_args: tuple | None = None
+
+    def again(self) -> tuple[Callable, tuple]:
+        return self.fn, self.args if self.repeat_args is None else self.repeat_args
 
 
 def check_lr(lr: float) -> None:
@@ -76,12 +105,9 @@ class GroupBatch:
 class BaseOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` with layout-aware parameter views and a gradient transform."""
 
-    #: the base update computes in fp32 and takes fp32 gradients (LAMB, LARS); torch's
-    #: kernels want gradients in the parameter dtype
-    fp32_update = True
 
-    def __init__(self, params, defaults: dict, foreach: bool | None = None):
-        defaults = dict(defaults, foreach=foreach, exclude_from_adaptation=False)
+    def __init__(self, params, defaults: dict, foreach: bool | None = None, compile: bool = False):
+        defaults = dict(defaults, foreach=foreach, compile=compile, exclude_from_adaptation=False)
         super().__init__(params, defaults)
         self.layout = LayerLayout()
 
@@ -91,6 +117,9 @@ class BaseOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _use_foreach(group: dict) -> bool:
+        """Multi-tensor eager path; ``compile=True`` runs the per-tensor kernels compiled."""
+        if group["compile"]:
+            return False
         return True if group["foreach"] is None else bool(group["foreach"])
 
     @staticmethod
@@ -125,12 +154,29 @@ class BaseOptimizer(torch.optim.Optimizer):
         batch.flat_segments = [s for segs in segments for s in segs]
         return batch
 
-    def _transform(self, batches: list[GroupBatch]) -> list[list[Tensor]] | None:
-        """Gradients for the base update, one list per group; None skips the step."""
-        return [[p.grad for p in b.params] for b in batches]
+    def _transform(self, batches: list[GroupBatch]) -> list[list] | None:
+        """Per group, per view: the gradient for the base update (a tensor on the foreach
+        path, a :class:`GradSource` on the per-tensor path); None skips the step."""
+        out = []
+        for group, b in zip(self.param_groups, batches):
+            views = b.views(p.grad for p in b.params)
+            out.append(views if self._use_foreach(group) else [GradSource(as_fp32, (v,)) for v in views])
+        return out
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list[Tensor]) -> None:
+    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
         raise NotImplementedError
+
+    def _materialize(self, group: dict, batch: GroupBatch, grads: list) -> list[Tensor]:
+        """Per-view gradients -> one tensor per parameter, in the gradient's dtype."""
+        if grads and isinstance(grads[0], GradSource):
+            grads = [kernel(s.fn, group["compile"])(*s.args) for s in grads]
+        out, start = [], 0
+        for p, segs in zip(batch.params, batch.segments):
+            pieces = grads[start:start + len(segs)]
+            start += len(segs)
+            t = pieces[0] if len(pieces) == 1 else torch.cat([x.reshape(-1) for x in pieces])
+            out.append(t.view(p.shape).to(p.grad.dtype))
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):

@@ -21,8 +21,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..gsnr import partial_sq_norms
-from .base import BaseOptimizer, GroupBatch, check_betas, check_eps, check_lr, check_weight_decay
+from ..gsnr import sq_norms_foreach
+from .base import BaseOptimizer, GroupBatch, kernel, check_betas, check_eps, check_lr, check_weight_decay
 from .layout import layer_totals
 
 
@@ -45,6 +45,7 @@ class LAMB(BaseOptimizer):
         bias_correction: bool = True,
         *,
         foreach: bool | None = None,
+        compile: bool = False,
         **extra,
     ):
         check_lr(lr)
@@ -53,66 +54,79 @@ class LAMB(BaseOptimizer):
         check_weight_decay(weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, **extra)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, compile=compile)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list[Tensor]) -> None:
+    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
         params = batch.params
         beta1, beta2 = group["betas"]
-        wd = self._weight_decay(group)
-        eps = group["eps"]
-        foreach = self._use_foreach(group)
+        wd, eps, foreach = self._weight_decay(group), group["eps"], self._use_foreach(group)
         steps = batch.per_view(self._advance_step(params))
         m = batch.views(self._state_tensor(p, "exp_avg") for p in params)
         v = batch.views(self._state_tensor(p, "exp_avg_sq") for p in params)
-        g = [t.float() for t in batch.views(grads)]
         p_views = batch.views(params)
-        w = [t.float() for t in p_views]
         if group["bias_correction"]:
             bc1 = [1.0 - beta1**t for t in steps]
             bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
         else:
             bc1 = bc2_sqrt = [1.0] * len(steps)
-
         if foreach:
-            torch._foreach_lerp_(m, g, 1.0 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-            u = torch._foreach_sqrt(v)
-            torch._foreach_div_(u, bc2_sqrt)
-            torch._foreach_add_(u, eps)
-            torch._foreach_reciprocal_(u)
-            torch._foreach_mul_(u, m)
-            torch._foreach_div_(u, bc1)
-            if wd != 0.0:
-                torch._foreach_add_(u, w, alpha=wd)
-        else:
-            u = []
-            for mi, vi, gi, wi, b1c, b2c in zip(m, v, g, w, bc1, bc2_sqrt):
-                mi.lerp_(gi, 1.0 - beta1)
-                vi.mul_(beta2).addcmul_(gi, gi, value=1.0 - beta2)
-                ui = vi.sqrt().div_(b2c).add_(eps).reciprocal_().mul_(mi).div_(b1c)
-                if wd != 0.0:
-                    ui.add_(wi, alpha=wd)
-                u.append(ui)
-
-        w_sq, u_sq = layer_totals(
-            self.layout, batch.flat_segments,
-            partial_sq_norms(w, foreach=foreach), partial_sq_norms(u, foreach=foreach),
-        )
-        scales = [-group["lr"] * t for t in trust_ratios(w_sq, u_sq)]
-        apply_scaled_update(p_views, w, u, scales, foreach=foreach)
+            _lamb_foreach(p_views, grads, m, v, bc1, bc2_sqrt, beta1, beta2, eps, wd,
+                          self.layout, batch, group["lr"])
+            return
+        k_moments = kernel(lamb_moments, group["compile"])
+        k_apply = kernel(lamb_apply, group["compile"])
+        norms = [k_moments(src.fn, src.args, mi, vi, pv, beta1, beta2, b1, b2, eps, wd)
+                 for src, mi, vi, pv, b1, b2 in zip(grads, m, v, p_views, bc1, bc2_sqrt)]
+        w_sq, u_sq = layer_totals(self.layout, batch.flat_segments,
+                                  torch.stack([n[0] for n in norms]), torch.stack([n[1] for n in norms]))
+        for pv, mi, vi, b1, b2, t in zip(p_views, m, v, bc1, bc2_sqrt, trust_ratios(w_sq, u_sq)):
+            k_apply(pv, mi, vi, b1, b2, eps, wd, -group["lr"] * t)
 
 
-def apply_scaled_update(
-    p_views: list[Tensor], w: list[Tensor], u: list[Tensor], scales: list[float], *, foreach: bool
-) -> None:
-    """p += scale_i * u_i, in fp32; written back for low-precision parameters."""
-    if foreach:
-        torch._foreach_mul_(u, scales)
-        torch._foreach_add_(w, u)
-    else:
-        for wi, ui, s in zip(w, u, scales):
-            wi.add_(ui, alpha=s)
+# ---- per-tensor kernels (eager loop or torch.compile) -------------------------------
+
+
+def lamb_direction(m: Tensor, v: Tensor, w: Tensor, bc1: float, bc2_sqrt: float, eps: float,
+                   wd: float) -> Tensor:
+    """u = mhat / (sqrt(vhat) + eps) + wd * theta."""
+    return (m / bc1) / (v.sqrt() / bc2_sqrt + eps) + wd * w
+
+
+def lamb_moments(grad_fn, grad_args, m: Tensor, v: Tensor, p: Tensor, beta1: float, beta2: float,
+                 bc1: float, bc2_sqrt: float, eps: float, wd: float) -> tuple[Tensor, Tensor]:
+    """Pass 1: update m and v from the gradient; return ||theta||^2 and ||u||^2 partial sums."""
+    g = grad_fn(*grad_args)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    w = p.float()
+    u = lamb_direction(m, v, w, bc1, bc2_sqrt, eps, wd)
+    return (w * w).sum(), (u * u).sum()
+
+
+def lamb_apply(p: Tensor, m: Tensor, v: Tensor, bc1: float, bc2_sqrt: float, eps: float, wd: float,
+               scale: float) -> None:
+    """Pass 2: theta += scale * u, recomputing u instead of storing it (no temporary)."""
+    w = p.float()
+    p.copy_(w + scale * lamb_direction(m, v, w, bc1, bc2_sqrt, eps, wd))
+
+
+def _lamb_foreach(p_views, grads, m, v, bc1, bc2_sqrt, beta1, beta2, eps, wd, layout, batch, lr):
+    g = [t.float() for t in grads]
+    w = [t.float() for t in p_views]
+    torch._foreach_lerp_(m, g, 1.0 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+    u = torch._foreach_sqrt(v)
+    torch._foreach_div_(u, bc2_sqrt)
+    torch._foreach_add_(u, eps)
+    torch._foreach_reciprocal_(u)
+    torch._foreach_mul_(u, m)
+    torch._foreach_div_(u, bc1)
+    if wd != 0.0:
+        torch._foreach_add_(u, w, alpha=wd)
+    w_sq, u_sq = layer_totals(layout, batch.flat_segments, sq_norms_foreach(w), sq_norms_foreach(u))
+    torch._foreach_mul_(u, [-lr * t for t in trust_ratios(w_sq, u_sq)])
+    torch._foreach_add_(w, u)
     write_back(p_views, w)
 
 

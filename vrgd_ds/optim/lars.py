@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..gsnr import partial_sq_norms
-from .base import BaseOptimizer, GroupBatch, check_lr, check_momentum, check_weight_decay
+from ..gsnr import sq_norms_foreach
+from .base import BaseOptimizer, GroupBatch, kernel, check_lr, check_momentum, check_weight_decay
 from .lamb import write_back
 from .layout import layer_totals
 
@@ -41,6 +41,7 @@ class LARS(BaseOptimizer):
         eta: float = 0.001,
         *,
         foreach: bool | None = None,
+        compile: bool = False,
         **extra,
     ):
         check_lr(lr)
@@ -49,26 +50,28 @@ class LARS(BaseOptimizer):
         if not eta > 0.0:
             raise ValueError(f"eta must be > 0, got {eta}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, **extra)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, compile=compile)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list[Tensor]) -> None:
+    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
         params = batch.params
-        wd = self._weight_decay(group)
-        foreach = self._use_foreach(group)
+        wd, foreach, compiled = self._weight_decay(group), self._use_foreach(group), group["compile"]
         self._advance_step(params)
         bufs = batch.views(self._state_tensor(p, "momentum_buffer") for p in params)
-        g = [t.float() for t in batch.views(grads)]
         p_views = batch.views(params)
-        w = [t.float() for t in p_views]
-        n = len(g)
-        if group["exclude_from_adaptation"]:
-            local = [1.0] * n
-        else:
-            w_sq, g_sq = layer_totals(
-                self.layout, batch.flat_segments,
-                partial_sq_norms(w, foreach=foreach), partial_sq_norms(g, foreach=foreach),
-            )
-            local = lars_local_lr(w_sq, g_sq, group["eta"], wd)
+        n = len(p_views)
+        adapt = not group["exclude_from_adaptation"]
+        if foreach:
+            g = [t.float() for t in grads]
+            w = [t.float() for t in p_views]
+            if adapt:
+                w_sq, g_sq = layer_totals(self.layout, batch.flat_segments,
+                                          sq_norms_foreach(w), sq_norms_foreach(g))
+        elif adapt:
+            k_norms = kernel(lars_norms, compiled)
+            norms = [k_norms(src.fn, src.args, pv) for src, pv in zip(grads, p_views)]
+            w_sq, g_sq = layer_totals(self.layout, batch.flat_segments,
+                                      torch.stack([x[0] for x in norms]), torch.stack([x[1] for x in norms]))
+        local = lars_local_lr(w_sq, g_sq, group["eta"], wd) if adapt else [1.0] * n
         lr, mu = group["lr"], group["momentum"]
         scaled = [lr * x for x in local]
         if foreach:
@@ -77,9 +80,28 @@ class LARS(BaseOptimizer):
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, step)
             torch._foreach_sub_(w, bufs)
-        else:
-            for b, gi, wi, s in zip(bufs, g, w, scaled):
-                step = gi.add(wi, alpha=wd) if wd != 0.0 else gi.clone()
-                b.mul_(mu).add_(step.mul_(s))
-                wi.sub_(b)
-        write_back(p_views, w)
+            write_back(p_views, w)
+            return
+        k_apply = kernel(lars_apply, compiled)
+        for src, pv, b, s in zip(grads, p_views, bufs, scaled):
+            fn, args = src.again() if adapt else (src.fn, src.args)
+            k_apply(fn, args, pv, b, wd, s, mu)
+
+
+# ---- per-tensor kernels (eager loop or torch.compile) -------------------------------
+
+
+def lars_norms(grad_fn, grad_args, p: Tensor) -> tuple[Tensor, Tensor]:
+    """Pass 1: ||theta||^2 and ||g||^2 partial sums."""
+    g = grad_fn(*grad_args)
+    w = p.float()
+    return (w * w).sum(), (g * g).sum()
+
+
+def lars_apply(grad_fn, grad_args, p: Tensor, buf: Tensor, wd: float, scaled_lr: float,
+               mu: float) -> None:
+    """Pass 2: buf = mu * buf + lr * local * (g + wd * theta); theta -= buf."""
+    g = grad_fn(*grad_args)
+    w = p.float()
+    buf.mul_(mu).add_((g + wd * w) * scaled_lr)
+    p.copy_(w - buf)

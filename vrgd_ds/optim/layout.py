@@ -43,10 +43,16 @@ class LayerLayout:
 
 
 def segment_views(tensor: Tensor, segments: Sequence[Segment]) -> list[Tensor]:
-    """Flat views of ``tensor`` (shaped like its parameter) for each segment."""
-    if len(segments) == 1 and segments[0].offset == 0 and segments[0].numel == tensor.numel():
-        return [tensor]
+    """Flat (1-D) views of ``tensor`` (shaped like its parameter), one per segment.
+
+    Views, never copies: the optimizers update state and parameters through them.
+    """
+    if not tensor.is_contiguous():
+        raise ValueError(f"vrgd_ds optimizers need contiguous parameters and state, got a "
+                         f"non-contiguous tensor of shape {tuple(tensor.shape)}")
     flat = tensor.view(-1)
+    if len(segments) == 1 and segments[0].offset == 0 and segments[0].numel == flat.numel():
+        return [flat]
     return [flat.narrow(0, s.offset, s.numel) for s in segments]
 
 

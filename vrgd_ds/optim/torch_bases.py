@@ -27,10 +27,8 @@ from .base import (
 class SGDUpdate(BaseOptimizer):
     """torch ``SGD`` update (momentum, dampening, nesterov, coupled weight decay)."""
 
-    fp32_update = False
-
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, foreach=None, **extra):
+                 nesterov=False, *, foreach=None, compile=False, **extra):
         check_lr(lr)
         check_momentum(momentum)
         check_weight_decay(weight_decay)
@@ -41,10 +39,11 @@ class SGDUpdate(BaseOptimizer):
             )
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, **extra)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, compile=compile)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list[Tensor]) -> None:
+    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
         params = batch.params
+        grads = self._materialize(group, batch, grads)
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         torch_sgd(
             params, grads, bufs, foreach=self._use_foreach(group),
@@ -60,20 +59,19 @@ class AdamUpdate(BaseOptimizer):
     """torch ``Adam`` (``decoupled=False``) or ``AdamW`` (``decoupled=True``) update."""
 
     decoupled_weight_decay = False
-    fp32_update = False
-
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, foreach=None, **extra):
+                 amsgrad=False, *, foreach=None, compile=False, **extra):
         check_lr(lr)
         betas = check_betas(betas)
         check_eps(eps)
         check_weight_decay(weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, **extra)
-        super().__init__(params, defaults, foreach=foreach)
+        super().__init__(params, defaults, foreach=foreach, compile=compile)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list[Tensor]) -> None:
+    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
         params = batch.params
+        grads = self._materialize(group, batch, grads)
         for p in params:
             st = self.state[p]
             if "step" not in st:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import gsnr
-from .base import GroupBatch
+from .base import GradSource, GroupBatch, kernel
 from .lamb import LAMB
 from .lars import LARS
 from .layout import layer_totals
@@ -85,30 +85,50 @@ class GSNRTransform:
             )
         return self.moments
 
-    def _transform(self, batches: list[GroupBatch]) -> list[list[Tensor]] | None:
+    def _transform(self, batches: list[GroupBatch]) -> list[list] | None:
         groups = self.param_groups
-        out: list[list[Tensor]] = [[p.grad for p in b.params] for b in batches]
+        out = super()._transform(batches)
         active = [i for i, b in enumerate(batches) if b.params and groups[i]["gamma"] < 1.0]
         if not active:
             return out
         src = self._moment_source()
         gsnr.check_group_count(src.group_count)
-        r_raw = {}
+        grads, sqs, r_raw, partial = {}, {}, {}, []
         for i in active:
-            b = batches[i]
-            sum_sqs = b.views(self._sum_sq(src, p) for p in b.params)
-            r_raw[i] = gsnr.raw_gsnr(b.views(out[i]), sum_sqs, src.sq_scale,
-                                     foreach=self._use_foreach(groups[i]))
+            b, group = batches[i], groups[i]
+            grads[i] = b.views(p.grad for p in b.params)
+            sqs[i] = b.views(self._sum_sq(src, p) for p in b.params)
+            if self._use_foreach(group):
+                r_raw[i] = gsnr.raw_gsnr_foreach(grads[i], sqs[i], src.sq_scale)
+                partial.append(gsnr.sums_foreach(r_raw[i]))
+            else:
+                k_sum = kernel(gsnr.gsnr_sum, group["compile"])
+                partial.append(torch.stack([k_sum(g, q, src.sq_scale) for g, q in zip(grads[i], sqs[i])]))
         segments = [s for i in active for s in batches[i].flat_segments]
-        partial = torch.cat([gsnr.partial_sums(r_raw[i], foreach=self._use_foreach(groups[i]))
-                             for i in active])
-        (sums,) = layer_totals(self.layout, segments, partial)
+        (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
         means = iter([s / seg.layer_numel for s, seg in zip(sums, segments)])
         for i in active:
-            out[i] = self._scaled_grads(groups[i], batches[i], r_raw[i],
-                                        [next(means) for _ in r_raw[i]])
+            group, b = groups[i], batches[i]
+            layer_means = [next(means) for _ in grads[i]]
+            bufs, factors = None, None
+            if group["beta3"] > 0.0:
+                steps = b.per_view(self._advance_step(b.params, "gsnr_step"))
+                bufs = b.views(self._state_tensor(p, "gsnr_momentum") for p in b.params)
+                factors = gsnr.bias_corrections(group["beta3"], steps)
+            if i in r_raw:
+                gsnr.normalise_and_clamp_foreach(r_raw[i], layer_means, group["gamma"])
+                out[i] = gsnr.scaled_grads_foreach(grads[i], r_raw[i], bufs, group["beta3"], factors)
+            else:
+                out[i] = [
+                    GradSource(gsnr.gsnr_grad,
+                               (g, q, src.sq_scale, m, group["gamma"], mom, group["beta3"], f, True),
+                               (g, q, src.sq_scale, m, group["gamma"], mom, group["beta3"], f, False))
+                    for g, q, m, mom, f in zip(grads[i], sqs[i], layer_means,
+                                               bufs or [None] * len(grads[i]),
+                                               factors or [1.0] * len(grads[i]))
+                ]
         return out
 
     @staticmethod
@@ -130,28 +150,6 @@ class GSNRTransform:
             "elements); no state was changed. Use on_nonfinite='skip' to skip such steps."
         )
 
-    def _scaled_grads(self, group: dict, batch: GroupBatch, r: list[Tensor],
-                      layer_means: list[float]) -> list[Tensor]:
-        foreach = self._use_foreach(group)
-        gsnr.normalise_and_clamp(r, layer_means, group["gamma"], foreach=foreach)
-        factors = None
-        if group["beta3"] > 0.0:
-            steps = batch.per_view(self._advance_step(batch.params, "gsnr_step"))
-            bufs = batch.views(self._state_tensor(p, "gsnr_momentum") for p in batch.params)
-            factors = gsnr.gsnr_momentum(r, bufs, group["beta3"], steps, foreach=foreach)
-            r = bufs
-        grads = batch.views(p.grad for p in batch.params)
-        scaled = gsnr.scale_gradients(grads, r, factors, foreach=foreach)
-        # Back to one tensor per parameter, in the gradient dtype the base update expects.
-        per_param, start = [], 0
-        for p, segs in zip(batch.params, batch.segments):
-            pieces = scaled[start:start + len(segs)]
-            start += len(segs)
-            t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-            t = t.view(p.shape)
-            per_param.append(t if self.fp32_update else t.to(p.grad.dtype))
-        return per_param
-
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -167,8 +165,8 @@ class VRSGD(GSNRTransform, SGDUpdate):
     """VR-SGD (paper Algorithm 1): theta -= lr * (g' + wd * theta)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, gamma=0.1, beta3=0.0, *,
-                 moments=None, on_nonfinite="raise", foreach=None):
-        super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach,
+                 moments=None, on_nonfinite="raise", foreach=None, compile=False):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach, compile=compile,
                          **_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
@@ -178,9 +176,9 @@ class VRMomentum(GSNRTransform, SGDUpdate):
 
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  nesterov=False, gamma=0.1, beta3=0.0, *, moments=None, on_nonfinite="raise",
-                 foreach=None):
+                 foreach=None, compile=False):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, foreach=foreach,
+                         weight_decay=weight_decay, nesterov=nesterov, foreach=foreach, compile=compile,
                          **_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
@@ -190,9 +188,9 @@ class VRAdam(GSNRTransform, AdamUpdate):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None, on_nonfinite="raise",
-                 foreach=None):
+                 foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, **_vr_defaults(gamma, beta3))
+                         amsgrad=amsgrad, foreach=foreach, compile=compile, **_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
 
@@ -201,9 +199,9 @@ class VRAdamW(GSNRTransform, AdamWUpdate):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None, on_nonfinite="raise",
-                 foreach=None):
+                 foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, **_vr_defaults(gamma, beta3))
+                         amsgrad=amsgrad, foreach=foreach, compile=compile, **_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
 
@@ -212,9 +210,9 @@ class VRLAMB(GSNRTransform, LAMB):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  bias_correction=True, gamma=0.1, beta3=0.9, *, moments=None,
-                 on_nonfinite="raise", foreach=None):
+                 on_nonfinite="raise", foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         bias_correction=bias_correction, foreach=foreach,
+                         bias_correction=bias_correction, foreach=foreach, compile=compile,
                          **_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
@@ -223,7 +221,7 @@ class VRLARS(GSNRTransform, LARS):
     """VR-LARS: LARS (see :class:`vrgd_ds.optim.lars.LARS`) on g'."""
 
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, gamma=0.1,
-                 beta3=0.0, *, moments=None, on_nonfinite="raise", foreach=None):
+                 beta3=0.0, *, moments=None, on_nonfinite="raise", foreach=None, compile=False):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                         foreach=foreach, **_vr_defaults(gamma, beta3))
+                         foreach=foreach, compile=compile, **_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)

@@ -1,0 +1,135 @@
+"""Optimizer step time on a BERT-base-sized parameter set (about 110M parameters).
+
+    python -m benchmarks.optim_step [--steps 10] [--out results/optim_step]
+
+All optimizers share one set of fp32 parameters and gradients in the real BERT-base
+shapes (each keeps its own state) and are stepped round-robin, so every timing sample
+of every optimizer sees the same machine load; the JSON has the median per optimizer
+and the ratios the README quotes. VR optimizers read a fixed squared-gradient buffer
+(k = 8), i.e. the cost measured is the optimizer step alone, not the moment collection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from vrgd_ds import LAMB, VRAdamW, VRLAMB
+
+
+def bert_base_shapes(vocab=30522, hidden=768, layers=12, inter=3072, positions=512, types=2):
+    shapes = [(vocab, hidden), (positions, hidden), (types, hidden), (hidden,), (hidden,)]
+    for _ in range(layers):
+        for _qkvo in range(4):
+            shapes += [(hidden, hidden), (hidden,)]
+        shapes += [(hidden,), (hidden,), (inter, hidden), (inter,), (hidden, inter), (hidden,),
+                   (hidden,), (hidden,)]
+    shapes += [(hidden, hidden), (hidden,)]  # pooler
+    return shapes
+
+
+class FixedMoments:
+    """A moment source with fixed squared gradients: isolates the optimizer step."""
+
+    def __init__(self, params, k=8):
+        self.group_count = k
+        self.sq_scale = 1.0 / k
+        self._sq = {p: p.grad.float().square() * k * 1.5 for p in params}
+
+    def sum_sq(self, p):
+        return self._sq[p]
+
+    def reset(self):
+        pass
+
+
+def build_optimizers(params, lr=1e-4):
+    moments = FixedMoments(params)
+    opts = {
+        "VRLAMB": VRLAMB(params, lr=lr, moments=moments),
+        "LAMB": LAMB(params, lr=lr),
+        "VRLAMB compiled": VRLAMB(params, lr=lr, moments=moments, compile=True),
+        "LAMB compiled": LAMB(params, lr=lr, compile=True),
+        "VRAdamW": VRAdamW(params, lr=lr, moments=moments),
+        "VRAdamW compiled": VRAdamW(params, lr=lr, moments=moments, compile=True),
+        "AdamW foreach": torch.optim.AdamW(params, lr=lr, foreach=True),
+        "AdamW fused": torch.optim.AdamW(params, lr=lr, fused=True),
+    }
+    try:
+        import torch_optimizer
+
+        opts["torch-optimizer Lamb"] = torch_optimizer.Lamb(params, lr=lr)
+    except ImportError:
+        print("torch-optimizer not installed: its Lamb is left out")
+    for opt in opts.values():  # VR optimizers reset their source after a step: keep it fixed
+        if hasattr(opt, "moments"):
+            opt.moments = moments
+    return opts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="shrink the model (vocab and layers) for a smoke run, e.g. 0.05")
+    ap.add_argument("--out", default="results/optim_step")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    layers = max(1, round(12 * args.scale))
+    shapes = bert_base_shapes(vocab=max(64, int(30522 * args.scale)), layers=layers)
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    n = sum(p.numel() for p in params)
+    print(f"{len(params)} tensors, {n / 1e6:.1f}M parameters, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    opts = build_optimizers(params)
+    samples = {name: [] for name in opts}
+    for i in range(args.warmup + args.steps):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            dt = time.perf_counter() - t0
+            if i >= args.warmup:
+                samples[name].append(dt)
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    ratios = {
+        "VRLAMB/LAMB (eager foreach)": med["VRLAMB"] / med["LAMB"],
+        "VRLAMB/LAMB (compiled)": med["VRLAMB compiled"] / med["LAMB compiled"],
+        "VRLAMB compiled/AdamW fused": med["VRLAMB compiled"] / med["AdamW fused"],
+        "VRAdamW/AdamW foreach": med["VRAdamW"] / med["AdamW foreach"],
+        "LAMB compiled/AdamW fused": med["LAMB compiled"] / med["AdamW fused"],
+    }
+    if "torch-optimizer Lamb" in med:
+        ratios["torch-optimizer Lamb/LAMB (eager foreach)"] = med["torch-optimizer Lamb"] / med["LAMB"]
+        ratios["torch-optimizer Lamb/LAMB (compiled)"] = med["torch-optimizer Lamb"] / med["LAMB compiled"]
+    targets = {"VRLAMB/LAMB (compiled)": 1.5, "VRLAMB compiled/AdamW fused": 2.5,
+               "torch-optimizer Lamb/LAMB (compiled)": 1 / 0.5}
+    result = {
+        "params": n, "tensors": len(params), "steps": args.steps, "warmup": args.warmup,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "median_s": med, "samples_s": samples, "ratios": ratios, "targets_max": targets,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "optim_step.json").write_text(json.dumps(result, indent=2))
+    print(f"{'optimizer':<24}{'median ms':>12}")
+    for name, t in sorted(med.items(), key=lambda kv: kv[1]):
+        print(f"{name:<24}{t * 1e3:>12.1f}")
+    for name, r in ratios.items():
+        print(f"{name:<44}{r:>8.2f}")
+    print(f"wrote {out / 'optim_step.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
