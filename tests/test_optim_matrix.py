@@ -1,0 +1,357 @@
+"""One test matrix over every optimizer, against the float64 reference in reference.py."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from vrgd_ds import LAMB, LARS, MicroStepMoments, VRAdam, VRAdamW, VRLAMB, VRLARS, VRMomentum, VRSGD
+
+from reference import Reference, group_grads, max_rel_err
+
+K = 8
+MODES = ["foreach", "loop"]
+
+
+@dataclass
+class Spec:
+    name: str
+    cls: type
+    kwargs: dict
+    base: str
+    ref_hp: dict
+    torch_twin: object = None  # gamma=1 must equal this optimizer bit for bit
+    vr: bool = True
+    beta3: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+SPECS = [
+    Spec("VRSGD", VRSGD, dict(lr=0.2, weight_decay=0.01), "sgd", dict(lr=0.2, weight_decay=0.01),
+         lambda ps, fe: torch.optim.SGD(ps, lr=0.2, weight_decay=0.01, foreach=fe)),
+    Spec("VRMomentum", VRMomentum, dict(lr=0.05, momentum=0.9, weight_decay=0.01), "sgd",
+         dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+         lambda ps, fe: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=fe)),
+    Spec("VRMomentum-nesterov", VRMomentum, dict(lr=0.05, momentum=0.9, nesterov=True), "sgd",
+         dict(lr=0.05, momentum=0.9, nesterov=True),
+         lambda ps, fe: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, foreach=fe)),
+    Spec("VRAdam", VRAdam, dict(lr=0.01, weight_decay=0.01), "adam", dict(lr=0.01, weight_decay=0.01),
+         lambda ps, fe: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01, foreach=fe), beta3=0.9),
+    Spec("VRAdamW", VRAdamW, dict(lr=0.01, weight_decay=0.1), "adam",
+         dict(lr=0.01, weight_decay=0.1, decoupled=True),
+         lambda ps, fe: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=fe), beta3=0.9),
+    Spec("VRLAMB", VRLAMB, dict(lr=0.02, weight_decay=0.01), "lamb", dict(lr=0.02, weight_decay=0.01),
+         lambda ps, fe: LAMB(ps, lr=0.02, weight_decay=0.01, foreach=fe), beta3=0.9),
+    Spec("VRLARS", VRLARS, dict(lr=2.0, weight_decay=1e-3), "lars", dict(lr=2.0, weight_decay=1e-3),
+         lambda ps, fe: LARS(ps, lr=2.0, weight_decay=1e-3, foreach=fe)),
+    Spec("LAMB", LAMB, dict(lr=0.02, weight_decay=0.01), "lamb", dict(lr=0.02, weight_decay=0.01), vr=False),
+    Spec("LARS", LARS, dict(lr=2.0, weight_decay=1e-3), "lars", dict(lr=2.0, weight_decay=1e-3), vr=False),
+]
+VR_SPECS = [s for s in SPECS if s.vr]
+IDS = [s.name for s in SPECS]
+
+
+def make_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+
+
+def batch(step, dtype=torch.float32, n=64):
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(n, 6, generator=gen)
+    y = torch.randn(n, 3, generator=gen) + x[:, :3]
+    return x.to(dtype), y.to(dtype)
+
+
+def loss_fn(out, y):
+    return torch.nn.functional.mse_loss(out, y)
+
+
+def make_opt(spec, params, mode="foreach", moments=None, **over):
+    kw = dict(spec.kwargs, foreach=(mode == "foreach"), compile=(mode == "compile"), **over)
+    if spec.vr:
+        kw["moments"] = moments
+    return spec.cls(params, **kw)
+
+
+def micro_steps(model, step, k=K, dtype=torch.float32):
+    x, y = batch(step, dtype)
+    for xb, yb in zip(x.chunk(k), y.chunk(k)):
+        (loss_fn(model(xb), yb) / k).backward()
+
+
+def train(spec, model, steps, mode="foreach", start=0, opt=None, moments=None, **over):
+    moments = moments or MicroStepMoments(model.parameters())
+    opt = opt or make_opt(spec, model.parameters(), mode, moments, **over)
+    for s in range(start, start + steps):
+        micro_steps(model, s, dtype=next(model.parameters()).dtype)
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def reference_run(spec, steps, dtype=torch.float32, hp_per_param=None, gamma=0.1):
+    model = make_model(torch.float32)
+    if dtype != torch.float32:  # start from the same (rounded) weights
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(dtype).float())
+    ref = Reference(list(model.parameters()), spec.base, gamma=gamma if spec.vr else None,
+                    beta3=spec.beta3, **spec.ref_hp)
+    for s in range(steps):
+        with torch.no_grad():
+            for p, t in zip(model.parameters(), ref.theta):
+                p.copy_(t.float())
+        x, y = batch(s)
+        ref.step(group_grads(model, loss_fn, x, y, K), hp_per_param)
+    return ref.theta
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_matches_reference_fp32(spec, mode):
+    model = make_model()
+    train(spec, model, 6, mode)
+    assert max_rel_err(list(model.parameters()), reference_run(spec, 6)) < 2e-5
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.name in ("VRLAMB", "VRLARS", "VRAdamW")],
+                         ids=lambda s: s.name)
+def test_compiled_matches_reference(spec):
+    model = make_model()
+    train(spec, model, 4, "compile")
+    assert max_rel_err(list(model.parameters()), reference_run(spec, 4)) < 2e-5
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_bf16_params_follow_fp32_reference(spec):
+    model = make_model(torch.bfloat16)
+    start = [p.detach().clone() for p in model.parameters()]
+    train(spec, model, 4, "foreach")
+    ref = reference_run(spec, 4, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    moved = max_rel_err(start, ref)
+    err = max_rel_err(list(model.parameters()), ref)
+    assert err < 0.05 and err < 0.5 * moved, (err, moved)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
+def test_gamma_one_is_the_base_optimizer_bitwise(spec, mode):
+    a, b = make_model(), make_model()
+    train(spec, a, 4, mode, gamma=1.0)
+    twin = spec.torch_twin(list(b.parameters()), mode == "foreach")
+    for s in range(4):
+        micro_steps(b, s)
+        twin.step()
+        twin.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_foreach_equals_per_tensor(spec):
+    a, b = make_model(), make_model()
+    train(spec, a, 5, "foreach")
+    train(spec, b, 5, "loop")
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_state_dict_resume_is_bitwise(spec, mode):
+    straight = make_model()
+    train(spec, straight, 6, mode)
+
+    first = make_model()
+    opt = train(spec, first, 3, mode)
+    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(saved_model)
+    moments = MicroStepMoments(resumed.parameters())
+    opt2 = make_opt(spec, resumed.parameters(), mode, moments)
+    opt2.load_state_dict(saved_opt)
+    train(spec, resumed, 3, mode, start=3, opt=opt2, moments=moments)
+    for pa, pb in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_params_without_grad_are_skipped(spec):
+    model = make_model()
+    frozen = torch.nn.Parameter(torch.randn(4))
+    moments = MicroStepMoments(model.parameters())
+    opt = make_opt(spec, [*model.parameters(), frozen], "foreach", moments)
+    before = frozen.detach().clone()
+    train(spec, model, 2, opt=opt, moments=moments)
+    assert torch.equal(frozen, before) and len(opt.state[frozen]) == 0
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.base in ("lamb", "lars")], ids=lambda s: s.name)
+@pytest.mark.parametrize("mode", MODES)
+def test_param_groups_lr_and_exclusion(spec, mode):
+    model = make_model()
+    weights = [model[0].weight, model[2].weight]
+    biases = [model[0].bias, model[2].bias]
+    lr = spec.kwargs["lr"]
+    moments = MicroStepMoments(model.parameters())
+    opt = make_opt(spec, [{"params": weights},
+                          {"params": biases, "lr": lr / 2, "exclude_from_adaptation": True}],
+                   mode, moments)
+    train(spec, model, 4, opt=opt, moments=moments)
+    order = [model[0].weight, model[0].bias, model[2].weight, model[2].bias]
+    per_param = [{}, {"lr": lr / 2, "excluded": True}, {}, {"lr": lr / 2, "excluded": True}]
+    ref = reference_run(spec, 4, hp_per_param=per_param)
+    assert max_rel_err(order, ref) < 2e-5
+
+
+@pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
+def test_lr_scheduler_drives_the_update(spec):
+    a, b = make_model(), make_model()
+    moments = MicroStepMoments(a.parameters())
+    opt = make_opt(spec, a.parameters(), "foreach", moments)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0 if s >= 1 else 1.0)
+    for s in range(3):
+        micro_steps(a, s)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        if s == 0:
+            after_first = [p.detach().clone() for p in a.parameters()]
+    assert opt.param_groups[0]["lr"] == 0.0
+    if spec.base != "lars":  # LARS momentum keeps moving with lr 0; SGD momentum too
+        if spec.kwargs.get("momentum", 0.0) == 0.0:
+            for p, q in zip(a.parameters(), after_first):
+                assert torch.equal(p, q)
+    train(spec, b, 1)
+    for p, q in zip(b.parameters(), after_first):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
+def test_zero_variance_and_zero_gradients(spec, mode):
+    model = make_model()
+    moments = MicroStepMoments(model.parameters())
+    opt = make_opt(spec, model.parameters(), mode, moments)
+    x, y = batch(0, n=8)
+    for _ in range(K):  # identical groups: zero variance everywhere
+        (loss_fn(model(x), y) / K).backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(K):  # all-zero gradients: layer mean 0 -> r = 1, no NaN
+        (0.0 * model(x).sum()).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if spec.base in ("sgd",) and spec.kwargs.get("momentum", 0.0) == 0.0:
+        for p, q in zip(model.parameters(), before):  # only weight decay moves them
+            torch.testing.assert_close(p, q * (1 - spec.kwargs["lr"] * spec.kwargs["weight_decay"]))
+
+
+@pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
+def test_one_group_is_an_error(spec):
+    model = make_model()
+    moments = MicroStepMoments(model.parameters())
+    opt = make_opt(spec, model.parameters(), "foreach", moments)
+    micro_steps(model, 0, k=1)
+    with pytest.raises(ValueError, match="k=1"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
+def test_nonfinite_gradient_raises_or_skips_without_touching_state(spec, mode, bad):
+    model = make_model()
+    moments = MicroStepMoments(model.parameters())
+    opt = make_opt(spec, model.parameters(), mode, moments)
+    train(spec, model, 2, opt=opt, moments=moments)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+
+    def poisoned_step():
+        micro_steps(model, 5)
+        model[0].weight.grad[0, 0] = bad
+        opt.step()
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        poisoned_step()
+    opt.zero_grad()
+    opt.on_nonfinite = "skip"
+    poisoned_step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    after = opt.state_dict()
+    assert str(after["state"]) == str(state["state"])
+
+
+@pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
+def test_missing_moment_source_is_a_clear_error(spec):
+    model = make_model()
+    opt = make_opt(spec, model.parameters(), "foreach", None)
+    micro_steps(model, 0)
+    with pytest.raises(RuntimeError, match="MicroStepMoments"):
+        opt.step()
+
+
+BAD = [
+    (dict(gamma=0.0), "gamma"), (dict(gamma=1.5), "1.5"), (dict(gamma=-0.1), "-0.1"),
+    (dict(lr=-1.0), "lr"), (dict(beta3=1.0), "beta3"),
+]
+
+
+@pytest.mark.parametrize("bad,word", BAD)
+@pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
+def test_bad_hyperparameters_name_the_value(spec, bad, word):
+    with pytest.raises(ValueError, match=word):
+        spec.cls(make_model().parameters(), **bad)
+
+
+@pytest.mark.parametrize("cls", [VRAdam, VRAdamW, VRLAMB, LAMB])
+@pytest.mark.parametrize("betas,word", [((1.0, 0.9), "betas\\[0\\]"), ((0.9, -0.1), "-0.1")])
+def test_bad_betas(cls, betas, word):
+    with pytest.raises(ValueError, match=word):
+        cls(make_model().parameters(), betas=betas)
+
+
+@pytest.mark.parametrize("cls", [VRMomentum, VRLARS, LARS])
+def test_bad_momentum(cls):
+    with pytest.raises(ValueError, match="1.5"):
+        cls(make_model().parameters(), momentum=1.5)
+
+
+def test_bad_gamma_in_added_group():
+    model = make_model()
+    opt = VRLAMB([model[0].weight], moments=MicroStepMoments(model.parameters()))
+    with pytest.raises(ValueError, match="gamma must be in \\(0, 1\\], got 2.0"):
+        opt.add_param_group({"params": [model[0].bias], "gamma": 2.0})
+
+
+def test_unknown_nonfinite_policy():
+    with pytest.raises(ValueError, match="'ignore'"):
+        VRSGD(make_model().parameters(), on_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clipping_scales_the_mean_only(mode):
+    """GSNR from the unclipped moments, update from the clipped mean (ALGORITHM.md sec. 1)."""
+    spec = next(s for s in SPECS if s.name == "VRSGD")
+    model = make_model()
+    ref_model = copy.deepcopy(model)
+    moments = MicroStepMoments(model.parameters())
+    opt = make_opt(spec, model.parameters(), mode, moments, weight_decay=0.0)
+    micro_steps(model, 0)
+    total = moments.clip_grad_norm_(0.05)
+    assert total > 0.05
+    coef = 0.05 / (total.item() + 1e-6)
+    opt.step()
+    x, y = batch(0)
+    ref = Reference(list(ref_model.parameters()), "sgd", gamma=0.1, lr=spec.kwargs["lr"])
+    ref.step([g * coef for g in group_grads(ref_model, loss_fn, x, y, K)])
+    assert max_rel_err(list(model.parameters()), ref.theta) < 2e-5
