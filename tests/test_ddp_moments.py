@@ -61,6 +61,7 @@ def worker(rank, init_file, name, accum, mode, out):
         opt.zero_grad()
     if rank == 0:
         torch.save([p.detach() for p in ddp.module.parameters()], out)
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
