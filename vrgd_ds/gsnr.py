@@ -65,7 +65,7 @@ def raw_gsnr_foreach(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scal
     torch._foreach_addcmul_(var, g32, g32, value=-1.0)
     torch._foreach_clamp_min_(var, 0.0)
     torch._foreach_add_(var, TINY)
-    r = torch._foreach_mul(g32, g32)
+    r = list(torch._foreach_mul(g32, g32))
     torch._foreach_div_(r, var)
     return r
 
@@ -121,6 +121,19 @@ def _raw(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
     return g * g / var
 
 
+def raw_gsnr_wide(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
+    """r_raw with the moments in fp32 but the division in float64.
+
+    Zero variance (fp32 cancellation of s - gbar^2 at small k) makes gbar^2 / tiny overflow
+    fp32 once |gbar| > 2. The optimizers take this path only for layers whose fp32 sum came
+    out +inf, so the contract's formula is evaluated exactly instead of turning into NaN.
+    """
+    g = g.float()
+    var = (sq * sq_scale - g * g).clamp_min(0.0) + TINY
+    g64 = g.double()
+    return g64 * g64 / var.double()
+
+
 def gsnr_sum(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
     """Sum over the tensor of r_raw (a 0-d fp32 tensor), for the layer mean."""
     return _raw(g.float(), sq, sq_scale).sum()
@@ -129,17 +142,21 @@ def gsnr_sum(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
 def gsnr_grad(
     g: Tensor, sq: Tensor, sq_scale: float, mean: float, gamma: float,
     mom: Tensor | None, beta3: float, bias_correction: float, update_momentum: bool,
+    wide: bool = False,
 ) -> Tensor:
     """g' = phat * gbar for one tensor (fp32), eq. 8-9 and section 3.
 
     With ``mom`` (GSNR momentum buffer, beta3 > 0): p_t = lerp(p_{t-1}, r, 1 - beta3) in
     place when ``update_momentum``; otherwise ``mom`` already holds p_t (a second pass
-    over the same step) and r is not needed.
+    over the same step) and r is not needed. ``wide``: r_raw in float64 (see
+    :func:`raw_gsnr_wide`), for layers whose fp32 GSNR overflowed.
     """
     g = g.float()
     if mom is not None and not update_momentum:
         return mom * bias_correction * g
-    if mean > 0.0:
+    if wide:
+        r = (raw_gsnr_wide(g, sq, sq_scale) / mean).clamp(gamma, 1.0).float()
+    elif mean > 0.0:
         r = (_raw(g, sq, sq_scale) / mean).clamp(gamma, 1.0)
     else:
         r = torch.ones_like(g)

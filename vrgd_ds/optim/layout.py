@@ -63,6 +63,6 @@ def layer_totals(layout: LayerLayout, segments: Sequence[Segment], *columns: Ten
     """
     if not segments:
         return [[] for _ in columns]
-    partial = torch.stack([c.float() for c in columns], dim=1)
+    partial = torch.stack([c.double() for c in columns], dim=1)
     total = layout.reduce(partial, segments)
     return [col.tolist() for col in total.t()]

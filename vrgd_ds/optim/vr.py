@@ -106,12 +106,17 @@ class GSNRTransform:
                 partial.append(torch.stack([k_sum(g, q, src.sq_scale) for g, q in zip(grads[i], sqs[i])]))
         segments = [s for i in active for s in batches[i].flat_segments]
         (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
+        overflow = [s == math.inf for s in sums]  # same for every segment of a layer, on every rank
+        if any(overflow):
+            sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, overflow, sums)
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
         means = iter([s / seg.layer_numel for s, seg in zip(sums, segments)])
+        wide_flags = iter(overflow)
         for i in active:
             group, b = groups[i], batches[i]
             layer_means = [next(means) for _ in grads[i]]
+            wide = [next(wide_flags) for _ in grads[i]]
             bufs, factors = None, None
             if group["beta3"] > 0.0:
                 steps = b.per_view(self._advance_step(b.params, "gsnr_step"))
@@ -119,17 +124,31 @@ class GSNRTransform:
                 factors = gsnr.bias_corrections(group["beta3"], steps)
             if i in r_raw:
                 gsnr.normalise_and_clamp_foreach(r_raw[i], layer_means, group["gamma"])
+                for j in (j for j, w in enumerate(wide) if w):
+                    r_raw[i][j] = (gsnr.raw_gsnr_wide(grads[i][j], sqs[i][j], src.sq_scale)
+                                   / layer_means[j]).clamp(group["gamma"], 1.0).float()
                 out[i] = gsnr.scaled_grads_foreach(grads[i], r_raw[i], bufs, group["beta3"], factors)
             else:
                 out[i] = [
                     GradSource(gsnr.gsnr_grad,
-                               (g, q, src.sq_scale, m, group["gamma"], mom, group["beta3"], f, True),
-                               (g, q, src.sq_scale, m, group["gamma"], mom, group["beta3"], f, False))
-                    for g, q, m, mom, f in zip(grads[i], sqs[i], layer_means,
-                                               bufs or [None] * len(grads[i]),
-                                               factors or [1.0] * len(grads[i]))
+                               (g, q, src.sq_scale, m, group["gamma"], mom, group["beta3"], f, True, w),
+                               (g, q, src.sq_scale, m, group["gamma"], mom, group["beta3"], f, False, w))
+                    for g, q, m, mom, f, w in zip(grads[i], sqs[i], layer_means,
+                                                  bufs or [None] * len(grads[i]),
+                                                  factors or [1.0] * len(grads[i]), wide)
                 ]
         return out
+
+    def _wide_sums(self, active, grads, sqs, sq_scale, segments, overflow, sums):
+        """Layer sums redone in float64 for the layers whose fp32 GSNR sum overflowed."""
+        flags = iter(overflow)
+        partial = []
+        for i in active:
+            for g, q in zip(grads[i], sqs[i]):
+                partial.append(gsnr.raw_gsnr_wide(g, q, sq_scale).sum() if next(flags)
+                               else torch.zeros((), dtype=torch.float64))
+        (wide,) = layer_totals(self.layout, segments, torch.stack(partial))
+        return [w if o else s for w, o, s in zip(wide, overflow, sums)]
 
     @staticmethod
     def _sum_sq(src: MomentSource, p: Tensor) -> Tensor:
