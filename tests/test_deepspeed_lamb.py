@@ -1,0 +1,73 @@
+"""NVLAMB / LARS selected by name in a DeepSpeed config, exact under ZeRO 0/1/2 on 2 ranks.
+
+The model's first weight (30 elements) spans both ranks' partitions (53 parameters, 28 per
+rank), so the LAMB/LARS trust ratios are only right if the norms are reduced across ranks.
+"""
+
+import pytest
+import torch
+
+from ds_helpers import run_deepspeed
+from reference import Reference, group_grads, max_rel_err
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
+from train_tiny import batch, make_model  # noqa: E402
+
+STEPS, WORLD = 3, 2
+HP = {"NVLAMB": ("lamb", {"lr": 0.02, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}),
+      "LARS": ("lars", {"lr": 2.0, "momentum": 0.9, "eta": 0.001, "weight_decay": 0.001})}
+
+
+def config(opt, stage, gas):
+    return {
+        "train_micro_batch_size_per_gpu": 48 // (WORLD * gas),
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": 0.0,
+        "optimizer": {"type": opt, "params": HP[opt][1]},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 20, "allgather_bucket_size": 20},
+    }
+
+
+def reference(opt, gas):
+    base, hp = HP[opt]
+    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in hp.items()}
+    model = make_model()
+    ref = Reference(list(model.parameters()), base, gamma=None, **hp)
+    for step in range(STEPS):
+        with torch.no_grad():
+            for p, t in zip(model.parameters(), ref.theta):
+                p.copy_(t.float())
+        x, y = batch(step)
+        ref.step(group_grads(model, torch.nn.functional.mse_loss, x, y, WORLD * gas))
+    return ref.theta
+
+
+@pytest.mark.parametrize("opt,stage,gas", [
+    ("NVLAMB", 0, 1), ("NVLAMB", 1, 2), ("NVLAMB", 2, 1), ("NVLAMB", 2, 2), ("LARS", 2, 2),
+])
+def test_zero_matches_single_process(tmp_path, opt, stage, gas):
+    out = tmp_path / "params.pt"
+    proc = run_deepspeed("train_tiny.py", config(opt, stage, gas), tmp_path, "--steps", STEPS, "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert max_rel_err(torch.load(out), reference(opt, gas)) < 2e-5
+
+
+def test_vr_optimizer_is_refused_at_initialize(tmp_path):
+    cfg = config("NVLAMB", 2, 1)
+    cfg["optimizer"] = {"type": "VRLAMB", "params": {"lr": 0.01}}
+    proc = run_deepspeed("train_tiny.py", cfg, tmp_path, "--out", tmp_path / "x.pt")
+    assert proc.returncode != 0
+    assert "optimizer type 'VRLAMB'" in proc.stderr + proc.stdout
+
+
+def test_version_check():
+    from vrgd_ds.deepspeed import check_deepspeed_version
+
+    check_deepspeed_version("0.19.8")
+    with pytest.raises(RuntimeError, match="found 0.18.9"):
+        check_deepspeed_version("0.18.9")
+    with pytest.raises(RuntimeError, match="found 0.20.0"):
+        check_deepspeed_version("0.20.0")

@@ -1,0 +1,93 @@
+"""DeepSpeed integration: optimizers selected by name in the JSON config.
+
+``import vrgd_ds`` calls :func:`register` when DeepSpeed is installed. After it, a config
+``"optimizer": {"type": "NVLAMB", "params": {...}}`` builds this package's optimizer through
+DeepSpeed's own fallback for names it does not know (``getattr(torch.optim, type)``), and
+ZeRO accepts it. Names: VRSGD, VRMomentum, VRAdam, VRAdamW, VRLAMB, VRLARS, and the plain
+NVLAMB (our LAMB; "Lamb"/"LAMB" is DeepSpeed's CUDA kernel) and LARS.
+
+Status of this version: NVLAMB and LARS run under ZeRO stages 0, 1 and 2 with whole-layer
+norms across partitions (:mod:`.zero_layout`). The VR optimizers need the squared-gradient
+bucket hook, which is not in this version: selecting one is refused at initialize.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..optim import LAMB, LARS, VR_OPTIMIZERS
+from ..optim.base import BaseOptimizer
+from ..optim.vr import GSNRTransform
+
+SUPPORTED_DEEPSPEED = ((0, 19), (0, 20))  # [lower, upper) on (major, minor)
+DS_NAMES = {**VR_OPTIMIZERS, "NVLAMB": LAMB, "LARS": LARS}
+_registered = False
+
+
+def check_deepspeed_version(version: str) -> None:
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        raise RuntimeError(f"cannot parse the DeepSpeed version {version!r}") from None
+    lo, hi = SUPPORTED_DEEPSPEED
+    if not lo <= (major, minor) < hi:
+        raise RuntimeError(
+            f"vrgd-ds supports DeepSpeed >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
+            "Its ZeRO internals are patched by version; install a supported DeepSpeed."
+        )
+
+
+def register() -> None:
+    """Make the optimizers selectable by name in DeepSpeed configs (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import utils as zero_utils
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    check_deepspeed_version(deepspeed.__version__)
+    for name, cls in DS_NAMES.items():
+        existing = getattr(torch.optim, name, None)
+        if existing is not None and existing is not cls:
+            raise RuntimeError(f"torch.optim.{name} already exists and is not vrgd_ds's: "
+                               "cannot register it for DeepSpeed configs")
+        setattr(torch.optim, name, cls)
+        if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+            zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+    _wrap(DeepSpeedEngine, "_configure_basic_optimizer", _after_basic_optimizer)
+    _wrap(DeepSpeedZeroOptimizer, "__init__", _after_zero_init)
+    _registered = True
+
+
+def _wrap(cls, name, after):
+    original = getattr(cls, name)
+
+    def wrapped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        after(self, result, *args, **kwargs)
+        return result
+
+    wrapped.__wrapped__ = original
+    setattr(cls, name, wrapped)
+
+
+def _after_basic_optimizer(engine, optimizer, *args, **kwargs) -> None:
+    if isinstance(optimizer, GSNRTransform) and optimizer.moments is None:
+        raise NotImplementedError(
+            f"optimizer type {engine.optimizer_name()!r}: the VR optimizers need the squared-gradient "
+            "reduction in DeepSpeed's gradient buckets, which this version of vrgd-ds does not have "
+            "yet. Supported under DeepSpeed now: 'NVLAMB' and 'LARS'."
+        )
+
+
+def _after_zero_init(zero_optimizer, *_args, **_kwargs) -> None:
+    inner = zero_optimizer.optimizer
+    if isinstance(inner, BaseOptimizer):
+        from .zero_layout import ZeroLayout
+
+        inner.layout = ZeroLayout(zero_optimizer)
+
+
+__all__ = ["register", "check_deepspeed_version", "DS_NAMES", "SUPPORTED_DEEPSPEED"]

@@ -1,0 +1,62 @@
+"""Layer layout of ZeRO stage 1/2 partitions (DeepSpeedZeroOptimizer).
+
+Under ZeRO-1/2 the wrapped optimizer sees one flat fp32 partition per param group. The
+partition holds consecutive pieces of the group's parameters in DeepSpeed's flattening
+order (``round_robin_bit16_groups`` with ``round_robin_bit16_padding``), and a parameter
+may continue on the next rank. This module maps every piece to its parameter ("layer")
+and sums per-layer partial statistics over the data-parallel group with one all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..optim.layout import LayerLayout, Segment
+
+
+def partition_segments(numels: Sequence[int], paddings: Sequence[int], partition_size: int,
+                       partition_id: int, layer_base: int) -> list[Segment]:
+    """The pieces of each tensor that fall in [partition_id * size, (partition_id + 1) * size)."""
+    start, end = partition_size * partition_id, partition_size * (partition_id + 1)
+    segments, cursor = [], 0
+    for j, (n, pad) in enumerate(zip(numels, paddings)):
+        lo, hi = max(cursor, start), min(cursor + n, end)
+        if lo < hi:
+            segments.append(Segment(lo - start, hi - lo, layer_base + j, n))
+        cursor += n + pad
+    return segments
+
+
+class ZeroLayout(LayerLayout):
+    def __init__(self, zero_optimizer):
+        self.group = zero_optimizer.real_dp_process_group[0]
+        self._segments: dict[int, list[Segment]] = {}
+        layer_base = 0
+        for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+            tensors = zero_optimizer.round_robin_bit16_groups[i]
+            paddings = zero_optimizer.round_robin_bit16_padding[i] or [0] * len(tensors)
+            pg = zero_optimizer.real_dp_process_group[i]
+            self._segments[id(flat)] = partition_segments(
+                [t.numel() for t in tensors], paddings, zero_optimizer.partition_size[i],
+                dist.get_rank(group=pg), layer_base)
+            layer_base += len(tensors)
+        self.layer_count = layer_base
+
+    def segments(self, param: Tensor) -> list[Segment]:
+        try:
+            return self._segments[id(param)]
+        except KeyError:
+            raise RuntimeError("ZeroLayout got a tensor that is not one of the ZeRO fp32 "
+                               f"partitions (shape {tuple(param.shape)})") from None
+
+    def reduce(self, partial: Tensor, segments: Sequence[Segment]) -> Tensor:
+        """One all-reduce of a [layers, c] table, whatever the number of segments."""
+        index = torch.tensor([s.layer for s in segments], dtype=torch.long, device=partial.device)
+        table = torch.zeros(self.layer_count, partial.shape[1], dtype=partial.dtype, device=partial.device)
+        table.index_add_(0, index, partial)
+        dist.all_reduce(table, group=self.group)
+        return table[index]
