@@ -71,3 +71,21 @@ def test_version_check():
         check_deepspeed_version("0.18.9")
     with pytest.raises(RuntimeError, match="found 0.20.0"):
         check_deepspeed_version("0.20.0")
+
+
+def test_hf_trainer_with_deepspeed_config_uses_our_lamb(tmp_path):
+    """The reference client that never calls deepspeed.initialize itself: HF Trainer."""
+    import json
+    import math
+
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "train_batch_size": "auto", "gradient_clipping": "auto",
+           "optimizer": {"type": "NVLAMB", "params": {"lr": "auto", "weight_decay": "auto",
+                                                      "betas": "auto", "eps": "auto"}},
+           "zero_optimization": {"stage": 2, "reduce_bucket_size": 2000}}
+    out = tmp_path / "hf"
+    proc = run_deepspeed("hf_trainer_tiny.py", cfg, tmp_path, "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "result.json").read_text())
+    assert res["optimizer"] == "LAMB" and res["layout"] == "ZeroLayout"
+    assert len(res["losses"]) == 3 and all(math.isfinite(v) for v in res["losses"])

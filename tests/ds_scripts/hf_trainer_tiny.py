@@ -1,0 +1,56 @@
+"""Worker for tests/test_deepspeed_*.py: HF Trainer with --deepspeed selecting our optimizer.
+
+    deepspeed --num_gpus 2 tests/ds_scripts/hf_trainer_tiny.py --config CFG.json --out DIR
+
+A tiny BERT sequence classifier built from a config (no download), random token data.
+"""
+
+import argparse
+import json
+
+import torch
+
+import vrgd_ds  # noqa: F401  (registers the optimizers with DeepSpeed)
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=64, seq=16, vocab=100):
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=gen)
+        self.labels = (self.ids[:, 0] % 2).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=2))
+    targs = TrainingArguments(
+        output_dir=args.out, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        max_steps=3, learning_rate=0.01, weight_decay=0.01, max_grad_norm=1.0,
+        deepspeed=args.config, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    trainer = Trainer(model=model, args=targs, train_dataset=Tokens())
+    trainer.train()
+    opt = trainer.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    inner = getattr(inner, "optimizer", inner)
+    if trainer.args.process_index == 0:
+        json.dump({"optimizer": type(inner).__name__, "layout": type(inner.layout).__name__,
+                   "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
+                  open(f"{args.out}/result.json", "w"))
+
+
+if __name__ == "__main__":
+    main()
