@@ -89,3 +89,15 @@ def test_hf_trainer_with_deepspeed_config_uses_our_lamb(tmp_path):
     res = json.loads((out / "result.json").read_text())
     assert res["optimizer"] == "LAMB" and res["layout"] == "ZeroLayout"
     assert len(res["losses"]) == 3 and all(math.isfinite(v) for v in res["losses"])
+
+
+@pytest.mark.parametrize("zero,word", [
+    ({"stage": 3}, "zero_optimization.stage 3"),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload"),
+])
+def test_unsupported_zero_settings_are_refused(tmp_path, zero, word):
+    cfg = config("NVLAMB", 2, 1)
+    cfg["zero_optimization"] = zero
+    proc = run_deepspeed("train_tiny.py", cfg, tmp_path, "--out", tmp_path / "x.pt")
+    assert proc.returncode != 0
+    assert "optimizer type 'NVLAMB'" in proc.stderr + proc.stdout and word in proc.stderr + proc.stdout

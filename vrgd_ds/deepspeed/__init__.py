@@ -74,6 +74,20 @@ def _wrap(cls, name, after):
 
 
 def _after_basic_optimizer(engine, optimizer, *args, **kwargs) -> None:
+    if not isinstance(optimizer, BaseOptimizer):
+        return
+    name = engine.optimizer_name()
+    if engine.zero_optimization_stage() >= 3:
+        raise NotImplementedError(
+            f"optimizer type {name!r} with zero_optimization.stage {engine.zero_optimization_stage()}: "
+            "vrgd-ds supports ZeRO stages 0, 1 and 2 (layer norms across ZeRO-3 partitions are not "
+            "implemented, and running would give wrong trust ratios)"
+        )
+    if engine.zero_cpu_offload() or engine.zero_offload_param():
+        raise NotImplementedError(
+            f"optimizer type {name!r} with zero_optimization.offload_optimizer / offload_param: "
+            "offload is not supported by vrgd-ds; remove the offload settings"
+        )
     if isinstance(optimizer, GSNRTransform) and optimizer.moments is None:
         raise NotImplementedError(
             f"optimizer type {engine.optimizer_name()!r}: the VR optimizers need the squared-gradient "
