@@ -7,8 +7,9 @@ ZeRO accepts it. Names: VRSGD, VRMomentum, VRAdam, VRAdamW, VRLAMB, VRLARS, and 
 NVLAMB (our LAMB; "Lamb"/"LAMB" is DeepSpeed's CUDA kernel) and LARS.
 
 Status of this version: NVLAMB and LARS run under ZeRO stages 0, 1 and 2 with whole-layer
-norms across partitions (:mod:`.zero_layout`). The VR optimizers need the squared-gradient
-bucket hook, which is not in this version: selecting one is refused at initialize.
+norms across partitions (:mod:`.zero_layout`). The VR optimizers run under ZeRO stage 2
+(fp32 or bf16) with the squared gradients reduced beside each gradient bucket
+(:mod:`.zero_moments`); other stages and fp16 are refused at initialize.
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ def _after_basic_optimizer(engine, optimizer, *args, **kwargs) -> None:
             f"optimizer type {name!r} with zero_optimization.offload_optimizer / offload_param: "
             "offload is not supported by vrgd-ds; remove the offload settings"
         )
-    if isinstance(optimizer, GSNRTransform) and optimizer.moments is None:
-        raise NotImplementedError(
-            f"optimizer type {engine.optimizer_name()!r}: the VR optimizers need the squared-gradient "
-            "reduction in DeepSpeed's gradient buckets, which this version of vrgd-ds does not have "
-            "yet. Supported under DeepSpeed now: 'NVLAMB' and 'LARS'."
-        )
+    if isinstance(optimizer, GSNRTransform):
+        stage = engine.zero_optimization_stage()
+        if stage != 2 or engine.fp16_enabled():
+            raise NotImplementedError(
+                f"optimizer type {name!r} with zero_optimization.stage {stage}"
+                f"{' and fp16' if engine.fp16_enabled() else ''}: the VR optimizers run under ZeRO "
+                "stage 2 (fp32 or bf16) in this version of vrgd-ds; 'NVLAMB' and 'LARS' also run "
+                "under stages 0 and 1."
+            )
 
 
 def _after_zero_init(zero_optimizer, *_args, **_kwargs) -> None:
@@ -102,6 +106,10 @@ def _after_zero_init(zero_optimizer, *_args, **_kwargs) -> None:
         from .zero_layout import ZeroLayout
 
         inner.layout = ZeroLayout(zero_optimizer)
+        if isinstance(inner, GSNRTransform):
+            from .zero_moments import attach_zero_moments
+
+            attach_zero_moments(zero_optimizer, inner)
 
 
 __all__ = ["register", "check_deepspeed_version", "DS_NAMES", "SUPPORTED_DEEPSPEED"]

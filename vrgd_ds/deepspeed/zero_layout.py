@@ -36,7 +36,9 @@ class ZeroLayout(LayerLayout):
         self.group = zero_optimizer.real_dp_process_group[0]
         self._segments: dict[int, list[Segment]] = {}
         layer_base = 0
+        self.layer_base = []
         for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+            self.layer_base.append(layer_base)
             tensors = zero_optimizer.round_robin_bit16_groups[i]
             paddings = zero_optimizer.round_robin_bit16_padding[i] or [0] * len(tensors)
             pg = zero_optimizer.real_dp_process_group[i]

@@ -174,7 +174,12 @@ class BaseOptimizer(torch.optim.Optimizer):
         for p, segs in zip(batch.params, batch.segments):
             pieces = grads[start:start + len(segs)]
             start += len(segs)
-            t = pieces[0] if len(pieces) == 1 else torch.cat([x.reshape(-1) for x in pieces])
+            if len(segs) == 1 and segs[0].numel == p.numel():
+                t = pieces[0]
+            else:  # segments may leave gaps (ZeRO padding): those elements get a zero gradient
+                t = torch.zeros(p.numel(), dtype=pieces[0].dtype, device=p.device)
+                for seg, piece in zip(segs, pieces):
+                    t[seg.offset:seg.offset + seg.numel] = piece.reshape(-1)
             out.append(t.view(p.shape).to(p.grad.dtype))
         return out
 
