@@ -70,6 +70,18 @@ def test_zero_matches_single_process(tmp_path, opt, stage, gas, clip):
     assert max_rel_err(torch.load(out), reference(opt, gas, clip)) < 2e-5
 
 
+def test_bf16_vrlamb_stays_close_to_fp32_reference(tmp_path):
+    cfg = config("VRLAMB", 2, 2)
+    cfg["bf16"] = {"enabled": True}
+    out = tmp_path / "params.pt"
+    proc = run_deepspeed("train_tiny.py", cfg, tmp_path, "--steps", STEPS, "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    start = [p.detach() for p in make_model().parameters()]
+    ref = reference("VRLAMB", 2)
+    moved, err = max_rel_err(start, ref), max_rel_err(torch.load(out), ref)
+    assert err < 0.25 * moved, (err, moved)
+
+
 def test_vr_optimizer_outside_zero2_is_refused_at_initialize(tmp_path):
     cfg = config("NVLAMB", 1, 1)
     cfg["optimizer"] = {"type": "VRLAMB", "params": {"lr": 0.01}}

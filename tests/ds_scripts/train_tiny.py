@@ -41,12 +41,13 @@ def main():
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     world, rank = dist.get_world_size(), dist.get_rank()
     gas = engine.gradient_accumulation_steps()
+    dtype = next(engine.module.parameters()).dtype  # bf16 configs cast the model
     for step in range(args.steps):
         x, y = batch(step)
         xs, ys = x.chunk(world * gas), y.chunk(world * gas)
         for j in range(gas):
             i = j * world + rank
-            loss = torch.nn.functional.mse_loss(engine(xs[i]), ys[i])
+            loss = torch.nn.functional.mse_loss(engine(xs[i].to(dtype)).float(), ys[i])
             engine.backward(loss)
             engine.step()
     if rank == 0:
