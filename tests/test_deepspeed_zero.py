@@ -82,6 +82,19 @@ def test_bf16_vrlamb_stays_close_to_fp32_reference(tmp_path):
     assert err < 0.25 * moved, (err, moved)
 
 
+@pytest.mark.parametrize("opt", ["VRLAMB", "VRSGD"])
+def test_checkpoint_resume_is_bitwise(tmp_path, opt):
+    cfg = config(opt, 2, 2)
+    straight, resumed, ckpt = tmp_path / "straight.pt", tmp_path / "resumed.pt", tmp_path / "ckpt"
+    for args in (["--steps", 4, "--out", straight],
+                 ["--steps", 2, "--save", ckpt, "--out", tmp_path / "half.pt"],
+                 ["--steps", 2, "--start", 2, "--load", ckpt, "--out", resumed]):
+        proc = run_deepspeed("train_tiny.py", cfg, tmp_path, *args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for a, b in zip(torch.load(straight), torch.load(resumed)):
+        assert torch.equal(a, b)
+
+
 def test_vr_optimizer_outside_zero2_is_refused_at_initialize(tmp_path):
     cfg = config("NVLAMB", 1, 1)
     cfg["optimizer"] = {"type": "VRLAMB", "params": {"lr": 0.01}}

@@ -34,15 +34,20 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--start", type=int, default=0, help="first step (after --load)")
+    ap.add_argument("--save", default=None, help="engine.save_checkpoint here at the end")
+    ap.add_argument("--load", default=None, help="engine.load_checkpoint from here first")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     cfg = json.loads(open(args.config).read())
     model = make_model()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    if args.load:
+        engine.load_checkpoint(args.load)
     world, rank = dist.get_world_size(), dist.get_rank()
     gas = engine.gradient_accumulation_steps()
     dtype = next(engine.module.parameters()).dtype  # bf16 configs cast the model
-    for step in range(args.steps):
+    for step in range(args.start, args.start + args.steps):
         x, y = batch(step)
         xs, ys = x.chunk(world * gas), y.chunk(world * gas)
         for j in range(gas):
@@ -50,6 +55,8 @@ def main():
             loss = torch.nn.functional.mse_loss(engine(xs[i].to(dtype)).float(), ys[i])
             engine.backward(loss)
             engine.step()
+    if args.save:
+        engine.save_checkpoint(args.save, tag="last")
     if rank == 0:
         torch.save([p.detach().float().clone() for p in engine.module.parameters()], args.out)
     dist.barrier()  # tear gloo down in step: a rank exiting mid-collective aborts the other
