@@ -131,6 +131,21 @@ def test_hf_trainer_with_deepspeed_config_uses_our_lamb(tmp_path):
     assert len(res["losses"]) == 3 and all(math.isfinite(v) for v in res["losses"])
 
 
+def test_unknown_optimizer_param_names_the_key_and_the_allowed_ones(tmp_path):
+    cfg = config("VRLAMB", 2, 1)
+    cfg["optimizer"]["params"]["gama"] = 0.2
+    proc = run_deepspeed("train_tiny.py", cfg, tmp_path, "--out", tmp_path / "x.pt")
+    assert proc.returncode != 0
+    assert "optimizer 'VRLAMB': unknown params key 'gama'; allowed: lr, betas" in proc.stderr + proc.stdout
+
+
+def test_allowed_params_lists_the_hyperparameters():
+    from vrgd_ds.deepspeed import allowed_params
+    from vrgd_ds import VRLAMB
+
+    assert {"lr", "betas", "eps", "weight_decay", "gamma", "beta3"} <= set(allowed_params(VRLAMB))
+
+
 @pytest.mark.parametrize("zero,word", [
     ({"stage": 3}, "zero_optimization.stage 3"),
     ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "offload"),

@@ -378,3 +378,9 @@ def test_zero_variance_with_large_gradients_does_not_overflow(mode, k):
         ok = gi.abs() > 1e-3
         assert torch.isfinite(p).all()
         assert (step[ok] >= gamma - 1e-3).all() and (step[ok] <= 1 + 1e-3).all()
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS, VRLAMB, VRSGD])
+def test_unknown_hyperparameter_is_rejected(cls):
+    with pytest.raises(TypeError, match="gama"):
+        cls(make_model().parameters(), gama=0.1)

@@ -14,6 +14,8 @@ norms across partitions (:mod:`.zero_layout`). The VR optimizers run under ZeRO 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..optim import LAMB, LARS, VR_OPTIMIZERS
@@ -57,21 +59,41 @@ def register() -> None:
         setattr(torch.optim, name, cls)
         if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
             zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
-    _wrap(DeepSpeedEngine, "_configure_basic_optimizer", _after_basic_optimizer)
+    _wrap(DeepSpeedEngine, "_configure_basic_optimizer", _after_basic_optimizer, _check_params)
     _wrap(DeepSpeedZeroOptimizer, "__init__", _after_zero_init)
     _registered = True
 
 
-def _wrap(cls, name, after):
+def _wrap(cls, name, after, before=None):
     original = getattr(cls, name)
 
     def wrapped(self, *args, **kwargs):
+        if before is not None:
+            before(self)
         result = original(self, *args, **kwargs)
         after(self, result, *args, **kwargs)
         return result
 
     wrapped.__wrapped__ = original
     setattr(cls, name, wrapped)
+
+
+def allowed_params(cls) -> list[str]:
+    """The config "params" keys an optimizer class accepts."""
+    sig = inspect.signature(cls.__init__)
+    return [n for n, p in sig.parameters.items()
+            if n not in ("self", "params", "group_defaults") and p.kind is not p.VAR_KEYWORD]
+
+
+def _check_params(engine) -> None:
+    cls = DS_NAMES.get(engine.optimizer_name())
+    if cls is None:
+        return
+    allowed = allowed_params(cls)
+    for key in engine.optimizer_params() or {}:
+        if key not in allowed:
+            raise ValueError(f"optimizer {engine.optimizer_name()!r}: unknown params key {key!r}; "
+                             f"allowed: {', '.join(allowed)}")
 
 
 def _after_basic_optimizer(engine, optimizer, *args, **kwargs) -> None:
@@ -112,4 +134,4 @@ def _after_zero_init(zero_optimizer, *_args, **_kwargs) -> None:
             attach_zero_moments(zero_optimizer, inner)
 
 
-__all__ = ["register", "check_deepspeed_version", "DS_NAMES", "SUPPORTED_DEEPSPEED"]
+__all__ = ["register", "check_deepspeed_version", "allowed_params", "DS_NAMES", "SUPPORTED_DEEPSPEED"]

@@ -46,14 +46,14 @@ class LAMB(BaseOptimizer):
         *,
         foreach: bool | None = None,
         compile: bool = False,
-        **extra,
+        group_defaults: dict | None = None,
     ):
         check_lr(lr)
         betas = check_betas(betas)
         check_eps(eps)
         check_weight_decay(weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, **extra)
+                        bias_correction=bias_correction, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
     def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:

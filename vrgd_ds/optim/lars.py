@@ -42,14 +42,14 @@ class LARS(BaseOptimizer):
         *,
         foreach: bool | None = None,
         compile: bool = False,
-        **extra,
+        group_defaults: dict | None = None,
     ):
         check_lr(lr)
         check_momentum(momentum)
         check_weight_decay(weight_decay)
         if not eta > 0.0:
             raise ValueError(f"eta must be > 0, got {eta}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, **extra)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
     def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:

@@ -28,7 +28,7 @@ class SGDUpdate(BaseOptimizer):
     """torch ``SGD`` update (momentum, dampening, nesterov, coupled weight decay)."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, foreach=None, compile=False, **extra):
+                 nesterov=False, *, foreach=None, compile=False, group_defaults=None):
         check_lr(lr)
         check_momentum(momentum)
         check_weight_decay(weight_decay)
@@ -38,7 +38,7 @@ class SGDUpdate(BaseOptimizer):
                 f"dampening={dampening}"
             )
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, **extra)
+                        weight_decay=weight_decay, nesterov=nesterov, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
     def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
@@ -60,13 +60,13 @@ class AdamUpdate(BaseOptimizer):
 
     decoupled_weight_decay = False
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, foreach=None, compile=False, **extra):
+                 amsgrad=False, *, foreach=None, compile=False, group_defaults=None):
         check_lr(lr)
         betas = check_betas(betas)
         check_eps(eps)
         check_weight_decay(weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, **extra)
+                        amsgrad=amsgrad, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
     def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:

@@ -186,7 +186,7 @@ class VRSGD(GSNRTransform, SGDUpdate):
     def __init__(self, params, lr=1e-3, weight_decay=0.0, gamma=0.1, beta3=0.0, *,
                  moments=None, on_nonfinite="raise", foreach=None, compile=False):
         super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach, compile=compile,
-                         **_vr_defaults(gamma, beta3))
+                         group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
 
@@ -198,7 +198,7 @@ class VRMomentum(GSNRTransform, SGDUpdate):
                  foreach=None, compile=False):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, foreach=foreach, compile=compile,
-                         **_vr_defaults(gamma, beta3))
+                         group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
 
@@ -209,7 +209,7 @@ class VRAdam(GSNRTransform, AdamUpdate):
                  amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None, on_nonfinite="raise",
                  foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, compile=compile, **_vr_defaults(gamma, beta3))
+                         amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
 
@@ -220,7 +220,7 @@ class VRAdamW(GSNRTransform, AdamWUpdate):
                  amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None, on_nonfinite="raise",
                  foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, compile=compile, **_vr_defaults(gamma, beta3))
+                         amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
 
@@ -232,7 +232,7 @@ class VRLAMB(GSNRTransform, LAMB):
                  on_nonfinite="raise", foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          bias_correction=bias_correction, foreach=foreach, compile=compile,
-                         **_vr_defaults(gamma, beta3))
+                         group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
 
 
@@ -242,5 +242,5 @@ class VRLARS(GSNRTransform, LARS):
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, gamma=0.1,
                  beta3=0.0, *, moments=None, on_nonfinite="raise", foreach=None, compile=False):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                         foreach=foreach, compile=compile, **_vr_defaults(gamma, beta3))
+                         foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite)
