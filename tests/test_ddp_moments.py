@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,18 +13,10 @@ import torch.multiprocessing as mp
 
 from reference import Reference, group_grads, max_rel_err
 
-WORLD, N, STEPS = 2, 48, 4
+sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
+from tiny_problem import batch, make_model  # noqa: E402
 
-
-def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
-def batch(step):
-    gen = torch.Generator().manual_seed(500 + step)
-    x = torch.randn(N, 6, generator=gen)
-    return x, torch.randn(N, 3, generator=gen) + x[:, :3]
+WORLD, STEPS = 2, 4
 
 
 def loss_fn(out, y):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
-from train_tiny import batch, make_model  # noqa: E402
+from tiny_problem import batch, make_model  # noqa: E402
 
 STEPS, WORLD = 3, 2
 HP = {"NVLAMB": ("lamb", {"lr": 0.02, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}),

@@ -14,19 +14,7 @@ import torch
 import vrgd_ds  # noqa: F401  (registers the optimizers with DeepSpeed)
 import deepspeed
 import torch.distributed as dist
-
-N = 48
-
-
-def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
-def batch(step):
-    gen = torch.Generator().manual_seed(500 + step)
-    x = torch.randn(N, 6, generator=gen)
-    return x, torch.randn(N, 3, generator=gen) + x[:, :3]
+from tiny_problem import batch, make_model
 
 
 def main():
