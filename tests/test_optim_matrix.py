@@ -384,3 +384,14 @@ def test_zero_variance_with_large_gradients_does_not_overflow(mode, k):
 def test_unknown_hyperparameter_is_rejected(cls):
     with pytest.raises(TypeError, match="gama"):
         cls(make_model().parameters(), gama=0.1)
+
+
+def test_moments_from_sums():
+    from vrgd_ds.gsnr import moments_from_sums
+
+    g = torch.tensor([[1.0, -2.0], [3.0, 0.0], [2.0, 2.0]])  # k = 3 groups
+    mean, msq = moments_from_sums(g.sum(0), (g ** 2).sum(0), 3)
+    torch.testing.assert_close(mean, g.mean(0))
+    torch.testing.assert_close(msq, (g ** 2).mean(0))
+    with pytest.raises(ValueError, match="k=1"):
+        moments_from_sums(g[0], g[0] ** 2, 1)
