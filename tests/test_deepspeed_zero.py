@@ -61,6 +61,7 @@ def reference(opt, gas, clip=0.0):
     ("NVLAMB", 0, 1, 0.0), ("NVLAMB", 1, 2, 0.0), ("NVLAMB", 2, 1, 0.0), ("NVLAMB", 2, 2, 0.0),
     ("LARS", 2, 2, 0.0),
     ("VRLAMB", 2, 1, 0.0), ("VRLAMB", 2, 2, 0.0), ("VRSGD", 2, 2, 0.0), ("VRSGD", 2, 2, 0.05),
+    ("VRLAMB", 0, 2, 0.0), ("VRSGD", 0, 2, 0.05),
 ])
 def test_zero_matches_single_process(tmp_path, opt, stage, gas, clip):
     out = tmp_path / "params.pt"

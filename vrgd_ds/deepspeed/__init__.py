@@ -9,7 +9,8 @@ NVLAMB (our LAMB; "Lamb"/"LAMB" is DeepSpeed's CUDA kernel) and LARS.
 Status of this version: NVLAMB and LARS run under ZeRO stages 0, 1 and 2 with whole-layer
 norms across partitions (:mod:`.zero_layout`). The VR optimizers run under ZeRO stage 2
 (fp32 or bf16) with the squared gradients reduced beside each gradient bucket
-(:mod:`.zero_moments`); other stages and fp16 are refused at initialize.
+(:mod:`.zero_moments`), and without ZeRO in fp32 (:mod:`.stage0_moments`); stage 1 and
+fp16 are refused at initialize.
 """
 
 from __future__ import annotations
@@ -113,13 +114,18 @@ def _after_basic_optimizer(engine, optimizer, *args, **kwargs) -> None:
         )
     if isinstance(optimizer, GSNRTransform):
         stage = engine.zero_optimization_stage()
-        if stage != 2 or engine.fp16_enabled():
+        low = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else None
+        if stage == 1 or low == "fp16" or (stage == 0 and low):
             raise NotImplementedError(
                 f"optimizer type {name!r} with zero_optimization.stage {stage}"
-                f"{' and fp16' if engine.fp16_enabled() else ''}: the VR optimizers run under ZeRO "
-                "stage 2 (fp32 or bf16) in this version of vrgd-ds; 'NVLAMB' and 'LARS' also run "
-                "under stages 0 and 1."
+                f"{' and ' + low if low else ''}: the VR optimizers run under ZeRO stage 2 (fp32 or "
+                "bf16) and stage 0 (fp32) in this version of vrgd-ds; 'NVLAMB' and 'LARS' also run "
+                "under stage 1."
             )
+        if stage == 0:
+            from .stage0_moments import attach_stage0_moments
+
+            attach_stage0_moments(engine, optimizer)
 
 
 def _after_zero_init(zero_optimizer, *_args, **_kwargs) -> None:
