@@ -1,9 +1,23 @@
-"""DDPMoments: 2 real gloo processes vs the explicit-group float64 reference."""
+"""DDPMoments on 2 real gloo CPU processes, against references that form every group by hand.
+
+One ``mp.spawn`` runs every configuration below (each with a fresh DDP model and optimizer)
+and saves per-configuration results; the tests then compare them with
+
+- an fp32 single-process run of the SAME optimizer class, fed gbar and the mean of squared
+  group gradients by an explicit moment source (one forward/backward per group: rank r's
+  micro-batch j, or rank r's whole share in mode "rank"); tolerance: fp32 rounding;
+- the float64 reference of ALGORITHM.md in ``tests/reference.py`` (independent of vrgd_ds).
+
+Data split: each step's global batch is cut into W * a micro-batches; rank r takes
+micro-batches r*a .. r*a + a - 1 (so in mode "rank" rank r's share is ``x.chunk(W)[r]``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,11 +30,48 @@ from reference import Reference, group_grads, max_rel_err
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 from tiny_problem import batch, make_model  # noqa: E402
 
-WORLD, STEPS = 2, 4
+WORLD, STEPS, CLIP = 2, 4, 0.05
+# DDP closes a bucket once it reaches the cap: 48 bytes gives the MLP two buckets of two
+# tensors each (bias 12 B + weight 60 B, bias 20 B + weight 120 B) once DDP has rebuilt its
+# buckets after the first step (that step has one bucket). 0.0001 MB would give one bucket.
+CAP_MB = 48 / 2**20
 
 
 def loss_fn(out, y):
     return torch.nn.functional.mse_loss(out, y)
+
+
+class Branchy(torch.nn.Module):
+    """tiny_problem's MLP + a branch only some groups use + a parameter nobody uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = make_model()
+        self.extra = torch.nn.Linear(6, 3)
+        self.never = torch.nn.Linear(2, 2)
+
+    def forward(self, x, use_extra: bool):
+        out = self.body(x)
+        return out + self.extra(x) if use_extra else out
+
+
+def uses_extra(step, group):  # group = r * a + j; some steps leave a whole rank without it
+    return (step + group) % 4 == 0
+
+
+# id: (optimizer, accumulation a, mode, variant)
+CONFIGS = {
+    "lamb-a1": ("VRLAMB", 1, "micro", None),
+    "lamb-a3": ("VRLAMB", 3, "micro", None),
+    "sgd-a1": ("VRSGD", 1, "micro", None),
+    "sgd-a3": ("VRSGD", 3, "micro", None),
+    "sgd-rank-a3": ("VRSGD", 3, "rank", None),
+    "lamb-rank-a2": ("VRLAMB", 2, "rank", None),
+    "lamb-a3-clip": ("VRLAMB", 3, "micro", "clip"),
+    "sgd-a3-unused": ("VRSGD", 3, "micro", "unused"),
+    "lamb-a3-syncall": ("VRLAMB", 3, "micro", "syncall"),  # no no_sync: every micro-step syncs
+}
+BF16 = {"bf16-micro-a2": 2, "bf16-rank-a2": 2}
 
 
 def make_opt(name, params, moments):
@@ -31,34 +82,202 @@ def make_opt(name, params, moments):
     return VRSGD(params, lr=0.2, weight_decay=0.01, moments=moments)
 
 
-def worker(rank, init_file, name, accum, mode, out):
+def split(step, accum):
+    x, y = batch(step)
+    return list(zip(x.chunk(WORLD * accum), y.chunk(WORLD * accum)))
+
+
+def forward(model, variant, step, group, xb):
+    return model(xb, uses_extra(step, group)) if variant == "unused" else model(xb)
+
+
+# ------------------------------------------------------------------ the 2-rank DDP worker
+
+
+def run_config(rank, name, accum, mode, variant):
     from torch.nn.parallel import DistributedDataParallel
 
     from vrgd_ds.moments import DDPMoments
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    ddp = DistributedDataParallel(make_model(), bucket_cap_mb=0.0001)  # several buckets
-    moments = DDPMoments(ddp, mode=mode)
+    class Counting(DDPMoments):  # records which buckets the hook saw
+        def _hook(self, state, bucket):
+            self.buckets.add((bucket.index(), len(bucket.parameters())))
+            return super()._hook(state, bucket)
+
+    model = Branchy() if variant == "unused" else make_model()
+    ddp = DistributedDataParallel(model, bucket_cap_mb=CAP_MB,
+                                  find_unused_parameters=variant == "unused")
+    moments = Counting(ddp, mode=mode)
+    moments.buckets = set()
     opt = make_opt(name, ddp.parameters(), moments)
+    buckets = []
     for step in range(STEPS):
-        x, y = batch(step)
-        groups = list(zip(x.chunk(WORLD * accum), y.chunk(WORLD * accum)))
+        groups = split(step, accum)
         for j in range(accum):
-            xb, yb = groups[rank * accum + j]
-            ctx = ddp.no_sync() if j < accum - 1 else contextlib.nullcontext()
-            with ctx:
-                (loss_fn(ddp(xb), yb) / accum).backward()
+            g = rank * accum + j
+            xb, yb = groups[g]
+            sync = j == accum - 1 or variant == "syncall"
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                (loss_fn(forward(ddp, variant, step, g, xb), yb) / accum).backward()
         assert moments.group_count == (WORLD * accum if mode == "micro" else WORLD)
+        if variant == "clip":
+            moments.clip_grad_norm_(CLIP)
         opt.step()
         opt.zero_grad()
-    if rank == 0:
-        torch.save([p.detach() for p in ddp.module.parameters()], out)
+        buckets.append(sorted(moments.buckets))
+        moments.buckets.clear()
+    return {"params": [p.detach().clone() for p in ddp.module.parameters()], "buckets": buckets}
+
+
+def run_bf16(rank, mode, accum):
+    """One synced step of a bf16 model: the moments, then one optimizer step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vrgd_ds import VRSGD
+    from vrgd_ds.moments import DDPMoments
+
+    ddp = DistributedDataParallel(make_model().to(torch.bfloat16), bucket_cap_mb=CAP_MB / 2)
+    moments = DDPMoments(ddp, mode=mode)
+    groups = split(0, accum)
+    for j in range(accum):
+        xb, yb = groups[rank * accum + j]
+        with contextlib.nullcontext() if j == accum - 1 else ddp.no_sync():
+            (loss_fn(ddp(xb.bfloat16()).float(), yb) / accum).backward()
+    params = list(ddp.module.parameters())
+    out = {"grad": [p.grad.clone() for p in params],
+           "msq": [moments.sq_scale * moments.sum_sq(p) for p in params],
+           "sq_dtype": [moments.sum_sq(p).dtype for p in params],
+           "k": moments.group_count}
+    opt = VRSGD(params, lr=0.2, moments=moments)
+    opt.step()
+    out["params"] = [p.detach().clone() for p in params]
+    return out
+
+
+def run_unequal(rank):
+    """Rank 0 runs one more micro-step than rank 1: reading the moments must refuse."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vrgd_ds.moments import DDPMoments
+
+    ddp = DistributedDataParallel(make_model())
+    moments = DDPMoments(ddp)
+    xb, yb = split(0, 2)[rank]
+    for _ in range(2 if rank == 0 else 1):
+        with ddp.no_sync():
+            loss_fn(ddp(xb), yb).backward()
+    loss_fn(ddp(xb), yb).backward()
+    try:
+        moments.sq_scale
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        results = {cid: run_config(rank, *cfg) for cid, cfg in CONFIGS.items()}
+        for cid, accum in BF16.items():
+            results[cid] = run_bf16(rank, cid.split("-")[1], accum)
+        results["unequal"] = run_unequal(rank)
+    except Exception:
+        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
+        raise
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
-def reference(name, k):
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    for attempt in range(2):  # gloo on this CPU machine rarely aborts a rank at start-up (SIGABRT)
+        try:
+            mp.spawn(worker, args=(str(tmp / f"init{attempt}"), str(tmp)), nprocs=WORLD)
+            break
+        except mp.ProcessExitedException:
+            if attempt:
+                raise
+    out = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    for r in out:
+        assert "error" not in r, r.get("error")
+    return out
+
+
+# ------------------------------------------------------------------ explicit references
+
+
+class ExplicitMoments:
+    """A moment source holding the mean of squared group gradients directly (sq_scale 1)."""
+
+    sq_scale = 1.0
+
+    def __init__(self):
+        self.msq, self.group_count = {}, 0
+
+    def sum_sq(self, p):
+        return self.msq[p]
+
+    def reset(self):
+        pass
+
+
+def explicit_groups(model, name, accum, mode, variant, step):
+    """Per parameter, a [k, *shape] fp32 stack of group gradients (None where no group reached it)."""
+    params = list(model.parameters())
+    groups = split(step, accum)
+    if mode == "rank":
+        # A group is one rank's accumulated gradient: sum_j grad(loss_j / a), summed in
+        # micro-step order as autograd does. (One backward over the rank's whole share is
+        # the same up to rounding, but with k = 2 the fp32 variance s - gbar^2 cancels so
+        # hard that such rounding moves VRSGD's parameters by ~1e-3 relative.)
+        out = []
+        for r in range(WORLD):
+            acc = None
+            for xb, yb in groups[r * accum:(r + 1) * accum]:
+                g = torch.autograd.grad(loss_fn(model(xb), yb) / accum, params)
+                acc = list(g) if acc is None else [a + b for a, b in zip(acc, g)]
+            out.append(acc)
+        return [torch.stack(gs) for gs in zip(*out)]
+    per_param = [[] for _ in params]
+    for gi, (xb, yb) in enumerate(groups):
+        grads = torch.autograd.grad(loss_fn(forward(model, variant, step, gi, xb), yb), params,
+                                    allow_unused=True)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            per_param[i].append(torch.zeros_like(p) if g is None else g)
+    reached = [any(g.abs().sum() > 0 for g in gs) for gs in per_param]
+    return [torch.stack(gs) if hit else None for gs, hit in zip(per_param, reached)]
+
+
+def explicit_run(name, accum, mode, variant):
+    model = Branchy() if variant == "unused" else make_model()
+    params = list(model.parameters())
+    moments = ExplicitMoments()
+    opt = make_opt(name, params, moments)
+    for step in range(STEPS):
+        gg = explicit_groups(model, name, accum, mode, variant, step)
+        moments.group_count = len(split(step, accum)) if mode == "micro" else WORLD
+        for p, g in zip(params, gg):
+            p.grad = None if g is None else g.mean(0)
+            if g is not None:
+                moments.msq[p] = (g * g).mean(0)
+        if variant == "clip":  # clip gbar; the squares follow so the GSNR is the unclipped one
+            grads = [p.grad for p in params if p.grad is not None]
+            coef = torch.clamp(CLIP / (torch.nn.utils.get_total_norm(grads) + 1e-6), max=1.0)
+            assert coef < 1  # the test must actually clip
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+                    moments.msq[p].mul_(coef**2)
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in params]
+
+
+def float64_reference(name, k):
     model = make_model()
     base, hp, beta3 = (("lamb", dict(lr=0.02, weight_decay=0.01), 0.9) if name == "VRLAMB"
                        else ("sgd", dict(lr=0.2, weight_decay=0.01), 0.0))
@@ -72,28 +291,70 @@ def reference(name, k):
     return ref.theta
 
 
-@pytest.mark.parametrize("name,accum,mode", [
-    ("VRLAMB", 1, "micro"), ("VRLAMB", 3, "micro"), ("VRSGD", 3, "micro"), ("VRSGD", 3, "rank"), ("VRLAMB", 2, "rank"),
-])
-def test_ddp_matches_explicit_groups(tmp_path, name, accum, mode):
-    out = tmp_path / "params.pt"
-    for attempt in range(2):  # gloo on this CPU machine rarely aborts a rank at start-up (SIGABRT)
-        try:
-            mp.spawn(worker, args=(str(tmp_path / f"init{attempt}"), name, accum, mode, str(out)),
-                     nprocs=WORLD)
-            break
-        except mp.ProcessExitedException:
-            if attempt:
-                raise
-    got = torch.load(out)
-    k = WORLD * accum if mode == "micro" else WORLD
-    if mode == "rank":  # each rank's accumulated gradient is one group: groups of N / WORLD
-        expected = reference(name, WORLD)
+@contextlib.contextmanager
+def one_thread():  # the workers run single-threaded; match their matmul summation order
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("cid", list(CONFIGS))
+def test_ddp_matches_explicit_groups(ddp_results, cid):
+    name, accum, mode, variant = CONFIGS[cid]
+    got = [r[cid] for r in ddp_results]
+    for a, b in zip(got[0]["params"], got[1]["params"]):  # DDP keeps the ranks identical
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # several buckets (after DDP's first step), with several parameters in one
+    last = got[0]["buckets"][-1]
+    assert len(last) >= 2 and max(n for _, n in last) >= 2, got[0]["buckets"]
+    with one_thread():
+        expected = explicit_run(name, accum, mode, variant)
+    torch.testing.assert_close(got[0]["params"], expected, rtol=1e-5, atol=1e-6)
+    if variant == "unused":
+        never = list(Branchy().never.parameters())
+        for p, p0 in zip(got[0]["params"][-2:], never):  # no rank reached it: untouched
+            torch.testing.assert_close(p, p0, rtol=0, atol=0)
+    if variant is None:  # and ALGORITHM.md itself, in float64
+        k = WORLD * accum if mode == "micro" else WORLD
+        # k = 2 (rank mode) puts the fp32 variance s - gbar^2 through heavy cancellation
+        # (the same formula in float64 in the reference): measured 1.4e-4 for VRSGD.
+        assert max_rel_err(got[0]["params"], float64_reference(name, k)) < (5e-4 if k == 2 else 2e-5)
+
+
+@pytest.mark.parametrize("cid", list(BF16))
+def test_bf16_buckets(ddp_results, cid):
+    accum = BF16[cid]
+    mode = cid.split("-")[1]
+    got = ddp_results[0][cid]
+    assert got["k"] == (WORLD * accum if mode == "micro" else WORLD)
+    assert all(g.dtype == torch.bfloat16 for g in got["grad"])
+    assert all(d == torch.float32 for d in got["sq_dtype"])
+    assert all(p.dtype == torch.bfloat16 and p.isfinite().all() for p in got["params"])
+    model = make_model().to(torch.bfloat16)
+    params = list(model.parameters())
+    if mode == "micro":
+        groups = split(0, accum)
     else:
-        expected = reference(name, k)
-    # k = 2 (rank mode) puts the fp32 variance s - gbar^2 through heavy cancellation (the
-    # same formula in float64 in the reference): measured 1.4e-4 for VRSGD; k >= 4: < 2e-5.
-    assert max_rel_err(got, expected) < (5e-4 if k == 2 else 2e-5)
+        x, y = batch(0)
+        groups = list(zip(x.chunk(WORLD), y.chunk(WORLD)))
+    gg = [torch.stack(gs).float() for gs in zip(*(
+        torch.autograd.grad(loss_fn(model(xb.bfloat16()).float(), yb), params) for xb, yb in groups))]
+    for g, grad, msq in zip(gg, got["grad"], got["msq"]):
+        # bf16 gradients (8 mantissa bits), then the 1/a loss factor and accumulation in bf16
+        scale = g.abs().max()
+        torch.testing.assert_close(grad.float(), g.mean(0), rtol=3e-2, atol=3e-2 * scale)
+        torch.testing.assert_close(msq, (g * g).mean(0), rtol=3e-2, atol=3e-2 * scale**2)
+
+
+def test_unequal_micro_steps_refused(ddp_results):
+    for r in ddp_results:
+        assert r["unequal"] is not None and "different numbers of backward passes" in r["unequal"]
 
 
 def test_bad_mode():

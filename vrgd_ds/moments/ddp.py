@@ -7,21 +7,51 @@ same way (ALGORITHM.md section 1):
     ddp = DistributedDataParallel(model)
     moments = DDPMoments(ddp)                  # mode="micro": one group per micro-batch per rank
     opt = VRLAMB(ddp.parameters(), lr=1e-3, moments=moments)
-    for batch in loader:
+    for batch in loader:                       # this rank's share of the global batch
         micros = batch.chunk(a)
         for j, micro in enumerate(micros):
             ctx = ddp.no_sync() if j < a - 1 else contextlib.nullcontext()
             with ctx:
                 (loss_fn(ddp(micro)) / a).backward()
+        moments.clip_grad_norm_(1.0)           # optional; never clip p.grad directly
         opt.step()
-        opt.zero_grad()
+        opt.zero_grad()                        # also resets the moments
 
-``mode="micro"`` (default): k = world size x micro-steps per rank; tensor hooks square each
-micro-step's local gradient (as in :class:`MicroStepMoments`) and the bucket hook reduces
-those sums. ``mode="rank"``: k = world size, each rank's accumulated gradient is one group,
-squared inside the hook. Every rank must run the same number of micro-steps. Squares are
-fp32 whatever the gradient dtype. A parameter that gets no gradient on a step (with
-``find_unused_parameters``) contributes zero to both moments, as its group gradient is 0.
+Modes
+-----
+``mode="micro"`` (default): a group is one micro-batch on one rank, k = world size x
+micro-steps per rank. The tensor hooks of a :class:`MicroStepMoments` square each backward
+pass's local gradient h (also inside ``no_sync``, where DDP communicates nothing); on the
+synced backward the bucket hook reduces those local sums. With p.grad = (sum of all h) / W
+and every h = (W / k) g_i, the mean of squared group gradients in p.grad's scale is
+``(k / W^2) * sum h^2``; that is ``sq_scale``.
+
+``mode="rank"``: a group is one rank's accumulated gradient G_r, k = W. No tensor hooks: the
+bucket hook squares the bucket's own gradient before the reduction. With p.grad = sum G_r / W
+the mean of squares is ``(1 / W) * sum G_r^2``.
+
+Details
+-------
+- One collective per bucket: ``[gradient | squares | local backward count]`` in one buffer
+  of dtype ``promote(gradient dtype, float32)``, one ``all_reduce``; the gradient part is
+  divided by W and copied back into the bucket (which keeps its dtype, bf16/fp16 included:
+  it is reduced in fp32, so more accurately than DDP's default hook), the squares stay fp32.
+  The extra count lets ``group_count`` be the true number of groups; if the ranks ran
+  different numbers of micro-steps the groups have different scales and reading
+  ``group_count``/``sq_scale`` raises.
+- ``no_sync`` is optional: syncing every micro-step gives the same moments (each hook
+  reduces the running local sums, the last one wins), only with more traffic.
+- Unused parameters (``find_unused_parameters=True``): a parameter a rank did not reach
+  has group gradient 0 on that rank, which DDP puts in the bucket and the hooks add as 0
+  squares, so both moments are exact. A parameter no rank reached keeps ``p.grad`` as DDP
+  leaves it (None after ``zero_grad(set_to_none=True)``) and the optimizer skips it.
+- Parameters DDP ignores (``_ddp_params_and_buffers_to_ignore``) get no moments; keep them
+  out of the VR optimizer.
+- DDPMoments owns the model's communication hook (DDP allows one); it is registered at
+  construction, before the first backward.
+- Clipping ``p.grad`` directly would leave the squares at the old scale; use
+  :meth:`clip_grad_norm_` (p.grad is identical on all ranks after the sync, so the norm
+  needs no extra collective).
 """
 
 from __future__ import annotations
@@ -42,29 +72,40 @@ class DDPMoments:
         self.mode = mode
         self.group = process_group
         self.world = dist.get_world_size(process_group)
-        params = [p for p in ddp_model.module.parameters() if p.requires_grad]
-        self.local = MicroStepMoments(params) if mode == "micro" else None
+        ignored = getattr(ddp_model, "parameters_to_ignore", set())
+        self.params = [p for n, p in ddp_model.module.named_parameters()
+                       if p.requires_grad and n not in ignored]
+        self.local = MicroStepMoments(self.params) if mode == "micro" else None
         self._reduced: dict[Tensor, Tensor] = {}
-        ddp_model.register_comm_hook(None, self._hook)
+        self._count: Tensor | None = None  # sum over ranks of local backward passes
+        self._clip_scale = 1.0
+        ddp_model.register_comm_hook(process_group, self._hook)
+
+    # -- the communication hook -------------------------------------------------------------
 
     def _hook(self, _state, bucket):
         buf = bucket.buffer()
         params = bucket.parameters()
+        dtype = torch.promote_types(buf.dtype, torch.float32)
         if self.local is not None:
-            sq = torch.cat([self._local_sq(p).view(-1) for p in params])
+            sq = [self._local_sq(p).view(-1) for p in params]
+            count = float(self.local.group_count)
         else:
-            sq = buf.float().square()
+            sq = [g.reshape(-1).to(dtype).square() for g in bucket.gradients()]
+            count = 1.0
         n = buf.numel()
-        combined = torch.cat([buf.float(), sq])
+        combined = torch.cat([buf.view(-1).to(dtype), *(s.to(dtype) for s in sq),
+                              torch.tensor([count], dtype=dtype, device=buf.device)])
         fut = dist.all_reduce(combined, group=self.group, async_op=True).get_future()
 
         def finish(f):
             total = f.value()[0]
-            buf.copy_(total[:n].div_(self.world))
+            buf.view(-1).copy_(total[:n].div_(self.world))
             offset = n
             for p in params:
-                self._reduced[p] = total[offset:offset + p.numel()].view_as(p)
+                self._reduced[p] = total[offset:offset + p.numel()].view_as(p).float()
                 offset += p.numel()
+            self._count = total[offset]  # read lazily: no device sync inside the hook
             return buf
 
         return fut.then(finish)
@@ -72,30 +113,54 @@ class DDPMoments:
     def _local_sq(self, p: Tensor) -> Tensor:
         try:
             return self.local.sum_sq(p)
-        except KeyError:  # no gradient reached this parameter on this rank
+        except KeyError:  # no gradient reached this parameter on this rank since creation
             return torch.zeros_like(p, dtype=torch.float32)
+
+    # -- the moment source --------------------------------------------------------------------
 
     @property
     def group_count(self) -> int:
-        local = self.local.group_count if self.local is not None else 1
-        return self.world * local
+        """k: W x micro-steps per rank (``"micro"``) or W (``"rank"``)."""
+        if self.local is None:
+            return self.world
+        local = self.local.group_count
+        if self._count is None:  # nothing synced yet: what this rank alone can say
+            return self.world * local
+        count = int(round(self._count.item()))
+        if count != self.world * local:
+            raise RuntimeError(
+                f"ranks ran different numbers of backward passes ({count} in all, "
+                f"{local} here, world size {self.world}); DDPMoments needs the same number "
+                "of micro-steps on every rank")
+        return count
 
     @property
     def sq_scale(self) -> float:
         # p.grad = (sum of all local contributions h) / W; mean of squares in that scale:
         # micro: k * sum h^2 / W^2 (h = per micro-step grads); rank: sum G_r^2 / W.
-        if self.local is None:
-            return 1.0 / self.world
-        return self.group_count / self.world**2
+        base = 1.0 / self.world if self.local is None else self.group_count / self.world**2
+        return base * self._clip_scale**2
 
     def sum_sq(self, param: Tensor) -> Tensor:
         sq = self._reduced.get(param)
         if sq is None:
             raise KeyError(f"no reduced squared gradient for a parameter of shape "
-                           f"{tuple(param.shape)}: was backward() run through the DDP model?")
+                           f"{tuple(param.shape)}: was a synced backward() run through the "
+                           "DDP model (not only no_sync ones), and does DDP manage it?")
         return sq
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip the mean gradient like ``torch.nn.utils.clip_grad_norm_``; keep the GSNR exact."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+        self._clip_scale *= float(coef)
+        return total
 
     def reset(self) -> None:
         self._reduced.clear()
+        self._count = None
+        self._clip_scale = 1.0
         if self.local is not None:
             self.local.reset()
