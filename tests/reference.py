@@ -23,10 +23,17 @@ def group_grads(model, loss_fn, xs, ys, k):
     return [torch.stack(g) for g in per_param]
 
 
-def gsnr_scaled(g_groups, gamma, beta3, state, tiny=torch.finfo(torch.float32).tiny):
-    """Sections 1-3: g' = phat * gbar for one parameter tensor (float64)."""
+def gsnr_scaled(g_groups, gamma, beta3, state, tiny=torch.finfo(torch.float32).tiny, interval=1):
+    """Sections 1-3: g' = phat * gbar for one parameter tensor (float64).
+
+    ``interval`` N (the gsnr_interval option): phat is computed on steps 0, N, 2N, ... and
+    the last one is reused on the steps between."""
     k = g_groups.shape[0]
     gbar = g_groups.sum(0) / k
+    n = state.get("vr_n", 0)
+    state["vr_n"] = n + 1
+    if n % interval != 0:
+        return state["phat"] * gbar
     s = (g_groups ** 2).sum(0) / k
     var = torch.clamp(s - gbar ** 2, min=0.0)
     r_raw = gbar ** 2 / (var + tiny)
@@ -39,6 +46,7 @@ def gsnr_scaled(g_groups, gamma, beta3, state, tiny=torch.finfo(torch.float32).t
         p = beta3 * state.get("gsnr_p", torch.zeros_like(r)) + (1 - beta3) * r
         state["gsnr_t"], state["gsnr_p"] = t, p
         phat = p / (1 - beta3 ** t)
+    state["phat"] = phat
     return phat * gbar
 
 
@@ -90,7 +98,8 @@ BASES = {"sgd": sgd, "adam": adam, "lamb": lamb, "lars": lars}
 class Reference:
     """Runs one VR (or base, gamma=None) optimizer over explicit group gradients."""
 
-    def __init__(self, params, base, gamma=None, beta3=0.0, **hp):
+    def __init__(self, params, base, gamma=None, beta3=0.0, interval=1, **hp):
+        self.interval = interval
         self.theta = [p.detach().double().clone() for p in params]
         self.base, self.gamma, self.beta3, self.hp = BASES[base], gamma, beta3, hp
         self.state = [dict() for _ in params]
@@ -101,7 +110,7 @@ class Reference:
             if self.gamma is None:
                 g = gg.sum(0) / gg.shape[0]
             else:
-                g = gsnr_scaled(gg, self.gamma, self.beta3, st)
+                g = gsnr_scaled(gg, self.gamma, self.beta3, st, interval=self.interval)
             hp = dict(self.hp, **(hp_per_param[i] if hp_per_param else {}))
             self.theta[i] = self.base(self.theta[i], g, st, **hp)
 

@@ -166,6 +166,17 @@ def gsnr_grad(
     return mom * bias_correction * g
 
 
+def clamped_counts(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float,
+                   layer_means: Sequence[float], gamma: float) -> Tensor:
+    """Per tensor: how many elements have r_raw / m < gamma, i.e. are clamped up to gamma.
+
+    Telemetry only (one extra pass on the steps that record it); float64 counts.
+    """
+    counts = [(_raw(g.float(), q, sq_scale) < gamma * m).sum() if m > 0.0 else torch.zeros((), dtype=torch.long)
+              for g, q, m in zip(grads, sum_sqs, layer_means)]
+    return torch.stack(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
+
+
 def as_fp32(g: Tensor) -> Tensor:
     """The identity gradient source of the base optimizers."""
     return g.float()

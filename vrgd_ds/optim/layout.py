@@ -41,6 +41,11 @@ class LayerLayout:
         """Sum ``partial`` ([n_segments, c]) over all segments of the same layer."""
         return partial
 
+    def table(self, partial: Tensor, segments: Sequence[Segment]) -> dict[int, list[float]]:
+        """Per layer, ``partial`` summed over all its segments on all ranks, for every layer
+        (not only those this rank holds); keys are layer indices. Used by telemetry."""
+        return {i: row for i, row in enumerate(partial.tolist())}
+
 
 def segment_views(tensor: Tensor, segments: Sequence[Segment]) -> list[Tensor]:
     """Flat (1-D) views of ``tensor`` (shaped like its parameter), one per segment.

@@ -35,6 +35,7 @@ from .layout import layer_totals
 from .torch_bases import AdamUpdate, AdamWUpdate, SGDUpdate
 
 NONFINITE_POLICIES = ("raise", "skip")
+SQ_COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class MomentSource(Protocol):
@@ -55,11 +56,23 @@ class MomentSource(Protocol):
 class GSNRTransform:
     """Mixin: scale the gradient by its clamped, layer-normalised GSNR before the base update."""
 
-    def _init_gsnr(self, moments, on_nonfinite: str) -> None:
+    def _init_gsnr(self, moments, on_nonfinite: str, gsnr_interval: int = 1,
+                   sq_comm_dtype: str = "fp32", telemetry_interval: int = 0) -> None:
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+        if isinstance(gsnr_interval, bool) or not isinstance(gsnr_interval, int) or gsnr_interval < 1:
+            raise ValueError(f"gsnr_interval must be an integer >= 1, got {gsnr_interval!r}")
+        if sq_comm_dtype not in SQ_COMM_DTYPES:
+            raise ValueError(f"sq_comm_dtype must be one of {tuple(SQ_COMM_DTYPES)}, got {sq_comm_dtype!r}")
+        if (isinstance(telemetry_interval, bool) or not isinstance(telemetry_interval, int)
+                or telemetry_interval < 0):
+            raise ValueError(f"telemetry_interval must be an integer >= 0 (0: off), got {telemetry_interval!r}")
         self.moments = moments
         self.on_nonfinite = on_nonfinite
+        self.gsnr_interval = gsnr_interval
+        self.sq_comm_dtype = SQ_COMM_DTYPES[sq_comm_dtype]
+        self.telemetry_interval = telemetry_interval
+        self.telemetry: dict | None = None
         self.skipped_steps = 0
 
     def attach_moments(self, moments: MomentSource) -> None:
@@ -76,6 +89,22 @@ class GSNRTransform:
             self.moments.reset()
         return loss
 
+    # ---- gsnr_interval -----------------------------------------------------------------
+
+    def _steps_taken(self, params) -> int:
+        """Applied VR steps so far (the same for every parameter that has been stepped)."""
+        for p in params:
+            st = self.state.get(p)
+            if st and "vr_step" in st:
+                return int(st["vr_step"])
+        return 0
+
+    def wants_moments(self) -> bool:
+        """Whether the coming step computes the GSNR, so a moment source must reduce the
+        squared gradients; with ``gsnr_interval`` N only every N-th step does."""
+        params = [p for g in self.param_groups if g["gamma"] < 1.0 for p in g["params"]]
+        return self._steps_taken(params) % self.gsnr_interval == 0
+
     def _moment_source(self) -> MomentSource:
         if self.moments is None:
             raise RuntimeError(
@@ -91,6 +120,18 @@ class GSNRTransform:
         active = [i for i, b in enumerate(batches) if b.params and groups[i]["gamma"] < 1.0]
         if not active:
             return out
+        stepped = [p for i in active for p in batches[i].params]
+        taken = self._steps_taken(stepped)
+        if taken % self.gsnr_interval != 0:
+            out = self._reuse_ratios(batches, active, out)
+        else:
+            out = self._compute_ratios(batches, active, out, taken)
+        if out is not None:
+            self._advance_step(stepped, "vr_step")
+        return out
+
+    def _compute_ratios(self, batches, active, out, taken):
+        groups = self.param_groups
         src = self._moment_source()
         gsnr.check_group_count(src.group_count)
         grads, sqs, r_raw, partial = {}, {}, {}, []
@@ -111,14 +152,17 @@ class GSNRTransform:
             sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, overflow, sums)
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
-        means = iter([s / seg.layer_numel for s, seg in zip(sums, segments)])
-        wide_flags = iter(overflow)
+        all_means = [s / seg.layer_numel for s, seg in zip(sums, segments)]
+        if self.telemetry_interval and taken % self.telemetry_interval < self.gsnr_interval:
+            self._record(taken + 1, src, active, grads, sqs, segments, sums, all_means)
+        keep = self.gsnr_interval > 1  # the ratio is reused on the next steps: keep it in state
+        means, wide_flags = iter(all_means), iter(overflow)
         for i in active:
             group, b = groups[i], batches[i]
             layer_means = [next(means) for _ in grads[i]]
             wide = [next(wide_flags) for _ in grads[i]]
             bufs, factors = None, None
-            if group["beta3"] > 0.0:
+            if group["beta3"] > 0.0 or keep:  # beta3 = 0 with keep: lerp weight 1 copies r
                 steps = b.per_view(self._advance_step(b.params, "gsnr_step"))
                 bufs = b.views(self._state_tensor(p, "gsnr_momentum") for p in b.params)
                 factors = gsnr.bias_corrections(group["beta3"], steps)
@@ -138,6 +182,60 @@ class GSNRTransform:
                                                   factors or [1.0] * len(grads[i]), wide)
                 ]
         return out
+
+    def _reuse_ratios(self, batches, active, out):
+        """A step between GSNR computations: g' = phat_last * gbar, no second moment read.
+
+        The non-finite check stays: one layer-summed |gbar| per tensor (same collective as a
+        GSNR step, so every rank skips or raises together)."""
+        groups = self.param_groups
+        grads = {i: batches[i].views(p.grad for p in batches[i].params) for i in active}
+        segments = [s for i in active for s in batches[i].flat_segments]
+        (sums,) = layer_totals(self.layout, segments, torch.cat([gsnr.sums_foreach(grads[i]) for i in active]))
+        if not all(math.isfinite(s) for s in sums):
+            return self._nonfinite(sums, segments)
+        for i in active:
+            b, group = batches[i], groups[i]
+            missing = [p for p in b.params if "gsnr_momentum" not in self.state[p]]
+            if missing:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a parameter of shape {tuple(missing[0].shape)} has a gradient "
+                    "on a step that reuses the GSNR (gsnr_interval > 1) but had none on the last GSNR "
+                    "step; with gsnr_interval every parameter must get a gradient on GSNR steps")
+            moms = b.views(self.state[p]["gsnr_momentum"] for p in b.params)
+            factors = gsnr.bias_corrections(
+                group["beta3"], b.per_view(int(self.state[p]["gsnr_step"]) for p in b.params))
+            if self._use_foreach(group):
+                out[i] = gsnr.scaled_grads_foreach(grads[i], moms, None, 0.0, factors)
+            else:
+                out[i] = [GradSource(gsnr.gsnr_grad, (g, None, 0.0, 0.0, group["gamma"], m, group["beta3"], f,
+                                                      False))
+                          for g, m, f in zip(grads[i], moms, factors)]
+        return out
+
+    # ---- telemetry -------------------------------------------------------------------
+
+    def _record(self, step, src, active, grads, sqs, segments, sums, means) -> None:
+        """Per-layer mean raw GSNR and fraction clamped at gamma, complete on every rank."""
+        gammas = [self.param_groups[i]["gamma"] for i in active for _ in grads[i]]
+        counts = torch.cat([
+            gsnr.clamped_counts(grads[i], sqs[i], src.sq_scale, means[start:start + len(grads[i])],
+                                self.param_groups[i]["gamma"])
+            for i, start in zip(active, _starts([len(grads[i]) for i in active]))])
+        # each segment carries its share of the layer total, so the shares add up exactly
+        share = torch.tensor([s * seg.numel / seg.layer_numel for s, seg in zip(sums, segments)],
+                             dtype=torch.float64)
+        numel = torch.tensor([float(seg.numel) for seg in segments], dtype=torch.float64)
+        gamma = torch.tensor(gammas, dtype=torch.float64)
+        table = self.layout.table(torch.stack([share, counts.cpu(), numel, gamma * numel], 1), segments)
+        rec = self.telemetry if self.telemetry and self.telemetry["step"] == step else {"step": step, "layers": {}}
+        for layer, (raw, clamped, n, gn) in table.items():
+            rec["layers"][layer] = {"gsnr_mean": raw / n, "clamped_fraction": clamped / n,
+                                    "numel": int(n), "gamma": gn / n}
+        total = sum(v["numel"] for v in rec["layers"].values())
+        rec["k"] = int(src.group_count)
+        rec["clamped_fraction"] = sum(v["clamped_fraction"] * v["numel"] for v in rec["layers"].values()) / total
+        self.telemetry = rec
 
     def _wide_sums(self, active, grads, sqs, sq_scale, segments, overflow, sums):
         """Layer sums redone in float64 for the layers whose fp32 GSNR sum overflowed."""
@@ -176,6 +274,14 @@ class GSNRTransform:
         gsnr.check_beta3(group["beta3"])
 
 
+def _starts(lengths: list[int]) -> list[int]:
+    out, at = [], 0
+    for n in lengths:
+        out.append(at)
+        at += n
+    return out
+
+
 def _vr_defaults(gamma: float, beta3: float) -> dict:
     return dict(gamma=gsnr.check_gamma(gamma), beta3=gsnr.check_beta3(beta3))
 
@@ -184,44 +290,48 @@ class VRSGD(GSNRTransform, SGDUpdate):
     """VR-SGD (paper Algorithm 1): theta -= lr * (g' + wd * theta)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, gamma=0.1, beta3=0.0, *,
-                 moments=None, on_nonfinite="raise", foreach=None, compile=False):
+                 moments=None, on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32",
+                 telemetry_interval=0, foreach=None, compile=False):
         super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
 
 
 class VRMomentum(GSNRTransform, SGDUpdate):
     """VR-Momentum: torch SGD with momentum (optionally nesterov) on g'."""
 
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, gamma=0.1, beta3=0.0, *, moments=None, on_nonfinite="raise",
+                 nesterov=False, gamma=0.1, beta3=0.0, *, moments=None,
+                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
                  foreach=None, compile=False):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
 
 
 class VRAdam(GSNRTransform, AdamUpdate):
     """VR-Adam: torch Adam (L2 weight decay) on g'."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None, on_nonfinite="raise",
+                 amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None,
+                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
                  foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
 
 
 class VRAdamW(GSNRTransform, AdamWUpdate):
     """VR-AdamW: torch AdamW (decoupled weight decay) on g'."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None, on_nonfinite="raise",
+                 amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None,
+                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
                  foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
 
 
 class VRLAMB(GSNRTransform, LAMB):
@@ -229,18 +339,21 @@ class VRLAMB(GSNRTransform, LAMB):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  bias_correction=True, gamma=0.1, beta3=0.9, *, moments=None,
-                 on_nonfinite="raise", foreach=None, compile=False):
+                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
+                 foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          bias_correction=bias_correction, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
 
 
 class VRLARS(GSNRTransform, LARS):
     """VR-LARS: LARS (see :class:`vrgd_ds.optim.lars.LARS`) on g'."""
 
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, gamma=0.1,
-                 beta3=0.0, *, moments=None, on_nonfinite="raise", foreach=None, compile=False):
+                 beta3=0.0, *, moments=None,
+                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
+                 foreach=None, compile=False):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
                          foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)

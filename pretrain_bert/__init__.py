@@ -1,0 +1,1 @@
+"""BERT pretraining and SQuAD fine-tuning with the VR optimizers: data, model wrapper, scripts."""
