@@ -17,10 +17,23 @@ def free_port():
 
 
 def run_deepspeed(script, config, tmp_path, *args, ranks=2, timeout=600):
-    cfg = tmp_path / "ds_config.json"
-    cfg.write_text(json.dumps(config))
+    cfg_args = []
+    if config is not None:
+        cfg = tmp_path / "ds_config.json"
+        cfg.write_text(json.dumps(config))
+        cfg_args = ["--config", str(cfg)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           str(ROOT / "tests" / "ds_scripts" / script), "--config", str(cfg), *map(str, args)]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    port = free_port()
+    cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port),
+           str(ROOT / "tests" / "ds_scripts" / script), *cfg_args, *map(str, args)]
+    try:
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
+
+
+def remove_shm_buffers(port):
+    """DeepSpeed's CPU shm all-reduce leaves a 69 MB /dev/shm file per rank and launch."""
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)

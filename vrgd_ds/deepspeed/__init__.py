@@ -6,11 +6,12 @@ DeepSpeed's own fallback for names it does not know (``getattr(torch.optim, type
 ZeRO accepts it. Names: VRSGD, VRMomentum, VRAdam, VRAdamW, VRLAMB, VRLARS, and the plain
 NVLAMB (our LAMB; "Lamb"/"LAMB" is DeepSpeed's CUDA kernel) and LARS.
 
-Status of this version: NVLAMB and LARS run under ZeRO stages 0, 1 and 2 with whole-layer
-norms across partitions (:mod:`.zero_layout`). The VR optimizers run under ZeRO stage 2
-(fp32 or bf16) with the squared gradients reduced beside each gradient bucket
-(:mod:`.zero_moments`), and without ZeRO in fp32 (:mod:`.stage0_moments`); stage 1 and
-fp16 are refused at initialize.
+NVLAMB and LARS run under ZeRO stages 0, 1 and 2 with whole-layer norms across
+partitions (:mod:`.zero_layout`). The VR optimizers run under ZeRO stages 1 and 2 (fp32,
+bf16, fp16 with dynamic loss scaling) with the squared gradients reduced to their owners
+beside each gradient bucket (:mod:`.zero_moments`), and without ZeRO in fp32
+(:mod:`.stage0_moments`). ZeRO-3, offload, and bf16/fp16 at stage 0 are refused at
+initialize with the setting named. Telemetry: :mod:`.telemetry`.
 """
 
 from __future__ import annotations
@@ -115,17 +116,19 @@ def _after_basic_optimizer(engine, optimizer, *args, **kwargs) -> None:
     if isinstance(optimizer, GSNRTransform):
         stage = engine.zero_optimization_stage()
         low = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else None
-        if stage == 1 or low == "fp16" or (stage == 0 and low):
+        if stage == 0 and low:
             raise NotImplementedError(
-                f"optimizer type {name!r} with zero_optimization.stage {stage}"
-                f"{' and ' + low if low else ''}: the VR optimizers run under ZeRO stage 2 (fp32 or "
-                "bf16) and stage 0 (fp32) in this version of vrgd-ds; 'NVLAMB' and 'LARS' also run "
-                "under stage 1."
+                f"optimizer type {name!r} with {low} and zero_optimization.stage 0: the VR optimizers run "
+                f"in {low} under ZeRO stage 1 or 2 (stage 0 only in fp32, where DeepSpeed's {low} "
+                "optimizer wrapper is not hooked); set zero_optimization.stage to 1 or 2"
             )
         if stage == 0:
             from .stage0_moments import attach_stage0_moments
 
             attach_stage0_moments(engine, optimizer)
+        from .telemetry import attach_telemetry_writer
+
+        attach_telemetry_writer(engine, optimizer)
 
 
 def _after_zero_init(zero_optimizer, *_args, **_kwargs) -> None:

@@ -21,10 +21,12 @@ from ..moments.microstep import MicroStepMoments
 
 
 class Stage0Moments(MicroStepMoments):
-    def __init__(self, engine):
+    def __init__(self, engine, comm_dtype=torch.float32):
         super().__init__(engine.module.parameters())
         self.group = engine.seq_data_parallel_group
         self.world = dist.get_world_size(group=self.group)
+        self.comm_dtype = comm_dtype
+        self.comm_bytes = 0
 
     @property
     def group_count(self) -> int:
@@ -36,8 +38,9 @@ class Stage0Moments(MicroStepMoments):
 
     def allreduce_squares(self) -> None:
         bufs = [self._sum_sq.setdefault(p, torch.zeros_like(p, dtype=torch.float32)) for p in self.params]
-        flat = torch.cat([b.view(-1) for b in bufs])
+        flat = torch.cat([b.view(-1) for b in bufs]).to(self.comm_dtype)
         dist.all_reduce(flat, group=self.group)
+        self.comm_bytes += flat.numel() * flat.element_size()
         offset = 0
         for b in bufs:
             b.view(-1).copy_(flat[offset:offset + b.numel()])
@@ -45,14 +48,14 @@ class Stage0Moments(MicroStepMoments):
 
 
 def attach_stage0_moments(engine, vr_optimizer) -> Stage0Moments:
-    moments = Stage0Moments(engine)
+    moments = Stage0Moments(engine, vr_optimizer.sq_comm_dtype)
     vr_optimizer.moments = moments
     allreduce_gradients = engine.allreduce_gradients
     clip_fp32_gradients = engine.clip_fp32_gradients
 
     def allreduce_gradients_and_squares(*args, **kwargs):
         out = allreduce_gradients(*args, **kwargs)
-        if engine.is_gradient_accumulation_boundary():
+        if engine.is_gradient_accumulation_boundary() and vr_optimizer.wants_moments():
             moments.allreduce_squares()
         return out
 

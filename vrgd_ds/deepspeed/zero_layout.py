@@ -31,6 +31,25 @@ def partition_segments(numels: Sequence[int], paddings: Sequence[int], partition
     return segments
 
 
+def owner_pieces(numels: Sequence[int], paddings: Sequence[int], partition_size: int,
+                 world: int) -> list[list[tuple[int, int, int, int]]]:
+    """Per tensor: (owner rank, start in the tensor, start in the owner's partition, numel)
+    for each piece, in DeepSpeed's flattening order with its padding."""
+    out, cursor = [], 0
+    for n, pad in zip(numels, paddings):
+        pieces, lo = [], cursor
+        while lo < cursor + n:
+            owner = lo // partition_size
+            hi = min(cursor + n, (owner + 1) * partition_size)
+            if owner >= world:
+                raise AssertionError("tensor beyond the last ZeRO partition")
+            pieces.append((owner, lo - cursor, lo - owner * partition_size, hi - lo))
+            lo = hi
+        out.append(pieces)
+        cursor += n + pad
+    return out
+
+
 class ZeroLayout(LayerLayout):
     def __init__(self, zero_optimizer):
         self.group = zero_optimizer.real_dp_process_group[0]
