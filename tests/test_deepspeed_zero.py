@@ -231,6 +231,31 @@ def test_checkpoint_resume_is_bitwise(tmp_path, opt, stage, vr):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("stage", [2, 0])
+def test_two_rank_checkpoint_continues_on_one_rank(tmp_path, stage):
+    """Save at step 2 with 2 ranks (ZeRO-2, a = 2), consolidate, go on with 1 rank (a = 4:
+    the same k = 4 groups of 12 samples): the same trajectory as 4 steps on 2 ranks."""
+    from vrgd_ds.deepspeed.checkpoint import consolidate, save_consolidated
+
+    two, ckpt = config("VRLAMB", 2, 2), tmp_path / "ckpt"
+    proc = run_deepspeed("train_tiny.py", two, tmp_path, "--steps", 2, "--save", ckpt, "--out", tmp_path / "half.pt")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = save_consolidated(ckpt / "last", tmp_path / "merged.pt")
+    assert merged["saved_world_size"] == 2
+    names = [n for n, _ in make_model().named_parameters()]
+    for name, p in zip(names, torch.load(tmp_path / "half.pt")):
+        assert torch.equal(merged["weights"][name], p)
+        assert set(merged["state"][name]) >= {"exp_avg", "exp_avg_sq", "gsnr_momentum", "gsnr_step", "step"}
+    one = config("VRLAMB", stage, 4)
+    one["train_micro_batch_size_per_gpu"] = 12
+    proc = run_deepspeed("train_tiny.py", one, tmp_path, "--steps", 2, "--start", 2, "--load-consolidated",
+                         tmp_path / "merged.pt", "--out", tmp_path / "one.pt", ranks=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert max_rel_err(torch.load(tmp_path / "one.pt"), reference("VRLAMB", 2, steps=4)) < 2e-5
+    with pytest.raises(FileNotFoundError, match="not a DeepSpeed ZeRO-1/2 checkpoint folder"):
+        consolidate(tmp_path)
+
+
 @pytest.mark.parametrize("change,expected", [
     ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}},
      "optimizer type 'VRLAMB' with bf16 and zero_optimization.stage 0"),

@@ -76,7 +76,8 @@ def main():
     ap.add_argument("--start", type=int, default=0, help="first step (after --load)")
     ap.add_argument("--save", default=None, help="engine.save_checkpoint here at the end")
     ap.add_argument("--load", default=None, help="engine.load_checkpoint from here first")
-    ap.add_argument("--load-universal", action="store_true", help="the --load checkpoint is universal")
+    ap.add_argument("--load-consolidated", default=None,
+                    help="vrgd_ds.deepspeed.checkpoint.load_consolidated from this file first")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     if args.cases:
@@ -85,12 +86,14 @@ def main():
             torch.save(results, args.out)
     else:
         cfg = json.loads(open(args.config).read())
-        if args.load_universal:
-            cfg["checkpoint"] = {"load_universal": True}
         model = make_model()
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         if args.load:
             engine.load_checkpoint(args.load, tag="last")
+        if args.load_consolidated:
+            from vrgd_ds.deepspeed.checkpoint import load_consolidated
+
+            load_consolidated(engine, args.load_consolidated)
         train(engine, [(s, 1.0) for s in range(args.start, args.start + args.steps)])
         if args.save:
             engine.save_checkpoint(args.save, tag="last")
