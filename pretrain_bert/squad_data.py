@@ -120,16 +120,14 @@ def _collect(rows, *, training: bool, strict: bool, source: str) -> LoadedExampl
 
 def _file_rows(path: str, dataset):
     for title, paragraph, qa in iter_questions(dataset, path):
-        where = f"{path}: article {title!r} question {qa['id']!r}"
+        loc = f"article {title!r} question {qa['id']!r}"
         texts, starts = [], []
         for i, answer in enumerate(qa["answers"]):
-            texts.append(require(answer, "text", f"article {title!r} question {qa['id']!r} answer {i}", path))
-            starts.append(require(answer, "answer_start",
-                                  f"article {title!r} question {qa['id']!r} answer {i}", path))
-        yield where, dict(
+            texts.append(require(answer, "text", f"{loc} answer {i}", path))
+            starts.append(require(answer, "answer_start", f"{loc} answer {i}", path))
+        yield f"{path}: {loc}", dict(
             qid=qa["id"], title=title, texts=texts, starts=starts,
-            question=require(qa, "question", f"article {title!r} question {qa['id']!r}", path),
-            context=require(paragraph, "context", f"article {title!r} question {qa['id']!r}", path))
+            question=require(qa, "question", loc, path), context=require(paragraph, "context", loc, path))
 
 
 def _hub_rows(name: str, split: str, dataset):
