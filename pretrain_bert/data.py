@@ -64,6 +64,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -277,7 +278,8 @@ def prepare_pretraining_data(inputs: Sequence[str | Path], vocab: str | Path, ou
         "num_shards": {},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()                               # (mkdtemp would make OUT mode 0700)
     try:
         fingerprint_base = json.dumps(meta, sort_keys=True)
         for split, instances in splits.items():
@@ -354,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         heldout_dupe_factor=args.heldout_dupe_factor, max_documents=args.max_documents,
         drop_single_sentence_documents=args.drop_single_sentence_documents,
         detokenize_wikitext=not args.no_wikitext_detokenize)
+    if args.no_progress:
+        import datasets
+        datasets.disable_progress_bars()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         inputs = args.input or [_export_hf_dataset(

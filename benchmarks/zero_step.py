@@ -1,0 +1,218 @@
+"""End-to-end ZeRO-2 training step on a small BERT, 2 CPU ranks: what VR costs in a real step.
+
+    python -m benchmarks.zero_step [--size mini] [--steps 12] [--out results/zero_step]
+
+One DeepSpeed launch builds four engines on the same model and data: our plain LAMB
+(``NVLAMB``), ``VRLAMB``, ``VRLAMB`` with ``gsnr_interval`` 4, and DeepSpeed's own AdamW.
+They are stepped round-robin (one full step each, gradient accumulation 2, so k = 4
+groups), so every engine's samples see the same machine load; the JSON keeps the median
+step time per engine and the ratios. Bytes: every torch.distributed collective is
+counted (payload handed in per rank), split into the gradient reduction DeepSpeed does
+anyway and the VR adapter's own traffic; plus the bytes the VR adapter keeps per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LR = 1e-3
+ENGINES = {
+    "LAMB": {"type": "NVLAMB", "params": {"lr": LR, "weight_decay": 0.01}},
+    "VRLAMB": {"type": "VRLAMB", "params": {"lr": LR, "weight_decay": 0.01, "gamma": 0.1}},
+    "VRLAMB interval 4": {"type": "VRLAMB", "params": {"lr": LR, "weight_decay": 0.01, "gamma": 0.1,
+                                                       "gsnr_interval": 4}},
+    "DeepSpeed AdamW": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
+}
+
+
+class Counter:
+    """Payload bytes per rank handed to torch.distributed collectives, by label."""
+
+    def __init__(self):
+        self.label, self.bytes = None, {}
+
+    def wrap(self, module, name, which):
+        fn = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            t = args[which] if len(args) > which else next(iter(kwargs.values()))
+            if self.label is not None and torch.is_tensor(t):
+                self.bytes[self.label] = self.bytes.get(self.label, 0) + t.numel() * t.element_size()
+            return fn(*args, **kwargs)
+
+        setattr(module, name, counted)
+
+
+def worker(args):
+    import deepspeed
+    import torch.distributed as dist
+
+    import vrgd_ds  # noqa: F401
+    from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
+    from vrgd_ds.deepspeed.telemetry import vr_optimizer
+
+    counter = Counter()
+    for name, which in (("all_reduce", 0), ("reduce", 0), ("broadcast", 0), ("all_gather_into_tensor", 1),
+                        ("reduce_scatter_tensor", 1), ("all_gather", 1)):
+        counter.wrap(dist, name, which)
+    torch.manual_seed(0)
+    cfg = bert_config(args.size, vocab_size=args.vocab)
+    engines = {}
+    for label, opt in ENGINES.items():
+        torch.manual_seed(0)
+        model = BertForPreTrainingMasked(cfg)
+        ds = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 2,
+              "gradient_clipping": 1.0, "optimizer": opt, "bf16": {"enabled": args.bf16},
+              "zero_optimization": {"stage": 2, "reduce_bucket_size": args.bucket, "overlap_comm": False}}
+        engines[label], _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(1 + rank)
+    B, S, P = args.micro_batch, args.seq, args.seq * 20 // 128
+
+    def micro_batch():
+        ids = torch.randint(5, args.vocab, (B, S), generator=gen)
+        pos = torch.sort(torch.randint(1, S, (B, P), generator=gen), dim=1).values
+        return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
+                "masked_lm_positions": pos, "masked_lm_ids": torch.gather(ids, 1, pos),
+                "next_sentence_label": torch.randint(0, 2, (B,), generator=gen)}
+
+    times = {label: [] for label in engines}
+    step_bytes = {label: [] for label in engines}
+    for step in range(args.warmup + args.steps):
+        for label, engine in engines.items():
+            batches = [micro_batch() for _ in range(2)]
+            dist.barrier()
+            counter.label, before = label, counter.bytes.get(label, 0)
+            t0 = time.perf_counter()
+            for b in batches:
+                engine.backward(engine(**b).loss)
+                engine.step()
+            elapsed = time.perf_counter() - t0
+            counter.label = None
+            if step >= args.warmup:
+                times[label].append(elapsed)
+                step_bytes[label].append(counter.bytes.get(label, 0) - before)
+    result = {}
+    for label, engine in engines.items():
+        opt = vr_optimizer(engine)
+        vr_sent = vr_kept = 0
+        if opt is not None:
+            vr_kept = opt.moments.extra_bytes() + sum(
+                st["gsnr_momentum"].numel() * 4 for st in opt.state.values() if "gsnr_momentum" in st)
+        result[label] = {"times_s": times[label], "bytes_per_step": step_bytes[label],
+                         "vr_kept_bytes": vr_kept, "vr_sent_bytes_total": vr_sent,
+                         "partition_numel": sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def summarise(per_rank, args):
+    labels = list(per_rank[0])
+    # a step is as slow as its slowest rank
+    steps = {l: [max(r[l]["times_s"][i] for r in per_rank) for i in range(len(per_rank[0][l]["times_s"]))]
+             for l in labels}
+    median = {l: statistics.median(v) for l, v in steps.items()}
+    out = {
+        "setup": {"model": f"BERT {args.size} (BertForPreTrainingMasked)", "vocab": args.vocab,
+                  "micro_batch": args.micro_batch, "seq": args.seq, "gradient_accumulation_steps": 2,
+                  "ranks": 2, "zero_stage": 2, "bf16": args.bf16, "reduce_bucket_size": args.bucket,
+                  "steps": args.steps, "warmup": args.warmup, "machine": platform.processor() or platform.machine(),
+                  "torch": torch.__version__},
+        "median_step_s": median,
+        "ratios": {"VRLAMB / LAMB": median["VRLAMB"] / median["LAMB"],
+                   "VRLAMB interval 4 / LAMB": median["VRLAMB interval 4"] / median["LAMB"],
+                   "LAMB / DeepSpeed AdamW": median["LAMB"] / median["DeepSpeed AdamW"],
+                   "VRLAMB / DeepSpeed AdamW": median["VRLAMB"] / median["DeepSpeed AdamW"]},
+        "bytes_per_step_rank0": {l: statistics.mean(per_rank[0][l]["bytes_per_step"]) for l in labels},
+        "vr_kept_bytes_per_rank": [r["VRLAMB"]["vr_kept_bytes"] for r in per_rank],
+        "partition_numel_per_rank": [r["VRLAMB"]["partition_numel"] for r in per_rank],
+        "step_times_s": steps,
+    }
+    return out
+
+
+def plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(summary["median_step_s"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.bar(labels, [summary["median_step_s"][l] for l in labels], color=["C0", "C1", "C2", "C7"])
+    a.set_ylabel("median step time (s)")
+    a.set_title("ZeRO-2, 2 CPU ranks, step = 2 micro-batches")
+    b.bar(labels, [summary["bytes_per_step_rank0"][l] / 2**20 for l in labels], color=["C0", "C1", "C2", "C7"])
+    b.set_ylabel("MiB handed to collectives per step (rank 0)")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="mini")
+    ap.add_argument("--vocab", type=int, default=30522)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--bucket", type=int, default=int(5e6))
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "results" / "zero_step"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 steps")
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.vocab, args.micro_batch, args.seq, args.steps, args.warmup = "tiny", 1000, 2, 32, 2, 1
+    if args.worker_out:
+        return worker(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "per_rank.json"
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ds_helpers import free_port, remove_shm_buffers
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           str(Path(__file__).resolve()), "--worker-out", str(raw), "--size", args.size, "--vocab", str(args.vocab),
+           "--micro-batch", str(args.micro_batch), "--seq", str(args.seq), "--bucket", str(args.bucket),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), *(["--bf16"] if args.bf16 else [])]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    finally:
+        remove_shm_buffers(port)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    summary = summarise(json.loads(raw.read_text()), args)
+    raw.unlink()
+    (out / "zero_step.json").write_text(json.dumps(summary, indent=1))
+    plot(summary, out / "zero_step.png")
+    for label, t in summary["median_step_s"].items():
+        print(f"{label:18s} {t * 1e3:8.1f} ms  {summary['bytes_per_step_rank0'][label] / 2**20:8.2f} MiB/step")
+    for k, v in summary["ratios"].items():
+        print(f"{k:26s} {v:.3f}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Smoke test of benchmarks/zero_step.py: a real 2-rank ZeRO-2 launch with four engines."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_zero_step_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.zero_step", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "zero_step.json").read_text())
+    labels = {"LAMB", "VRLAMB", "VRLAMB interval 4", "DeepSpeed AdamW"}
+    assert set(res["median_step_s"]) == labels and all(v > 0 for v in res["median_step_s"].values())
+    # VR traffic is extra: the squares roughly add a second gradient-sized reduction
+    b = res["bytes_per_step_rank0"]
+    assert b["VRLAMB"] > b["LAMB"] * 1.3
+    # the two ranks keep partition-sized VR state: 2 fp32 buffers of their partition
+    assert res["vr_kept_bytes_per_rank"] == [2 * 4 * n for n in res["partition_numel_per_rank"]]
+    assert (tmp_path / "zero_step.png").stat().st_size > 1000
