@@ -83,8 +83,13 @@ def save_consolidated(checkpoint_dir, out_path) -> dict:
     return result
 
 
-def load_consolidated(engine, consolidated: dict | str | os.PathLike) -> None:
-    """Put a consolidated checkpoint into an initialized engine (ZeRO stage 0, 1 or 2)."""
+def load_consolidated(engine, consolidated: dict | str | os.PathLike, *, engine_state: bool = True,
+                      hyperparameters: bool = True) -> None:
+    """Put a consolidated checkpoint into an initialized engine (ZeRO stage 0, 1 or 2).
+
+    ``engine_state=False`` keeps the engine's step counters and LR scheduler, and
+    ``hyperparameters=False`` keeps the param groups' lr etc.: what carrying phase 1's
+    optimizer state into phase 2 needs."""
     data = consolidated if isinstance(consolidated, dict) else _load(Path(consolidated))
     if data.get("format") != FORMAT:
         raise ValueError(f"not a vrgd-ds consolidated checkpoint (format {data.get('format')!r}); "
@@ -99,9 +104,11 @@ def load_consolidated(engine, consolidated: dict | str | os.PathLike) -> None:
         for p in engine.module.parameters():
             p.copy_(data["weights"][names[id(p)]].to(p.dtype))
         if hasattr(zero, "single_partition_of_fp32_groups"):
-            _load_zero(zero, names, data)
+            _load_zero(zero, names, data, hyperparameters)
         else:
-            _load_plain(zero, names, data)
+            _load_plain(zero, names, data, hyperparameters)
+    if not engine_state:
+        return
     eng = data["engine"]
     engine.global_steps = eng["global_steps"] or 0
     engine.global_samples = eng["global_samples"] or 0
@@ -116,7 +123,7 @@ def _restore_hyperparameters(group: dict, saved: dict) -> None:
             group[k] = v
 
 
-def _load_zero(zero, names, data) -> None:
+def _load_zero(zero, names, data, hyperparameters: bool) -> None:
     from .zero_layout import owner_pieces
     import torch.distributed as dist
 
@@ -142,16 +149,17 @@ def _load_zero(zero, names, data) -> None:
                         st[key].narrow(0, dst, n).copy_(v.view(-1).narrow(0, src, n))
                     else:
                         st[key] = v
-        saved_group = _group_of(data, names[id(tensors[0])])
-        _restore_hyperparameters(inner.param_groups[i], saved_group)
+        if hyperparameters:
+            _restore_hyperparameters(inner.param_groups[i], _group_of(data, names[id(tensors[0])]))
 
 
-def _load_plain(optimizer, names, data) -> None:
+def _load_plain(optimizer, names, data, hyperparameters: bool) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             optimizer.state[p] = {k: (v.clone().to(p.device) if torch.is_tensor(v) else v)
                                   for k, v in data["state"][names[id(p)]].items()}
-        _restore_hyperparameters(group, _group_of(data, names[id(group["params"][0])]))
+        if hyperparameters:
+            _restore_hyperparameters(group, _group_of(data, names[id(group["params"][0])]))
 
 
 def _group_of(data, name) -> dict:

@@ -1,0 +1,69 @@
+"""Loss curves of one or more pretraining runs in one PNG.
+
+    python -m pretrain_bert.plot runs/demo/phase1 runs/lamb/phase1 --out curves.png [--x samples]
+
+Each run folder holds the ``metrics.jsonl`` that ``run_pretraining.py`` writes; the plot
+shows the training loss (thin) and the held-out loss (markers) per run, against steps
+or samples. Labels are the folder names unless ``--labels`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run)!r} has no metrics.jsonl: is it a run_pretraining output folder?")
+    train, evals = [], []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        (evals if "eval_loss" in rec else train).append(rec)
+    return train, evals
+
+
+def plot(runs, out, labels=None, x="step"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if x not in ("step", "samples"):
+        raise ValueError(f"--x must be 'step' or 'samples', got {x!r}")
+    labels = labels or [Path(r).name if Path(r).name not in ("phase1", "phase2") else
+                        f"{Path(r).parent.name}/{Path(r).name}" for r in runs]
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        train, evals = read_metrics(run)
+        sample_of = {r["step"]: r["samples"] for r in train}
+        ax.plot([r[x] for r in train], [r["loss"] for r in train], lw=0.8, color=f"C{i}", label=f"{label} train")
+        if evals:
+            ax.plot([e["step"] if x == "step" else sample_of.get(e["step"], 0) for e in evals],
+                    [e["eval_loss"] for e in evals], "o--", ms=4, color=f"C{i}", label=f"{label} held-out")
+    ax.set_xlabel(x)
+    ax.set_ylabel("loss (MLM + NSP)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--labels", nargs="+")
+    ap.add_argument("--x", default="step")
+    args = ap.parse_args(argv)
+    plot(args.runs, args.out, args.labels, args.x)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

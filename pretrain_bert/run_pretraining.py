@@ -1,0 +1,288 @@
+"""BERT pretraining, one phase per run, on DeepSpeed with the vrgd-ds optimizers.
+
+    deepspeed --num_gpus 2 pretrain_bert/run_pretraining.py --config configs/bert_tiny_phase1_vrlamb.json \\
+        --data runs/data128 --output-dir runs/demo/phase1
+    deepspeed --num_gpus 2 pretrain_bert/run_pretraining.py --config configs/bert_tiny_phase2_vrlamb.json \\
+        --data runs/data512 --output-dir runs/demo/phase2 --init-checkpoint runs/demo/phase1/hf
+
+The config is a DeepSpeed JSON with one extra block, ``"pretraining"`` (removed before
+DeepSpeed sees the config; see :mod:`pretrain_bert.run_config`): model size, phase,
+max_steps, warm-up proportion, poly power, eval/checkpoint intervals. The global batch,
+micro-batch and accumulation are DeepSpeed's own keys, so a phase-2 config with another
+``train_batch_size`` is the "mixed batch" of the paper. Phase 2 starts from phase 1's
+weights (``--init-checkpoint``, a ``save_pretrained`` folder) with its own batch, sequence
+length and LR schedule; ``--carry-optimizer-state`` also carries phase 1's optimizer state.
+
+Data order: one seeded permutation per epoch over the prepared instances; global step s
+takes the next ``train_batch_size`` of them, split into ranks x micro-steps exactly as
+the tests' reference does (micro-batch j of rank r is chunk j * W + r). The position is a
+pure function of the step, and the dropout RNG is seeded from (seed, step, rank), so
+``--resume`` continues with the same data and the same loss curve.
+
+Writes into ``--output-dir``: ``metrics.jsonl`` (train/eval records; the plot command
+reads it), DeepSpeed monitor output if the config enables it, ``checkpoints/`` (DeepSpeed
+checkpoints every ``checkpoint_every`` steps and at the end, plus ``complete.json`` naming
+the newest complete one, written atomically after all ranks finished saving), and ``hf/``
+(``BertForPreTraining`` weights in fp32 + tokenizer: ``from_pretrained`` loads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vrgd_ds  # noqa: F401  (registers the optimizers with DeepSpeed)
+import deepspeed
+import torch.distributed as dist
+
+from pretrain_bert import run_config
+from pretrain_bert.checkpointing import latest_complete, mark_complete, truncate_metrics
+from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
+from pretrain_bert.pretraining_dataset import collate, load_meta, load_pretraining_data
+from pretrain_bert.schedule import poly_warmup_scheduler
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="DeepSpeed JSON with a 'pretraining' block")
+    ap.add_argument("--data", required=True, help="folder written by python -m pretrain_bert.data")
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--init-checkpoint", default=None, help="save_pretrained folder to start from (phase 2)")
+    ap.add_argument("--carry-optimizer-state", action="store_true",
+                    help="with --init-checkpoint: also load that run's final optimizer state")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ap.add_argument("--max-steps", type=int, default=None, help="override pretraining.max_steps")
+    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--checkpoint-every", type=int, default=None)
+    ap.add_argument("--log-every", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    return ap.parse_args(argv)
+
+
+def build_model(run, meta, init_checkpoint):
+    if init_checkpoint:
+        path = Path(init_checkpoint)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--init-checkpoint {str(path)!r} is not a save_pretrained folder "
+                                    "(no config.json); pass the hf/ folder of a finished phase")
+        return BertForPreTrainingMasked.from_pretrained(path)
+    torch.manual_seed(run["seed"])
+    cfg = bert_config(run["model"], vocab_size=meta["vocab"]["size"],
+                      max_position_embeddings=run["max_position_embeddings"])
+    return BertForPreTrainingMasked(cfg)
+
+
+def param_groups(model):
+    """No weight decay and no trust ratio for biases and LayerNorm (NVIDIA's recipe)."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        (plain if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return [{"params": decay}, {"params": plain, "weight_decay": 0.0, "exclude_from_adaptation": True}]
+
+
+class Batches:
+    """Global step -> this rank's micro-batches, a pure function of (seed, step)."""
+
+    def __init__(self, dataset, global_batch, world, rank, accumulation, seed):
+        if len(dataset) < global_batch:
+            raise ValueError(f"the training data has {len(dataset)} instances, fewer than one global "
+                             f"batch of {global_batch}; prepare more data or lower train_batch_size")
+        self.data, self.g, self.w, self.r, self.a, self.seed = dataset, global_batch, world, rank, accumulation, seed
+        self.per_epoch = len(dataset) // global_batch  # the remainder of each epoch is dropped
+        self._perm_epoch, self._perm = None, None
+
+    def epoch(self, step):
+        return step // self.per_epoch
+
+    def __call__(self, step):
+        epoch = self.epoch(step)
+        if self._perm_epoch != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=gen), epoch
+        start = (step % self.per_epoch) * self.g
+        chunks = self._perm[start:start + self.g].chunk(self.w * self.a)
+        return [collate([self.data[int(i)] for i in chunks[j * self.w + self.r]]) for j in range(self.a)]
+
+
+@torch.no_grad()
+def evaluate(engine, heldout, micro, max_batches):
+    """Held-out MLM loss/accuracy and NSP accuracy over all ranks (sums, then one all-reduce)."""
+    engine.eval()
+    w, r = dist.get_world_size(), dist.get_rank()
+    n = len(heldout) if not max_batches else min(len(heldout), max_batches * micro * w)
+    sums = torch.zeros(6, dtype=torch.float64)  # mlm loss sum, mlm correct, mlm total, nsp loss sum, nsp correct, rows
+    for start in range(r * micro, n, w * micro):
+        batch = collate([heldout[i] for i in range(start, min(start + micro, n))])
+        out = engine(**batch)
+        rows = batch["input_ids"].shape[0]
+        sums += torch.tensor([out.mlm_loss.item() * out.mlm_total.item(), out.mlm_correct.item(),
+                              out.mlm_total.item(), out.nsp_loss.item() * rows, out.nsp_correct.item(), rows],
+                             dtype=torch.float64)
+    dist.all_reduce(sums)
+    engine.train()
+    mlm_loss, nsp_loss = sums[0] / max(sums[2], 1), sums[3] / max(sums[5], 1)
+    return {"eval_mlm_loss": float(mlm_loss), "eval_mlm_acc": float(sums[1] / max(sums[2], 1)),
+            "eval_nsp_loss": float(nsp_loss), "eval_nsp_acc": float(sums[4] / max(sums[5], 1)),
+            "eval_loss": float(mlm_loss + nsp_loss), "eval_rows": int(sums[5])}
+
+
+def save_hf(engine, ckpt_dir, tag, out_dir, meta):
+    """fp32 master weights of a saved checkpoint -> a BertForPreTraining folder (rank 0)."""
+    from transformers import BertForPreTraining
+
+    from pretrain_bert.tokenization import load_tokenizer
+    from vrgd_ds.deepspeed.checkpoint import consolidate
+
+    zero_stage = engine.zero_optimization_stage()
+    if zero_stage in (1, 2):
+        weights = consolidate(Path(ckpt_dir) / tag)["weights"]
+    else:
+        weights = {n: p.detach().float() for n, p in engine.module.named_parameters()}
+    model = BertForPreTraining(engine.module.config)
+    missing = model.load_state_dict(weights, strict=False)  # the decoder is tied to the embeddings
+    if missing.unexpected_keys or [k for k in missing.missing_keys if "predictions.decoder." not in k]:
+        raise RuntimeError(f"weights do not match BertForPreTraining: {missing}")
+    tmp = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
+    model.save_pretrained(tmp)
+    load_tokenizer(meta["vocab"]["path"]).save_pretrained(tmp)
+    if Path(out_dir).exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config, run = run_config.load(args.config, args)
+    out = Path(args.output_dir)
+    meta = load_meta(args.data)
+    run_config.check_data(run, meta, args.data)
+    deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build_model(run, meta, args.init_checkpoint)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model), config=config,
+        lr_scheduler=lambda opt: poly_warmup_scheduler(opt, run["max_steps"], run["warmup_proportion"],
+                                                       run["poly_power"]))
+    ckpt_dir = out / "checkpoints"
+    start = 0
+    if args.resume:
+        found = latest_complete(ckpt_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}")
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=found["tag"])
+        start = client["step"]
+    elif args.init_checkpoint and args.carry_optimizer_state:
+        run_config.carry_optimizer_state(engine, args.init_checkpoint)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(out / "metrics.jsonl", start)
+        (out / "run.json").write_text(json.dumps({"config": args.config, "run": run, "data": str(args.data),
+                                                  "world_size": world, "ds_config": config}, indent=1))
+    train = load_pretraining_data(args.data, "train")
+    heldout = load_pretraining_data(args.data, "heldout")
+    gas = engine.gradient_accumulation_steps()
+    batches = Batches(train, engine.train_batch_size(), world, rank, gas, run["seed"])
+    micro = engine.train_micro_batch_size_per_gpu()
+    log = Logger(out, engine, run, start, args.no_progress)
+    for step in range(start, run["max_steps"]):
+        losses = torch.zeros(3, dtype=torch.float64)
+        lr = scheduler.get_last_lr()[0]  # the LR this step uses
+        torch.manual_seed(run["seed"] * 1_000_003 + step * world + rank)  # dropout: resumable, per rank
+        for b in batches(step):
+            o = engine(**b)
+            engine.backward(o.loss)
+            engine.step()
+            losses += torch.tensor([o.loss.item(), o.mlm_loss.item(), o.nsp_loss.item()], dtype=torch.float64)
+        dist.all_reduce(losses)
+        losses /= world * gas
+        log.train(step, losses, lr, batches.epoch(step))
+        last = step + 1 == run["max_steps"]
+        if run["eval_every"] and ((step + 1) % run["eval_every"] == 0 or last):
+            log.eval(step, evaluate(engine, heldout, micro, run["eval_batches"]))
+        if last or (run["checkpoint_every"] and (step + 1) % run["checkpoint_every"] == 0):
+            tag = "final" if last else f"step{step + 1}"
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step + 1})
+            dist.barrier()  # every rank's files are written before the checkpoint is marked complete
+            run_config.maybe_kill_for_test(step + 1)
+            if rank == 0:
+                mark_complete(ckpt_dir, tag, step + 1)
+    if rank == 0:
+        save_hf(engine, ckpt_dir, "final", out / "hf", meta)
+    log.close()
+    dist.barrier()
+    if rank == 0:
+        run_config.remove_shm_buffers()
+    dist.destroy_process_group()
+
+
+class Logger:
+    """metrics.jsonl + DeepSpeed monitor + a progress bar (rank 0 only)."""
+
+    def __init__(self, out, engine, run, start, no_progress):
+        self.on = dist.get_rank() == 0
+        self.engine, self.run, self.out = engine, run, out
+        self.t0, self.start, self.recent = time.perf_counter(), start, []
+        self.bar = None
+        if self.on and not no_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run["max_steps"], initial=start, desc=f"phase {run['phase']}",
+                            unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def _write(self, rec):
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def train(self, step, losses, lr, epoch):
+        loss = float(losses[0])
+        self.recent = (self.recent + [loss])[-max(1, self.run["eval_every"] or 10):]
+        if not self.on:
+            return
+        samples = (step + 1) * self.engine.train_batch_size()
+        elapsed = time.perf_counter() - self.t0
+        rate = (step + 1 - self.start) * self.engine.train_batch_size() / max(elapsed, 1e-9)
+        rec = {"phase": self.run["phase"], "step": step + 1, "epoch": epoch, "samples": samples, "loss": loss,
+               "mlm_loss": float(losses[1]), "nsp_loss": float(losses[2]), "lr": lr, "samples_per_s": rate}
+        self._write(rec)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {step + 1}")
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events([("Train/loss", loss, step + 1), ("Train/lr", lr, step + 1),
+                                              ("Train/samples_per_s", rate, step + 1)])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+            self.bar.update(1)
+
+    def eval(self, step, metrics):
+        train_recent = sum(self.recent) / len(self.recent)
+        metrics = dict(metrics, step=step + 1, phase=self.run["phase"], train_loss_recent=train_recent,
+                       generalization_gap=metrics["eval_loss"] - train_recent)
+        if not self.on:
+            return
+        self._write(metrics)
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events([(f"Eval/{k}", v, step + 1) for k, v in metrics.items()
+                                              if k.startswith(("eval_", "generalization")) and k != "eval_rows"])
+        if self.bar is not None:
+            self.bar.write(f"step {step + 1}: held-out MLM loss {metrics['eval_mlm_loss']:.3f} "
+                           f"acc {metrics['eval_mlm_acc']:.3f}, NSP acc {metrics['eval_nsp_acc']:.3f}, "
+                           f"gap {metrics['generalization_gap']:+.3f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    main()

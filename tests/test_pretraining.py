@@ -1,0 +1,169 @@
+"""BERT pretraining end to end through the real DeepSpeed launcher (2 CPU ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ds_helpers import ROOT, free_port, remove_shm_buffers
+
+VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
+CORPUS = ROOT / "data" / "corpus" / "wikitext-2-valid.txt"
+
+
+def phase_config(phase, optimizer="VRLAMB", steps=4, **run):
+    seq, pred = (128, 20) if phase == 1 else (512, 80)
+    params = {"lr": 4e-3, "weight_decay": 0.01}
+    if optimizer == "VRLAMB":
+        params["gamma"] = 0.1
+    return {"train_batch_size": 16 if phase == 1 else 8, "train_micro_batch_size_per_gpu": 4 if phase == 1 else 2,
+            "gradient_clipping": 1.0, "optimizer": {"type": optimizer, "params": params},
+            "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+            "pretraining": {"phase": phase, "model": "tiny", "seq_len": seq, "max_predictions": pred,
+                            "max_steps": steps, "warmup_proportion": 0.25, "eval_every": 2, "eval_batches": 2,
+                            "checkpoint_every": 2, **run}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from pretrain_bert.data import InstanceConfig, prepare_pretraining_data
+
+    root = tmp_path_factory.mktemp("data")
+    out = {}
+    for seq, pred in ((128, 20), (512, 80)):
+        cfg = InstanceConfig(seq_len=seq, max_predictions=pred, dupe_factor=2, max_documents=12, heldout_fraction=0.2)
+        prepare_pretraining_data([CORPUS], VOCAB, root / str(seq), cfg)
+        out[seq] = root / str(seq)
+    return out
+
+
+def launch(tmp_path, config, *args, env_extra=None, ranks=2):
+    cfg = tmp_path / f"cfg-{free_port()}.json"
+    cfg.write_text(json.dumps(config))
+    port = free_port()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+           str(ROOT / "pretrain_bert" / "run_pretraining.py"), "--config", str(cfg), "--no-progress", *map(str, args)]
+    try:
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        remove_shm_buffers(port)
+
+
+def records(run_dir, kind="loss"):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+            if kind in json.loads(line)]
+
+
+def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
+    from transformers import BertForPreTraining
+
+    p1, p2 = tmp_path / "p1", tmp_path / "p2"
+    proc = launch(tmp_path, phase_config(1), "--data", data[128], "--output-dir", p1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train, evals = records(p1), records(p1, "eval_loss")
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and [e["step"] for e in evals] == [2, 4]
+    assert all(0 <= e["eval_mlm_acc"] <= 1 and "generalization_gap" in e for e in evals)
+    assert json.loads((p1 / "checkpoints" / "complete.json").read_text()) == {"tag": "final", "step": 4}
+    model = BertForPreTraining.from_pretrained(p1 / "hf")
+    assert model.config.num_hidden_layers == 2
+    # phase 2: other batch, seq 512, fresh schedule, optimizer state carried from phase 1
+    proc = launch(tmp_path, phase_config(2, steps=2), "--data", data[512], "--output-dir", p2,
+                  "--init-checkpoint", p1 / "hf", "--carry-optimizer-state")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    p2_train = records(p2)
+    assert [r["step"] for r in p2_train] == [1, 2] and p2_train[0]["samples"] == 8
+    # a fresh schedule (warm-up 0.25 x 2 steps < 1 step), not phase 1's decayed LR
+    assert [r["lr"] for r in p2_train] == pytest.approx([4e-3, 4e-3 * 0.5 ** 0.5])
+    start = BertForPreTraining.from_pretrained(p1 / "hf").state_dict()
+    end = BertForPreTraining.from_pretrained(p2 / "hf").state_dict()
+    moved = [k for k in start if not torch.equal(start[k], end[k])]
+    assert moved, "phase 2 did not change the weights"
+    # the loaded model computes the same held-out loss as training reported (masked-only head)
+    from pretrain_bert.modeling import BertForPreTrainingMasked
+    from pretrain_bert.pretraining_dataset import collate, load_pretraining_data
+
+    m = BertForPreTrainingMasked.from_pretrained(p2 / "hf").eval()
+    batch = collate([load_pretraining_data(data[512], "heldout")[i] for i in range(2)])
+    with torch.no_grad():
+        assert torch.isfinite(m(**batch).loss)
+
+
+def test_kill_during_save_then_resume_gives_the_same_curve(tmp_path, data):
+    cfg = phase_config(1, steps=6)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", straight)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # SIGKILL on every rank while step 4's checkpoint is being saved (files written, not marked)
+    proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", killed,
+                  env_extra={"PRETRAIN_BERT_KILL_AT_SAVE": "4"})
+    assert proc.returncode != 0
+    assert json.loads((killed / "checkpoints" / "complete.json").read_text())["step"] == 2
+    assert (killed / "checkpoints" / "step4").is_dir()  # the half-finished save is there, and ignored
+    proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", killed, "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = records(straight), records(killed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [e["eval_loss"] for e in records(straight, "eval_loss")] == [e["eval_loss"] for e in records(killed, "eval_loss")]
+
+
+def test_resume_without_checkpoint_and_bad_configs_fail_clearly(tmp_path, data):
+    proc = launch(tmp_path, phase_config(1), "--data", data[128], "--output-dir", tmp_path / "none", "--resume")
+    assert proc.returncode != 0 and "no complete checkpoint in" in proc.stderr + proc.stdout
+    proc = launch(tmp_path, phase_config(2), "--data", data[128], "--output-dir", tmp_path / "x")
+    assert proc.returncode != 0
+    assert "was prepared with seq_len 128, but the config's pretraining.seq_len is 512" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("block,message", [
+    ({"max_step": 3}, "unknown pretraining key 'max_step'; allowed: phase, model"),
+    ({"max_steps": 0}, "pretraining.max_steps must be an integer >= 1, got 0"),
+    ({"max_steps": 3, "phase": 3}, "pretraining.phase must be 1 or 2, got 3"),
+])
+def test_run_config_errors_name_the_key(tmp_path, block, message):
+    from pretrain_bert import run_config
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"train_batch_size": 8, "pretraining": block}))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run_config.load(path, SimpleNamespace())
+    path.write_text(json.dumps({"train_batch_size": 8}))
+    with pytest.raises(ValueError, match="has no \"pretraining\" block"):
+        run_config.load(path, SimpleNamespace())
+
+
+def test_poly_warmup_schedule_and_sqrt_scaling():
+    from pretrain_bert.schedule import poly_warmup, sqrt_scaled_lr
+
+    total, warm = 100, 0.1
+    values = [poly_warmup(s, total, warm, 0.5) for s in range(total + 1)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx((1 - 10 / 100) ** 0.5) and values[99] == pytest.approx(0.01 ** 0.5)
+    assert values[100] == 0.0 and all(a >= b for a, b in zip(values[9:], values[10:]))
+    assert sqrt_scaled_lr(1e-3, 64, 256) == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="warmup_proportion must be in"):
+        from pretrain_bert.schedule import check_schedule
+
+        check_schedule(10, 1.5, 0.5)
+
+
+def test_plot_draws_several_runs(tmp_path):
+    from pretrain_bert.plot import plot
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "samples": 8 * s, "loss": 10 - s}) + "\n" for s in range(1, 5))
+            + json.dumps({"step": 4, "eval_loss": 7.0}) + "\n")
+    plot([tmp_path / "a", tmp_path / "b"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
+        plot([tmp_path], tmp_path / "q.png")
