@@ -66,7 +66,10 @@ def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
     from transformers import BertForPreTraining
 
     p1, p2 = tmp_path / "p1", tmp_path / "p2"
-    proc = launch(tmp_path, phase_config(1), "--data", data[128], "--output-dir", p1)
+    cfg = phase_config(1)
+    cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "p1"}
+    cfg["optimizer"]["params"]["telemetry_interval"] = 2
+    proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", p1)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train, evals = records(p1), records(p1, "eval_loss")
     assert [r["step"] for r in train] == [1, 2, 3, 4] and [e["step"] for e in evals] == [2, 4]
@@ -74,6 +77,10 @@ def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
     assert json.loads((p1 / "checkpoints" / "complete.json").read_text()) == {"tag": "final", "step": 4}
     model = BertForPreTraining.from_pretrained(p1 / "hf")
     assert model.config.num_hidden_layers == 2
+    monitor = tmp_path / "csv" / "p1"
+    for name in ("Train_loss", "Eval_eval_mlm_loss", "Eval_generalization_gap", "VRGD_clamped_fraction"):
+        rows = (monitor / f"{name}.csv").read_text().split()
+        assert len(rows) == 1 + (4 if name == "Train_loss" else 2), name
     # phase 2: other batch, seq 512, fresh schedule, optimizer state carried from phase 1
     proc = launch(tmp_path, phase_config(2, steps=2), "--data", data[512], "--output-dir", p2,
                   "--init-checkpoint", p1 / "hf", "--carry-optimizer-state")
