@@ -1,0 +1,182 @@
+"""Large-batch sweep: LAMB vs VR-LAMB in BERT phase-1 pretraining across global batch sizes.
+
+    python -m benchmarks.lb_sweep [--batches 64 256 1024] [--seeds 1] [--epochs 1] [--ranks 2]
+                                  [--data runs/data/wikitext2-valid-128] [--out results/lb_sweep] [--quick]
+
+Every run is the real pipeline: ``deepspeed --num_gpus R pretrain_bert/run_pretraining.py``
+with a phase-1 config derived from ``configs/bert_tiny_phase1_<opt>.json``: global batch B,
+k = ranks x accumulation >= 8 groups, LR square-root scaled from the smallest batch
+(``pretrain_bert.schedule.sqrt_scaled_lr``), the same number of epochs at every batch (so
+big batches take few steps), held-out evaluation 8 times per run. On GPUs, point
+``--template`` at a BERT-large phase-1 config and ``--data`` at real data: the same
+script runs the same comparison at scale.
+
+Reported per (batch, optimizer): final held-out MLM loss (mean +- std over seeds), the
+steps VR-LAMB needs to reach LAMB's final held-out loss (at evaluation granularity; None
+if it never does), and the final train - held-out gap. JSON + two PNGs (held-out loss vs
+steps per batch; final held-out loss vs batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTS = {"LAMB": "lamb", "VR-LAMB": "vrlamb"}
+
+
+def run_config(template: Path, batch: int, ranks: int, micro: int, steps: int, lr: float, seed: int) -> dict:
+    cfg = json.loads(template.read_text())
+    gas = max(1, batch // (ranks * micro))
+    if batch != ranks * micro * gas:
+        raise ValueError(f"batch {batch} is not ranks {ranks} x micro {micro} x accumulation")
+    cfg.update(train_batch_size=batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas)
+    cfg["optimizer"]["params"]["lr"] = lr
+    cfg["pretraining"].update(max_steps=steps, eval_every=max(1, steps // 8), checkpoint_every=0, seed=seed,
+                              warmup_proportion=0.1)
+    return cfg
+
+
+def launch(cfg: dict, data: str, out: Path, ranks: int) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ds_helpers import free_port, remove_shm_buffers
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    if env["DS_ACCELERATOR"] == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+           str(ROOT / "pretrain_bert" / "run_pretraining.py"), "--config", str(out / "config.json"),
+           "--data", data, "--output-dir", str(out), "--no-progress"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    finally:
+        remove_shm_buffers(port)
+    if proc.returncode != 0:
+        sys.exit(f"run {out} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def curves(run_dir: Path) -> dict:
+    from pretrain_bert.plot import read_metrics
+
+    train, evals = read_metrics(run_dir)
+    return {"eval_steps": [e["step"] for e in evals], "eval_mlm_loss": [e["eval_mlm_loss"] for e in evals],
+            "gap": evals[-1]["generalization_gap"], "final_eval_mlm_loss": evals[-1]["eval_mlm_loss"],
+            "final_train_loss": train[-1]["loss"], "steps": train[-1]["step"]}
+
+
+def steps_to_reach(run: dict, target: float):
+    for step, loss in zip(run["eval_steps"], run["eval_mlm_loss"]):
+        if loss <= target:
+            return step
+    return None
+
+
+def summarise(runs: dict, batches, seeds) -> dict:
+    table = {}
+    for b in batches:
+        row = {}
+        for name in OPTS:
+            finals = [runs[(name, b, s)]["final_eval_mlm_loss"] for s in range(seeds)]
+            gaps = [runs[(name, b, s)]["gap"] for s in range(seeds)]
+            row[name] = {"final_eval_mlm_loss": statistics.mean(finals),
+                         "std": statistics.stdev(finals) if seeds > 1 else 0.0,
+                         "gap": statistics.mean(gaps), "steps": runs[(name, b, 0)]["steps"]}
+        reach = [steps_to_reach(runs[("VR-LAMB", b, s)], runs[("LAMB", b, s)]["final_eval_mlm_loss"])
+                 for s in range(seeds)]
+        row["vrlamb_steps_to_lamb_final"] = reach
+        table[str(b)] = row
+    return table
+
+
+def plot(runs, batches, seeds, table, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(batches), figsize=(4 * len(batches), 3.4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for i, name in enumerate(OPTS):
+            for s in range(seeds):
+                r = runs[(name, b, s)]
+                ax.plot(r["eval_steps"], r["eval_mlm_loss"], "o-", ms=3, color=f"C{i}",
+                        label=name if s == 0 else None, alpha=0.8)
+        ax.set_title(f"global batch {b}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("held-out MLM loss")
+    fig.tight_layout()
+    fig.savefig(out / "lb_sweep_curves.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for i, name in enumerate(OPTS):
+        ax.errorbar(batches, [table[str(b)][name]["final_eval_mlm_loss"] for b in batches],
+                    yerr=[table[str(b)][name]["std"] for b in batches], fmt="o-", color=f"C{i}", capsize=3,
+                    label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch (same epochs)")
+    ax.set_ylabel("final held-out MLM loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "lb_sweep_final.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--micro", type=int, default=8, help="micro-batch per rank at the smallest batch")
+    ap.add_argument("--lr-ref", type=float, default=4e-3, help="LR at the smallest batch")
+    ap.add_argument("--data", default=str(ROOT / "runs" / "data" / "wikitext2-valid-128"))
+    ap.add_argument("--template-dir", default=str(ROOT / "configs"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "lb_sweep"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: batches 16 and 32, a few steps")
+    args = ap.parse_args(argv)
+    from pretrain_bert.pretraining_dataset import load_meta
+    from pretrain_bert.schedule import sqrt_scaled_lr
+
+    if args.quick:
+        args.batches, args.epochs, args.micro = [16, 32], None, 2
+    meta = load_meta(args.data)
+    n = meta["instances"]["train"]
+    out = Path(args.out)
+    runs = {}
+    b0 = min(args.batches)
+    for b in args.batches:
+        micro = min(args.micro, b // (args.ranks * 4))  # k >= 8 groups with 2 ranks
+        steps = 4 if args.quick else max(8, int(args.epochs * n / b))
+        for name, short in OPTS.items():
+            for seed in range(args.seeds):
+                cfg = run_config(Path(args.template_dir) / f"bert_tiny_phase1_{short}.json", b, args.ranks,
+                                 micro, steps, sqrt_scaled_lr(args.lr_ref, b0, b), seed)
+                run_dir = out / "runs" / f"b{b}-{short}-s{seed}"
+                print(f"[lb_sweep] batch {b} {name} seed {seed}: {steps} steps", flush=True)
+                launch(cfg, args.data, run_dir, args.ranks)
+                runs[(name, b, seed)] = curves(run_dir)
+    table = summarise(runs, args.batches, args.seeds)
+    result = {"setup": {"data": args.data, "train_instances": n, "epochs": args.epochs, "ranks": args.ranks,
+                        "batches": args.batches, "seeds": args.seeds, "lr_ref": args.lr_ref, "lr_ref_batch": b0},
+              "table": table, "runs": {f"{k[0]} {k[1]} {k[2]}": v for k, v in runs.items()}}
+    (out / "lb_sweep.json").write_text(json.dumps(result, indent=1))
+    plot(runs, args.batches, args.seeds, table, out)
+    print(json.dumps(table, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
