@@ -144,7 +144,9 @@ def main(argv=None):
     ap.add_argument("--lr-ref", type=float, default=4e-3, help="LR at the smallest batch")
     ap.add_argument("--data", default=str(ROOT / "runs" / "data" / "wikitext2-valid-128"))
     ap.add_argument("--template-dir", default=str(ROOT / "configs"))
-    ap.add_argument("--out", default=str(ROOT / "results" / "lb_sweep"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "lb_sweep"), help="JSON and PNGs")
+    ap.add_argument("--work-dir", default=None, help="run folders with checkpoints (default: runs/lb_sweep, "
+                    "or OUT/runs with --quick)")
     ap.add_argument("--quick", action="store_true", help="smoke run: batches 16 and 32, a few steps")
     args = ap.parse_args(argv)
     from pretrain_bert.pretraining_dataset import load_meta
@@ -155,6 +157,8 @@ def main(argv=None):
     meta = load_meta(args.data)
     n = meta["instances"]["train"]
     out = Path(args.out)
+    work = Path(args.work_dir) if args.work_dir else (out / "runs" if args.quick else ROOT / "runs" / "lb_sweep")
+    out.mkdir(parents=True, exist_ok=True)
     runs = {}
     b0 = min(args.batches)
     for b in args.batches:
@@ -164,12 +168,12 @@ def main(argv=None):
             for seed in range(args.seeds):
                 cfg = run_config(Path(args.template_dir) / f"bert_tiny_phase1_{short}.json", b, args.ranks,
                                  micro, steps, sqrt_scaled_lr(args.lr_ref, b0, b), seed)
-                run_dir = out / "runs" / f"b{b}-{short}-s{seed}"
+                run_dir = work / f"b{b}-{short}-s{seed}"
                 print(f"[lb_sweep] batch {b} {name} seed {seed}: {steps} steps", flush=True)
                 launch(cfg, args.data, run_dir, args.ranks)
                 runs[(name, b, seed)] = curves(run_dir)
     table = summarise(runs, args.batches, args.seeds)
-    result = {"setup": {"data": args.data, "train_instances": n, "epochs": args.epochs, "ranks": args.ranks,
+    result = {"setup": {"data": args.data, "runs": str(work), "train_instances": n, "epochs": args.epochs, "ranks": args.ranks,
                         "batches": args.batches, "seeds": args.seeds, "lr_ref": args.lr_ref, "lr_ref_batch": b0},
               "table": table, "runs": {f"{k[0]} {k[1]} {k[2]}": v for k, v in runs.items()}}
     (out / "lb_sweep.json").write_text(json.dumps(result, indent=1))
