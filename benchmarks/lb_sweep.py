@@ -44,8 +44,7 @@ def run_config(template: Path, batch: int, ranks: int, micro: int, steps: int, l
 
 
 def launch(cfg: dict, data: str, out: Path, ranks: int) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from ds_helpers import free_port, remove_shm_buffers
+    from vrgd_ds.deepspeed.launching import free_port, remove_shm_buffers
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))

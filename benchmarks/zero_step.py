@@ -188,8 +188,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "per_rank.json"
-    sys.path.insert(0, str(ROOT / "tests"))
-    from ds_helpers import free_port, remove_shm_buffers
+    from vrgd_ds.deepspeed.launching import free_port, remove_shm_buffers
 
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from vrgd_ds.deepspeed.launching import free_port, remove_shm_buffers
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus" / "wikitext-2-valid.txt"
 VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
@@ -48,23 +50,19 @@ def prepare(seq_len, max_predictions, data_root: Path) -> Path:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(ranks: int, args: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("DS_ACCELERATOR", "cpu")
     if env["DS_ACCELERATOR"] == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), str(ROOT / "pretrain_bert" / "run_pretraining.py"), *args]
+           str(port), str(ROOT / "pretrain_bert" / "run_pretraining.py"), *args]
     print("[demo] " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, env=env)
+    try:
+        proc = subprocess.run(cmd, env=env)
+    finally:
+        remove_shm_buffers(port)
     if proc.returncode != 0:
         sys.exit(f"[demo] the launch failed with exit code {proc.returncode}")
 

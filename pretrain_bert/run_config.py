@@ -77,11 +77,3 @@ def maybe_kill_for_test(step: int) -> None:
     checkpoint, after DeepSpeed wrote its files and before it is marked complete."""
     if os.environ.get("PRETRAIN_BERT_KILL_AT_SAVE") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def remove_shm_buffers() -> None:
-    """DeepSpeed's CPU shm all-reduce leaves a 69 MB /dev/shm file per rank and launch."""
-    port = os.environ.get("MASTER_PORT")
-    if port:
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)

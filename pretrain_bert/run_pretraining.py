@@ -47,6 +47,7 @@ from pretrain_bert.checkpointing import latest_complete, mark_complete, truncate
 from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
 from pretrain_bert.pretraining_dataset import collate, load_meta, load_pretraining_data
 from pretrain_bert.schedule import poly_warmup_scheduler
+from vrgd_ds.deepspeed.launching import remove_shm_buffers
 
 
 def parse_args(argv=None):
@@ -222,7 +223,7 @@ def main(argv=None):
     log.close()
     dist.barrier()
     if rank == 0:
-        run_config.remove_shm_buffers()
+        remove_shm_buffers()  # this launch's /dev/shm files (DeepSpeed CPU leaves them)
     dist.destroy_process_group()
 
 

@@ -2,18 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from vrgd_ds.deepspeed.launching import free_port, remove_shm_buffers  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_deepspeed(script, config, tmp_path, *args, ranks=2, timeout=600):
@@ -32,8 +27,3 @@ def run_deepspeed(script, config, tmp_path, *args, ranks=2, timeout=600):
     finally:
         remove_shm_buffers(port)
 
-
-def remove_shm_buffers(port):
-    """DeepSpeed's CPU shm all-reduce leaves a 69 MB /dev/shm file per rank and launch."""
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        f.unlink(missing_ok=True)

@@ -7,7 +7,6 @@ cut down with max_documents so each test takes seconds.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
