@@ -1,6 +1,6 @@
 """`deepspeed --hostfile` for real: 2 "nodes" (127.0.0.1, 127.0.0.2) x 1 slot through pdsh/ssh.
 
-A private loopback sshd (launch/loopback_sshd.py) stands in for a cluster's passwordless
+A private loopback sshd (launch/loopback_ssh.py) stands in for a cluster's passwordless
 ssh; launch/pretrain_bert.sh runs phase 1 and phase 2 of the tiny pretraining through
 `deepspeed --hostfile ... --launcher pdsh --master_addr 127.0.0.1`, and the losses must
 equal those of the same script on 2 local ranks (`NGPUS=2`).
@@ -18,7 +18,7 @@ import pytest
 from ds_helpers import ROOT, free_port
 
 sys.path.insert(0, str(ROOT))
-from launch.loopback_sshd import loopback_hosts, skip_reason  # noqa: E402
+from launch.loopback_ssh import loopback_hosts, skip_reason  # noqa: E402
 
 VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
 CORPUS = ROOT / "data" / "corpus" / "wikitext-2-valid.txt"
@@ -53,7 +53,7 @@ def test_two_nodes_through_hostfile_and_pdsh_match_local_ranks(tmp_path, data):
                      OMP_NUM_THREADS="1")
     proc = pretrain(tmp_path, data, tmp_path / "local", local_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with loopback_hosts(tmp_path) as (hostfile, env):
+    with loopback_hosts(tmp_path) as (hostfile, env, _):
         assert (tmp_path / ".deepspeed_env").read_text().startswith("DS_ACCELERATOR=cpu")
         env.update(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LAUNCHER="pdsh")
         proc = pretrain(tmp_path, data, tmp_path / "nodes", env)
