@@ -21,5 +21,7 @@ fi
 export DS_ACCELERATOR
 [ "$DS_ACCELERATOR" = cpu ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec deepspeed --num_gpus "${NGPUS:-2}" --master_port "${MASTER_PORT:-29500}" \
-  "$ROOT/pretrain_bert/run_squad.py" "$@"
+MASTER_PORT=${MASTER_PORT:-29500}
+# DeepSpeed's CPU all-reduce leaves a shared-memory file per rank and launch: remove ours on exit
+trap 'python -m vrgd_ds.deepspeed.launching clean-shm "$MASTER_PORT" 2>/dev/null || true' EXIT
+deepspeed --num_gpus "${NGPUS:-2}" --master_port "$MASTER_PORT" "$ROOT/pretrain_bert/run_squad.py" "$@"

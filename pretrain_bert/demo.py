@@ -67,15 +67,6 @@ def launch(ranks: int, args: list[str]) -> None:
         sys.exit(f"[demo] the launch failed with exit code {proc.returncode}")
 
 
-def final_eval(run_dir: Path) -> dict:
-    from pretrain_bert.plot import read_metrics
-
-    train, evals = read_metrics(run_dir)
-    return {"steps": train[-1]["step"], "samples": train[-1]["samples"], "final_train_loss": train[-1]["loss"],
-            **({k: evals[-1][k] for k in ("eval_mlm_loss", "eval_mlm_acc", "eval_nsp_acc", "eval_loss",
-                                           "generalization_gap")} if evals else {})}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--optimizer", choices=("vrlamb", "lamb"), default="vrlamb")
@@ -97,6 +88,7 @@ def main(argv=None):
             extra += ["--init-checkpoint", str(out / "phase1" / "hf")]
         launch(args.ranks, ["--config", str(ROOT / "configs" / f"bert_tiny_phase{phase}_{args.optimizer}.json"),
                             "--data", str(data[phase]), "--output-dir", str(out / f"phase{phase}"), *extra])
+    from pretrain_bert.pipeline import final_eval
     from pretrain_bert.plot import plot
 
     plot([out / "phase1", out / "phase2"], out / "loss.png", labels=["phase 1", "phase 2"])

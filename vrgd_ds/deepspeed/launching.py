@@ -24,3 +24,24 @@ def remove_shm_buffers(port: int | str | None = None) -> None:
     if port:
         for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             f.unlink(missing_ok=True)
+
+
+def main(argv=None) -> None:
+    """Shell scripts' access: ``free-port`` prints a free port; ``clean-shm PORT`` removes that
+    launch's /dev/shm buffers (launch/*.sh call it on exit)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vrgd_ds.deepspeed.launching", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("free-port")
+    clean = sub.add_parser("clean-shm")
+    clean.add_argument("port", type=int)
+    args = ap.parse_args(argv)
+    if args.cmd == "free-port":
+        print(free_port())
+    else:
+        remove_shm_buffers(args.port)
+
+
+if __name__ == "__main__":
+    main()
