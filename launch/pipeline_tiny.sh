@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on tiny BERT: prepare data -> pretraining phase 1 (seq 128) -> phase 2
 # (seq 512, from phase 1's weights) -> SQuAD v1.1 fine-tune -> official F1/EM, printed and
-# written to OUT/pipeline.json. Local ranks (CPU by default), shipped data only.
+# written to OUT/pipeline.json. Local ranks (CPU by default), the shipped data by default.
 #
 #   launch/pipeline_tiny.sh OUT [OPTIMIZER]      OPTIMIZER: vrlamb (default) | lamb
 #
@@ -55,12 +55,12 @@ else
 fi
 
 echo "[pipeline] 2/4 pretraining ($OPT, $NGPUS ranks): phase 1, then phase 2"
-MASTER_PORT=$(python -m vrgd_ds.deepspeed.launching free-port 2>/dev/null) \
+MASTER_PORT=$(python -m vrgd_ds.deepspeed.launching free-port 2>/dev/null | tail -n 1) \
   bash "$ROOT/launch/pretrain_bert.sh" "$ROOT/configs/bert_tiny" "$OPT" "$DATA/seq128" "$DATA/seq512" "$OUT" \
   --no-progress
 
 echo "[pipeline] 3/4 SQuAD v1.1 fine-tuning from $OUT/phase2/hf: ${squad_args[*]}"
-MASTER_PORT=$(python -m vrgd_ds.deepspeed.launching free-port 2>/dev/null) \
+MASTER_PORT=$(python -m vrgd_ds.deepspeed.launching free-port 2>/dev/null | tail -n 1) \
   bash "$ROOT/launch/run_squad.sh" --init-checkpoint "$OUT/phase2/hf" --output-dir "$OUT/squad" --no-progress \
   "${squad_args[@]}"
 
