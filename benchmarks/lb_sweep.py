@@ -18,7 +18,8 @@ script runs the same comparison at scale.
 Reported per (batch, optimizer): final held-out MLM loss (mean +- std over seeds), the
 paired per-seed difference VR-LAMB - LAMB (mean +- std), the steps VR-LAMB needs to reach
 LAMB's final held-out loss of the same seed (at evaluation granularity; None if it never
-does) and the resulting step ratio, and the final train - held-out gap. JSON + two PNGs (held-out loss vs
+does) and the resulting step ratio, the held-out loss half-way through the run, and the
+final train - held-out gap. JSON + two PNGs (held-out loss vs
 steps per batch; final held-out loss vs batch).
 """
 
@@ -103,6 +104,12 @@ def steps_to_reach(run: dict, target: float):
     return None
 
 
+def halfway(run: dict) -> float:
+    """Held-out loss at the evaluation closest to half the run's steps."""
+    i = min(range(len(run["eval_steps"])), key=lambda j: abs(run["eval_steps"][j] - run["steps"] / 2))
+    return run["eval_mlm_loss"][i]
+
+
 def summarise(runs: dict, batches, seeds: dict) -> dict:
     def mean_std(xs):
         return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -114,8 +121,9 @@ def summarise(runs: dict, batches, seeds: dict) -> dict:
         for name in OPTS:
             final, std = mean_std([runs[(name, b, s)]["final_eval_mlm_loss"] for s in range(n)])
             gap, gap_std = mean_std([runs[(name, b, s)]["gap"] for s in range(n)])
+            half, half_std = mean_std([halfway(runs[(name, b, s)]) for s in range(n)])
             row[name] = {"final_eval_mlm_loss": final, "std": std, "gap": gap, "gap_std": gap_std,
-                         "steps": runs[(name, b, 0)]["steps"]}
+                         "halfway_eval_mlm_loss": half, "halfway_std": half_std, "steps": runs[(name, b, 0)]["steps"]}
         diff, diff_std = mean_std([runs[("VR-LAMB", b, s)]["final_eval_mlm_loss"]
                                    - runs[("LAMB", b, s)]["final_eval_mlm_loss"] for s in range(n)])
         row["vrlamb_minus_lamb"] = {"mean": diff, "std": diff_std}

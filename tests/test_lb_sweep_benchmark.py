@@ -30,6 +30,9 @@ def test_lb_sweep_quick(tmp_path):
         assert row["LAMB"]["steps"] == 4 and row["VR-LAMB"]["steps"] == 4
         assert row["LAMB"]["final_eval_mlm_loss"] > 0 and "gap" in row["VR-LAMB"]
         assert len(row["vrlamb_steps_to_lamb_final"]) == len(row["step_ratio"]) == row["seeds"]
+    run = res["runs"]["LAMB 16 0"]  # 4 steps, evaluated after each: half-way is step 2
+    assert run["eval_steps"] == [1, 2, 3, 4]
+    assert res["table"]["16"]["LAMB"]["halfway_eval_mlm_loss"] == run["eval_mlm_loss"][1]
     seeds = [res["runs"][f"LAMB 32 {s}"]["final_eval_mlm_loss"] for s in (0, 1)]
     assert seeds[0] != seeds[1]
     row = res["table"]["32"]
