@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain_bert.run_squad import restrict_dataset
 from pretrain_bert.squad_metric import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +64,7 @@ def test_pipeline_runs_end_to_end_and_reports_the_official_scores(tmp_path, data
     contexts = {qa["id"]: p["context"] for a in dev["data"] for p in a["paragraphs"] for qa in p["qas"]}
     for qid, answer in predictions.items():
         assert answer in contexts[qid]
-    restricted = {"version": dev["version"], "data": [
-        {"title": a["title"], "paragraphs": [{"context": p["context"], "qas": [q for q in p["qas"] if q["id"] in predictions]}
-                                             for p in a["paragraphs"]]} for a in dev["data"]]}
-    official = evaluate(restricted, predictions, quiet=True)
+    official = evaluate(restrict_dataset(dev, predictions), predictions, quiet=True)
     assert summary["squad"]["f1"] == pytest.approx(official["f1"], abs=1e-9)
     assert summary["squad"]["exact_match"] == pytest.approx(official["exact_match"], abs=1e-9)
     assert f"F1 {official['f1']:.2f}  EM {official['exact_match']:.2f}" in proc.stdout
