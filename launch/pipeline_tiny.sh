@@ -41,14 +41,13 @@ export DS_ACCELERATOR
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 read -r -a squad_args <<< "${SQUAD_ARGS:---lr 3e-4}"
 start=$(date +%s)
+for d in ${DATA_ROOT:+"$DATA_ROOT/seq128" "$DATA_ROOT/seq512"}; do
+  [ -f "$d/meta.json" ] || { echo "DATA_ROOT: $d/meta.json is missing (launch/prepare_data.sh makes it)" >&2; exit 2; }
+done
+mkdir -p "$OUT"
 if [ -n "${DATA_ROOT:-}" ]; then
-  for d in "$DATA_ROOT/seq128" "$DATA_ROOT/seq512"; do
-    [ -f "$d/meta.json" ] || { echo "DATA_ROOT: $d/meta.json is missing (launch/prepare_data.sh makes it)" >&2; exit 2; }
-  done
-  mkdir -p "$OUT"
   DATA=$DATA_ROOT
 else
-  mkdir -p "$OUT"
   echo "[pipeline] 1/4 preparing data in $OUT/data"
   bash "$ROOT/launch/prepare_data.sh" "$OUT/data"
   DATA=$OUT/data
