@@ -12,9 +12,10 @@ import math
 import torch
 
 
-def group_grads(model, loss_fn, xs, ys, k):
-    """Explicit per-group gradients: a list (per parameter) of [k, *shape] float64 tensors."""
-    params = [p for p in model.parameters()]
+def group_grads(model, loss_fn, xs, ys, k, params=None):
+    """Explicit per-group gradients: a list (per parameter) of [k, *shape] float64 tensors,
+    for ``params`` (default: all of the model's)."""
+    params = list(model.parameters()) if params is None else list(params)
     per_param = [[] for _ in params]
     for xb, yb in zip(xs.chunk(k), ys.chunk(k)):
         grads = torch.autograd.grad(loss_fn(model(xb), yb), params)

@@ -12,7 +12,7 @@ except ImportError:  # pragma: no cover
 else:
     from .deepspeed import register as _register_with_deepspeed
 
-    _register_with_deepspeed()
+    _register_with_deepspeed()  # warns, and patches nothing, for an untested DeepSpeed
 
 __all__ = ["LAMB", "LARS", "VRSGD", "VRMomentum", "VRAdam", "VRAdamW", "VRLAMB", "VRLARS",
            "MicroStepMoments", "__version__"]

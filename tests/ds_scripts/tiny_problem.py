@@ -5,9 +5,9 @@ import torch
 N = 48  # samples per global batch
 
 
-def make_model():
+def make_model(width=5):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    return torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Tanh(), torch.nn.Linear(width, 3))
 
 
 def batch(step):

@@ -6,9 +6,19 @@
 Each step's global batch (48 samples, seeded by step) is split into world x accumulation
 micro-batches; rank r takes micro-batches r, r + world, ... Rank 0 saves the parameters.
 ``--cases`` runs many configurations in one launch (a fresh model and engine each) and
-saves, per case: parameters, the VR telemetry, bytes the VR adapter sent and kept.
-A case may list its steps as [data step, input scale] pairs (a large scale forces an
-fp16 overflow on that step).
+saves, per case: parameters, the VR telemetry, bytes the VR adapter sent and kept, and
+the error if the case raised (refusals are cases too). Case keys besides name/config:
+
+- steps: a count, or [data step, input scale] pairs (a large scale forces fp16 overflow)
+- groups: "decay" (biases in a weight_decay 0 group), "exclude" (biases in an
+  exclude_from_adaptation group) or "small_last" (the last bias alone, weight_decay 0);
+  default one group
+- client: "instance" or "callable" (the optimizer built here, not by the config)
+- frozen: parameter names with requires_grad=False
+- nan: {"step": s, "param": name, "rank": r}: that gradient gets a NaN on that rank
+- coalesce: backward passes inside engine.coalesce_grad_reduction()
+- width: the hidden width of the MLP (default 5)
+- measure_memory: record the peak bytes the squares' reduction allocated
 """
 
 import argparse
@@ -20,20 +30,40 @@ import vrgd_ds  # noqa: F401  (registers the optimizers with DeepSpeed)
 import deepspeed
 import torch.distributed as dist
 from tiny_problem import batch, make_model
+from vrgd_ds.deepspeed import DS_NAMES
 from vrgd_ds.deepspeed.telemetry import named_telemetry, vr_optimizer
 
 
-def train(engine, steps):
+def micro_batches(engine, step, scale):
     world, rank = dist.get_world_size(), dist.get_rank()
     gas = engine.gradient_accumulation_steps()
+    x, y = batch(step)
+    xs, ys = (x * scale).chunk(world * gas), y.chunk(world * gas)
+    return [(xs[j * world + rank], ys[j * world + rank]) for j in range(gas)]
+
+
+def loss_of(engine, x, y):
     dtype = next(engine.module.parameters()).dtype  # bf16/fp16 configs cast the model
+    return torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
+
+
+def train(engine, steps, coalesce=False, on_step=None, before=None):
     for step, scale in steps:
-        x, y = batch(step)
-        xs, ys = (x * scale).chunk(world * gas), y.chunk(world * gas)
-        for j in range(gas):
-            i = j * world + rank
-            loss = torch.nn.functional.mse_loss(engine(xs[i].to(dtype)).float(), ys[i])
-            engine.backward(loss)
+        if before is not None:
+            before(step)
+        pairs = micro_batches(engine, step, scale)
+        if coalesce:
+            with engine.coalesce_grad_reduction():
+                for x, y in pairs:
+                    engine.backward(loss_of(engine, x, y))
+        else:
+            for x, y in pairs[:-1]:
+                engine.backward(loss_of(engine, x, y))
+                engine.step()
+            engine.backward(loss_of(engine, *pairs[-1]))
+        if on_step is not None:
+            on_step(step, lambda: engine.step())
+        else:
             engine.step()
 
 
@@ -48,29 +78,122 @@ def adapter_bytes(engine):
             "layer_stats": getattr(opt.layout, "comm_bytes", 0), "kept": kept}
 
 
-def run_case(case):
-    if case["config"].get("fp16", {}).get("enabled"):
+def param_groups(model, how):
+    named = list(model.named_parameters())
+    if how is None:
+        return [p for _, p in named]
+    weights = [p for n, p in named if not n.endswith("bias")]
+    biases = [p for n, p in named if n.endswith("bias")]
+    if how == "small_last":  # a group smaller than the world size: some ranks hold only padding
+        return [{"params": [p for n, p in named if n != "2.bias"]},
+                {"params": [p for n, p in named if n == "2.bias"], "weight_decay": 0.0}]
+    extra = {"decay": {"weight_decay": 0.0}, "exclude": {"exclude_from_adaptation": True}}[how]
+    return [{"params": weights}, {"params": biases, **extra}]
+
+
+def build(case):
+    cfg = json.loads(json.dumps(case["config"]))
+    if cfg.get("fp16", {}).get("enabled"):
         # DeepSpeed's CPU accelerator reports no fp16; the tiny model runs in fp16 on CPU
-        # anyway, which lets the test drive DeepSpeed's real fp16 ZeRO loss-scaling path.
+        # anyway, which lets the test drive DeepSpeed's real fp16 loss-scaling path.
         from deepspeed.accelerator import get_accelerator
 
         get_accelerator().is_fp16_supported = lambda: True
-    model = make_model()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=case["config"])
+    model = make_model(case.get("width", 5))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in case.get("frozen", ()))
+    params = param_groups(model, case.get("groups"))
+    client = case.get("client")
+    optimizer = None
+    if client:
+        spec = cfg.pop("optimizer")
+        cls, hp = DS_NAMES[spec["type"]], spec.get("params", {})
+        optimizer = (lambda ps: cls(ps, **hp)) if client == "callable" else cls(params, **hp)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer, config=cfg)
+    return engine
+
+
+class NaNInjector:
+    def __init__(self, engine, spec):
+        self.spec, self.step = spec, None
+        p = dict(engine.module.named_parameters())[spec["param"]]
+        p.register_hook(self.hook)
+
+    def hook(self, grad):
+        if self.step == self.spec["step"] and dist.get_rank() == self.spec["rank"]:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+        return grad
+
+
+def state_tensors(engine):
+    opt = engine.basic_optimizer
+    return [t.detach().clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+
+
+def run_case(case):
+    try:
+        engine = build(case)
+    except Exception as e:  # a refusal at initialize is this case's result
+        return {"error": f"{type(e).__name__}: {e}"}
     steps = case.get("steps", 3)
-    train(engine, [(s, 1.0) for s in range(steps)] if isinstance(steps, int) else steps)
+    steps = [(s, 1.0) for s in range(steps)] if isinstance(steps, int) else steps
+    record = {"raised": [], "untouched": []}
+    injector = NaNInjector(engine, case["nan"]) if "nan" in case else None
+    peaks = []
+    if case.get("measure_memory"):
+        peaks = measure_square_allocations(engine)
+
+    def on_step(step, do_step):
+        before = ([p.detach().clone() for p in engine.module.parameters()], state_tensors(engine))
+        try:
+            do_step()
+        except FloatingPointError as e:
+            record["raised"].append(str(e))
+        if injector is not None and step == injector.spec["step"]:
+            after = ([p.detach().clone() for p in engine.module.parameters()], state_tensors(engine))
+            record["untouched"].append(all(torch.equal(a, b) for a, b in zip(before[0] + before[1],
+                                                                                after[0] + after[1])))
+
+    try:
+        train(engine, steps, coalesce=case.get("coalesce", False), on_step=on_step,
+              before=(lambda s: setattr(injector, "step", s)) if injector is not None else None)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, adapter_bytes(engine))
+    opt = vr_optimizer(engine)
     return {"params": [p.detach().float().clone() for p in engine.module.parameters()],
             "telemetry": named_telemetry(engine), "bytes": per_rank,
-            "skipped_steps": engine.skipped_steps}
+            "skipped_steps": engine.skipped_steps, "vr_skipped": getattr(opt, "skipped_steps", None),
+            "peak_square_bytes": max(peaks, default=None), **record}
+
+
+def measure_square_allocations(engine):
+    """Wrap the adapter's square reduction with the profiler: the peak bytes it allocated
+    above what was allocated when it started, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    moments = vr_optimizer(engine).moments
+    original, peaks = moments.add_buckets, []
+
+    def measured(pairs):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            original(pairs)
+        current = peak = 0
+        for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+            current += e.self_cpu_memory_usage
+            peak = max(peak, current)
+        peaks.append(peak)
+
+    moments.add_buckets = measured
+    return peaks
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config")
-    ap.add_argument("--cases", help="JSON list of {name, config, steps}")
+    ap.add_argument("--cases", help="JSON list of cases (see the module docstring)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--start", type=int, default=0, help="first step (after --load)")
@@ -78,6 +201,7 @@ def main():
     ap.add_argument("--load", default=None, help="engine.load_checkpoint from here first")
     ap.add_argument("--load-consolidated", default=None,
                     help="vrgd_ds.deepspeed.checkpoint.load_consolidated from this file first")
+    ap.add_argument("--case-extra", default="{}", help="JSON of case keys (groups, frozen) for --config")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     if args.cases:
@@ -85,9 +209,8 @@ def main():
         if dist.get_rank() == 0:
             torch.save(results, args.out)
     else:
-        cfg = json.loads(open(args.config).read())
-        model = make_model()
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        case = {"config": json.loads(open(args.config).read()), **json.loads(args.case_extra)}
+        engine = build(case)
         if args.load:
             engine.load_checkpoint(args.load, tag="last")
         if args.load_consolidated:

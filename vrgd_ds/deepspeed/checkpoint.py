@@ -11,7 +11,8 @@ instead, using the fragment map DeepSpeed saves with each rank's partition
 
 The consolidated file holds, per parameter name: the fp32 master weight and every
 optimizer state tensor, whole; the scalar state; each param group's hyperparameters;
-and the engine's step counters and LR scheduler state. Loading writes this rank's
+and the engine's step counters and LR scheduler state; frozen parameters and buffers
+whole, from the module state. Loading writes this rank's
 pieces into its ZeRO partitions (stage 1/2) or the parameters themselves (stage 0), so
 training continues with the same parameters and optimizer state.
 """
@@ -24,53 +25,40 @@ from pathlib import Path
 
 import torch
 
+from . import seam
+
 FORMAT = "vrgd-ds consolidated checkpoint v1"
 
 
-def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _load(path: Path) -> dict:
+    # our own file holds only tensors and plain containers
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def consolidate(checkpoint_dir: str | os.PathLike) -> dict:
-    """Read a DeepSpeed ZeRO-1/2 checkpoint folder (``save_dir/tag``) of any world size."""
-    folder = Path(checkpoint_dir)
-    model_file = folder / "mp_rank_00_model_states.pt"
-    shards = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                    key=lambda p: int(p.name.split("_")[3]))
-    if not model_file.exists() or not shards:
-        raise FileNotFoundError(
-            f"{folder} is not a DeepSpeed ZeRO-1/2 checkpoint folder: it needs "
-            "mp_rank_00_model_states.pt and zero_pp_rank_*_mp_rank_00_optim_states.pt "
-            "(pass the tag folder, e.g. checkpoints/global_step100)")
-    model_states = _load(model_file)
-    shapes = model_states["param_shapes"]
-    optim = [_load(s)["optimizer_state_dict"] for s in shards]
-    if len(optim) != optim[0]["partition_count"][0]:
-        raise ValueError(f"{folder}: {len(optim)} optimizer shards but the checkpoint was saved by "
-                         f"{optim[0]['partition_count'][0]} ranks")
+    """Read a DeepSpeed ZeRO-1/2 checkpoint folder (``save_dir/tag``) of any world size
+    (``elastic_checkpoint`` on or off)."""
+    files = seam.read_zero_checkpoint(checkpoint_dir)
     weights, state, groups = {}, {}, []
-    for i, group_shapes in enumerate(shapes):
-        base = optim[0]["base_optimizer_state"]
-        hyper = {k: v for k, v in base["param_groups"][i].items() if k != "params"}
-        groups.append({"hyperparameters": hyper, "params": list(group_shapes)})
+    for i, group_shapes in enumerate(files.param_shapes):
+        groups.append({"hyperparameters": dict(files.shards[0][i].hyperparameters), "params": list(group_shapes)})
         pieces: dict[str, dict[str, list[torch.Tensor]]] = {n: {} for n in group_shapes}
         scalars: dict = {}
-        for shard in optim:
-            flat = shard["single_partition_of_fp32_groups"][i]  # saved without the padding
-            st = shard["base_optimizer_state"]["state"].get(i, {})
-            tensors = {"fp32": flat, **{k: v for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}}
-            scalars.update({k: v for k, v in st.items() if k not in tensors})
-            for name, frag in shard["param_slice_mappings"][i].items():
+        for shard in files.shards:
+            sg = shard[i]
+            tensors = {"fp32": sg.fp32, **{k: v for k, v in sg.state.items() if torch.is_tensor(v) and v.dim() > 0}}
+            scalars.update({k: v for k, v in sg.state.items() if k not in tensors})
+            for name, (start, numel) in sg.slices.items():
                 for key, t in tensors.items():
-                    pieces[name].setdefault(key, []).append(t.narrow(0, frag.start, frag.numel))
+                    pieces[name].setdefault(key, []).append(t.narrow(0, start, numel))
         for name, shape in group_shapes.items():
             full = {k: torch.cat(v).view(shape).clone() for k, v in pieces[name].items()}
             weights[name] = full.pop("fp32")
             state[name] = {**full, **scalars}
-    return {"format": FORMAT, "weights": weights, "state": state, "param_groups": groups,
-            "saved_world_size": len(optim),
-            "engine": {k: model_states.get(k) for k in ("global_steps", "global_samples", "skipped_steps",
-                                                          "lr_scheduler")}}
+    # frozen parameters and buffers: not in the optimizer, saved whole with the module
+    module = {k: v.clone() for k, v in files.module.items() if k not in weights and torch.is_tensor(v)}
+    return {"format": FORMAT, "weights": weights, "state": state, "param_groups": groups, "module": module,
+            "saved_world_size": len(files.shards), "engine": files.engine}
 
 
 def save_consolidated(checkpoint_dir, out_path) -> dict:
@@ -94,27 +82,25 @@ def load_consolidated(engine, consolidated: dict | str | os.PathLike, *, engine_
     if data.get("format") != FORMAT:
         raise ValueError(f"not a vrgd-ds consolidated checkpoint (format {data.get('format')!r}); "
                          f"make one with python -m vrgd_ds.deepspeed.checkpoint CKPT_DIR/TAG OUT.pt")
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    missing = sorted(set(names.values()) - set(data["weights"]))
+    module = seam.engine_module(engine)
+    names = {id(p): n for n, p in module.named_parameters()}
+    saved = {**data.get("module", {}), **data["weights"]}
+    missing = sorted(n for n in names.values() if n not in saved)
     if missing:
         raise KeyError(f"the consolidated checkpoint has no weights for {missing[:5]} "
                        f"({len(missing)} parameters); it was saved from a different model")
-    zero = engine.optimizer
+    opt = seam.inner_optimizer(engine)
+    snap = getattr(opt.layout, "snap", None)
     with torch.no_grad():
-        for p in engine.module.parameters():
-            p.copy_(data["weights"][names[id(p)]].to(p.dtype))
-        if hasattr(zero, "single_partition_of_fp32_groups"):
-            _load_zero(zero, names, data, hyperparameters)
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if name in saved:
+                t.copy_(saved[name].to(t.dtype))
+        if snap is not None:
+            _load_zero(opt, snap, names, data, hyperparameters)
         else:
-            _load_plain(zero, names, data, hyperparameters)
-    if not engine_state:
-        return
-    eng = data["engine"]
-    engine.global_steps = eng["global_steps"] or 0
-    engine.global_samples = eng["global_samples"] or 0
-    engine.skipped_steps = eng["skipped_steps"] or 0
-    if engine.lr_scheduler is not None and eng["lr_scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict(eng["lr_scheduler"])
+            _load_plain(opt, names, data, hyperparameters)
+    if engine_state:
+        seam.restore_engine_counters(engine, data["engine"])
 
 
 def _restore_hyperparameters(group: dict, saved: dict) -> None:
@@ -123,39 +109,35 @@ def _restore_hyperparameters(group: dict, saved: dict) -> None:
             group[k] = v
 
 
-def _load_zero(zero, names, data, hyperparameters: bool) -> None:
-    from .zero_layout import owner_pieces
-    import torch.distributed as dist
-
-    inner = zero.optimizer
-    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
-        pg = zero.real_dp_process_group[i]
-        rank = dist.get_rank(group=pg)
-        tensors = zero.round_robin_bit16_groups[i]
-        paddings = zero.round_robin_bit16_padding[i] or [0] * len(tensors)
-        pieces = owner_pieces([t.numel() for t in tensors], paddings, zero.partition_size[i],
-                              dist.get_world_size(group=pg))
-        st = inner.state[flat]
-        for t, tp in zip(tensors, pieces):
+def _load_zero(opt, snap: seam.ZeroSnapshot, names, data, hyperparameters: bool) -> None:
+    for g in snap.groups:
+        st = opt.state[g.flat]
+        for t, pieces in zip(g.params, g.pieces):
             saved = data["state"][names[id(t)]]
-            for owner, src, dst, n in tp:
-                if owner != rank:
-                    continue
-                flat.narrow(0, dst, n).copy_(data["weights"][names[id(t)]].view(-1).narrow(0, src, n))
+            for piece in (pc for pc in pieces if pc.owner == g.rank):
+                src = slice(piece.start, piece.start + piece.numel)
+                g.flat.narrow(0, piece.dst, piece.numel).copy_(data["weights"][names[id(t)]].view(-1)[src])
                 for key, v in saved.items():
                     if torch.is_tensor(v) and v.dim() > 0:
                         if key not in st:
-                            st[key] = torch.zeros_like(flat)
-                        st[key].narrow(0, dst, n).copy_(v.view(-1).narrow(0, src, n))
+                            st[key] = torch.zeros_like(g.flat)
+                        st[key].narrow(0, piece.dst, piece.numel).copy_(v.view(-1)[src])
                     else:
                         st[key] = v
+            for key, v in saved.items():  # scalars also where this rank holds no piece
+                if not (torch.is_tensor(v) and v.dim() > 0):
+                    st[key] = v
         if hyperparameters:
-            _restore_hyperparameters(inner.param_groups[i], _group_of(data, names[id(tensors[0])]))
+            _restore_hyperparameters(opt.param_groups[g.index], _group_of(data, names[id(g.params[0])]))
 
 
 def _load_plain(optimizer, names, data, hyperparameters: bool) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
+            if id(p) not in names:
+                raise NotImplementedError("load_consolidated: the optimizer steps copies of the model's "
+                                          "parameters (DeepSpeed's fp16/bf16 wrapper at stage 0); load into "
+                                          "a ZeRO stage 1/2 or fp32 stage 0 engine")
             optimizer.state[p] = {k: (v.clone().to(p.device) if torch.is_tensor(v) else v)
                                   for k, v in data["state"][names[id(p)]].items()}
         if hyperparameters:

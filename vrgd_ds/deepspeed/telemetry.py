@@ -11,25 +11,24 @@ the engine's ``global_steps``.
 
 from __future__ import annotations
 
-
-def layer_names(engine) -> list[str]:
-    """Names of the telemetry's layer indices: ZeRO's flattening order, or the optimizer's."""
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    zero = engine.optimizer
-    groups = getattr(zero, "round_robin_bit16_groups", None)
-    if groups is None:
-        groups = [g["params"] for g in vr_optimizer(engine).param_groups]
-    return [names.get(id(p), f"param{i}") for i, p in enumerate(p for g in groups for p in g)]
+from . import seam
 
 
 def vr_optimizer(engine):
-    """The VR optimizer inside the engine (under ZeRO it is wrapped), or None."""
+    """The VR optimizer DeepSpeed steps, or None."""
     from ..optim.vr import GSNRTransform
 
-    opt = engine.optimizer
-    while opt is not None and not isinstance(opt, GSNRTransform):
-        opt = getattr(opt, "optimizer", None)
-    return opt
+    opt = seam.inner_optimizer(engine)
+    return opt if isinstance(opt, GSNRTransform) else None
+
+
+def layer_names(engine) -> list[str]:
+    """Names of the telemetry's layer indices: ZeRO's flattening order, or the optimizer's."""
+    names = {id(p): n for n, p in seam.engine_module(engine).named_parameters()}
+    opt = seam.inner_optimizer(engine)
+    snap = getattr(opt.layout, "snap", None)
+    params = snap.all_params() if snap is not None else [p for g in opt.param_groups for p in g["params"]]
+    return [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
 
 
 def named_telemetry(engine) -> dict | None:
@@ -51,21 +50,17 @@ def monitor_events(rec: dict, step: int) -> list[tuple[str, float, int]]:
     return events
 
 
-def attach_telemetry_writer(engine, optimizer) -> None:
-    """After each engine.step, write a new record (if any) through engine.monitor."""
-    if not optimizer.telemetry_interval:
-        return
-    step = engine.step
-    written = {"step": None}
+class TelemetryWriter:
+    """After each engine step, write a new record (if any) through the engine's monitor."""
 
-    def step_and_write(*args, **kwargs):
-        out = step(*args, **kwargs)
-        rec = optimizer.telemetry
-        if rec is not None and rec["step"] != written["step"]:
-            written["step"] = rec["step"]
-            monitor = getattr(engine, "monitor", None)
-            if monitor is not None and monitor.enabled:
-                monitor.write_events(monitor_events(named_telemetry(engine), engine.global_steps))
-        return out
+    def __init__(self, engine, optimizer):
+        self.engine = engine
+        self.optimizer = optimizer
+        self._written = None
 
-    engine.step = step_and_write
+    def write(self) -> None:
+        rec = getattr(self.optimizer, "telemetry", None)
+        if rec is None or rec["step"] == self._written:
+            return
+        self._written = rec["step"]
+        seam.write_monitor(self.engine, monitor_events(named_telemetry(self.engine), seam.global_steps(self.engine)))

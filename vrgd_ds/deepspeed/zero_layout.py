@@ -1,10 +1,11 @@
-"""Layer layout of ZeRO stage 1/2 partitions (DeepSpeedZeroOptimizer).
+"""Layer layout of ZeRO stage 1/2 partitions.
 
 Under ZeRO-1/2 the wrapped optimizer sees one flat fp32 partition per param group. The
 partition holds consecutive pieces of the group's parameters in DeepSpeed's flattening
-order (``round_robin_bit16_groups`` with ``round_robin_bit16_padding``), and a parameter
-may continue on the next rank. This module maps every piece to its parameter ("layer")
-and sums per-layer partial statistics over the data-parallel group with one all-reduce.
+order, and a parameter may continue on the next rank (:class:`.seam.GroupPartition` maps
+the pieces). Per-layer partial statistics are summed over the data-parallel group with
+one all-reduce of a fixed-size [layers, c] table per call, which every rank joins: a rank
+whose partition of a group is pure padding holds one empty segment of that group.
 """
 
 from __future__ import annotations
@@ -16,56 +17,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..optim.layout import LayerLayout, Segment
-
-
-def partition_segments(numels: Sequence[int], paddings: Sequence[int], partition_size: int,
-                       partition_id: int, layer_base: int) -> list[Segment]:
-    """The pieces of each tensor that fall in [partition_id * size, (partition_id + 1) * size)."""
-    start, end = partition_size * partition_id, partition_size * (partition_id + 1)
-    segments, cursor = [], 0
-    for j, (n, pad) in enumerate(zip(numels, paddings)):
-        lo, hi = max(cursor, start), min(cursor + n, end)
-        if lo < hi:
-            segments.append(Segment(lo - start, hi - lo, layer_base + j, n))
-        cursor += n + pad
-    return segments
-
-
-def owner_pieces(numels: Sequence[int], paddings: Sequence[int], partition_size: int,
-                 world: int) -> list[list[tuple[int, int, int, int]]]:
-    """Per tensor: (owner rank, start in the tensor, start in the owner's partition, numel)
-    for each piece, in DeepSpeed's flattening order with its padding."""
-    out, cursor = [], 0
-    for n, pad in zip(numels, paddings):
-        pieces, lo = [], cursor
-        while lo < cursor + n:
-            owner = lo // partition_size
-            hi = min(cursor + n, (owner + 1) * partition_size)
-            if owner >= world:
-                raise AssertionError("tensor beyond the last ZeRO partition")
-            pieces.append((owner, lo - cursor, lo - owner * partition_size, hi - lo))
-            lo = hi
-        out.append(pieces)
-        cursor += n + pad
-    return out
+from .seam import ZeroSnapshot
 
 
 class ZeroLayout(LayerLayout):
-    def __init__(self, zero_optimizer):
-        self.group = zero_optimizer.real_dp_process_group[0]
-        self._segments: dict[int, list[Segment]] = {}
-        layer_base = 0
-        self.layer_base = []
-        for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
-            self.layer_base.append(layer_base)
-            tensors = zero_optimizer.round_robin_bit16_groups[i]
-            paddings = zero_optimizer.round_robin_bit16_padding[i] or [0] * len(tensors)
-            pg = zero_optimizer.real_dp_process_group[i]
-            self._segments[id(flat)] = partition_segments(
-                [t.numel() for t in tensors], paddings, zero_optimizer.partition_size[i],
-                dist.get_rank(group=pg), layer_base)
-            layer_base += len(tensors)
-        self.layer_count = layer_base
+    def __init__(self, snap: ZeroSnapshot):
+        self.snap = snap
+        self.group = snap.dp_group
+        self.layer_count = snap.layer_count
+        self._segments = {id(g.flat): g.segments for g in snap.groups}
         self.comm_bytes = 0  # payload of the layer-statistics all-reduces so far
 
     def segments(self, param: Tensor) -> list[Segment]:

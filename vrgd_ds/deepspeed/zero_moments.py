@@ -1,120 +1,105 @@
 """Squared gradients for ZeRO stages 1 and 2, reduced bucket by bucket beside the gradients.
 
-DeepSpeed reduces gradients in buckets (``reduce_ipg_grads``): under ZeRO-2 every
-micro-step, under ZeRO-1 once per step, at the accumulation boundary. Just before it
-reduces a bucket, this adapter forms the bucket's local squared gradients in fp32 and
-sends each piece to the rank whose fp32 partition owns it (one ``reduce`` per owner, the
-pattern of DeepSpeed's own ``reduce_scatter`` path), where it is added to a
-partition-sized buffer. Every rank ends the step with sum g^2 for exactly its partition.
+DeepSpeed reduces gradients in buckets: under ZeRO-2 every micro-step, under ZeRO-1 once
+per step, at the accumulation boundary. Just before it reduces the pending buckets
+(:mod:`.seam`, patch 2), this adapter squares the buckets' local gradients and sends each
+piece to the rank whose fp32 partition owns it (a ``reduce`` per owner, DeepSpeed's own
+reduce-scatter pattern), in bounded chunks (:mod:`vrgd_ds.moments.chunked`), where it is added to a
+partition-sized fp32 buffer. Every rank ends the step with sum g^2 for exactly its
+partition.
 
-- ZeRO-2: the bucket holds one micro-step's local gradient, so the squares are those of
-  the bucket. Extra state: one partition-sized fp32 buffer per param group plus a
-  bucket-sized temporary; never a full-model buffer.
-- ZeRO-1: the bucket holds the sum over micro-steps, too late to square. With
-  gradient accumulation the per-micro-step squares come from tensor hooks
+- ZeRO-2: the bucket holds one micro-step's local gradient, so its squares are the
+  squares of that group. Extra state: one partition-sized fp32 buffer per param group;
+  temporaries: one chunk.
+- ZeRO-1: the bucket holds the sum over micro-steps, too late to square. With gradient
+  accumulation the per-micro-step squares come from tensor hooks
   (:class:`~vrgd_ds.moments.MicroStepMoments`, one full-size fp32 buffer, like the full
   gradient ZeRO-1 keeps anyway); without accumulation the bucket is squared directly.
 - ``gsnr_interval`` N: on the steps that reuse the last GSNR nothing is squared or sent.
-- ``sq_comm_dtype="bf16"`` halves the bytes of the squares on the wire; they are summed
-  in bf16 by the collective and added to the fp32 buffer.
+- ``sq_comm_dtype="bf16"`` halves the bytes of the squares on the wire.
 
 Scale (the MomentSource contract of :mod:`vrgd_ds.optim.vr`): DeepSpeed divides each
 micro-step loss by the accumulation count a and averages the reduced gradient over the W
-ranks, so the partition gradient is the mean of the k = W * a group gradients. The
-squares summed here are those of g_i / a (times the fp16 loss scale S), so the mean of
-squared group gradients in the gradient's scale is ``sum * a / W / S^2 / c^2``, where c is
-the clipping factor DeepSpeed applies to the gradient partition after the GSNR inputs
-were formed (ALGORITHM.md section 1: clipping scales the mean only).
+ranks, so the partition gradient is the mean of the k = W * a group gradients. The squares
+summed here are those of g_i / a (times any loss scale), so the mean of squared group
+gradients in the gradient's scale is ``sum * a / W * m^2``, where m is the factor DeepSpeed
+multiplied the gradient partition by (loss scale and clipping), read by a probe (seam
+patch 3), not re-derived (ALGORITHM.md section 1: clipping scales the mean only).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..moments.microstep import MicroStepMoments
-from .zero_layout import owner_pieces
+from .seam import ZeroSnapshot
+from ..moments.chunked import ChunkedSquares, Transfer
 
 
 class ZeroMoments:
-    def __init__(self, zero_optimizer, vr_optimizer, local: MicroStepMoments | None = None):
-        self.zero = zero_optimizer
+    def __init__(self, snap: ZeroSnapshot, vr_optimizer, chunk_numel: int):
+        self.snap = snap
         self.vr = vr_optimizer
-        self.local = local
-        self.group = zero_optimizer.dp_process_group
-        self.world = dist.get_world_size(group=self.group)
-        self.rank = dist.get_rank(group=self.group)
-        self.accumulation = zero_optimizer.gradient_accumulation_steps
-        self.comm_dtype = vr_optimizer.sq_comm_dtype
-        self.comm_bytes = 0  # payload this rank has put into square reductions so far
-        self._unscale = 1.0
+        self.local = None
+        if not snap.partition_gradients and snap.accumulation > 1:
+            self.local = MicroStepMoments(snap.all_params())
+        self.squares = ChunkedSquares(snap.dp_group, chunk_numel, vr_optimizer.sq_comm_dtype)
+        self._multiplier = 1.0
         self._consumed = False
-        self._sq: dict[int, Tensor] = {}
-        # id(bit16 param) -> [(owner rank, start in param, start in owner's partition, numel)]
-        self._pieces: dict[int, list[tuple[int, int, int, int]]] = {}
-        self._buffer_of: dict[int, Tensor] = {}  # id(bit16 param) -> this rank's buffer
-        for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):
-            self._sq[id(flat)] = buf = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
-            tensors = zero_optimizer.round_robin_bit16_groups[i]
-            paddings = zero_optimizer.round_robin_bit16_padding[i] or [0] * len(tensors)
-            pieces = owner_pieces([t.numel() for t in tensors], paddings, zero_optimizer.partition_size[i],
-                                  dist.get_world_size(group=zero_optimizer.real_dp_process_group[i]))
-            for t, p in zip(tensors, pieces):
-                self._pieces[id(t)] = p
-                self._buffer_of[id(t)] = buf
+        self._sq = {id(g.flat): torch.zeros(g.flat.numel(), dtype=torch.float32, device=g.flat.device)
+                    for g in snap.groups}
+        self._pieces, self._target = {}, {}  # id(param) -> its pieces / its owner's buffer
+        for g in snap.groups:
+            for p, pieces in zip(g.params, g.pieces):
+                self._pieces[id(p)] = pieces
+                self._target[id(p)] = self._sq[id(g.flat)]
 
-    # ---- called from the DeepSpeed hooks ---------------------------------------------
+    @property
+    def comm_bytes(self) -> int:
+        return self.squares.comm_bytes
 
-    def add_bucket(self, grads: list[Tensor], params: list[Tensor]) -> None:
+    # ---- from the seam -----------------------------------------------------------------
+
+    def add_buckets(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        """Square and send the (param, local gradient) pairs DeepSpeed is about to reduce."""
         if self._consumed:  # first bucket of a new step: start from zero
             for buf in self._sq.values():
                 buf.zero_()
-            self._unscale, self._consumed = 1.0, False
-        if not grads or not self.vr.wants_moments():
+            self._multiplier, self._consumed = 1.0, False
+        if not pairs or not self.vr.wants_moments():
             return
-        if self.local is not None:
-            squares = torch.cat([self._local_sq(p).reshape(-1) for p in params])
-        else:
-            squares = torch.cat([g.detach().reshape(-1).float().square() for g in grads])
-        # gather each owner's pieces into one message; bucket order is the same on all ranks
-        sends: list[list[Tensor]] = [[] for _ in range(self.world)]
-        mine: list[tuple[Tensor, int, int]] = []  # (buffer, start in partition, numel)
-        offset = 0
-        for p in params:
-            for owner, src, dst, n in self._pieces.get(id(p), ()):
-                sends[owner].append(squares.narrow(0, offset + src, n))
-                if owner == self.rank:
-                    mine.append((self._buffer_of[id(p)], dst, n))
-            offset += p.numel()
-        messages, works = [], []
-        for owner, parts in enumerate(sends):
-            if not parts:
-                continue
-            msg = torch.cat(parts).to(self.comm_dtype)
-            self.comm_bytes += msg.numel() * msg.element_size()
-            works.append(dist.reduce(msg, dist.get_global_rank(self.group, owner), group=self.group,
-                                     async_op=True))
-            if owner == self.rank:
-                messages.append(msg)
-        for w in works:
-            w.wait()
-        if messages:
-            at = 0
-            received = messages[0].float()
-            for buf, dst, n in mine:
-                buf.narrow(0, dst, n).add_(received.narrow(0, at, n))
-                at += n
+        sends: list[list[Transfer]] = [[] for _ in range(self.snap.dp_world)]
+        for p, grad in pairs:
+            source = self._local_sq(p) if self.local is not None else grad.detach().reshape(-1)
+            for piece in self._pieces.get(id(p), ()):
+                sends[piece.owner].append(Transfer(source, piece.start, piece.numel,
+                                                   self._target[id(p)], piece.dst))
+        for owner, transfers in enumerate(sends):
+            self.squares.reduce_to(owner, transfers, squared=self.local is not None, rank=self.snap.dp_rank)
 
     def _local_sq(self, p: Tensor) -> Tensor:
         try:
-            return self.local.sum_sq(p)
+            return self.local.sum_sq(p).view(-1)
         except KeyError:  # no gradient reached this parameter on this rank
             return torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
 
-    def set_unscale(self, combined_scale: float) -> None:
-        """DeepSpeed multiplied the gradient partition by 1 / combined_scale."""
-        self._unscale = 1.0 / combined_scale
+    def set_multiplier(self, m: float) -> None:
+        """DeepSpeed multiplied the gradient partition by ``m`` (seam patch 3)."""
+        self._multiplier = m
+
+    def nonfinite(self) -> bool:
+        """Whether this rank's reduced squares hold a NaN or inf (a GSNR step only)."""
+        if self._consumed or not self.vr.wants_moments():
+            return False
+        return any(not bool(torch.isfinite(b).all()) for b in self._sq.values())
+
+    def end_step(self) -> None:
+        """After DeepSpeed's whole optimizer step (all groups, or a skip)."""
+        self._consumed = True
+        self.squares.release()
+        if self.local is not None:
+            self.local.reset()
 
     def extra_bytes(self) -> int:
         """Bytes this adapter keeps between steps on this rank (not counting optimizer state)."""
@@ -123,15 +108,15 @@ class ZeroMoments:
             own += sum(p.numel() * 4 for p in self.local.params)
         return own
 
-    # ---- MomentSource -------------------------------------------------------------------
+    # ---- MomentSource ------------------------------------------------------------------
 
     @property
     def group_count(self) -> int:
-        return self.world * self.accumulation
+        return self.snap.dp_world * self.snap.accumulation
 
     @property
     def sq_scale(self) -> float:
-        return self.accumulation / self.world * self._unscale**2
+        return self.snap.accumulation / self.snap.dp_world * self._multiplier**2
 
     def sum_sq(self, param: Tensor) -> Tensor:
         try:
@@ -140,58 +125,5 @@ class ZeroMoments:
             raise KeyError("ZeroMoments: not a ZeRO fp32 partition") from None
 
     def reset(self) -> None:
-        """The step is over (applied or skipped). DeepSpeed steps one param group at a time,
+        """The inner optimizer stepped one param group; DeepSpeed steps them one at a time,
         so the buffers are cleared lazily, when the next step's first bucket arrives."""
-        self._consumed = True
-
-    def end_step(self) -> None:
-        """After DeepSpeed's whole optimizer step (all groups, or an overflow skip)."""
-        self._consumed = True
-        if self.local is not None:
-            self.local.reset()
-
-
-def combined_scale(zero_optimizer, total_norm) -> float:
-    """The factor DeepSpeed 0.19's ``unscale_and_clip_grads`` divides the partition by."""
-    scale = float(zero_optimizer.loss_scale)
-    if zero_optimizer.clip_grad > 0.0:
-        norm = float(total_norm)
-        clip = max(1.0, (norm / scale + 1e-6) / zero_optimizer.clip_grad)
-        scale *= clip
-    return scale
-
-
-def attach_zero_moments(zero_optimizer, vr_optimizer) -> ZeroMoments:
-    """Give a VR optimizer inside DeepSpeedZeroOptimizer (stage 1 or 2) its moment source."""
-    local = None
-    if not zero_optimizer.partition_gradients and zero_optimizer.gradient_accumulation_steps > 1:
-        params = [p for group in zero_optimizer.round_robin_bit16_groups for p in group]
-        local = MicroStepMoments(params)
-    moments = ZeroMoments(zero_optimizer, vr_optimizer, local)
-    vr_optimizer.moments = moments
-    reduce_ipg_grads = zero_optimizer.reduce_ipg_grads
-    unscale_and_clip = zero_optimizer.unscale_and_clip_grads
-    step = zero_optimizer.step
-
-    def reduce_ipg_grads_with_squares(comm_dtype=None):
-        dtypes = [comm_dtype] if comm_dtype is not None else list(zero_optimizer.ipg_buckets)
-        for dt in dtypes:
-            bucket = zero_optimizer.ipg_buckets[dt]
-            params = [zero_optimizer.bit16_groups[i][j] for i, j, _ in bucket.params]
-            moments.add_bucket(list(bucket.grads), params)
-        return reduce_ipg_grads(comm_dtype)
-
-    def unscale_and_clip_recorded(grad_groups_flat, total_norm):
-        moments.set_unscale(combined_scale(zero_optimizer, total_norm))
-        return unscale_and_clip(grad_groups_flat, total_norm)
-
-    def step_then_release(*args, **kwargs):
-        try:
-            return step(*args, **kwargs)
-        finally:
-            moments.end_step()
-
-    zero_optimizer.reduce_ipg_grads = reduce_ipg_grads_with_squares
-    zero_optimizer.unscale_and_clip_grads = unscale_and_clip_recorded
-    zero_optimizer.step = step_then_release
-    return moments

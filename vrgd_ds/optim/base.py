@@ -196,4 +196,6 @@ class BaseOptimizer(torch.optim.Optimizer):
         for group, batch, g in zip(self.param_groups, batches, grads):
             if batch.params:
                 self._update(group, batch, g)
+                # applied steps of the group (DeepSpeed's elastic checkpoints save and restore it)
+                group["step"] = group.get("step", 0) + 1
         return loss

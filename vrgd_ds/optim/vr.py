@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import gsnr
+from ..moments.chunked import DEFAULT_CHUNK_NUMEL, check_chunk_numel
 from .base import GradSource, GroupBatch, kernel
 from .lamb import LAMB
 from .lars import LARS
@@ -57,7 +58,8 @@ class GSNRTransform:
     """Mixin: scale the gradient by its clamped, layer-normalised GSNR before the base update."""
 
     def _init_gsnr(self, moments, on_nonfinite: str, gsnr_interval: int = 1,
-                   sq_comm_dtype: str = "fp32", telemetry_interval: int = 0) -> None:
+                   sq_comm_dtype: str = "fp32", telemetry_interval: int = 0,
+                   sq_chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> None:
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
         if isinstance(gsnr_interval, bool) or not isinstance(gsnr_interval, int) or gsnr_interval < 1:
@@ -68,6 +70,10 @@ class GSNRTransform:
                 or telemetry_interval < 0):
             raise ValueError(f"telemetry_interval must be an integer >= 0 (0: off), got {telemetry_interval!r}")
         self.moments = moments
+        self.sq_chunk_numel = check_chunk_numel(sq_chunk_numel)
+        self.overflow = False  # DeepSpeed's engine reads it: True when the last step was skipped
+        self.defer_nonfinite = False
+        self.pending_nonfinite: str | None = None
         self.on_nonfinite = on_nonfinite
         self.gsnr_interval = gsnr_interval
         self.sq_comm_dtype = SQ_COMM_DTYPES[sq_comm_dtype]
@@ -84,6 +90,7 @@ class GSNRTransform:
             self.moments.reset()
 
     def step(self, closure=None):
+        self.overflow = False
         loss = super().step(closure)
         if self.moments is not None:
             self.moments.reset()
@@ -92,12 +99,10 @@ class GSNRTransform:
     # ---- gsnr_interval -----------------------------------------------------------------
 
     def _steps_taken(self, params) -> int:
-        """Applied VR steps so far (the same for every parameter that has been stepped)."""
-        for p in params:
-            st = self.state.get(p)
-            if st and "vr_step" in st:
-                return int(st["vr_step"])
-        return 0
+        """Applied VR steps so far: the largest count of any parameter in ``params`` (a
+        parameter that had no gradient on some step catches up when it is next stepped)."""
+        return max((int(self.state[p]["vr_step"]) for p in params if "vr_step" in self.state.get(p, {})),
+                   default=0)
 
     def wants_moments(self) -> bool:
         """Whether the coming step computes the GSNR, so a moment source must reduce the
@@ -105,12 +110,39 @@ class GSNRTransform:
         params = [p for g in self.param_groups if g["gamma"] < 1.0 for p in g["params"]]
         return self._steps_taken(params) % self.gsnr_interval == 0
 
+    def skip_nonfinite_step(self, where: str) -> None:
+        """The step is skipped as a whole because a gradient or squared gradient is not
+        finite: count it, or raise for ``on_nonfinite="raise"``. No state has changed.
+
+        With ``defer_nonfinite`` (set by the DeepSpeed adapter) the error is kept in
+        ``pending_nonfinite`` instead, so DeepSpeed finishes its step bookkeeping (a skipped
+        step, like an fp16 overflow) and the adapter raises it after ``engine.step()``."""
+        self.overflow = True
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            return
+        msg = (f"{type(self).__name__}: non-finite gradient or squared gradient ({where}); no state was "
+               "changed. Use on_nonfinite='skip' to skip such steps.")
+        if self.defer_nonfinite:
+            self.pending_nonfinite = msg
+            return
+        raise FloatingPointError(msg)
+
+    def raise_pending_nonfinite(self) -> None:
+        msg, self.pending_nonfinite = self.pending_nonfinite, None
+        if msg is not None:
+            raise FloatingPointError(msg)
+
     def _moment_source(self) -> MomentSource:
         if self.moments is None:
+            from ..deepspeed import registration_problem
+
+            problem = registration_problem()
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs the second gradient moment: attach a source, "
                 "e.g. vrgd_ds.moments.MicroStepMoments(model.parameters()) as moments=..., "
-                "or select the optimizer in a DeepSpeed config"
+                "or use it through deepspeed.initialize"
+                + (f" (not available here: {problem})" if problem else "")
             )
         return self.moments
 
@@ -127,7 +159,8 @@ class GSNRTransform:
         else:
             out = self._compute_ratios(batches, active, out, taken)
         if out is not None:
-            self._advance_step(stepped, "vr_step")
+            for p in stepped:
+                self.state[p]["vr_step"] = taken + 1
         return out
 
     def _compute_ratios(self, batches, active, out, taken):
@@ -257,15 +290,10 @@ class GSNRTransform:
         return sq
 
     def _nonfinite(self, sums: list[float], segments) -> None:
-        if self.on_nonfinite == "skip":
-            self.skipped_steps += 1
-            return None
         bad = [i for i, s in enumerate(sums) if not math.isfinite(s)]
-        raise FloatingPointError(
-            f"{type(self).__name__}: non-finite gradient or squared gradient in {len(bad)} of "
-            f"{len(sums)} parameter tensors (first: tensor #{bad[0]} of {segments[bad[0]].layer_numel} "
-            "elements); no state was changed. Use on_nonfinite='skip' to skip such steps."
-        )
+        self.skip_nonfinite_step(f"in {len(bad)} of {len(sums)} parameter tensors, first: tensor #{bad[0]} "
+                                 f"of {segments[bad[0]].layer_numel} elements")
+        return None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -291,10 +319,10 @@ class VRSGD(GSNRTransform, SGDUpdate):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, gamma=0.1, beta3=0.0, *,
                  moments=None, on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32",
-                 telemetry_interval=0, foreach=None, compile=False):
+                 telemetry_interval=0, sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
         super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
 
 
 class VRMomentum(GSNRTransform, SGDUpdate):
@@ -303,11 +331,11 @@ class VRMomentum(GSNRTransform, SGDUpdate):
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  nesterov=False, gamma=0.1, beta3=0.0, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
 
 
 class VRAdam(GSNRTransform, AdamUpdate):
@@ -316,10 +344,10 @@ class VRAdam(GSNRTransform, AdamUpdate):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
 
 
 class VRAdamW(GSNRTransform, AdamWUpdate):
@@ -328,10 +356,10 @@ class VRAdamW(GSNRTransform, AdamWUpdate):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
 
 
 class VRLAMB(GSNRTransform, LAMB):
@@ -340,11 +368,11 @@ class VRLAMB(GSNRTransform, LAMB):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  bias_correction=True, gamma=0.1, beta3=0.9, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          bias_correction=bias_correction, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
 
 
 class VRLARS(GSNRTransform, LARS):
@@ -353,7 +381,7 @@ class VRLARS(GSNRTransform, LARS):
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, gamma=0.1,
                  beta3=0.0, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
                          foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval)
+        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)

@@ -1,0 +1,589 @@
+"""The one module of vrgd-ds that names DeepSpeed internals.
+
+Everything else in :mod:`vrgd_ds.deepspeed` works on the plain objects built here:
+
+- :class:`EngineFacts`: the settings of an engine, read once after DeepSpeed built its
+  optimizer wrapper, that decide the route (:mod:`.routes`).
+- :class:`ZeroSnapshot`: the partitioning of a ZeRO-1/2 optimizer (per param group: the
+  flat fp32 partition this rank owns, the parameters in DeepSpeed's flattening order with
+  their alignment padding, the partition size, rank, world and process group), built once.
+- :class:`CheckpointFiles`: a ZeRO-1/2 checkpoint folder read into plain tensors and dicts.
+
+Tested DeepSpeed: exactly the versions in ``TESTED_DEEPSPEED`` (pinned in pyproject.toml);
+:func:`self_check` verifies at registration that every method patched below exists, and
+:func:`snapshot` that every attribute read exists, naming the missing one.
+
+Patches. Each is installed on the class by :func:`install`, keeps the original as
+``__wrapped__``, does nothing unless the instance carries a vrgd-ds adapter
+(``_vrgd_adapter``), and is undone by :func:`unregister`:
+
+1. ``DeepSpeedEngine._configure_optimizer`` (runtime/engine.py): before it, the JSON
+   ``optimizer.params`` keys are checked and the routes whose wrapper would already step the
+   optimizer while being built are refused; after it (the final wrapper exists, whether the
+   optimizer came from the config, a client instance or a client callable) the route is
+   decided and the adapter attached, or refused with the setting named.
+2. ``DeepSpeedZeroOptimizer.reduce_ipg_grads`` (runtime/zero/stage_1_and_2.py): just before
+   DeepSpeed reduces the pending buckets, the adapter gets their (param, grad) pairs in the
+   order DeepSpeed reduces them (``sort_dtypes`` over the dtype buckets, then bucket order).
+3. ``DeepSpeedZeroOptimizer.unscale_and_clip_grads``: a one-element probe is appended to
+   the list DeepSpeed scales, so the adapter reads the exact factor DeepSpeed multiplied
+   the gradient partition by (loss scale and clipping), never a re-derived formula.
+4. ``DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial``: the local overflow
+   flag also holds the adapter's (non-finite squared gradients); DeepSpeed all-reduces it
+   and skips the whole step, all param groups, before any group is applied.
+5. ``DeepSpeedZeroOptimizer.step``: the adapter is told when DeepSpeed's whole step (all
+   groups, or an overflow skip) is over, and may raise for a skipped non-finite step.
+6. ``DeepSpeedEngine.allreduce_gradients`` (stage 0): the squares are all-reduced right
+   after the gradients, at the accumulation boundary.
+7. ``DeepSpeedEngine.clip_fp32_gradients`` (stage 0): the clip factor is measured (norm
+   before / after).
+8. ``DeepSpeedEngine.step``: telemetry is written through the monitor after each step.
+9. ``DeepSpeedEngine.coalesce_grad_reduction`` and ``DeepSpeedEngine.no_sync``: refused
+   where the adapter says so (they change what a gradient group is).
+
+Instance attribute written: ``DeepSpeedZeroOptimizer.check_grad_overflow = True`` for the
+VR optimizers (DeepSpeed checks overflow only for fp16 by default), so a non-finite step
+is skipped or raised as a whole.
+
+Collective order. Every collective vrgd-ds issues under DeepSpeed is issued on every rank
+in the same order with the same sizes: squares follow DeepSpeed's own (rank-independent)
+bucket order and are cut into chunks from rank-independent piece lists; the layer
+statistics are one all-reduce of a [layers, c] table per call whatever a rank holds (a
+rank whose partition of a group is pure padding gets one empty segment, so it joins every
+call); each call site is reached on every rank because the decisions before it (GSNR
+step or not, overflow, telemetry) are functions of rank-independent values.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..optim.layout import Segment
+
+TESTED_DEEPSPEED = ("0.19.8",)
+ADAPTER_ATTR = "_vrgd_adapter"
+
+# ---- versions ---------------------------------------------------------------------------
+
+
+def version_problem(version: str) -> str | None:
+    """None if ``version`` is a tested DeepSpeed, else the message that says so."""
+    if version in TESTED_DEEPSPEED:
+        return None
+    return (f"vrgd-ds is tested with DeepSpeed {', '.join(TESTED_DEEPSPEED)} and patches its ZeRO "
+            f"internals by version; found DeepSpeed {version}. Install a tested version "
+            f"(pip install 'deepspeed=={TESTED_DEEPSPEED[-1]}')")
+
+
+def _classes():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return DeepSpeedEngine, DeepSpeedZeroOptimizer
+
+
+def self_check() -> None:
+    """Every method the patches wrap must exist (a DeepSpeed refactor fails here, loudly)."""
+    engine_cls, zero_cls = _classes()
+    for cls, names in ((engine_cls, _ENGINE_PATCHES), (zero_cls, _ZERO_PATCHES)):
+        for name in names:
+            if not callable(getattr(cls, name, None)):
+                import deepspeed
+
+                raise RuntimeError(f"vrgd-ds: DeepSpeed {deepspeed.__version__} has no {cls.__name__}.{name}; "
+                                   f"{version_problem(deepspeed.__version__) or 'this is a bug'}")
+
+
+# ---- engine facts ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What decides an engine's route, in plain values (see :mod:`.routes`)."""
+
+    optimizer_name: str
+    stage: int
+    wrapper: str  # "none", "zero", "zero3", "bf16_optimizer", "fp16_unfused", "fp16_fused", other class name
+    fp16: bool
+    bf16: bool
+    grad_accum_dtype: str | None
+    autocast_dtype: str | None  # torch_autocast's dtype, None when off
+    offload_optimizer: bool
+    offload_param: bool
+    moe: bool
+    pipeline: bool
+    tensor_parallel: int
+    sequence_parallel: int
+    managed_accumulation: bool
+    accumulation: int
+    dp_world: int
+    micro_batch: int
+    quantized: bool  # ZeRO++ quantized weights or gradients
+    zenflow: bool
+    deepcompile: bool
+
+
+def _wrapper_kind(optimizer, basic) -> str:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    _, zero_cls = _classes()
+    if optimizer is basic:
+        return "none"
+    if type(optimizer) is zero_cls:
+        return "zero"
+    if isinstance(optimizer, BF16_Optimizer):
+        return "bf16_optimizer"
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        return "fp16_unfused"
+    if isinstance(optimizer, FP16_Optimizer):
+        return "fp16_fused"
+    if type(optimizer).__name__.startswith("DeepSpeedZeroOptimizer_Stage3"):
+        return "zero3"
+    return type(optimizer).__name__
+
+
+def _model_parallel_size(engine) -> int:
+    mpu = engine.mpu
+    size = int(engine.autotp_size() or 1)
+    for getter in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"):
+        fn = getattr(mpu, getter, None)
+        if fn is not None:
+            try:
+                size = max(size, int(fn()))
+            except Exception:  # groups not initialised: no model parallelism
+                pass
+            break
+    return size
+
+
+def engine_facts(engine) -> EngineFacts:
+    import deepspeed
+
+    try:
+        _, grad_accum = engine.get_data_types()
+        autocast = engine.torch_autocast_dtype() if engine.torch_autocast_enabled() else None
+        return EngineFacts(
+            optimizer_name=engine.optimizer_name() or type(engine.basic_optimizer).__name__,
+            stage=int(engine.zero_optimization_stage()),
+            wrapper=_wrapper_kind(engine.optimizer, engine.basic_optimizer),
+            fp16=bool(engine.fp16_enabled()), bf16=bool(engine.bfloat16_enabled()),
+            grad_accum_dtype=str(grad_accum).replace("torch.", "") if grad_accum is not None else None,
+            autocast_dtype=str(autocast).replace("torch.", "") if autocast is not None else None,
+            offload_optimizer=bool(engine.zero_cpu_offload()), offload_param=bool(engine.zero_offload_param()),
+            moe=bool(engine.has_moe_layers), pipeline=bool(engine.pipeline_parallelism),
+            tensor_parallel=_model_parallel_size(engine),
+            sequence_parallel=int(getattr(engine, "sequence_parallel_size", 1) or 1),
+            managed_accumulation=bool(engine.managed_gradient_accumulation()),
+            accumulation=int(engine.gradient_accumulation_steps()),
+            dp_world=int(engine.dp_world_size),
+            micro_batch=int(engine.train_micro_batch_size_per_gpu()),
+            quantized=bool(engine.zero_quantized_weights() or engine.zero_quantized_gradients()),
+            zenflow=bool(getattr(engine, "zenflow", False)),
+            deepcompile=bool(engine.is_deepcompile_enabled()),
+        )
+    except AttributeError as e:
+        raise RuntimeError(f"vrgd-ds: DeepSpeed {deepspeed.__version__} engine lacks an attribute the "
+                           f"route check reads ({e}); {version_problem(deepspeed.__version__) or ''}") from e
+
+
+def precision_before_wrapper(engine) -> tuple[int, str | None]:
+    """(ZeRO stage, "fp16" / "bf16" / None) before DeepSpeed builds its optimizer wrapper."""
+    low = "fp16" if engine.fp16_enabled() else "bf16" if engine.bfloat16_enabled() else None
+    return int(engine.zero_optimization_stage()), low
+
+
+def basic_optimizer(engine):
+    return engine.basic_optimizer
+
+
+def engine_module(engine) -> torch.nn.Module:
+    return engine.module
+
+
+def data_parallel_group(engine):
+    return engine.seq_data_parallel_group
+
+
+def write_monitor(engine, events: list[tuple[str, float, int]]) -> None:
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None and monitor.enabled:
+        monitor.write_events(events)
+
+
+def global_steps(engine) -> int:
+    return int(engine.global_steps)
+
+
+# ---- ZeRO-1/2 partitioning ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [start, start + numel) of a parameter live at [dst, dst + numel) of rank
+    ``owner``'s flat partition."""
+
+    owner: int
+    start: int
+    dst: int
+    numel: int
+
+
+@dataclass
+class GroupPartition:
+    index: int
+    flat: Tensor  # this rank's fp32 partition: what the inner optimizer steps
+    params: list[Tensor]  # the model's (bit16) parameters in DeepSpeed's flattening order
+    paddings: list[int]
+    partition_size: int
+    rank: int
+    world: int
+    process_group: Any
+    layer_base: int
+    pieces: list[list[Piece]] = field(default_factory=list)  # per param
+    segments: list[Segment] = field(default_factory=list)  # this rank's, never empty
+
+    def __post_init__(self):
+        cursor, size = 0, self.partition_size
+        start, end = size * self.rank, size * (self.rank + 1)
+        for j, (p, pad) in enumerate(zip(self.params, self.paddings)):
+            n, lo, mine = p.numel(), cursor, []
+            while lo < cursor + n:
+                owner = lo // size
+                if owner >= self.world:
+                    raise AssertionError("a tensor lies beyond the last ZeRO partition")
+                hi = min(cursor + n, (owner + 1) * size)
+                mine.append(Piece(owner, lo - cursor, lo - owner * size, hi - lo))
+                lo = hi
+            self.pieces.append(mine)
+            a, b = max(cursor, start), min(cursor + n, end)
+            if a < b:
+                self.segments.append(Segment(a - start, b - a, self.layer_base + j, n))
+            cursor += n + pad
+        if not self.segments:  # pure padding here: an empty segment keeps every collective joined
+            self.segments.append(Segment(0, 0, self.layer_base, self.params[0].numel()))
+
+
+@dataclass
+class ZeroSnapshot:
+    groups: list[GroupPartition]
+    dp_group: Any
+    dp_rank: int
+    dp_world: int
+    accumulation: int
+    partition_gradients: bool  # ZeRO-2: gradients are reduced every micro-step
+    layer_count: int
+
+    def group_of(self, flat: Tensor) -> GroupPartition:
+        for g in self.groups:
+            if g.flat is flat:
+                return g
+        raise KeyError("not one of this ZeRO optimizer's fp32 partitions")
+
+    def all_params(self) -> list[Tensor]:
+        return [p for g in self.groups for p in g.params]
+
+
+def snapshot(zero) -> ZeroSnapshot:
+    """The partitioning of a DeepSpeedZeroOptimizer (stage 1 or 2), read once."""
+    import deepspeed
+    import torch.distributed as dist
+
+    try:
+        groups, base = [], 0
+        for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+            params = list(zero.round_robin_bit16_groups[i])
+            paddings = list(zero.round_robin_bit16_padding[i] or [0] * len(params))
+            pg = zero.real_dp_process_group[i]
+            groups.append(GroupPartition(i, flat, params, paddings, int(zero.partition_size[i]),
+                                         dist.get_rank(group=pg), dist.get_world_size(group=pg), pg, base))
+            base += len(params)
+        return ZeroSnapshot(groups, zero.dp_process_group, dist.get_rank(group=zero.dp_process_group),
+                            dist.get_world_size(group=zero.dp_process_group),
+                            int(zero.gradient_accumulation_steps), bool(zero.partition_gradients), base)
+    except AttributeError as e:
+        raise RuntimeError(f"vrgd-ds: DeepSpeed {deepspeed.__version__}'s ZeRO optimizer lacks an attribute "
+                           f"the adapter reads ({e}); {version_problem(deepspeed.__version__) or ''}") from e
+
+
+def zero_optimizer(engine):
+    return engine.optimizer
+
+
+def inner_optimizer(engine):
+    """The optimizer DeepSpeed steps (the basic optimizer, under any wrapper)."""
+    return engine.basic_optimizer
+
+
+def force_overflow_check(zero) -> None:
+    zero.check_grad_overflow = True
+
+
+def attach(obj, adapter) -> None:
+    setattr(obj, ADAPTER_ATTR, adapter)
+
+
+def adapter_of(obj):
+    return getattr(obj, ADAPTER_ATTR, None)
+
+
+def stage0_fp32_clip(engine) -> float:
+    return float(engine.gradient_clipping())
+
+
+def is_accumulation_boundary(engine) -> bool:
+    return bool(engine.is_gradient_accumulation_boundary())
+
+
+# ---- patches -----------------------------------------------------------------------------
+
+_ENGINE_PATCHES = ("_configure_optimizer", "allreduce_gradients", "clip_fp32_gradients", "step",
+                   "coalesce_grad_reduction", "no_sync")
+_ZERO_PATCHES = ("reduce_ipg_grads", "unscale_and_clip_grads", "has_overflow_partitioned_grads_serial", "step")
+_installed: list[tuple[type, str, Callable]] = []
+
+
+def _patch(cls, name: str, make: Callable[[Callable], Callable]) -> None:
+    original = getattr(cls, name)
+    replacement = functools.wraps(original)(make(original))
+    replacement.__wrapped__ = original
+    setattr(cls, name, replacement)
+    _installed.append((cls, name, original))
+
+
+def install(on_configured: Callable, check_config: Callable) -> None:
+    """Install the class-level patches (once). ``check_config(engine, client_optimizer)`` runs
+    before DeepSpeed builds the optimizer, ``on_configured(engine)`` after the final wrapper exists."""
+    if _installed:
+        return
+    self_check()
+    engine_cls, zero_cls = _classes()
+
+    def configure_optimizer(original):
+        def run(self, client_optimizer, model_parameters):
+            check_config(self, client_optimizer)
+            out = original(self, client_optimizer, model_parameters)
+            on_configured(self)
+            return out
+        return run
+
+    def reduce_ipg_grads(original):
+        def run(self, comm_dtype=None):
+            adapter = adapter_of(self)
+            if adapter is not None:
+                adapter.before_bucket_reduce(_pending_buckets(self, comm_dtype))
+            return original(self, comm_dtype)
+        return run
+
+    def unscale_and_clip_grads(original):
+        def run(self, grad_groups_flat, total_norm):
+            adapter = adapter_of(self)
+            if adapter is None:
+                return original(self, grad_groups_flat, total_norm)
+            probe = torch.ones(1, dtype=grad_groups_flat[0].dtype, device=grad_groups_flat[0].device)
+            out = original(self, [*grad_groups_flat, probe], total_norm)
+            adapter.gradient_multiplier(float(probe))
+            return out
+        return run
+
+    def has_overflow_local(original):
+        def run(self):
+            flag = original(self)
+            adapter = adapter_of(self)
+            if adapter is not None and adapter.local_nonfinite():
+                flag = torch.ones_like(flag)
+            return flag
+        return run
+
+    def zero_step(original):
+        def run(self, *args, **kwargs):
+            adapter = adapter_of(self)
+            if adapter is None:
+                return original(self, *args, **kwargs)
+            try:
+                out = original(self, *args, **kwargs)
+            except BaseException:
+                adapter.abandon_step()
+                raise
+            adapter.after_step(skipped=bool(self.overflow), loss_scaling=bool(self.dynamic_loss_scale))
+            return out
+        return run
+
+    def allreduce_gradients(original):
+        def run(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            adapter = adapter_of(self)
+            if adapter is not None:
+                adapter.after_gradient_allreduce(is_accumulation_boundary(self))
+            return out
+        return run
+
+    def clip_fp32_gradients(original):
+        def run(self):
+            adapter = adapter_of(self)
+            if adapter is None:
+                return original(self)
+            return adapter.clip_measured(lambda: original(self))
+        return run
+
+    def engine_step(original):
+        def run(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            adapter = adapter_of(self)
+            if adapter is not None:
+                adapter.after_engine_step()
+            return out
+        return run
+
+    def refusing_context(name):
+        def make(original):
+            def run(self, *args, **kwargs):
+                adapter = adapter_of(self)
+                if adapter is not None:
+                    adapter.refuse_context(name)
+                return original(self, *args, **kwargs)
+            return run
+        return make
+
+    _patch(engine_cls, "_configure_optimizer", configure_optimizer)
+    _patch(engine_cls, "allreduce_gradients", allreduce_gradients)
+    _patch(engine_cls, "clip_fp32_gradients", clip_fp32_gradients)
+    _patch(engine_cls, "step", engine_step)
+    _patch(engine_cls, "coalesce_grad_reduction", refusing_context("engine.coalesce_grad_reduction()"))
+    _patch(engine_cls, "no_sync", refusing_context("engine.no_sync()"))
+    _patch(zero_cls, "reduce_ipg_grads", reduce_ipg_grads)
+    _patch(zero_cls, "unscale_and_clip_grads", unscale_and_clip_grads)
+    _patch(zero_cls, "has_overflow_partitioned_grads_serial", has_overflow_local)
+    _patch(zero_cls, "step", zero_step)
+
+
+def unregister_patches() -> None:
+    while _installed:
+        cls, name, original = _installed.pop()
+        setattr(cls, name, original)
+
+
+def patched() -> list[str]:
+    return [f"{cls.__name__}.{name}" for cls, name, _ in _installed]
+
+
+def _pending_buckets(zero, comm_dtype) -> list[tuple[Tensor, Tensor]]:
+    """(param, local gradient) in the order DeepSpeed's reduce_ipg_grads reduces them."""
+    from deepspeed.runtime.torch_autocast import sort_dtypes
+
+    dtypes = [comm_dtype] if comm_dtype is not None else sort_dtypes(zero.ipg_buckets.keys())
+    pairs = []
+    for dt in dtypes:
+        bucket = zero.ipg_buckets[dt]
+        for (i, j, _), grad in zip(bucket.params, bucket.grads):
+            pairs.append((zero.bit16_groups[i][j], grad))
+    return pairs
+
+
+# ---- registration in torch.optim and ZeRO's list -------------------------------------------
+
+
+def register_names(names: dict[str, type]) -> None:
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    for name, cls in names.items():
+        existing = getattr(torch.optim, name, None)
+        if existing is not None and existing is not cls:
+            raise RuntimeError(f"torch.optim.{name} already exists and is not vrgd_ds's: "
+                               "cannot register it for DeepSpeed configs")
+        setattr(torch.optim, name, cls)
+        if isinstance(cls, type) and cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+            zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+
+
+def unregister_names(names: dict[str, type]) -> None:
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    for name, cls in names.items():
+        if getattr(torch.optim, name, None) is cls:
+            delattr(torch.optim, name)
+        if cls in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+            zero_utils.ZERO_SUPPORTED_OPTIMIZERS.remove(cls)
+
+
+def config_optimizer_params(engine) -> tuple[str | None, dict]:
+    return engine.optimizer_name(), dict(engine.optimizer_params() or {})
+
+
+# ---- checkpoint files ----------------------------------------------------------------------
+
+
+@dataclass
+class ShardGroup:
+    fp32: Tensor  # this shard's flat partition, without DeepSpeed's trailing padding
+    state: dict  # optimizer state of the flat partition (tensors shaped like fp32, or scalars)
+    hyperparameters: dict
+    slices: dict[str, tuple[int, int]]  # parameter name -> (start, numel) in fp32
+
+
+@dataclass
+class CheckpointFiles:
+    folder: str
+    param_shapes: list[dict[str, torch.Size]]  # per group, in flattening order
+    module: dict[str, Tensor]  # the module state dict (frozen parameters included)
+    shards: list[list[ShardGroup]]  # per rank, per group
+    engine: dict
+
+
+def _torch_load(path):
+    # DeepSpeed's own shards are pickles of its classes (loss scaler, fragment addresses):
+    # they must come from a trusted source, which the README states.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_zero_checkpoint(folder) -> CheckpointFiles:
+    """Read a DeepSpeed ZeRO-1/2 checkpoint tag folder of any world size."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    model_file = folder / "mp_rank_00_model_states.pt"
+    shard_files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                         key=lambda p: int(p.name.split("_")[3]))
+    if not model_file.exists() or not shard_files:
+        raise FileNotFoundError(
+            f"{folder} is not a DeepSpeed ZeRO-1/2 checkpoint folder: it needs "
+            "mp_rank_00_model_states.pt and zero_pp_rank_*_mp_rank_00_optim_states.pt "
+            "(pass the tag folder, e.g. checkpoints/global_step100)")
+    model_states = _torch_load(model_file)
+    optim = [_torch_load(s)["optimizer_state_dict"] for s in shard_files]
+    saved_by = optim[0]["partition_count"]
+    saved_by = saved_by[0] if isinstance(saved_by, (list, tuple)) else saved_by
+    if len(optim) != saved_by:
+        raise ValueError(f"{folder}: {len(optim)} optimizer shards but the checkpoint was saved by "
+                         f"{saved_by} ranks")
+    shapes = model_states["param_shapes"]
+    shards = []
+    for sd in optim:
+        base = sd["base_optimizer_state"]
+        if isinstance(base, dict):  # torch state_dict: states keyed by group index
+            states = [base["state"].get(i, {}) for i in range(len(shapes))]
+            hyper = [{k: v for k, v in g.items() if k != "params"} for g in base["param_groups"]]
+        else:  # elastic_checkpoint: a list of per-group states, no param groups
+            states, hyper = list(base), [{} for _ in shapes]
+        shards.append([
+            ShardGroup(sd["single_partition_of_fp32_groups"][i], states[i], hyper[i],
+                       {n: (int(f.start), int(f.numel)) for n, f in sd["param_slice_mappings"][i].items()})
+            for i in range(len(shapes))])
+    engine = {k: model_states.get(k) for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
+    return CheckpointFiles(str(folder), [dict(s) for s in shapes], dict(model_states.get("module") or {}),
+                           shards, engine)
+
+
+def restore_engine_counters(engine, saved: dict) -> None:
+    engine.global_steps = saved.get("global_steps") or 0
+    engine.global_samples = saved.get("global_samples") or 0
+    engine.skipped_steps = saved.get("skipped_steps") or 0
+    if engine.lr_scheduler is not None and saved.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+
