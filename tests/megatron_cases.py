@@ -73,12 +73,12 @@ def loss_fn(out, y):
     return torch.nn.functional.mse_loss(out.float(), y)
 
 
-def split(step, accum):
+def split(step, accum, world=WORLD):
     x, y = batch(step)
-    return list(zip(x.chunk(WORLD * accum), y.chunk(WORLD * accum)))
+    return list(zip(x.chunk(world * accum), y.chunk(world * accum)))
 
 
-def build(name, distributed, overlap, clip, extra, model=None):
+def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer import TransformerConfig
@@ -86,7 +86,7 @@ def build(name, distributed, overlap, clip, extra, model=None):
     from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
 
     bf16 = extra.get("bf16", False)
-    model = make_model() if model is None else model
+    model = (make_model() if model is None else model).to(device)
     if bf16:
         model = model.to(torch.bfloat16)
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=bf16,
@@ -106,13 +106,13 @@ def build(name, distributed, overlap, clip, extra, model=None):
     return ddp, opt, scheduler
 
 
-def train(rank, ddp, opt, scheduler, accum, bf16=False):
+def train(rank, ddp, opt, scheduler, accum, bf16=False, device="cpu"):
     for step in range(STEPS):
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        micro = split(step, accum)
+        micro = split(step, accum, dist.get_world_size())
         for j in range(accum):
-            xb, yb = micro[rank * accum + j]
+            xb, yb = (t.to(device) for t in micro[rank * accum + j])
             with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
                 (loss_fn(ddp(xb.to(torch.bfloat16) if bf16 else xb), yb) / accum).backward()
         ddp.finish_grad_sync()
@@ -121,16 +121,16 @@ def train(rank, ddp, opt, scheduler, accum, bf16=False):
         scheduler.step(1)
 
 
-def run_case(rank, name, distributed, overlap, accum, clip, extra):
-    ddp, opt, scheduler = build(name, distributed, overlap, clip, extra)
-    train(rank, ddp, opt, scheduler, accum, extra.get("bf16", False))
+def run_case(rank, name, distributed, overlap, accum, clip, extra, device="cpu"):
+    ddp, opt, scheduler = build(name, distributed, overlap, clip, extra, device=device)
+    train(rank, ddp, opt, scheduler, accum, extra.get("bf16", False), device)
     if extra.get("overlap_param_gather"):
         ddp.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
     inner = opt.chained_optimizers[0].optimizer
     layout = getattr(inner.layout, "_segments", {})
     moments = getattr(inner, "moments", None)
     return {
-        "params": [p.detach().float().clone() for p in ddp.module.parameters()],
+        "params": [p.detach().float().cpu().clone() for p in ddp.module.parameters()],
         "bucket_groups": len(ddp.bucket_groups),
         "straddles": any(s.numel < s.layer_numel for s in layout.values() if s.numel),
         "group_numels": [[p.numel() for p in g["params"]] for g in inner.param_groups],
@@ -159,6 +159,34 @@ def capture_bf16_moments(rank, accum=2):
     tensors = [mains[id(p)] for p in ddp.module.parameters()]
     return {"grad": [t.grad.clone() for t in tensors], "msq": [src.sq_scale * src.sum_sq(t) for t in tensors],
             "k": src.group_count}
+
+
+def float64_reference(name, groups, clip, gamma=None):
+    """ALGORITHM.md over ``groups`` explicit group gradients per step; biases (Megatron's
+    wd_mult 0) get no weight decay and, for LARS, no trust ratio."""
+    from reference import Reference, group_grads
+
+    base, _, hp = HP[name]
+    gamma = gamma if gamma is not None else (0.1 if name.startswith("vr") else None)
+    beta3 = 0.9 if name in ("vrlamb", "vradam") else 0.0
+    model = make_model()
+    params = list(model.parameters())
+    ref = Reference(params, base, gamma=gamma, beta3=beta3, **hp)
+    no_decay = {"weight_decay": 0.0, **({"excluded": True} if base in ("lamb", "lars") else {})}
+    per_param = [no_decay if p.dim() == 1 else {} for p in params]
+    for step in range(STEPS):
+        with torch.no_grad():
+            for p, t in zip(params, ref.theta):
+                p.copy_(t.float())
+        x, y = batch(step)
+        grads = group_grads(model, loss_fn, x, y, groups)
+        if clip > 0.0:  # Megatron clips the mean gradient by its total norm
+            norm = torch.sqrt(sum((g.mean(0) ** 2).sum() for g in grads)).item()
+            coef = min(1.0, clip / (norm + 1e-6))
+            assert coef < 1.0  # the case must really clip
+            grads = [g * coef for g in grads]
+        ref.step(grads, per_param)
+    return ref.theta
 
 
 def run_refusals(rank):

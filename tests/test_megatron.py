@@ -16,9 +16,9 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from megatron_cases import CASES, HP, STEPS, WORLD, loss_fn, make_model  # noqa: E402
+from megatron_cases import CASES, WORLD, float64_reference, loss_fn, make_model  # noqa: E402
 from megatron_refusals import REFUSALS  # noqa: E402
-from reference import Reference, group_grads, max_rel_err  # noqa: E402
+from reference import max_rel_err  # noqa: E402
 from spawn_ranks import spawn_ranks  # noqa: E402
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "ds_scripts"))
@@ -32,32 +32,6 @@ def megatron_results(tmp_path_factory):
     return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("megatron"))
 
 
-def float64_reference(name, accum, clip, gamma=None):
-    """ALGORITHM.md over k = W * a explicit groups; biases (Megatron's wd_mult 0) get no
-    weight decay and, for LARS, no trust ratio."""
-    base, _, hp = HP[name]
-    gamma = gamma if gamma is not None else (0.1 if name.startswith("vr") else None)
-    beta3 = 0.9 if name in ("vrlamb", "vradam") else 0.0
-    model = make_model()
-    params = list(model.parameters())
-    ref = Reference(params, base, gamma=gamma, beta3=beta3, **hp)
-    no_decay = {"weight_decay": 0.0, **({"excluded": True} if base in ("lamb", "lars") else {})}
-    per_param = [no_decay if p.dim() == 1 else {} for p in params]
-    for step in range(STEPS):
-        with torch.no_grad():
-            for p, t in zip(params, ref.theta):
-                p.copy_(t.float())
-        x, y = batch(step)
-        groups = group_grads(model, loss_fn, x, y, WORLD * accum)
-        if clip > 0.0:  # Megatron clips the mean gradient by its total norm
-            norm = torch.sqrt(sum((g.mean(0) ** 2).sum() for g in groups)).item()
-            coef = min(1.0, clip / (norm + 1e-6))
-            assert coef < 1.0  # the case must really clip
-            groups = [g * coef for g in groups]
-        ref.step(groups, per_param)
-    return ref.theta
-
-
 FP32 = [cid for cid, spec in CASES.items() if not spec[5].get("bf16") and "gamma1" not in cid]
 
 
@@ -66,7 +40,7 @@ def test_matches_float64_reference(megatron_results, cid):
     name, distributed, overlap, accum, clip, extra = CASES[cid]
     got = [r[cid] for r in megatron_results]
     torch.testing.assert_close(got[0]["params"], got[1]["params"], rtol=0, atol=0)
-    err = max_rel_err(got[0]["params"], float64_reference(name, accum, clip))
+    err = max_rel_err(got[0]["params"], float64_reference(name, WORLD * accum, clip))
     assert err < 2e-5, f"{cid}: max relative error {err:.2e}"
     if name.startswith("vr"):
         assert got[0]["k"] == WORLD * accum
@@ -99,7 +73,7 @@ def test_bf16_close_to_reference(megatron_results, cid):
     got = megatron_results[0][cid]["params"]
     assert all(p.isfinite().all() for p in got)
     # bf16 forward/backward (8 mantissa bits) against the fp32-model reference
-    assert max_rel_err(got, float64_reference(name, accum, clip)) < 3e-2
+    assert max_rel_err(got, float64_reference(name, WORLD * accum, clip)) < 3e-2
 
 
 def test_bf16_moments_match_explicit_groups(megatron_results):
