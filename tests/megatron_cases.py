@@ -60,6 +60,8 @@ CASES = {
     "vrlamb-gamma1-do1-ov1-a2": ("vrlamb", True, True, 2, 0.0, {"vr_gamma": 1.0}),
     "vrlamb-do1-ov1-a2-bf16": ("vrlamb", True, True, 2, 0.0, {"bf16": True}),
     "vrlamb-do0-ov1-a2-bf16": ("vrlamb", False, True, 2, 0.0, {"bf16": True}),
+    "vrlamb-do1-ov1-a2-bf16grads": ("vrlamb", True, True, 2, 0.0, {"bf16": True, "grad_reduce_in_fp32": False}),
+    "vrlamb-do1-ov1-a2-fp16": ("vrlamb", True, True, 2, 0.0, {"fp16": True}),
 }
 
 
@@ -85,19 +87,19 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
 
     from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
 
-    bf16 = extra.get("bf16", False)
-    model = (make_model() if model is None else model).to(device)
-    if bf16:
-        model = model.to(torch.bfloat16)
-    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=bf16,
-                               params_dtype=torch.bfloat16 if bf16 else torch.float32)
+    bf16, fp16 = extra.get("bf16", False), extra.get("fp16", False)
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    model = (make_model() if model is None else model).to(device, dtype)
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=bf16, fp16=fp16,
+                               params_dtype=dtype)
     ddp_config = DistributedDataParallelConfig(
         overlap_grad_reduce=overlap, use_distributed_optimizer=distributed, bucket_size=BUCKET,
-        overlap_param_gather=extra.get("overlap_param_gather", False), grad_reduce_in_fp32=True)
+        overlap_param_gather=extra.get("overlap_param_gather", False),
+        grad_reduce_in_fp32=extra.get("grad_reduce_in_fp32", True))
     ddp = DistributedDataParallel(config, ddp_config, model)
     fields = dict(HP[name][1], **{k: v for k, v in extra.items() if k.startswith("vr_")})
-    opt_config = VROptimizerConfig(optimizer=name, min_lr=0.0, clip_grad=clip, bf16=bf16,
-                                   use_distributed_optimizer=distributed, **fields)
+    opt_config = VROptimizerConfig(optimizer=name, min_lr=0.0, clip_grad=clip, bf16=bf16, fp16=fp16,
+                                   initial_loss_scale=2.0**12, use_distributed_optimizer=distributed, **fields)
     opt = get_megatron_optimizer(opt_config, [ddp])
     scheduler = OptimizerParamScheduler(
         opt, init_lr=opt_config.lr, max_lr=opt_config.lr, min_lr=0.0, lr_warmup_steps=0,
@@ -106,24 +108,31 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
     return ddp, opt, scheduler
 
 
-def train(rank, ddp, opt, scheduler, accum, bf16=False, device="cpu"):
-    for step in range(STEPS):
+def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", schedule=None):
+    """``schedule``: (data step, input factor) per optimizer step; default: steps 0 .. STEPS-1.
+    Returns whether Megatron applied each step (False: fp16 overflow, skipped)."""
+    applied = []
+    for step, factor in schedule or [(s, 1.0) for s in range(STEPS)]:
         ddp.zero_grad_buffer()
         opt.zero_grad()
         micro = split(step, accum, dist.get_world_size())
         for j in range(accum):
             xb, yb = (t.to(device) for t in micro[rank * accum + j])
             with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
-                (loss_fn(ddp(xb.to(torch.bfloat16) if bf16 else xb), yb) / accum).backward()
+                loss = loss_fn(ddp((xb * factor).to(dtype)), yb) / accum
+                (opt.scale_loss(loss) if dtype == torch.float16 else loss).backward()
         ddp.finish_grad_sync()
         ok, _, _ = opt.step()
-        assert ok
-        scheduler.step(1)
+        applied.append(bool(ok))
+        if ok:
+            scheduler.step(1)
+    return applied
 
 
 def run_case(rank, name, distributed, overlap, accum, clip, extra, device="cpu"):
     ddp, opt, scheduler = build(name, distributed, overlap, clip, extra, device=device)
-    train(rank, ddp, opt, scheduler, accum, extra.get("bf16", False), device)
+    dtype = torch.bfloat16 if extra.get("bf16") else torch.float16 if extra.get("fp16") else torch.float32
+    train(rank, ddp, opt, scheduler, accum, dtype, device)
     if extra.get("overlap_param_gather"):
         ddp.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
     inner = opt.chained_optimizers[0].optimizer
@@ -140,25 +149,36 @@ def run_case(rank, name, distributed, overlap, accum, clip, extra, device="cpu")
     }
 
 
-def capture_bf16_moments(rank, accum=2):
-    """One bf16 step's GSNR inputs (no distributed optimizer: whole parameters): the mean
-    gradient and sq_scale * sum_sq of every inner fp32 tensor, in the model's order."""
-    ddp, opt, _ = build("vrlamb", False, True, 0.0, {"bf16": True})
+def capture_moments(rank, dtype, accum=2):
+    """One low-precision step's GSNR inputs (no distributed optimizer: whole parameters):
+    the mean gradient and sq_scale * sum_sq of every inner fp32 tensor, in model order."""
+    low = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+    ddp, opt, _ = build("vrlamb", False, True, 0.0, low)
     ddp.zero_grad_buffer()
     micro = split(0, accum)
     for j in range(accum):
         xb, yb = micro[rank * accum + j]
         with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
-            (loss_fn(ddp(xb.to(torch.bfloat16)), yb) / accum).backward()
+            loss = loss_fn(ddp(xb.to(dtype)), yb) / accum
+            (opt.scale_loss(loss) if dtype == torch.float16 else loss).backward()
     ddp.finish_grad_sync()
-    opt.prepare_grads()
     inner = opt.chained_optimizers[0]
+    scale = float(inner.get_loss_scale())
+    assert not opt.prepare_grads()
     mains = {id(model): main for models, mains in zip(inner.float16_groups, inner.fp32_from_float16_groups)
              for model, main in zip(models, mains)}
     src = inner.optimizer.moments
     tensors = [mains[id(p)] for p in ddp.module.parameters()]
     return {"grad": [t.grad.clone() for t in tensors], "msq": [src.sq_scale * src.sum_sq(t) for t in tensors],
-            "k": src.group_count}
+            "k": src.group_count, "loss_scale": scale}
+
+
+def run_fp16_overflow(rank):
+    """Inputs x 1e5 overflow fp16 on the second step: Megatron skips it; the run must then
+    equal the run without that step (the squares of the skipped step leave no trace)."""
+    ddp, opt, scheduler = build("vrlamb", True, True, 0.0, {"fp16": True})
+    applied = train(rank, ddp, opt, scheduler, 2, torch.float16, schedule=[(0, 1.0), (1, 1e5), (1, 1.0), (2, 1.0)])
+    return {"applied": applied, "params": [p.detach().float().clone() for p in ddp.module.parameters()]}
 
 
 def float64_reference(name, groups, clip, gamma=None):
@@ -208,7 +228,9 @@ def worker(rank, init_file, out_dir):
     parallel_state.initialize_model_parallel(1, 1)
     try:
         results = {cid: run_case(rank, *spec) for cid, spec in CASES.items()}
-        results["bf16-moments"] = capture_bf16_moments(rank)
+        results["bf16-moments"] = capture_moments(rank, torch.bfloat16)
+        results["fp16-moments"] = capture_moments(rank, torch.float16)
+        results["fp16-overflow"] = run_fp16_overflow(rank)
         results["refusals"] = run_refusals(rank)
     except Exception:
         torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")

@@ -21,7 +21,6 @@ REFUSALS = {
     "num_distributed_optimizer_instances": ("ddp", "num_distributed_optimizer_instances", 2, "set it to 1"),
     "delay_wgrad_compute": ("ddp", "delay_wgrad_compute", True, "set it to False"),
     "average_in_collective": ("ddp", "average_in_collective", True, "set it to False"),
-    "fp16": ("optimizer", "fp16", True, "use bf16"),
     "fp8_recipe": ("optimizer", "fp8_recipe", "tensorwise", "fp8_recipe=None"),
     "use_precision_aware_optimizer": ("optimizer", "use_precision_aware_optimizer", True, "set it to False"),
     "optimizer_cpu_offload": ("optimizer", "optimizer_cpu_offload", True, "set it to False"),

@@ -32,7 +32,7 @@ def megatron_results(tmp_path_factory):
     return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("megatron"))
 
 
-FP32 = [cid for cid, spec in CASES.items() if not spec[5].get("bf16") and "gamma1" not in cid]
+FP32 = [cid for cid, spec in CASES.items() if not (spec[5].get("bf16") or spec[5].get("fp16") or "gamma1" in cid)]
 
 
 @pytest.mark.parametrize("cid", FP32)
@@ -67,7 +67,7 @@ def test_gamma_one_is_lamb(megatron_results):
                                    rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("cid", [c for c in CASES if CASES[c][5].get("bf16")])
+@pytest.mark.parametrize("cid", [c for c in CASES if CASES[c][5].get("bf16") or CASES[c][5].get("fp16")])
 def test_bf16_close_to_reference(megatron_results, cid):
     name, _, _, accum, clip, _ = CASES[cid]
     got = megatron_results[0][cid]["params"]
@@ -76,23 +76,33 @@ def test_bf16_close_to_reference(megatron_results, cid):
     assert max_rel_err(got, float64_reference(name, WORLD * accum, clip)) < 3e-2
 
 
-def test_bf16_moments_match_explicit_groups(megatron_results):
-    """The squares path in bf16: mean gradient and mean of squared group gradients as the
-    VR optimizer reads them, against the k explicit bf16 group gradients."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_moments_match_explicit_groups(megatron_results, dtype):
+    """The squares path in bf16, and in fp16 with its loss scale: mean gradient and mean of
+    squared group gradients as the VR optimizer reads them, against the k explicit group
+    gradients of the same low-precision model."""
     accum = 2
-    model = make_model().to(torch.bfloat16)
+    model = make_model().to(dtype)
     params = list(model.parameters())
     x, y = batch(0)
     gg = [torch.stack(gs).float() for gs in zip(*(
-        torch.autograd.grad(loss_fn(model(xb.to(torch.bfloat16)), yb), params)
+        torch.autograd.grad(loss_fn(model(xb.to(dtype)), yb), params)
         for xb, yb in zip(x.chunk(WORLD * accum), y.chunk(WORLD * accum))))]
     for r in megatron_results:
-        got = r["bf16-moments"]
+        got = r[f"{'bf16' if dtype == torch.bfloat16 else 'fp16'}-moments"]
         assert got["k"] == WORLD * accum
+        assert got["loss_scale"] == (2.0**12 if dtype == torch.float16 else 1.0)
         for g, grad, msq in zip(gg, got["grad"], got["msq"]):
             scale = g.abs().max()
             torch.testing.assert_close(grad, g.mean(0), rtol=3e-2, atol=3e-2 * scale)
             torch.testing.assert_close(msq, (g * g).mean(0), rtol=3e-2, atol=3e-2 * scale**2)
+
+
+def test_fp16_overflow_step_leaves_no_trace(megatron_results):
+    for r in megatron_results:
+        got = r["fp16-overflow"]
+        assert got["applied"] == [True, False, True, True]
+        torch.testing.assert_close(got["params"], r["vrlamb-do1-ov1-a2-fp16"]["params"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cid", list(REFUSALS))

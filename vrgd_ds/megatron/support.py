@@ -2,9 +2,10 @@
 
 Each refusal names the setting, its value, and what to set instead. Supported: one model
 chunk wrapped in Megatron's DistributedDataParallel, data parallelism only (no tensor,
-pipeline, context or expert parallelism), fp32 or bf16 (fp32 main parameters), with or
-without the distributed optimizer (one instance), gradient-reduce overlap on or off,
-parameter all-gather overlap on or off. These are the settings the 2-rank parity tests
+pipeline, context or expert parallelism), fp32, bf16, or fp16 with Megatron's loss scaler
+(fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
+the distributed optimizer (one instance), gradient-reduce overlap on or off, parameter
+all-gather overlap on or off. These are the settings the 2-rank parity tests
 run; everything else is refused rather than run unchecked.
 """
 
@@ -36,8 +37,6 @@ _REFUSED = (
      "not covered by the tests (gloo has no averaging collective); set it to False"),
     ("DDP config", "fp8_param_gather", bool, "FP8 is not supported; set it to False"),
     ("DDP config", "reuse_grad_buf_for_mxfp8_param_ag", bool, "FP8 is not supported; set it to False"),
-    ("optimizer config", "fp16", bool,
-     "fp16 with loss scaling is not covered by the tests; use bf16 (or fp32)"),
     ("optimizer config", "fp8_recipe", lambda v: v is not None, "FP8 is not supported; set fp8_recipe=None"),
     ("optimizer config", "use_precision_aware_optimizer", bool,
      "the VR optimizers keep fp32 main parameters and state; set it to False"),
