@@ -21,9 +21,9 @@ Internals used (megatron-core 0.16):
   torch optimizer), ``is_stub_optimizer``, ``prepare_grads`` (wrapped per instance) and
   ``get_loss_scale``.
 - ``DistributedOptimizer``: ``model_float16_groups``, ``model_fp32_groups``,
-  ``shard_fp32_from_float16_groups``, ``shard_fp32_groups``, ``data_parallel_group``,
-  ``model_param_gbuf_map`` and ``_get_model_param_range_map(param)["param"]`` (the
-  element range of a model parameter that this rank's shard holds).
+  ``shard_fp32_from_float16_groups``, ``shard_fp32_groups``, ``data_parallel_group`` and
+  ``_get_model_param_range_map(param)["param"]`` (the element range of a model parameter
+  that this rank's shard holds).
 - ``Float16OptimizerWithFloat16Params``: ``float16_groups``, ``fp32_from_float16_groups``,
   ``fp32_from_fp32_groups``; ``FP32Optimizer``: its inner parameters are the model's.
 """
@@ -47,8 +47,7 @@ _BUFFER_ATTRS = ("params", "param_index_map", "numel", "grad_data", "buckets")
 _BUCKET_ATTRS = ("offset", "grad_data", "gradient_scaling_factor")
 _GROUP_ATTRS = ("buckets", "ddp_config", "start_grad_sync", "finish_grad_sync")
 _DISTOPT_ATTRS = ("model_float16_groups", "model_fp32_groups", "shard_fp32_from_float16_groups",
-                  "shard_fp32_groups", "data_parallel_group", "model_param_gbuf_map",
-                  "_get_model_param_range_map")
+                  "shard_fp32_groups", "data_parallel_group", "_get_model_param_range_map")
 _FLOAT16_ATTRS = ("float16_groups", "fp32_from_float16_groups", "fp32_from_fp32_groups")
 
 
