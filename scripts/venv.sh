@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create or reuse .venv at the repo root with vrgd-ds and its dev extras installed.
+# Create or reuse .venv at the repo root with vrgd-ds and its dev and megatron extras installed.
 # Sourced by run_demo.sh and run_tests.sh. Without a GPU, torch is pinned to the CPU build
 # (an unpinned torch would pull several GB of CUDA packages).
 set -euo pipefail
@@ -23,7 +23,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
       python -m pip install -q "torch==${VRGD_TORCH_VERSION:-2.13.0}"
     fi
   fi
-  python -m pip install -q -e "$ROOT[dev]"
+  python -m pip install -q -e "$ROOT[dev,megatron]"
   echo "$want" > "$stamp"
 fi
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from reference import Reference, group_grads, max_rel_err
+from spawn_ranks import spawn_ranks
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 from tiny_problem import batch, make_model  # noqa: E402
@@ -193,22 +193,7 @@ def worker(rank, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    attempts = 4  # gloo on this CPU machine now and then aborts a rank at start-up (SIGABRT), twice in a row once
-    for attempt in range(attempts):
-        for f in tmp.glob("rank*.pt"):
-            f.unlink()
-        try:
-            mp.spawn(worker, args=(str(tmp / f"init{attempt}"), str(tmp)), nprocs=WORLD)
-            break
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
-            # a real error in our code fails every attempt the same way and is raised below
-            if attempt == attempts - 1:
-                raise
-    out = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
-    for r in out:
-        assert "error" not in r, r.get("error")
-    return out
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("ddp"))
 
 
 # ------------------------------------------------------------------ explicit references

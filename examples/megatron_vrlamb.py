@@ -1,0 +1,142 @@
+"""Train a small MLP with VR-LAMB under Megatron-core's DDP and distributed optimizer.
+
+    pip install -e '.[megatron]'
+    torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50
+
+Megatron's own training loop, top to bottom: ``initialize_model_parallel``, the model
+wrapped in ``DistributedDataParallel``, the forward/backward schedule (micro-batches with
+``no_sync``, ``finalize_model_grads``), ``optimizer.step()`` and ``OptimizerParamScheduler``.
+The one vrgd_ds line is ``get_megatron_optimizer(VROptimizerConfig(...), [model])`` in place
+of Megatron's ``get_megatron_optimizer(OptimizerConfig(...), [model])``. k = data-parallel
+ranks x micro-batches gradient groups per step (keep k >= 4).
+
+Runs on GPUs with NCCL. (megatron-core 0.16 itself assumes CUDA; the test suite runs this
+script on 2 CPU ranks through tests/megatron_example_cpu.py, which redirects that.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+IN, HIDDEN, OUT = 32, 64, 8
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--optimizer", default="vrlamb", help="vrlamb, vrlars, vradam, vrsgd, vrmomentum, lamb, lars")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per rank per step")
+    p.add_argument("--micro-batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    return p.parse_args(argv)
+
+
+class MLP(torch.nn.Sequential):
+    """A plain module with the two attributes Megatron's schedules ask for."""
+
+    def __init__(self):
+        from megatron.core.enums import ModelType
+
+        torch.manual_seed(0)
+        super().__init__(torch.nn.Linear(IN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT))
+        self.model_type = ModelType.encoder_or_decoder
+
+    def set_input_tensor(self, tensor):  # pipeline stages hand activations over here; one stage: none
+        assert tensor is None or tensor == [None], "no pipeline parallelism in this example"
+
+
+def batches(rank, micro_batch_size, device, dtype):
+    """This rank's micro-batches of a fixed noisy linear teacher, forever."""
+    teacher = torch.randn(IN, OUT, generator=torch.Generator().manual_seed(1)) / IN**0.5
+    gen = torch.Generator().manual_seed(1000 + rank)
+    while True:
+        x = torch.randn(micro_batch_size, IN, generator=gen)
+        y = x @ teacher + 0.1 * torch.randn(micro_batch_size, OUT, generator=gen)
+        yield x.to(device, dtype), y.to(device)
+
+
+def forward_step(data_iterator, model):
+    x, y = next(data_iterator)
+    out = model(x)
+
+    def loss_func(output):
+        loss = torch.nn.functional.mse_loss(output.float(), y, reduction="sum") / OUT
+        num_tokens = torch.tensor(y.shape[0], dtype=torch.int, device=y.device)
+        return loss, num_tokens, {"loss": loss.detach() / y.shape[0]}  # Megatron divides by num_tokens
+
+    return out, loss_func
+
+
+def build(args, device):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer import TransformerConfig
+
+    from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
+
+    distributed = not args.no_distributed_optimizer
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=1, bf16=args.bf16,
+                               params_dtype=dtype)
+    ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True, use_distributed_optimizer=distributed,
+                                               grad_reduce_in_fp32=True, bucket_size=1000)
+    model = DistributedDataParallel(config, ddp_config, MLP().to(device, dtype))
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    opt_config = VROptimizerConfig(optimizer=args.optimizer, lr=args.lr, min_lr=0.0, weight_decay=0.01,
+                                   adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-6, clip_grad=1.0,
+                                   bf16=args.bf16, use_distributed_optimizer=distributed,
+                                   vr_gamma=0.1, vr_beta3=0.9 if args.optimizer in ("vrlamb", "vradam") else 0.0)
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=0.0, lr_warmup_steps=args.warmup_steps,
+        lr_decay_steps=args.steps, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
+        wd_incr_steps=args.steps, wd_incr_style="constant")
+    return model, optimizer, scheduler
+
+
+def main(argv=None) -> list[float]:
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    parallel_state.initialize_model_parallel(1, 1)
+    model, optimizer, scheduler = build(args, device)
+    data = batches(dist.get_rank(), args.micro_batch_size, device, torch.bfloat16 if args.bf16 else torch.float32)
+    forward_backward = get_forward_backward_func()
+    losses = []
+    for step in range(args.steps):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        stats = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
+                                 num_microbatches=args.micro_batches, seq_length=1,
+                                 micro_batch_size=args.micro_batch_size)
+        ok, grad_norm, _ = optimizer.step()
+        scheduler.step(1)
+        loss = torch.stack([s["loss"] for s in stats]).mean()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / dist.get_world_size())
+        if dist.get_rank() == 0 and (step % 10 == 0 or step == args.steps - 1):
+            print(f"step {step:4d}  loss {losses[-1]:.4f}  grad norm {grad_norm:.3f}  applied {ok}", flush=True)
+    if dist.get_rank() == 0:
+        print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps "
+              f"(k = {dist.get_world_size()} ranks x {args.micro_batches} micro-batches)", flush=True)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+    return losses
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The 2-rank megatron-core runs behind tests/test_megatron.py (spawned once, many cases).
+
+Each case builds a fresh model, Megatron DDP and optimizer (through
+``vrgd_ds.megatron.get_megatron_optimizer`` and Megatron's OptimizerParamScheduler) and
+trains STEPS steps the way Megatron's schedules do: ``zero_grad_buffer``, a micro-batches
+with ``no_sync`` on all but the last (loss / a), ``finish_grad_sync``, ``step``. The global
+batch of step s is cut into W * a micro-batches; rank r takes r*a .. r*a + a - 1.
+
+The model: 6 -> 16 -> 16 -> 3 with tanh. Its 16x16 weight straddles the two ranks'
+distributed-optimizer shards in every layout used here; with overlap (bucket_size 100)
+there are 2 or 3 buckets, and rank 1's shard holds no bias at all, so its no-weight-decay
+param group is empty there (the placeholder case).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
+from tiny_problem import batch  # noqa: E402
+
+WORLD, STEPS, CLIP, BUCKET = 2, 3, 0.05, 100
+# name: (reference base, VROptimizerConfig fields, reference hyperparameters)
+HP = {
+    "vrlamb": ("lamb", dict(lr=0.02, weight_decay=0.01, adam_eps=1e-6, vr_gamma=0.1, vr_beta3=0.9),
+               dict(lr=0.02, weight_decay=0.01, eps=1e-6)),
+    "lamb": ("lamb", dict(lr=0.02, weight_decay=0.01, adam_eps=1e-6), dict(lr=0.02, weight_decay=0.01, eps=1e-6)),
+    "lars": ("lars", dict(lr=2.0, weight_decay=0.001, sgd_momentum=0.9, lars_eta=0.001),
+             dict(lr=2.0, weight_decay=0.001, momentum=0.9, eta=0.001)),
+    "vrlars": ("lars", dict(lr=2.0, weight_decay=0.001, sgd_momentum=0.9, lars_eta=0.001, vr_gamma=0.1),
+               dict(lr=2.0, weight_decay=0.001, momentum=0.9, eta=0.001)),
+    "vrsgd": ("sgd", dict(lr=0.2, weight_decay=0.01, vr_gamma=0.1), dict(lr=0.2, weight_decay=0.01)),
+    "vrmomentum": ("sgd", dict(lr=0.05, weight_decay=0.01, sgd_momentum=0.9, vr_gamma=0.1),
+                   dict(lr=0.05, weight_decay=0.01, momentum=0.9)),
+    "vradam": ("adam", dict(lr=0.01, weight_decay=0.1, adam_eps=1e-8, vr_gamma=0.1, vr_beta3=0.9),
+               dict(lr=0.01, weight_decay=0.1, eps=1e-8, decoupled=True)),
+}
+# id: optimizer, distributed optimizer, overlap_grad_reduce, micro-batches a, clip, extra
+CASES = {
+    "vrlamb-do0-ov0-a2": ("vrlamb", False, False, 2, 0.0, {}),
+    "vrlamb-do0-ov1-a2": ("vrlamb", False, True, 2, 0.0, {}),
+    "vrlamb-do1-ov0-a2": ("vrlamb", True, False, 2, 0.0, {}),
+    "vrlamb-do1-ov1-a2": ("vrlamb", True, True, 2, 0.0, {}),
+    "vrlamb-do1-ov1-a3-clip": ("vrlamb", True, True, 3, CLIP, {}),
+    "vrlamb-do1-ov1-a2-pg": ("vrlamb", True, True, 2, 0.0, {"overlap_param_gather": True}),
+    "lamb-do1-ov1-a2": ("lamb", True, True, 2, 0.0, {}),
+    "lamb-do1-ov0-a1": ("lamb", True, False, 1, 0.0, {}),
+    "lars-do1-ov1-a2": ("lars", True, True, 2, 0.0, {}),
+    "vrlars-do1-ov1-a2": ("vrlars", True, True, 2, 0.0, {}),
+    "vrsgd-do0-ov1-a4-clip": ("vrsgd", False, True, 4, CLIP, {}),
+    "vrmomentum-do1-ov0-a2": ("vrmomentum", True, False, 2, 0.0, {}),
+    "vradam-do1-ov1-a2": ("vradam", True, True, 2, 0.0, {}),
+    "vrlamb-gamma1-do1-ov1-a2": ("vrlamb", True, True, 2, 0.0, {"vr_gamma": 1.0}),
+    "vrlamb-do1-ov1-a2-bf16": ("vrlamb", True, True, 2, 0.0, {"bf16": True}),
+    "vrlamb-do0-ov1-a2-bf16": ("vrlamb", False, True, 2, 0.0, {"bf16": True}),
+    "vrlamb-do1-ov1-a2-bf16grads": ("vrlamb", True, True, 2, 0.0, {"bf16": True, "grad_reduce_in_fp32": False}),
+    "vrlamb-do1-ov1-a2-fp16": ("vrlamb", True, True, 2, 0.0, {"fp16": True}),
+}
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                               torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def loss_fn(out, y):
+    return torch.nn.functional.mse_loss(out.float(), y)
+
+
+def split(step, accum, world=WORLD):
+    x, y = batch(step)
+    return list(zip(x.chunk(world * accum), y.chunk(world * accum)))
+
+
+def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer import TransformerConfig
+
+    from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
+
+    bf16, fp16 = extra.get("bf16", False), extra.get("fp16", False)
+    dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    model = (make_model() if model is None else model).to(device, dtype)
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=bf16, fp16=fp16,
+                               params_dtype=dtype)
+    ddp_config = DistributedDataParallelConfig(
+        overlap_grad_reduce=overlap, use_distributed_optimizer=distributed, bucket_size=BUCKET,
+        overlap_param_gather=extra.get("overlap_param_gather", False),
+        grad_reduce_in_fp32=extra.get("grad_reduce_in_fp32", True))
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    fields = dict(HP[name][1], **{k: v for k, v in extra.items() if k.startswith("vr_")})
+    opt_config = VROptimizerConfig(optimizer=name, min_lr=0.0, clip_grad=clip, bf16=bf16, fp16=fp16,
+                                   initial_loss_scale=2.0**12, use_distributed_optimizer=distributed, **fields)
+    opt = get_megatron_optimizer(opt_config, [ddp])
+    scheduler = OptimizerParamScheduler(
+        opt, init_lr=opt_config.lr, max_lr=opt_config.lr, min_lr=0.0, lr_warmup_steps=0,
+        lr_decay_steps=STEPS + 1, lr_decay_style="constant", start_wd=opt_config.weight_decay,
+        end_wd=opt_config.weight_decay, wd_incr_steps=STEPS + 1, wd_incr_style="constant")
+    return ddp, opt, scheduler
+
+
+def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", schedule=None):
+    """``schedule``: (data step, input factor) per optimizer step; default: steps 0 .. STEPS-1.
+    Returns whether Megatron applied each step (False: fp16 overflow, skipped)."""
+    applied = []
+    for step, factor in schedule or [(s, 1.0) for s in range(STEPS)]:
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        micro = split(step, accum, dist.get_world_size())
+        for j in range(accum):
+            xb, yb = (t.to(device) for t in micro[rank * accum + j])
+            with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
+                loss = loss_fn(ddp((xb * factor).to(dtype)), yb) / accum
+                (opt.scale_loss(loss) if dtype == torch.float16 else loss).backward()
+        ddp.finish_grad_sync()
+        ok, _, _ = opt.step()
+        applied.append(bool(ok))
+        if ok:
+            scheduler.step(1)
+    return applied
+
+
+def run_case(rank, name, distributed, overlap, accum, clip, extra, device="cpu"):
+    ddp, opt, scheduler = build(name, distributed, overlap, clip, extra, device=device)
+    dtype = torch.bfloat16 if extra.get("bf16") else torch.float16 if extra.get("fp16") else torch.float32
+    train(rank, ddp, opt, scheduler, accum, dtype, device)
+    if extra.get("overlap_param_gather"):
+        ddp.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
+    inner = opt.chained_optimizers[0].optimizer
+    layout = getattr(inner.layout, "_segments", {})
+    moments = getattr(inner, "moments", None)
+    return {
+        "params": [p.detach().float().cpu().clone() for p in ddp.module.parameters()],
+        "bucket_groups": len(ddp.bucket_groups),
+        "straddles": any(s.numel < s.layer_numel for s in layout.values() if s.numel),
+        "group_numels": [[p.numel() for p in g["params"]] for g in inner.param_groups],
+        "weight_decays": [g["weight_decay"] for g in inner.param_groups],
+        "squares_bytes": moments.comm_bytes if moments is not None else 0,
+        "k": moments.group_count if moments is not None else None,
+    }
+
+
+def capture_moments(rank, dtype, accum=2):
+    """One low-precision step's GSNR inputs (no distributed optimizer: whole parameters):
+    the mean gradient and sq_scale * sum_sq of every inner fp32 tensor, in model order."""
+    low = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+    ddp, opt, _ = build("vrlamb", False, True, 0.0, low)
+    ddp.zero_grad_buffer()
+    micro = split(0, accum)
+    for j in range(accum):
+        xb, yb = micro[rank * accum + j]
+        with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
+            loss = loss_fn(ddp(xb.to(dtype)), yb) / accum
+            (opt.scale_loss(loss) if dtype == torch.float16 else loss).backward()
+    ddp.finish_grad_sync()
+    inner = opt.chained_optimizers[0]
+    scale = float(inner.get_loss_scale())
+    assert not opt.prepare_grads()
+    mains = {id(model): main for models, mains in zip(inner.float16_groups, inner.fp32_from_float16_groups)
+             for model, main in zip(models, mains)}
+    src = inner.optimizer.moments
+    tensors = [mains[id(p)] for p in ddp.module.parameters()]
+    return {"grad": [t.grad.clone() for t in tensors], "msq": [src.sq_scale * src.sum_sq(t) for t in tensors],
+            "k": src.group_count, "loss_scale": scale}
+
+
+def run_fp16_overflow(rank):
+    """Inputs x 1e5 overflow fp16 on the second step: Megatron skips it; the run must then
+    equal the run without that step (the squares of the skipped step leave no trace)."""
+    ddp, opt, scheduler = build("vrlamb", True, True, 0.0, {"fp16": True})
+    applied = train(rank, ddp, opt, scheduler, 2, torch.float16, schedule=[(0, 1.0), (1, 1e5), (1, 1.0), (2, 1.0)])
+    return {"applied": applied, "params": [p.detach().float().clone() for p in ddp.module.parameters()]}
+
+
+def float64_reference(name, groups, clip, gamma=None):
+    """ALGORITHM.md over ``groups`` explicit group gradients per step; biases (Megatron's
+    wd_mult 0) get no weight decay and, for LARS, no trust ratio."""
+    from reference import Reference, group_grads
+
+    base, _, hp = HP[name]
+    gamma = gamma if gamma is not None else (0.1 if name.startswith("vr") else None)
+    beta3 = 0.9 if name in ("vrlamb", "vradam") else 0.0
+    model = make_model()
+    params = list(model.parameters())
+    ref = Reference(params, base, gamma=gamma, beta3=beta3, **hp)
+    no_decay = {"weight_decay": 0.0, **({"excluded": True} if base in ("lamb", "lars") else {})}
+    per_param = [no_decay if p.dim() == 1 else {} for p in params]
+    for step in range(STEPS):
+        with torch.no_grad():
+            for p, t in zip(params, ref.theta):
+                p.copy_(t.float())
+        x, y = batch(step)
+        grads = group_grads(model, loss_fn, x, y, groups)
+        if clip > 0.0:  # Megatron clips the mean gradient by its total norm
+            norm = torch.sqrt(sum((g.mean(0) ** 2).sum() for g in grads)).item()
+            coef = min(1.0, clip / (norm + 1e-6))
+            assert coef < 1.0  # the case must really clip
+            grads = [g * coef for g in grads]
+        ref.step(grads, per_param)
+    return ref.theta
+
+
+def run_refusals(rank):
+    """Each unsupported setting, set on a real config, must be refused with its message."""
+    from megatron_refusals import REFUSALS, try_refusal
+
+    return {cid: try_refusal(rank, *spec) for cid, spec in REFUSALS.items()}
+
+
+def worker(rank, init_file, out_dir):
+    from megatron_cpu import redirect_cuda_to_cpu
+
+    redirect_cuda_to_cpu()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        results = {cid: run_case(rank, *spec) for cid, spec in CASES.items()}
+        results["bf16-moments"] = capture_moments(rank, torch.bfloat16)
+        results["fp16-moments"] = capture_moments(rank, torch.float16)
+        results["fp16-overflow"] = run_fp16_overflow(rank)
+        results["refusals"] = run_refusals(rank)
+    except Exception:
+        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
+        raise
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()

@@ -1,0 +1,58 @@
+"""The CUDA-to-CPU redirection megatron-core 0.16 needs to run on CPU with gloo. Tests only.
+
+megatron-core assumes a CUDA device in a few places on the DDP / optimizer path:
+
+- ``torch.cuda.current_device()`` as the device of the gradient buffers;
+- tensors created with ``device="cuda"`` (found-inf flag, unit loss scale, grad-norm and
+  clipping scratch tensors);
+- ``Tensor.type()`` compared with ``"torch.cuda.FloatTensor"`` (and the Half/BFloat16
+  names) to sort parameters by dtype in the (distributed) optimizer and in clipping.
+
+:func:`redirect_cuda_to_cpu` patches exactly these in the calling process: the device
+becomes "cpu", ``device="cuda"`` becomes ``device="cpu"`` in ``torch.tensor`` and
+``torch.zeros``, and ``Tensor.type()`` without arguments names a CPU tensor as its CUDA
+twin. Nothing of Megatron or torch.distributed is mocked; vrgd_ds itself never needs this.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_done = False
+
+
+def _cpu_device(device):
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        return "cpu"
+    return device
+
+
+def _redirect_factory(fn):
+    @functools.wraps(fn)
+    def factory(*args, device=None, **kwargs):
+        return fn(*args, device=_cpu_device(device), **kwargs)
+    return factory
+
+
+def _cuda_type_name(original):
+    @functools.wraps(original)
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        name = original(self)
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+    return type_
+
+
+def redirect_cuda_to_cpu() -> None:
+    """Patch this process so megatron-core's DDP and optimizers run on CPU (idempotent)."""
+    global _done
+    if _done:
+        return
+    torch.cuda.current_device = lambda: "cpu"
+    torch.tensor = _redirect_factory(torch.tensor)
+    torch.zeros = _redirect_factory(torch.zeros)
+    torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
+    _done = True

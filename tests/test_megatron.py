@@ -1,0 +1,136 @@
+"""vrgd_ds.megatron on 2 real gloo CPU ranks with real megatron-core DDP and optimizers.
+
+One ``mp.spawn`` runs every case of ``megatron_cases.CASES`` (and the refusals); the tests
+compare each case with the float64 reference of ALGORITHM.md (``tests/reference.py``),
+over the k = W x a explicit group gradients. The only non-Megatron code in the workers is
+the CUDA-to-CPU redirection of ``megatron_cpu.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from megatron_cases import CASES, WORLD, float64_reference, loss_fn, make_model  # noqa: E402
+from megatron_refusals import REFUSALS  # noqa: E402
+from reference import max_rel_err  # noqa: E402
+from spawn_ranks import spawn_ranks  # noqa: E402
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "ds_scripts"))
+from tiny_problem import batch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def megatron_results(tmp_path_factory):
+    from megatron_cases import worker
+
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("megatron"))
+
+
+FP32 = [cid for cid, spec in CASES.items() if not (spec[5].get("bf16") or spec[5].get("fp16") or "gamma1" in cid)]
+
+
+@pytest.mark.parametrize("cid", FP32)
+def test_matches_float64_reference(megatron_results, cid):
+    name, distributed, overlap, accum, clip, extra = CASES[cid]
+    got = [r[cid] for r in megatron_results]
+    torch.testing.assert_close(got[0]["params"], got[1]["params"], rtol=0, atol=0)
+    err = max_rel_err(got[0]["params"], float64_reference(name, WORLD * accum, clip))
+    assert err < 2e-5, f"{cid}: max relative error {err:.2e}"
+    if name.startswith("vr"):
+        assert got[0]["k"] == WORLD * accum
+        assert got[0]["squares_bytes"] > 0
+
+
+def test_cases_cover_the_hard_layouts(megatron_results):
+    """Several buckets; a layer split across the two shards; a rank whose shard holds no
+    element of a param group (placeholder); the no-decay group really has no decay."""
+    r0, r1 = megatron_results
+    for cid, (_, distributed, overlap, *_rest) in CASES.items():
+        if overlap:
+            assert r0[cid]["bucket_groups"] >= 2, cid
+        if distributed:
+            assert r0[cid]["straddles"] and r1[cid]["straddles"], cid
+        assert r0[cid]["weight_decays"][1] == 0.0 and r0[cid]["weight_decays"][0] > 0.0, cid
+    assert r1["vrlamb-do1-ov1-a2"]["group_numels"][1] == [0]  # rank 1 holds no bias: placeholder
+    assert r0["vrlamb-do1-ov1-a2"]["group_numels"][1] != [0]
+
+
+def test_gamma_one_is_lamb(megatron_results):
+    for r in megatron_results:
+        torch.testing.assert_close(r["vrlamb-gamma1-do1-ov1-a2"]["params"], r["lamb-do1-ov1-a2"]["params"],
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cid", [c for c in CASES if CASES[c][5].get("bf16") or CASES[c][5].get("fp16")])
+def test_bf16_close_to_reference(megatron_results, cid):
+    name, _, _, accum, clip, _ = CASES[cid]
+    got = megatron_results[0][cid]["params"]
+    assert all(p.isfinite().all() for p in got)
+    # bf16 forward/backward (8 mantissa bits) against the fp32-model reference
+    assert max_rel_err(got, float64_reference(name, WORLD * accum, clip)) < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_moments_match_explicit_groups(megatron_results, dtype):
+    """The squares path in bf16, and in fp16 with its loss scale: mean gradient and mean of
+    squared group gradients as the VR optimizer reads them, against the k explicit group
+    gradients of the same low-precision model."""
+    accum = 2
+    model = make_model().to(dtype)
+    params = list(model.parameters())
+    x, y = batch(0)
+    gg = [torch.stack(gs).float() for gs in zip(*(
+        torch.autograd.grad(loss_fn(model(xb.to(dtype)), yb), params)
+        for xb, yb in zip(x.chunk(WORLD * accum), y.chunk(WORLD * accum))))]
+    for r in megatron_results:
+        got = r[f"{'bf16' if dtype == torch.bfloat16 else 'fp16'}-moments"]
+        assert got["k"] == WORLD * accum
+        assert got["loss_scale"] == (2.0**12 if dtype == torch.float16 else 1.0)
+        for g, grad, msq in zip(gg, got["grad"], got["msq"]):
+            scale = g.abs().max()
+            torch.testing.assert_close(grad, g.mean(0), rtol=3e-2, atol=3e-2 * scale)
+            torch.testing.assert_close(msq, (g * g).mean(0), rtol=3e-2, atol=3e-2 * scale**2)
+
+
+def test_fp16_overflow_step_leaves_no_trace(megatron_results):
+    for r in megatron_results:
+        got = r["fp16-overflow"]
+        assert got["applied"] == [True, False, True, True]
+        torch.testing.assert_close(got["params"], r["vrlamb-do1-ov1-a2-fp16"]["params"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cid", list(REFUSALS))
+def test_unsupported_settings_refused(megatron_results, cid):
+    *_, words = REFUSALS[cid]
+    for r in megatron_results:
+        msg = r["refusals"][cid]
+        assert msg is not None, f"{cid} was not refused"
+        assert words in msg, msg
+        if REFUSALS[cid][1] is not None:
+            assert REFUSALS[cid][1] in msg, msg
+
+
+def test_version_and_internals_checks():
+    from vrgd_ds.megatron import seam
+
+    seam.check_megatron_version()
+    with pytest.raises(RuntimeError, match=r"supports megatron-core 0\.16\.x .*found 0\.17\.0"):
+        seam.check_megatron_version("0.17.0")
+    with pytest.raises(RuntimeError, match=r"DistributedDataParallel of megatron-core 0\.16\.\d+ lacks buffers"):
+        seam._require(object(), ("buffers",), "DistributedDataParallel")
+    with pytest.raises(TypeError, match="DistributedDataParallel, got Linear"):
+        seam.check_internals(torch.nn.Linear(2, 2))
+
+
+def test_vrgd_ds_imports_without_megatron():
+    code = ("import sys; sys.modules['megatron'] = None\n"
+            "import vrgd_ds\n"
+            "try:\n    import vrgd_ds.megatron\nexcept ImportError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "refused: vrgd_ds.megatron needs megatron-core: pip install 'vrgd-ds[megatron]'" in out.stdout

@@ -1,0 +1,219 @@
+"""Build vrgd_ds optimizers through Megatron-core's own optimizer path.
+
+:func:`get_megatron_optimizer` takes the arguments of
+``megatron.core.optimizer.get_megatron_optimizer`` and returns what it returns (a
+``ChainedOptimizer`` around a ``DistributedOptimizer``, ``Float16OptimizerWithFloat16Params``
+or ``FP32Optimizer``). Megatron builds everything as usual, param groups (``wd_mult`` 0 for
+biases and 1-D parameters, ``lr_mult``, ``max_lr``/``min_lr`` for its scheduler), process
+groups, main-parameter shards and loss scaler, around a temporary, stateless torch AdamW;
+then the AdamW is replaced by the optimizer named in ``config.optimizer``, over the very
+same tensors and param groups. Megatron's ``OptimizerParamScheduler`` drives ``lr`` and
+``weight_decay`` of every group as it would for Adam.
+
+Layer statistics under the distributed optimizer (exact across shards)
+----------------------------------------------------------------------
+Each inner tensor is the part of one model parameter ("layer") that this rank's shard holds
+(:class:`ShardLayout`); the GSNR layer means and the LAMB/LARS trust-ratio norms are summed
+over all ranks with one all-reduce of a [layers, columns] table over the distributed
+optimizer's data-parallel group, whose size does not depend on the shard.
+
+Every rank issues every collective, in the same order and with the same sizes:
+
+- the optimizers issue one layer-statistics all-reduce per param group (and one for all
+  groups together for the GSNR) whenever the group has tensors. Megatron gives every rank
+  every param group, but a rank's shard may hold no element of a group. Such a group gets
+  one zero-element placeholder tensor (with a zero-element gradient), so that every group
+  has tensors on every rank; the table's size is the number of layers on every rank;
+- whether a step computes the GSNR, overflows into float64, or is skipped for a non-finite
+  gradient is decided from the all-reduced sums, so on every rank alike;
+- the squares collectives (:mod:`.squares`) run inside Megatron's own bucket-group
+  start/finish calls, which Megatron issues in the same order on every rank;
+- the backward-pass count check is one all-reduce at the first GSNR read of a step, which
+  every rank reaches because the param groups (and their gamma) are the same everywhere.
+
+Checkpointing of the VR/LAMB/LARS state through Megatron's (distributed) optimizer is not
+implemented: ``state_dict``, ``sharded_state_dict`` and friends raise NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..optim import LAMB, LARS, VRAdam, VRAdamW, VRLAMB, VRLARS, VRMomentum, VRSGD
+from ..optim.layout import LayerLayout, Segment
+from ..optim.vr import GSNRTransform
+from . import seam
+from .squares import BufferSquares
+from .support import check_supported
+
+try:
+    from megatron.core.optimizer import OptimizerConfig
+except ImportError as e:  # pragma: no cover - the package __init__ says how to install
+    raise ImportError("vrgd_ds.megatron needs megatron-core: pip install 'vrgd-ds[megatron]'") from e
+
+OPTIMIZERS = ("vrsgd", "vrmomentum", "vradam", "vrlamb", "vrlars", "lamb", "lars")
+CHECKPOINT_METHODS = ("state_dict", "load_state_dict", "sharded_state_dict", "save_parameter_state",
+                      "load_parameter_state")
+
+
+@dataclasses.dataclass
+class VROptimizerConfig(OptimizerConfig):
+    """Megatron's ``OptimizerConfig`` with the VR fields; ``optimizer`` names one of
+    :data:`OPTIMIZERS` ("vradam" is VR-AdamW when ``decoupled_weight_decay``, as Megatron's
+    "adam" is AdamW). LAMB and VR-Adam/LAMB read ``adam_beta1/2`` and ``adam_eps``; VR-Momentum
+    and (VR-)LARS read ``sgd_momentum``. ``vr_beta3=None`` takes the optimizer's default
+    (0.9 for VR-Adam and VR-LAMB, 0 otherwise)."""
+
+    optimizer: str = "vrlamb"
+    vr_gamma: float = 0.1
+    vr_beta3: float | None = None
+    lars_eta: float = 0.001
+
+
+def _build(config, groups: list[dict]):
+    name = config.optimizer
+    betas, eps = (config.adam_beta1, config.adam_beta2), config.adam_eps
+    vr = {"gamma": config.vr_gamma, **({} if config.vr_beta3 is None else {"beta3": config.vr_beta3})}
+    lr, wd, mom = config.lr, config.weight_decay, config.sgd_momentum
+    if name == "lamb":
+        return LAMB(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=mom, weight_decay=wd, eta=config.lars_eta)
+    if name == "vrlamb":
+        return VRLAMB(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd, **vr)
+    if name == "vrlars":
+        return VRLARS(groups, lr=lr, momentum=mom, weight_decay=wd, eta=config.lars_eta, **vr)
+    if name == "vradam":
+        cls = VRAdamW if config.decoupled_weight_decay else VRAdam
+        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd, **vr)
+    if name == "vrmomentum":
+        return VRMomentum(groups, lr=lr, momentum=mom, weight_decay=wd, **vr)
+    return VRSGD(groups, lr=lr, weight_decay=wd, **vr)
+
+
+class ShardLayout(LayerLayout):
+    """Inner tensors of the distributed optimizer as pieces of model layers (one segment each)."""
+
+    def __init__(self, segments: dict[int, Segment], layer_count: int, group):
+        self._segments = segments
+        self.layer_count = layer_count
+        self.group = group
+
+    def segments(self, param: Tensor) -> list[Segment]:
+        try:
+            return [self._segments[id(param)]]
+        except KeyError:
+            raise RuntimeError(f"ShardLayout got a tensor of shape {tuple(param.shape)} that is not "
+                               "one of the distributed optimizer's main-parameter shards") from None
+
+    def reduce(self, partial: Tensor, segments: Sequence[Segment]) -> Tensor:
+        """One all-reduce of a [layers, c] table, whatever this rank's shard holds."""
+        index = torch.tensor([s.layer for s in segments], dtype=torch.long, device=partial.device)
+        table = torch.zeros(self.layer_count, partial.shape[1], dtype=partial.dtype, device=partial.device)
+        table.index_add_(0, index, partial)
+        dist.all_reduce(table, group=self.group)
+        return table[index]
+
+
+def _with_placeholders(mains: list[list[seam.MainParam]], device) -> list[list[seam.MainParam]]:
+    """A zero-element tensor in each group this rank's shard holds nothing of (see above)."""
+    out = []
+    for group in mains:
+        if not group:
+            t = torch.zeros(0, dtype=torch.float32, device=device)
+            t.grad = torch.zeros(0, dtype=torch.float32, device=device)
+            group = [seam.MainParam(t, None, 0, 0)]
+        out.append(group)
+    return out
+
+
+def _shard_layout(ddp, inner, mains: list[list[seam.MainParam]]) -> ShardLayout:
+    layers = {p: i for i, p in enumerate(p for buf in seam.dense_buffers(ddp) for p in buf.params)}
+    segments = {}
+    for m in (m for group in mains for m in group):
+        if m.model_param is None:  # adds zeros to layer 0's row
+            segments[id(m.tensor)] = Segment(0, 0, 0, 1)
+        else:
+            segments[id(m.tensor)] = Segment(0, m.end - m.start, layers[m.model_param], m.model_param.numel())
+    return ShardLayout(segments, len(layers), seam.shard_group(inner))
+
+
+def _param_groups(inner, mains, adam_keys) -> list[dict]:
+    """Megatron's groups without the AdamW keys; bias/1-D groups (wd_mult 0) are excluded
+    from LARS's trust ratio and from weight decay, as ALGORITHM.md section 4 asks."""
+    groups = []
+    for g, group_mains in zip(inner.optimizer.param_groups, mains):
+        group = {k: v for k, v in g.items() if k not in adam_keys and k != "params"}
+        group["exclude_from_adaptation"] = float(g.get("wd_mult", 1.0)) == 0.0
+        group["params"] = [m.tensor for m in group_mains]
+        groups.append(group)
+    return groups
+
+
+def _install(config, ddp, inner) -> None:
+    if seam.is_stub(inner):
+        raise NotImplementedError("vrgd_ds.megatron: a rank without trainable parameters (a stub "
+                                  "Megatron optimizer) is not supported")
+    kind = seam.optimizer_kind(inner)
+    mains = seam.main_params(inner)
+    if kind == "distributed":
+        mains = _with_placeholders(mains, seam.dense_buffers(ddp)[0].device)
+    adam_keys = set(inner.optimizer.defaults) - {"lr", "weight_decay"}
+    groups = _param_groups(inner, mains, adam_keys)
+    # torch refuses non-leaf tensors (the fp32 shard views) in add_param_group; Megatron
+    # sets its inner optimizer's groups directly, and so do we
+    opt = _build(config, [{**g, "params": []} for g in groups])
+    for mine, g in zip(opt.param_groups, groups):
+        mine["params"] = g["params"]
+    if kind == "distributed":
+        opt.layout = _shard_layout(ddp, inner, mains)
+    if isinstance(opt, GSNRTransform):
+        squares = BufferSquares(ddp)
+        squares.bind([m for group in mains for m in group])
+        opt.attach_moments(squares)
+        seam.hook_prepare_grads(inner, lambda: squares.before_prepare(seam.loss_scale(inner)),
+                                squares.after_prepare)
+    seam.replace_inner(inner, opt)
+
+
+def _refuse_checkpointing(obj) -> None:
+    def refuse(*_args, **_kwargs):
+        raise NotImplementedError(
+            "vrgd_ds.megatron: checkpointing the optimizer state through Megatron's optimizer "
+            "wrappers is not implemented for the vrgd_ds optimizers; the model parameters can be "
+            "saved as usual")
+    for name in CHECKPOINT_METHODS:
+        if hasattr(obj, name):
+            setattr(obj, name, refuse)
+
+
+def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
+                           pg_collection=None):
+    """Megatron's ``get_megatron_optimizer`` for the optimizers in :data:`OPTIMIZERS`.
+
+    ``config`` is a :class:`VROptimizerConfig`. Build it before the first backward pass: the
+    VR optimizers register the squares hooks on the model's parameters here."""
+    from megatron.core.optimizer import get_megatron_optimizer as megatron_get_optimizer
+
+    seam.check_megatron_version()
+    if not isinstance(config, VROptimizerConfig):
+        raise TypeError(f"config must be a vrgd_ds.megatron.VROptimizerConfig, got {type(config).__name__}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"VROptimizerConfig.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    check_supported(config, model_chunks)
+    megatron_config = dataclasses.replace(config, optimizer="adam")
+    megatron_opt = megatron_get_optimizer(megatron_config, model_chunks, config_overrides,
+                                          use_gloo_process_groups, pg_collection)
+    seam.check_internals(model_chunks[0], megatron_opt)
+    inners = seam.inner_optimizers(megatron_opt)
+    if len(inners) != 1:  # the refusals above leave only the dense optimizer
+        raise NotImplementedError(f"vrgd_ds.megatron expected one Megatron optimizer, got {len(inners)}")
+    _install(config, model_chunks[0], inners[0])
+    _refuse_checkpointing(inners[0])
+    _refuse_checkpointing(megatron_opt)
+    return megatron_opt

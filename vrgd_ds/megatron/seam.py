@@ -1,0 +1,279 @@
+"""The one module of vrgd_ds that names megatron-core internals.
+
+Everything else in :mod:`vrgd_ds.megatron` works on the plain snapshots built here
+(:class:`BufferLayout`, :class:`BucketSync`, :class:`MainParam`). Tested with
+megatron-core |TESTED|; :func:`check_megatron_version` refuses other minor versions and
+:func:`check_internals` checks, at construction, that every internal below exists.
+
+Internals used (megatron-core 0.16):
+
+- ``DistributedDataParallel``: ``buffers``, ``expert_parallel_buffers``, ``bucket_groups``,
+  ``ddp_config``, ``config`` (the TransformerConfig), ``tp_group``, ``pp_group``,
+  ``dp_group``, ``dp_cp_group``, and its method ``zero_grad_buffer``.
+- ``_ParamAndGradBuffer``: ``params``, ``param_index_map`` (param -> (start, end,
+  bucket id) in the buffer), ``numel``, ``grad_data``, ``buckets``.
+- ``_ParamAndGradBucket``: ``offset``, ``grad_data``, ``gradient_scaling_factor``.
+- ``_ParamAndGradBucketGroup``: ``buckets``, ``ddp_config``, the collective group
+  (``intra_distributed_optimizer_instance_group`` with the distributed optimizer,
+  ``data_parallel_group`` without), and its methods ``start_grad_sync`` and
+  ``finish_grad_sync``, which this module wraps per instance.
+- ``ChainedOptimizer.chained_optimizers``; ``MegatronOptimizer.optimizer`` (the inner
+  torch optimizer), ``is_stub_optimizer``, ``prepare_grads`` (wrapped per instance) and
+  ``get_loss_scale``.
+- ``DistributedOptimizer``: ``model_float16_groups``, ``model_fp32_groups``,
+  ``shard_fp32_from_float16_groups``, ``shard_fp32_groups``, ``data_parallel_group`` and
+  ``_get_model_param_range_map(param)["param"]`` (the element range of a model parameter
+  that this rank's shard holds).
+- ``Float16OptimizerWithFloat16Params``: ``float16_groups``, ``fp32_from_float16_groups``,
+  ``fp32_from_fp32_groups``; ``FP32Optimizer``: its inner parameters are the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+TESTED = "0.16.1"
+SUPPORTED_MINOR = (0, 16)
+__doc__ = __doc__.replace("|TESTED|", TESTED)
+
+_DDP_ATTRS = ("buffers", "expert_parallel_buffers", "bucket_groups", "ddp_config", "config",
+              "tp_group", "pp_group", "dp_group", "dp_cp_group", "zero_grad_buffer")
+_BUFFER_ATTRS = ("params", "param_index_map", "numel", "grad_data", "buckets")
+_BUCKET_ATTRS = ("offset", "grad_data", "gradient_scaling_factor")
+_GROUP_ATTRS = ("buckets", "ddp_config", "start_grad_sync", "finish_grad_sync")
+_DISTOPT_ATTRS = ("model_float16_groups", "model_fp32_groups", "shard_fp32_from_float16_groups",
+                  "shard_fp32_groups", "data_parallel_group", "_get_model_param_range_map")
+_FLOAT16_ATTRS = ("float16_groups", "fp32_from_float16_groups", "fp32_from_fp32_groups")
+
+
+def megatron_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def check_megatron_version(version: str | None = None) -> None:
+    version = megatron_version() if version is None else version
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        raise RuntimeError(f"cannot parse the megatron-core version {version!r}") from None
+    if major_minor != SUPPORTED_MINOR:
+        raise RuntimeError(
+            f"vrgd_ds.megatron supports megatron-core {SUPPORTED_MINOR[0]}.{SUPPORTED_MINOR[1]}.x "
+            f"(tested: {TESTED}); found {version}. It hooks Megatron's gradient buffers by "
+            f"version; install the extra: pip install 'vrgd-ds[megatron]'")
+
+
+def _require(obj, names, what: str) -> None:
+    missing = [n for n in names if not hasattr(obj, n)]
+    if missing:
+        raise RuntimeError(
+            f"vrgd_ds.megatron: {what} of megatron-core {megatron_version()} lacks {', '.join(missing)}; "
+            f"this adapter was written against megatron-core {TESTED}")
+
+
+def check_internals(ddp, megatron_optimizer=None) -> None:
+    """Fail early, naming the installed version, if an internal used here has moved."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    if not isinstance(ddp, DistributedDataParallel):
+        raise TypeError(f"vrgd_ds.megatron needs model chunks wrapped in megatron.core.distributed."
+                        f"DistributedDataParallel, got {type(ddp).__name__}")
+    _require(ddp, _DDP_ATTRS, "DistributedDataParallel")
+    for buf in ddp.buffers:
+        _require(buf, _BUFFER_ATTRS, "_ParamAndGradBuffer")
+        for bucket in buf.buckets:
+            _require(bucket, _BUCKET_ATTRS, "_ParamAndGradBucket")
+    for group in ddp.bucket_groups:
+        _require(group, _GROUP_ATTRS, "_ParamAndGradBucketGroup")
+    for inner in inner_optimizers(megatron_optimizer) if megatron_optimizer is not None else ():
+        _require(inner, ("optimizer", "is_stub_optimizer", "prepare_grads", "get_loss_scale"),
+                 "MegatronOptimizer")
+        kind = optimizer_kind(inner)
+        if kind == "distributed":
+            _require(inner, _DISTOPT_ATTRS, "DistributedOptimizer")
+        elif kind == "float16":
+            _require(inner, _FLOAT16_ATTRS, "Float16OptimizerWithFloat16Params")
+
+
+# ---- the model side: gradient buffers and their bucket groups -------------------------
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """One dense gradient buffer: where each parameter's gradient lives in it."""
+
+    numel: int
+    device: torch.device
+    params: tuple  # the buffer's parameters, in Megatron's order (the same on every rank)
+    index: dict  # param -> (start, end) in the buffer
+
+
+@dataclass(frozen=True)
+class BucketSync:
+    """How Megatron reduces one bucket group: which slices, over which group, with what."""
+
+    buckets: tuple  # (buffer index, offset, numel, gradient scaling factor) per bucket
+    group: object
+    size: int
+    rank: int
+    sharded: bool  # reduce-scatter into equal shards (distributed optimizer), else all-reduce
+    async_op: bool
+    op: object
+
+
+def dense_buffers(ddp) -> list[BufferLayout]:
+    return [BufferLayout(buf.numel, buf.grad_data.device, tuple(buf.params),
+                         {p: (s, e) for p, (s, e, _) in buf.param_index_map.items()})
+            for buf in ddp.buffers]
+
+
+def _bucket_sync(group, ddp) -> BucketSync:
+    cfg = group.ddp_config
+    where = {id(b): i for i, buf in enumerate(ddp.buffers) for b in buf.buckets}
+    pg = (group.intra_distributed_optimizer_instance_group if cfg.use_distributed_optimizer
+          else group.data_parallel_group)
+    op = dist.ReduceOp.AVG if cfg.average_in_collective else dist.ReduceOp.SUM
+    buckets = tuple((where[id(b)], b.offset, b.grad_data.numel(), float(b.gradient_scaling_factor))
+                    for b in group.buckets)
+    return BucketSync(buckets, pg, pg.size(), pg.rank(), bool(cfg.use_distributed_optimizer),
+                      bool(cfg.overlap_grad_reduce and cfg.num_distributed_optimizer_instances == 1), op)
+
+
+def hook_bucket_groups(ddp, on_start: Callable[[int, bool], None],
+                       on_finish: Callable[[int], None]) -> list[BucketSync]:
+    """Run ``on_start(i, force_all_reduce)`` right after Megatron starts bucket group i's
+    gradient collective, ``on_finish(i)`` right after it finishes it.
+
+    Megatron's ``finish_grad_sync`` calls ``self.start_grad_sync`` (overlap off, or the first
+    batch), which then reaches the wrapper too, so every start is seen exactly once."""
+    syncs = []
+    for i, group in enumerate(ddp.bucket_groups):
+        syncs.append(_bucket_sync(group, ddp))
+        start, finish = group.start_grad_sync, group.finish_grad_sync
+
+        def start_grad_sync(force_all_reduce=False, _i=i, _start=start):
+            _start(force_all_reduce=force_all_reduce)
+            on_start(_i, bool(force_all_reduce))
+
+        def finish_grad_sync(force_all_reduce=False, _i=i, _finish=finish):
+            _finish(force_all_reduce=force_all_reduce)
+            on_finish(_i)
+
+        group.start_grad_sync = start_grad_sync
+        group.finish_grad_sync = finish_grad_sync
+    return syncs
+
+
+def hook_zero_grad_buffer(ddp, after: Callable[[], None]) -> None:
+    original = ddp.zero_grad_buffer
+
+    def zero_grad_buffer(*args, **kwargs):
+        result = original(*args, **kwargs)
+        after()
+        return result
+
+    ddp.zero_grad_buffer = zero_grad_buffer
+
+
+def parallel_sizes(ddp) -> dict[str, int]:
+    """Tensor-, pipeline-, context-parallel sizes and expert buffers of a DDP chunk."""
+    pp = ddp.pp_group[0] if isinstance(ddp.pp_group, list) else ddp.pp_group
+    return {"tensor_model_parallel_size": ddp.tp_group.size(),
+            "pipeline_model_parallel_size": pp.size(),
+            "context_parallel_size": ddp.dp_cp_group.size() // ddp.dp_group.size(),
+            "expert_parallel_buffers": len(ddp.expert_parallel_buffers)}
+
+
+# ---- the optimizer side ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MainParam:
+    """An inner-optimizer tensor and the model parameter elements [start, end) it holds."""
+
+    tensor: Tensor
+    model_param: Tensor
+    start: int
+    end: int
+
+
+def inner_optimizers(megatron_optimizer) -> list:
+    from megatron.core.optimizer import ChainedOptimizer
+
+    if isinstance(megatron_optimizer, ChainedOptimizer):
+        return list(megatron_optimizer.chained_optimizers)
+    return [megatron_optimizer]
+
+
+def optimizer_kind(inner) -> str:
+    from megatron.core.optimizer import DistributedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer
+
+    for cls, kind in ((DistributedOptimizer, "distributed"), (Float16OptimizerWithFloat16Params, "float16"),
+                      (FP32Optimizer, "fp32")):
+        if isinstance(inner, cls):
+            return kind
+    raise TypeError(f"vrgd_ds.megatron: unknown Megatron optimizer wrapper {type(inner).__name__}")
+
+
+def main_params(inner) -> list[list[MainParam]]:
+    """Per param group of the inner torch optimizer, in its order: each tensor and the
+    elements of the model parameter it holds."""
+    kind = optimizer_kind(inner)
+    model_of: dict[int, Tensor] = {}
+    if kind == "float16":
+        for models, mains in zip(inner.float16_groups, inner.fp32_from_float16_groups):
+            model_of.update((id(main), model) for model, main in zip(models, mains))
+    elif kind == "distributed":
+        for models, mains in (*zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups),
+                              *zip(inner.model_fp32_groups, inner.shard_fp32_groups)):
+            model_of.update((id(main), model) for model, main in zip(models, mains))
+    out = []
+    for group in inner.optimizer.param_groups:
+        row = []
+        for t in group["params"]:
+            model = model_of.get(id(t), t)  # fp32 parameters outside the distributed optimizer
+            if kind == "distributed":
+                r = inner._get_model_param_range_map(model)["param"]
+                row.append(MainParam(t, model, r.start, r.end))
+            else:
+                row.append(MainParam(t, model, 0, model.numel()))
+        out.append(row)
+    return out
+
+
+def shard_group(inner):
+    """The process group over which the distributed optimizer's shards are spread."""
+    return inner.data_parallel_group
+
+
+def replace_inner(inner, torch_optimizer) -> None:
+    inner.optimizer = torch_optimizer
+
+
+def is_stub(inner) -> bool:
+    return bool(inner.is_stub_optimizer)
+
+
+def hook_prepare_grads(inner, before: Callable[[], None], after: Callable[[], None]) -> None:
+    """``before()`` / ``after()`` around Megatron's gradient preparation (copy to main
+    gradients, fp16 unscale and overflow check), which precedes clipping and the step."""
+    original = inner.prepare_grads
+
+    def prepare_grads(*args, **kwargs):
+        before()
+        found_inf = original(*args, **kwargs)
+        after()
+        return found_inf
+
+    inner.prepare_grads = prepare_grads
+
+
+def loss_scale(inner) -> float:
+    return float(inner.get_loss_scale())
