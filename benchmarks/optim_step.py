@@ -1,6 +1,6 @@
 """Optimizer step time on a BERT-base-sized parameter set (about 110M parameters).
 
-    python -m benchmarks.optim_step [--steps 10] [--out results/optim_step]
+    python -m benchmarks.optim_step [--steps 10] [--out results/optim_step] [--device cuda] [--model large]
 
 All optimizers share one set of fp32 parameters and gradients in the real BERT-base
 shapes (each keeps its own state) and are stepped round-robin, so every timing sample
@@ -80,23 +80,31 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0,
                     help="shrink the model (vocab and layers) for a smoke run, e.g. 0.05")
     ap.add_argument("--out", default="results/optim_step")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with synchronisation)")
+    ap.add_argument("--model", choices=("base", "large"), default="base",
+                    help="BERT-base (110M) or BERT-large (340M) shapes")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
     layers = max(1, round(12 * args.scale))
-    shapes = bert_base_shapes(vocab=max(64, int(30522 * args.scale)), layers=layers)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    size = {"base": {}, "large": {"hidden": 1024, "inter": 4096}}[args.model]
+    layers = layers * (2 if args.model == "large" else 1)
+    shapes = bert_base_shapes(vocab=max(64, int(30522 * args.scale)), layers=layers, **size)
+    params = [torch.nn.Parameter(torch.randn(s, device=args.device) * 0.02) for s in shapes]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)
-    print(f"{len(params)} tensors, {n / 1e6:.1f}M parameters, torch {torch.__version__}, "
+    print(f"{len(params)} tensors, {n / 1e6:.1f}M parameters on {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     opts = build_optimizers(params)
     samples = {name: [] for name in opts}
     for i in range(args.warmup + args.steps):
         for name, opt in opts.items():
+            sync()
             t0 = time.perf_counter()
             opt.step()
+            sync()
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 samples[name].append(dt)
@@ -116,7 +124,8 @@ def main(argv=None):
     result = {
         "params": n, "tensors": len(params), "steps": args.steps, "warmup": args.warmup,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": platform.processor() or platform.machine(), "model": args.model,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "median_s": med, "samples_s": samples, "ratios": ratios, "targets_max": targets,
     }
     out = Path(args.out)

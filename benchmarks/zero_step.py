@@ -60,6 +60,7 @@ def worker(args):
 
     import vrgd_ds  # noqa: F401
     from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
+    from vrgd_ds.deepspeed import seam
     from vrgd_ds.deepspeed.telemetry import vr_optimizer
 
     counter = Counter()
@@ -112,7 +113,7 @@ def worker(args):
                 st["gsnr_momentum"].numel() * 4 for st in opt.state.values() if "gsnr_momentum" in st)
         result[label] = {"times_s": times[label], "bytes_per_step": step_bytes[label],
                          "vr_kept_bytes": vr_kept, "vr_sent_bytes_total": vr_sent,
-                         "partition_numel": sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)}
+                         "partition_numel": sum(g.flat.numel() for g in seam.snapshot(seam.zero_optimizer(engine)).groups)}
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:

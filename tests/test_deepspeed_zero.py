@@ -82,16 +82,17 @@ class Case:
         return list(range(self.steps)) if isinstance(self.steps, int) else [s for s, _ in self.steps]
 
 
-def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float32):
+def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float32, device="cpu"):
     """Float64 reference over the k = ranks x micro-steps explicit group gradients.
 
     ``history``: if a list, gets the group gradients of every step. ``model_dtype``: the
     group gradients come from the model in that dtype (as a bf16 / fp16 engine computes
-    them); everything after them is float64."""
+    them); everything after them is float64, on the CPU. ``device``: where the group
+    gradients are computed (the GPU check computes them with the engine's kernels)."""
     base, hp, extra = HP[case.opt]
     hp = {k: tuple(v) if isinstance(v, list) else v for k, v in hp.items()}
     gamma, beta3 = hp.pop("gamma", None), hp.pop("beta3", 0.0)
-    model = make_model().to(model_dtype)
+    model = make_model().to(device=device, dtype=model_dtype)
     named = [(n, p) for n, p in model.named_parameters() if n not in case.frozen]
     for n, p in model.named_parameters():
         p.requires_grad_(n not in case.frozen)
@@ -102,10 +103,11 @@ def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float
     for step in (case.data_steps if data_steps is None else data_steps):
         with torch.no_grad():
             for p, t in zip(params, ref.theta):
-                p.copy_(t.float())
+                p.copy_(t.to(device))
         x, y = batch(step)
         groups = group_grads(model, lambda out, yb: torch.nn.functional.mse_loss(out.float(), yb),
-                             x.to(model_dtype), y, k, params)
+                             x.to(device=device, dtype=model_dtype), y.to(device), k, params)
+        groups = [g.cpu() for g in groups]
         if history is not None:
             history.append(groups)
         if case.clip > 0.0:  # DeepSpeed clips the mean gradient; the GSNR is scale-invariant
@@ -328,14 +330,19 @@ class Rounding:
     scale: float = 1.0
 
     def mean(self, gg: torch.Tensor, stage: int, world=WORLD, gas=2) -> torch.Tensor:
-        rnd = lambda t, dt: t.to(dt).double()  # noqa: E731
+        def acc(terms, dt):  # a running sum rounded after every addition, as += in dt does
+            total = terms[0].to(dt).double()
+            for t in terms[1:]:
+                total = (total + t).to(dt).double()
+            return total
+
         g = gg * self.scale / gas
         if stage == 1:
-            local = [rnd(sum(g[j * world + r] for j in range(gas)), self.local) for r in range(world)]
-            return rnd(sum(local), self.comm) / world / self.scale
+            local = [acc([g[j * world + r] for j in range(gas)], self.local) for r in range(world)]
+            return acc(local, self.comm) / world / self.scale
         if stage == 2:
-            steps = [rnd(sum(g[j * world + r] for r in range(world)), self.comm) / world for j in range(gas)]
-            return rnd(sum(steps), self.acc) / self.scale
+            steps = [acc([g[j * world + r] for r in range(world)], self.comm) / world for j in range(gas)]
+            return acc(steps, self.acc) / self.scale
         return g.sum(0) / world / self.scale
 
 
@@ -349,22 +356,30 @@ GSNR_ROUTES = {  # route in the case name: its rounding
 }
 
 
+def expected_gsnr_means(stage: int, rounding: Rounding, world=WORLD, gas=2, device="cpu") -> dict[str, float]:
+    """Per layer, the first step's mean raw GSNR in float64 from the route's own group
+    gradients (model dtype, autocast, device) and its rounded mean gradient."""
+    history = []
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=rounding.autocast):
+        reference(Case("VRLAMB", 2, gas, world=world, steps=1), history=history, model_dtype=rounding.model,
+                  device=device)
+    tiny = torch.finfo(torch.float32).tiny
+    out = {}
+    for n, gg in zip([n for n, _ in make_model().named_parameters()], history[0]):
+        gbar, sq = rounding.mean(gg, stage, world, gas), (gg ** 2).mean(0)
+        out[n] = (gbar ** 2 / ((sq - gbar ** 2).clamp_min(0) + tiny)).mean().item()
+    return out
+
+
 @pytest.mark.parametrize("name", [n for n in OTHER if n.endswith("-gsnr")])
 def test_low_precision_gsnr_matches_reference_per_layer(matrix, name):
     """The per-layer mean raw GSNR of the first step against float64 arithmetic on the
     route's own group gradients and rounded mean gradient: every difference left is the
     adapter's (fp32 squares, fp32 sums), not the route's rounding."""
-    stage, rounding = OTHER[name].stage, GSNR_ROUTES[name.split("-")[3]]
-    history = []
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=rounding.autocast):
-        reference(Case("VRLAMB", 2, steps=1), history=history, model_dtype=rounding.model)
+    expected = expected_gsnr_means(OTHER[name].stage, GSNR_ROUTES[name.split("-")[3]])
     rec = result(matrix, name)["telemetry"]
-    tiny = torch.finfo(torch.float32).tiny
-    names = [n for n, _ in make_model().named_parameters()]
-    for n, gg in zip(names, history[0]):
-        gbar, sq = rounding.mean(gg, stage), (gg ** 2).mean(0)
-        expected = (gbar ** 2 / ((sq - gbar ** 2).clamp_min(0) + tiny)).mean().item()
-        assert rec["layers"][n]["gsnr_mean"] == pytest.approx(expected, rel=2e-5), n
+    for n, value in expected.items():
+        assert rec["layers"][n]["gsnr_mean"] == pytest.approx(value, rel=2e-5), n
 
 
 def test_fp16_overflow_step_is_skipped_and_leaves_no_trace(matrix):

@@ -43,8 +43,8 @@ def micro_batches(engine, step, scale):
 
 
 def loss_of(engine, x, y):
-    dtype = next(engine.module.parameters()).dtype  # bf16/fp16 configs cast the model
-    return torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
+    p = next(engine.module.parameters())  # bf16/fp16 configs cast the model
+    return torch.nn.functional.mse_loss(engine(x.to(device=p.device, dtype=p.dtype)).float(), y.to(p.device))
 
 
 def train(engine, steps, coalesce=False, on_step=None, before=None):
@@ -93,7 +93,7 @@ def param_groups(model, how):
 
 def build(case):
     cfg = json.loads(json.dumps(case["config"]))
-    if cfg.get("fp16", {}).get("enabled"):
+    if cfg.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
         # DeepSpeed's CPU accelerator reports no fp16; the tiny model runs in fp16 on CPU
         # anyway, which lets the test drive DeepSpeed's real fp16 loss-scaling path.
         from deepspeed.accelerator import get_accelerator
@@ -163,7 +163,7 @@ def run_case(case):
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, adapter_bytes(engine))
     opt = vr_optimizer(engine)
-    return {"params": [p.detach().float().clone() for p in engine.module.parameters()],
+    return {"params": [p.detach().float().cpu().clone() for p in engine.module.parameters()],
             "telemetry": named_telemetry(engine), "bytes": per_rank,
             "skipped_steps": engine.skipped_steps, "vr_skipped": getattr(opt, "skipped_steps", None),
             "peak_square_bytes": max(peaks, default=None), **record}
@@ -221,7 +221,7 @@ def main():
         if args.save:
             engine.save_checkpoint(args.save, tag="last")
         if dist.get_rank() == 0:
-            torch.save([p.detach().float().clone() for p in engine.module.parameters()], args.out)
+            torch.save([p.detach().float().cpu().clone() for p in engine.module.parameters()], args.out)
     dist.barrier()  # tear gloo down in step: a rank exiting mid-collective aborts the other
     dist.destroy_process_group()
 

@@ -83,11 +83,11 @@ def decide(f: EngineFacts, kind: str) -> str:
         raise _refuse(name, f"torch_autocast dtype {f.autocast_dtype}",
                       "its GradScaler unscales and skips steps per rank, outside DeepSpeed's loss scaler",
                       "use torch_autocast with dtype bfloat16, or DeepSpeed's fp16 section")
+    low = "fp16" if f.fp16 else "bf16" if f.bf16 else None
+    refuse_before_wrapper(name, f.stage, low)
     if f.wrapper not in ("none", "zero"):
         raise _refuse(name, f"DeepSpeed optimizer wrapper {f.wrapper}", "this wrapper is not supported",
                       "use ZeRO stage 0, 1 or 2 with fp32, bf16 or fp16")
-    low = "fp16" if f.fp16 else "bf16" if f.bf16 else None
-    refuse_before_wrapper(name, f.stage, low)
     if kind == "vr":
         if not f.managed_accumulation:
             raise _refuse(name, "managed_gradient_accumulation false",
