@@ -97,7 +97,8 @@ def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float
     for n, p in model.named_parameters():
         p.requires_grad_(n not in case.frozen)
     params = [p for _, p in named]
-    ref = Reference(params, base, gamma=gamma, beta3=beta3, interval=case.vr.get("gsnr_interval", 1), **hp, **extra)
+    ref = Reference([p.cpu() for p in params], base, gamma=gamma, beta3=beta3,
+                    interval=case.vr.get("gsnr_interval", 1), **hp, **extra)
     per_param = [_group_hp(case, base, n) for n, _ in named]
     k = case.world * case.gas
     for step in (case.data_steps if data_steps is None else data_steps):

@@ -172,7 +172,8 @@ def clamped_counts(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale:
 
     Telemetry only (one extra pass on the steps that record it); float64 counts.
     """
-    counts = [(_raw(g.float(), q, sq_scale) < gamma * m).sum() if m > 0.0 else torch.zeros((), dtype=torch.long)
+    counts = [(_raw(g.float(), q, sq_scale) < gamma * m).sum() if m > 0.0
+              else torch.zeros((), dtype=torch.long, device=g.device)
               for g, q, m in zip(grads, sum_sqs, layer_means)]
     return torch.stack(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
 

@@ -256,11 +256,11 @@ class GSNRTransform:
                                 self.param_groups[i]["gamma"])
             for i, start in zip(active, _starts([len(grads[i]) for i in active]))])
         # each segment carries its share of the layer total, so the shares add up exactly
-        share = torch.tensor([s * seg.numel / seg.layer_numel for s, seg in zip(sums, segments)],
-                             dtype=torch.float64)
-        numel = torch.tensor([float(seg.numel) for seg in segments], dtype=torch.float64)
-        gamma = torch.tensor(gammas, dtype=torch.float64)
-        table = self.layout.table(torch.stack([share, counts.cpu(), numel, gamma * numel], 1), segments)
+        f64 = dict(dtype=torch.float64, device=counts.device)  # the collective's device (NCCL: the GPU)
+        share = torch.tensor([s * seg.numel / seg.layer_numel for s, seg in zip(sums, segments)], **f64)
+        numel = torch.tensor([float(seg.numel) for seg in segments], **f64)
+        gamma = torch.tensor(gammas, **f64)
+        table = self.layout.table(torch.stack([share, counts, numel, gamma * numel], 1), segments)
         rec = self.telemetry if self.telemetry and self.telemetry["step"] == step else {"step": step, "layers": {}}
         for layer, (raw, clamped, n, gn) in table.items():
             rec["layers"][layer] = {"gsnr_mean": raw / n, "clamped_fraction": clamped / n,
@@ -277,7 +277,7 @@ class GSNRTransform:
         for i in active:
             for g, q in zip(grads[i], sqs[i]):
                 partial.append(gsnr.raw_gsnr_wide(g, q, sq_scale).sum() if next(flags)
-                               else torch.zeros((), dtype=torch.float64))
+                               else torch.zeros((), dtype=torch.float64, device=g.device))
         (wide,) = layer_totals(self.layout, segments, torch.stack(partial))
         return [w if o else s for w, o, s in zip(wide, overflow, sums)]
 
