@@ -21,7 +21,7 @@ import torch
 
 from ds_helpers import ROOT, free_port, remove_shm_buffers, run_deepspeed
 from reference import max_rel_err
-from test_deepspeed_zero import config
+from test_deepspeed_zero import Case
 
 sys.path.insert(0, str(ROOT))
 from launch.loopback_ssh import ensure_packages, loopback_hosts, loopback_sshd, skip_reason  # noqa: E402
@@ -54,7 +54,7 @@ def launch_through_hostfile(hostfile, env, workdir, cfg_path, out):
 
 @needs_sshd
 def test_two_nodes_through_hostfile_and_pdsh_match_local_ranks(sshd, tmp_path):
-    cfg = config("VRLAMB", 2, 1)
+    cfg = Case("VRLAMB", 2, 1).config()
     (tmp_path / "local").mkdir()
     start = time.monotonic()
     local = run_deepspeed("train_tiny.py", cfg, tmp_path / "local", "--steps", STEPS, "--out",
