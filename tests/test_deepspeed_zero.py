@@ -35,7 +35,11 @@ HP = {"NVLAMB": ("lamb", {"lr": 0.02, "betas": [0.9, 0.999], "eps": 1e-6, "weigh
       "VRSGD": ("sgd", {"lr": 0.2, "weight_decay": 0.01, "gamma": 0.1}, {}),
       "VRLARS": ("lars", {"lr": 2.0, "momentum": 0.9, "eta": 0.001, "weight_decay": 0.001, "gamma": 0.1}, {}),
       "VRAdamW": ("adam", {"lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1,
-                           "gamma": 0.1, "beta3": 0.9}, {"decoupled": True})}
+                           "gamma": 0.1, "beta3": 0.9}, {"decoupled": True}),
+      # DeepSpeed's own AdamW (torch's, on CPU): only measured, never compared with the reference
+      "AdamW": ("adam", {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}, {"decoupled": True})}
+GNS = {"vrgd_noise_scale": {"interval": 1, "ema_decay": 0.9}}
+GNS_FIRST = {"vrgd_noise_scale": {"interval": 100}}  # measures the first step only (at the initial weights)
 AUTOCAST = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
 BF16, FP16 = {"bf16": {"enabled": True}}, {"fp16": {"enabled": True, "initial_scale_power": 8}}
 
@@ -211,6 +215,11 @@ OTHER = {  # not exact by design: checked against the reference with their own t
     **{f"VRLAMB-s{s}-a2-bf16acc32-gsnr": Case("VRLAMB", s, vr={"telemetry_interval": 1}, steps=1, extra={
         **BF16, "communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}) for s in (2,)},
 }
+# measure-only noise scale (one top-level key) for optimizers that are not VR: parameters
+# bitwise those of the same run without the key, numbers those of the explicit groups
+MEASURED = {f"{o}-s{s}-a2{'-clip' if c else ''}": Case(o, s, clip=c, groups=g) for o, s, c, g in (
+    ("NVLAMB", 2, 0.0, "decay"), ("AdamW", 2, 0.0, None), ("AdamW", 1, 0.0, None), ("AdamW", 0, 0.0, None),
+    ("AdamW", 2, 0.05, None), ("LARS", 1, 0.0, "exclude"))}
 REFUSED = {  # name: (case, words the error must contain)
     "VRLAMB-s3": (Case("VRLAMB", 3), ["optimizer type 'VRLAMB' with zero_optimization.stage 3",
                                       "set zero_optimization.stage to 1 or 2"]),
@@ -238,6 +247,11 @@ REFUSED = {  # name: (case, words the error must contain)
                            ["'VRLAMB' with engine.coalesce_grad_reduction()", "train without it"]),
     "NVLAMB-s2-coalesce": (Case("NVLAMB", 2, coalesce=True),
                            ["'LAMB' with engine.coalesce_grad_reduction()", "not covered"]),
+    "AdamW-s3-gns": (Case("AdamW", 3, extra=GNS), ["'adamw' with zero_optimization.stage 3"]),
+    "VRLAMB-s2-gns-interval": (Case("VRLAMB", 2, extra={"vrgd_noise_scale": {"interval": 2}}),
+                               ["vrgd_noise_scale.interval: a VR optimizer measures", "telemetry_interval"]),
+    "AdamW-s2-gns-badkey": (Case("AdamW", 2, extra={"vrgd_noise_scale": {"every": 2}}),
+                            ["vrgd_noise_scale: unknown key 'every'; allowed: interval, ema_decay"]),
 }
 
 
@@ -245,6 +259,9 @@ def _worker_cases(tmp_path, world):
     cases = []
     for table in (PARITY, NONFINITE, OTHER):
         cases += [c.worker_case(n, tmp_path) for n, c in table.items() if c.world == world]
+    for n, c in MEASURED.items():
+        cases += [c.worker_case(n + "-plain", tmp_path), replace(c, extra=GNS).worker_case(n + "-gns", tmp_path),
+                  replace(c, extra=GNS_FIRST).worker_case(n + "-gns-first", tmp_path)]
     cases += [c.worker_case(n, tmp_path) for n, (c, _) in REFUSED.items() if c.world == world]
     return cases
 
@@ -435,11 +452,53 @@ def test_telemetry_is_exact_and_reaches_the_monitor(matrix, name, interval):
         assert rec["layers"][n]["gsnr_mean"] == pytest.approx(r_raw.mean().item(), rel=1e-3)
         assert rec["layers"][n]["clamped_fraction"] == pytest.approx(
             (r_raw < 0.1 * r_raw.mean()).double().mean().item(), abs=1.01 / gg[0].numel())
+    assert_noise_matches(rec, history[last], b=48 // (WORLD * 2), names=names)
     csv = tmp_path / "csv" / name
+    assert (csv / "VRGD_gns_b_simple_ema.csv").exists() and (csv / "VRGD_gns_trace_cov.csv").exists()
     rows = (csv / "VRGD_clamped_fraction.csv").read_text().split()
     assert rows[0] == "step,clamped_fraction" and len(rows) == 1 + len(range(0, STEPS, interval))
     assert float(rows[-1].split(",")[1]) == pytest.approx(rec["clamped_fraction"])
     assert (csv / "VRGD_gsnr_mean_0.weight.csv").exists()
+
+
+def exact_noise(groups: list[torch.Tensor], b: int) -> tuple[dict, list[dict]]:
+    """Section 7 on explicit group gradients (per parameter [k, ...], float64): the model's
+    record and each layer's."""
+    def one(flat):
+        k = flat.shape[0]
+        gbar = flat.mean(0)
+        group_var = (flat - gbar).pow(2).sum().item() / (k - 1)
+        grad_sq = gbar.pow(2).sum().item() - group_var / k
+        return {"trace_cov": b * group_var, "grad_sq": grad_sq,
+                "b_simple": b * group_var / grad_sq if grad_sq > 0 else None}
+    k = groups[0].shape[0]
+    return one(torch.cat([g.reshape(k, -1) for g in groups], 1)), [one(g.reshape(k, -1)) for g in groups]
+
+
+def assert_noise_matches(rec, history_step, b, names, rel=1e-5):
+    model, layers = exact_noise(history_step, b)
+    for key, want in model.items():
+        assert (rec[key] is None) if want is None else rec[key] == pytest.approx(want, rel=rel), key
+    for n, want_layer in zip(names, layers):
+        for key, want in want_layer.items():
+            got = rec["layers"][n][key]
+            assert (got is None) if want is None else got == pytest.approx(want, rel=rel), (n, key)
+
+
+@pytest.mark.parametrize("name", list(MEASURED))
+def test_measure_only_noise_scale_changes_nothing_and_is_exact(matrix, name):
+    plain, measured = result(matrix, name + "-plain"), result(matrix, name + "-gns")
+    for a, b in zip(plain["params"], measured["params"]):
+        assert torch.equal(a, b)
+    assert plain["telemetry"] is None
+    rec = measured["telemetry"]
+    assert rec["step"] == STEPS and rec["k"] == WORLD * 2 and "b_simple_ema" in rec
+    first = result(matrix, name + "-gns-first")["telemetry"]
+    assert first["step"] == 1
+    history = []
+    reference(replace(MEASURED[name], opt="NVLAMB", steps=1), history=history)
+    names = [n for n, _ in make_model().named_parameters()]
+    assert_noise_matches(first, history[0], b=48 // (WORLD * 2), names=names)
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
@@ -617,3 +676,23 @@ def test_hf_trainer_with_deepspeed_config_uses_our_lamb(tmp_path):
     res = json.loads((out / "result.json").read_text())
     assert res["optimizer"] == "LAMB" and res["layout"] == "ZeroLayout"
     assert len(res["losses"]) == 3 and all(math.isfinite(v) for v in res["losses"])
+    assert res["telemetry"] is None
+
+
+def test_hf_trainer_measures_the_noise_scale_of_deepspeeds_adamw(tmp_path):
+    """Measure-only mode through HF Trainer: DeepSpeed's AdamW, one extra config key."""
+    import math
+
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "train_batch_size": "auto", "gradient_clipping": "auto",
+           "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
+           "zero_optimization": {"stage": 2, "reduce_bucket_size": 2000},
+           "vrgd_noise_scale": {"interval": 1, "ema_decay": 0.9}}
+    out = tmp_path / "hf"
+    proc = run_deepspeed("hf_trainer_tiny.py", cfg, tmp_path, "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "result.json").read_text())
+    rec = res["telemetry"]
+    assert res["optimizer"] == "AdamW" and rec["step"] == 3 and rec["k"] == 2 * 2
+    assert rec["trace_cov"] > 0 and math.isfinite(rec["grad_sq"])
+    assert "bert.embeddings.word_embeddings.weight" in rec["layers"]

@@ -178,6 +178,19 @@ def clamped_counts(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale:
     return torch.stack(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
 
 
+def noise_partials(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float) -> Tensor:
+    """Per view: [sum (s - gbar^2), sum gbar^2] as a float64 [n, 2] tensor (section 7), the
+    elementwise terms in fp32, their sums in float64; to be summed per layer by the caller."""
+    rows = []
+    for g, q in zip(grads, sum_sqs):
+        g = g.float()
+        gsq = g * g
+        rows.append(torch.stack([(q * sq_scale - gsq).sum(dtype=torch.float64), gsq.sum(dtype=torch.float64)]))
+    if not rows:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    return torch.stack(rows)
+
+
 def as_fp32(g: Tensor) -> Tensor:
     """The identity gradient source of the base optimizers."""
     return g.float()

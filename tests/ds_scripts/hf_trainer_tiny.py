@@ -46,9 +46,12 @@ def main():
     opt = trainer.optimizer
     inner = getattr(opt, "optimizer", opt)
     inner = getattr(inner, "optimizer", inner)
+    from vrgd_ds.deepspeed.telemetry import named_telemetry
+
     if trainer.args.process_index == 0:
-        json.dump({"optimizer": type(inner).__name__, "layout": type(inner.layout).__name__,
-                   "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]},
+        json.dump({"optimizer": type(inner).__name__, "layout": type(getattr(inner, "layout", None)).__name__,
+                   "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                   "telemetry": named_telemetry(trainer.model_wrapped)},
                   open(f"{args.out}/result.json", "w"))
 
 

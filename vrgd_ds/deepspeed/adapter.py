@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 import torch.distributed as dist
 
+from ..moments.chunked import DEFAULT_CHUNK_NUMEL
+from ..noise_scale import NoiseScaleTracker
 from ..optim.base import BaseOptimizer
+from ..optim.layout import LayerLayout
 from ..optim.vr import GSNRTransform
 from . import routes, seam
+from .measure import CONFIG_KEY, NoiseMeter, noise_config
 from .stage0_moments import Stage0Moments
 from .telemetry import TelemetryWriter
 from .zero_layout import ZeroLayout
@@ -26,26 +31,29 @@ from .zero_moments import ZeroMoments
 
 
 class ZeroAdapter:
-    def __init__(self, optimizer, moments: ZeroMoments | None):
-        self.optimizer = optimizer
+    def __init__(self, optimizer, moments: ZeroMoments | None, meter: NoiseMeter | None = None):
+        self.optimizer = optimizer  # the VR optimizer, or None
         self.moments = moments
+        self.meter = meter
 
     def before_bucket_reduce(self, pairs) -> None:
         if self.moments is not None:
             self.moments.add_buckets(pairs)
 
-    def gradient_multiplier(self, m: float) -> None:
+    def gradient_multiplier(self, m: float, loss_scale: float) -> None:
         if self.moments is not None:
-            self.moments.set_multiplier(m)
+            self.moments.set_multiplier(m, loss_scale)
 
-    def local_nonfinite(self) -> bool:
-        return self.moments is not None and self.moments.nonfinite()
+    def local_nonfinite(self) -> bool:  # measure-only never changes what DeepSpeed decides
+        return self.optimizer is not None and self.moments.nonfinite()
 
     def after_step(self, skipped: bool, loss_scaling: bool) -> None:
         if self.moments is None:
             return
+        if self.meter is not None:
+            self.meter.finish_step(applied=not skipped)
         self.moments.end_step()
-        if skipped and not loss_scaling:  # a non-finite gradient or square, not an fp16 overflow
+        if self.optimizer is not None and skipped and not loss_scaling:  # non-finite, not an fp16 overflow
             self.optimizer.skip_nonfinite_step("DeepSpeed skipped the whole step, every param group")
 
     def abandon_step(self) -> None:
@@ -54,14 +62,16 @@ class ZeroAdapter:
 
 
 class EngineAdapter:
-    def __init__(self, engine, optimizer, route: str, stage0: Stage0Moments | None):
+    def __init__(self, engine, optimizer, route: str, stage0: Stage0Moments | None, meter: NoiseMeter | None):
         self.optimizer = optimizer
         self.route = route
         self.stage0 = stage0
-        self.telemetry = TelemetryWriter(engine, optimizer)
+        self.meter = meter
+        self.telemetry = TelemetryWriter(engine, meter if meter is not None else optimizer)
 
     def after_gradient_allreduce(self, boundary: bool) -> None:
-        if self.stage0 is not None and boundary and self.optimizer.wants_moments():
+        measuring = self.meter if self.meter is not None else self.optimizer
+        if self.stage0 is not None and boundary and measuring.wants_moments():
             self.stage0.allreduce_squares()
 
     def clip_measured(self, clip) -> None:
@@ -76,37 +86,57 @@ class EngineAdapter:
             self.optimizer.raise_pending_nonfinite()
 
     def refuse_context(self, context: str) -> None:
-        kind = "vr" if isinstance(self.optimizer, GSNRTransform) else "layer"
+        kind = "vr" if isinstance(self.optimizer, GSNRTransform) or self.meter is not None else "layer"
         raise routes.refuse_context(type(self.optimizer).__name__, context, kind)
 
 
 def attach_to_engine(engine) -> None:
-    """Decide the route of an engine whose optimizer is ours and attach the adapters."""
+    """Decide the route of an engine whose optimizer is ours, or that measures the noise
+    scale (:mod:`.measure`), and attach the adapters."""
     opt = seam.basic_optimizer(engine)
-    if not isinstance(opt, BaseOptimizer):
+    vr = isinstance(opt, GSNRTransform)
+    noise = noise_config(seam.vrgd_config(engine, CONFIG_KEY), vr)
+    measure = noise is not None and not vr
+    if not isinstance(opt, BaseOptimizer) and not measure:
         return
     facts = seam.engine_facts(engine)
-    vr = isinstance(opt, GSNRTransform)
-    route = routes.decide(facts, "vr" if vr else "layer")
+    route = routes.decide(facts, "vr" if vr or measure else "layer")
     if vr:
         opt.defer_nonfinite = True
-    stage0 = None
+        if noise is not None:
+            opt.noise_scale = NoiseScaleTracker(noise["ema_decay"])
+    stage0 = meter = None
     if facts.wrapper == "zero":
         zero = seam.zero_optimizer(engine)
         snap = seam.snapshot(zero)
-        opt.layout = ZeroLayout(snap)
+        layout = ZeroLayout(snap)
+        if isinstance(opt, BaseOptimizer):
+            opt.layout = layout
         moments = None
+        if measure:
+            meter = NoiseMeter(noise["interval"], noise["ema_decay"], layout)
+        if vr or measure:
+            moments = ZeroMoments(snap, meter or opt, opt.sq_chunk_numel if vr else DEFAULT_CHUNK_NUMEL,
+                                  facts.micro_batch)
         if vr:
-            moments = ZeroMoments(snap, opt, opt.sq_chunk_numel)
             opt.attach_moments(moments)
             seam.force_overflow_check(zero)
-        seam.attach(zero, ZeroAdapter(opt, moments))
-    elif vr:
+        seam.attach(zero, ZeroAdapter(opt if vr else None, moments, meter))
+    elif vr or measure:
         group = seam.data_parallel_group(engine)
+        if measure:
+            meter = NoiseMeter(noise["interval"], noise["ema_decay"], LayerLayout())
         stage0 = Stage0Moments(seam.engine_module(engine).parameters(), group, dist.get_world_size(group=group),
-                               opt.sq_comm_dtype, opt.sq_chunk_numel)
-        opt.attach_moments(stage0)
-    seam.attach(engine, EngineAdapter(engine, opt, route, stage0))
-    advice = routes.group_count_advice(facts) if vr else None
+                               torch.float32 if measure else opt.sq_comm_dtype,
+                               DEFAULT_CHUNK_NUMEL if measure else opt.sq_chunk_numel, facts.micro_batch)
+        if vr:
+            opt.attach_moments(stage0)
+        else:
+            opt.register_step_post_hook(lambda *_: meter.finish_step(applied=True))
+    if meter is not None:
+        meter.moments = stage0 if stage0 is not None else moments
+        opt.register_step_pre_hook(meter.observe)
+    seam.attach(engine, EngineAdapter(engine, opt, route, stage0, meter))
+    advice = routes.group_count_advice(facts) if vr or measure else None
     if advice and dist.get_rank() == 0:
         warnings.warn(advice, stacklevel=2)

@@ -199,6 +199,11 @@ def precision_before_wrapper(engine) -> tuple[int, str | None]:
     return int(engine.zero_optimization_stage()), low
 
 
+def vrgd_config(engine, key: str):
+    """A vrgd-ds block of the engine's DeepSpeed config (DeepSpeed keeps unknown top-level keys)."""
+    return engine._config._param_dict.get(key)
+
+
 def basic_optimizer(engine):
     return engine.basic_optimizer
 
@@ -388,7 +393,7 @@ def install(on_configured: Callable, check_config: Callable) -> None:
                 return original(self, grad_groups_flat, total_norm)
             probe = torch.ones(1, dtype=grad_groups_flat[0].dtype, device=grad_groups_flat[0].device)
             out = original(self, [*grad_groups_flat, probe], total_norm)
-            adapter.gradient_multiplier(float(probe))
+            adapter.gradient_multiplier(float(probe), float(self.loss_scale))
             return out
         return run
 

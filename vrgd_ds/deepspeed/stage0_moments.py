@@ -21,8 +21,8 @@ from ..moments.chunked import ChunkedSquares
 
 
 class Stage0Moments(MicroStepMoments):
-    def __init__(self, params, group, world: int, comm_dtype, chunk_numel: int):
-        super().__init__(params)
+    def __init__(self, params, group, world: int, comm_dtype, chunk_numel: int, samples_per_group=None):
+        super().__init__(params, samples_per_group)
         self.world = world
         self.squares = ChunkedSquares(group, chunk_numel, comm_dtype)
 

@@ -38,14 +38,15 @@ from ..moments.chunked import ChunkedSquares, Transfer
 
 
 class ZeroMoments:
-    def __init__(self, snap: ZeroSnapshot, vr_optimizer, chunk_numel: int):
+    def __init__(self, snap: ZeroSnapshot, vr_optimizer, chunk_numel: int, samples_per_group: int | None = None):
         self.snap = snap
+        self.samples_per_group = samples_per_group
         self.vr = vr_optimizer
         self.local = None
         if not snap.partition_gradients and snap.accumulation > 1:
             self.local = MicroStepMoments(snap.all_params())
         self.squares = ChunkedSquares(snap.dp_group, chunk_numel, vr_optimizer.sq_comm_dtype)
-        self._multiplier = 1.0
+        self._multiplier, self._loss_scale = 1.0, 1.0
         self._consumed = False
         self._sq = {id(g.flat): torch.zeros(g.flat.numel(), dtype=torch.float32, device=g.flat.device)
                     for g in snap.groups}
@@ -84,9 +85,15 @@ class ZeroMoments:
         except KeyError:  # no gradient reached this parameter on this rank
             return torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
 
-    def set_multiplier(self, m: float) -> None:
-        """DeepSpeed multiplied the gradient partition by ``m`` (seam patch 3)."""
-        self._multiplier = m
+    def set_multiplier(self, m: float, loss_scale: float = 1.0) -> None:
+        """DeepSpeed multiplied the gradient partition by ``m`` = 1 / (loss scale x clip)
+        (seam patch 3)."""
+        self._multiplier, self._loss_scale = m, loss_scale
+
+    @property
+    def clip_scale(self) -> float:
+        """The factor clipping multiplied the mean gradient by (1: unclipped)."""
+        return self._multiplier * self._loss_scale
 
     def nonfinite(self) -> bool:
         """Whether this rank's reduced squares hold a NaN or inf (a GSNR step only)."""

@@ -66,7 +66,7 @@ MODES = ("micro", "rank")
 
 
 class DDPMoments:
-    def __init__(self, ddp_model, process_group=None, mode: str = "micro"):
+    def __init__(self, ddp_model, process_group=None, mode: str = "micro", samples_per_group: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -79,6 +79,7 @@ class DDPMoments:
         self._reduced: dict[Tensor, Tensor] = {}
         self._count: Tensor | None = None  # sum over ranks of local backward passes
         self._clip_scale = 1.0
+        self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
         ddp_model.register_comm_hook(process_group, self._hook)
 
     # -- the communication hook -------------------------------------------------------------
@@ -140,6 +141,10 @@ class DDPMoments:
         # micro: k * sum h^2 / W^2 (h = per micro-step grads); rank: sum G_r^2 / W.
         base = 1.0 / self.world if self.local is None else self.group_count / self.world**2
         return base * self._clip_scale**2
+
+    @property
+    def clip_scale(self) -> float:
+        return self._clip_scale
 
     def sum_sq(self, param: Tensor) -> Tensor:
         sq = self._reduced.get(param)

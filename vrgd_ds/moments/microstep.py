@@ -7,7 +7,7 @@ an fp32 buffer. After k backward passes ``p.grad = sum_i h_i`` and the buffer ho
 ``sum_i h_i^2``, which is all the GSNR needs, so k >= 8 works on one CPU:
 
     model = ...
-    moments = MicroStepMoments(model.parameters())
+    moments = MicroStepMoments(model.parameters(), samples_per_group=len(batch) // k)
     opt = VRLAMB(model.parameters(), lr=1e-3, moments=moments)
     for batch in loader:
         for micro in batch.chunk(k):
@@ -35,7 +35,11 @@ from torch import Tensor
 
 
 class MicroStepMoments:
-    def __init__(self, params: Iterable[Tensor]):
+    def __init__(self, params: Iterable[Tensor], samples_per_group: int | None = None):
+        if samples_per_group is not None and (isinstance(samples_per_group, bool)
+                                              or not isinstance(samples_per_group, int) or samples_per_group < 1):
+            raise ValueError(f"samples_per_group must be an integer >= 1 or None, got {samples_per_group!r}")
+        self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
@@ -64,6 +68,11 @@ class MicroStepMoments:
     @property
     def sq_scale(self) -> float:
         return self._backward_passes * self._clip_scale**2
+
+    @property
+    def clip_scale(self) -> float:
+        """The factor :meth:`clip_grad_norm_` multiplied the mean gradient by (1: unclipped)."""
+        return self._clip_scale
 
     def sum_sq(self, param: Tensor) -> Tensor:
         buf = self._sum_sq.get(param)

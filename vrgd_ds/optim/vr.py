@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import gsnr
+from ..noise_scale import NoiseScaleTracker
 from ..moments.chunked import DEFAULT_CHUNK_NUMEL, check_chunk_numel
 from .base import GradSource, GroupBatch, kernel
 from .lamb import LAMB
@@ -79,7 +80,21 @@ class GSNRTransform:
         self.sq_comm_dtype = SQ_COMM_DTYPES[sq_comm_dtype]
         self.telemetry_interval = telemetry_interval
         self.telemetry: dict | None = None
+        self.noise_scale = NoiseScaleTracker()
+        self._noise_sums: dict = {}  # this step's per-layer [sum (s - gbar^2), sum gbar^2]
         self.skipped_steps = 0
+
+    def state_dict(self):
+        out = super().state_dict()
+        out["noise_scale"] = self.noise_scale.state_dict()  # the EMAs a batch schedule reads
+        return out
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        noise = state_dict.pop("noise_scale", None)
+        super().load_state_dict(state_dict)
+        if noise is not None:
+            self.noise_scale.load_state_dict(noise)
 
     def attach_moments(self, moments: MomentSource) -> None:
         self.moments = moments
@@ -260,15 +275,32 @@ class GSNRTransform:
         share = torch.tensor([s * seg.numel / seg.layer_numel for s, seg in zip(sums, segments)], **f64)
         numel = torch.tensor([float(seg.numel) for seg in segments], **f64)
         gamma = torch.tensor(gammas, **f64)
-        table = self.layout.table(torch.stack([share, counts, numel, gamma * numel], 1), segments)
+        noise = torch.cat([gsnr.noise_partials(grads[i], sqs[i], src.sq_scale).to(counts.device) for i in active])
+        columns = [share, noise[:, 0], noise[:, 1], counts, numel, gamma * numel]
+        table = self.layout.table(torch.stack(columns, 1), segments)
         rec = self.telemetry if self.telemetry and self.telemetry["step"] == step else {"step": step, "layers": {}}
-        for layer, (raw, clamped, n, gn) in table.items():
+        sums_of = {}
+        for layer, (raw, var_sum, gsq_sum, clamped, n, gn) in table.items():
             rec["layers"][layer] = {"gsnr_mean": raw / n, "clamped_fraction": clamped / n,
                                     "numel": int(n), "gamma": gn / n}
+            sums_of[layer] = (var_sum, gsq_sum)
+        if self._noise_sums.get("step") != step:
+            self._noise_sums = {"step": step, "layers": {}}
+        self._noise_sums["layers"].update(sums_of)
         total = sum(v["numel"] for v in rec["layers"].values())
         rec["k"] = int(src.group_count)
         rec["clamped_fraction"] = sum(v["clamped_fraction"] * v["numel"] for v in rec["layers"].values()) / total
+        self._record_noise(rec, src)
         self.telemetry = rec
+
+    def _record_noise(self, rec: dict, src) -> None:
+        """The gradient noise scale (section 7) of the layers recorded so far this step."""
+        model, layers = self.noise_scale.update(
+            self._noise_sums["layers"], rec["k"], getattr(src, "samples_per_group", None),
+            getattr(src, "clip_scale", 1.0), step=rec["step"])
+        rec.update(model)
+        for layer, values in layers.items():
+            rec["layers"][layer].update(values)
 
     def _wide_sums(self, active, grads, sqs, sq_scale, segments, overflow, sums):
         """Layer sums redone in float64 for the layers whose fp32 GSNR sum overflowed."""
