@@ -1,4 +1,4 @@
-"""The paper's linear-regression experiment (sections 7.2-7.3; ALGORITHM.md section 6).
+"""The paper's linear-regression experiment (sections 7.2-7.3; docs/algorithm.md section 6).
 
     python -m benchmarks.linreg [--out results/linreg] [--quick] [--inputs uniform|spread]
 

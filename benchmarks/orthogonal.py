@@ -5,7 +5,7 @@
 Data: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes; no
 download), a fixed split of 1,437 training and 360 test images. Model: an MLP
 64-256-10 with ReLU. Optimizers: Momentum, Adam, LAMB and LARS, and their VR versions
-(gamma 0.1; beta3 0.9 for VR-Adam/VR-LAMB as in ALGORITHM.md, 0 for the others), at
+(gamma 0.1; beta3 0.9 for VR-Adam/VR-LAMB as in docs/algorithm.md, 0 for the others), at
 global batches 64, 256, 1024 and the full training set. Every batch size trains for the
 same number of epochs (so the full batch gets the fewest steps: the large-batch regime).
 Each step splits its batch into k = 8 groups (micro-batches); the base optimizers see

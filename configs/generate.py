@@ -2,7 +2,7 @@
 
     python configs/generate.py          # rewrites the files; tests check they are up to date
 
-Table 1 of the paper / ALGORITHM.md section 6: 64k/32k takes 8599 steps and 128k/64k 4301,
+Table 1 of the paper / docs/algorithm.md section 6: 64k/32k takes 8599 steps and 128k/64k 4301,
 phase 1 (seq 128) 90% of the steps and phase 2 (seq 512) the last 10%. 16k and 32k use the
 LAMB paper's 31250 and 15625 steps; 96k/32k is not given, so phase 1 keeps the samples of
 64k/32k's phase 1 (7739 x 64k) and phase 2 keeps its 860 steps at 32k (derived, not the

@@ -3,7 +3,7 @@
 Per phase: linear warm-up from 0 over ``warmup_proportion * total_steps`` steps, then
 polynomial decay to 0 at ``total_steps``: ``lr * (1 - t / total) ** power`` (NVIDIA's
 ``PolyWarmUpScheduler``; power 0.5 for phase 1 and 2). The square-root rule (paper
-section 5, ALGORITHM.md section 5): ``lr = lr_ref * sqrt(B / B_ref)``.
+section 5, docs/algorithm.md section 5): ``lr = lr_ref * sqrt(B / B_ref)``.
 """
 
 from __future__ import annotations

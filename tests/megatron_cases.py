@@ -182,7 +182,7 @@ def run_fp16_overflow(rank):
 
 
 def float64_reference(name, groups, clip, gamma=None):
-    """ALGORITHM.md over ``groups`` explicit group gradients per step; biases (Megatron's
+    """docs/algorithm.md over ``groups`` explicit group gradients per step; biases (Megatron's
     wd_mult 0) get no weight decay and, for LARS, no trust ratio."""
     from reference import Reference, group_grads
 

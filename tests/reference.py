@@ -1,4 +1,4 @@
-"""A straightforward reference of ALGORITHM.md, written from the document, in float64.
+"""A straightforward reference of docs/algorithm.md, written from the document, in float64.
 
 Every group gradient is computed explicitly (one forward/backward per group), the two
 moments are formed by hand, and each base update is a plain per-tensor loop. Nothing

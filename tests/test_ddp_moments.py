@@ -6,7 +6,7 @@ and saves per-configuration results; the tests then compare them with
 - an fp32 single-process run of the SAME optimizer class, fed gbar and the mean of squared
   group gradients by an explicit moment source (one forward/backward per group: rank r's
   micro-batch j, or rank r's whole share in mode "rank"); tolerance: fp32 rounding;
-- the float64 reference of ALGORITHM.md in ``tests/reference.py`` (independent of vrgd_ds).
+- the float64 reference of docs/algorithm.md in ``tests/reference.py`` (independent of vrgd_ds).
 
 Data split: each step's global batch is cut into W * a micro-batches; rank r takes
 micro-batches r*a .. r*a + a - 1 (so in mode "rank" rank r's share is ``x.chunk(W)[r]``).
@@ -309,7 +309,7 @@ def test_ddp_matches_explicit_groups(ddp_results, cid):
         never = list(Branchy().never.parameters())
         for p, p0 in zip(got[0]["params"][-2:], never):  # no rank reached it: untouched
             torch.testing.assert_close(p, p0, rtol=0, atol=0)
-    if variant is None:  # and ALGORITHM.md itself, in float64
+    if variant is None:  # and docs/algorithm.md itself, in float64
         k = WORLD * accum if mode == "micro" else WORLD
         # k = 2 (rank mode) puts the fp32 variance s - gbar^2 through heavy cancellation
         # (the same formula in float64 in the reference): measured 1.4e-4 for VRSGD.

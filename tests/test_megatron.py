@@ -1,7 +1,7 @@
 """vrgd_ds.megatron on 2 real gloo CPU ranks with real megatron-core DDP and optimizers.
 
 One ``mp.spawn`` runs every case of ``megatron_cases.CASES`` (and the refusals); the tests
-compare each case with the float64 reference of ALGORITHM.md (``tests/reference.py``),
+compare each case with the float64 reference of docs/algorithm.md (``tests/reference.py``),
 over the k = W x a explicit group gradients. The only non-Megatron code in the workers is
 the CUDA-to-CPU redirection of ``megatron_cpu.py``.
 """

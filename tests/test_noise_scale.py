@@ -1,4 +1,4 @@
-"""The gradient noise scale (ALGORITHM.md section 7) against explicit group and per-sample
+"""The gradient noise scale (docs/algorithm.md section 7) against explicit group and per-sample
 gradients, and its unbiasedness on linear regression, where tr(Sigma) and |G|^2 are
 known in closed form."""
 

@@ -340,7 +340,7 @@ def test_unknown_nonfinite_policy():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_clipping_scales_the_mean_only(mode):
-    """GSNR from the unclipped moments, update from the clipped mean (ALGORITHM.md sec. 1)."""
+    """GSNR from the unclipped moments, update from the clipped mean (docs/algorithm.md sec. 1)."""
     spec = next(s for s in SPECS if s.name == "VRSGD")
     model = make_model()
     ref_model = copy.deepcopy(model)

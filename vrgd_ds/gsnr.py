@@ -1,4 +1,4 @@
-"""Gradient moments -> clamped, layer-normalised GSNR (ALGORITHM.md sections 1-3).
+"""Gradient moments -> clamped, layer-normalised GSNR (docs/algorithm.md sections 1-3).
 
 This is the only place the GSNR is computed. Every VR optimizer calls these functions
 in front of its base update; the DeepSpeed adapter feeds them partition views.

@@ -1,5 +1,5 @@
 """The gradient noise scale from the two moments the VR optimizers already have
-(ALGORITHM.md section 7; McCandlish et al. 2018, "An Empirical Model of Large-Batch
+(docs/algorithm.md section 7; McCandlish et al. 2018, "An Empirical Model of Large-Batch
 Training").
 
 With k groups of b samples each, and summed over the elements of a layer (or the model)

@@ -10,7 +10,7 @@ buckets exactly as for a VR optimizer (:mod:`.zero_moments`, :mod:`.stage0_momen
 before the optimizer steps, a pre-step hook (torch's ``register_step_pre_hook``) reads the
 mean gradient and the squares of each layer; after DeepSpeed's whole step one
 collective sums them per layer and :class:`vrgd_ds.noise_scale.NoiseScaleTracker` turns
-them into trace_cov, grad_sq, b_simple and b_simple_ema (ALGORITHM.md section 7). Nothing
+them into trace_cov, grad_sq, b_simple and b_simple_ema (docs/algorithm.md section 7). Nothing
 the optimizer or DeepSpeed computes changes: parameters are bitwise those of the run
 without the key (tested). The record goes where a VR optimizer's telemetry goes
 (``named_telemetry(engine)``, DeepSpeed's monitor under ``VRGD/gns/...``).

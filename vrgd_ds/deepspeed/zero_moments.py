@@ -24,7 +24,7 @@ ranks, so the partition gradient is the mean of the k = W * a group gradients. T
 summed here are those of g_i / a (times any loss scale), so the mean of squared group
 gradients in the gradient's scale is ``sum * a / W * m^2``, where m is the factor DeepSpeed
 multiplied the gradient partition by (loss scale and clipping), read by a probe (seam
-patch 3), not re-derived (ALGORITHM.md section 1: clipping scales the mean only).
+patch 3), not re-derived (docs/algorithm.md section 1: clipping scales the mean only).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def _shard_layout(ddp, inner, mains: list[list[seam.MainParam]]) -> ShardLayout:
 
 def _param_groups(inner, mains, adam_keys) -> list[dict]:
     """Megatron's groups without the AdamW keys; bias/1-D groups (wd_mult 0) are excluded
-    from LARS's trust ratio and from weight decay, as ALGORITHM.md section 4 asks."""
+    from LARS's trust ratio and from weight decay, as docs/algorithm.md section 4 asks."""
     groups = []
     for g, group_mains in zip(inner.optimizer.param_groups, mains):
         group = {k: v for k, v in g.items() if k not in adam_keys and k != "params"}

@@ -2,7 +2,7 @@
 
 A DDP communication hook all-reduces each gradient bucket together with the squared
 gradients of the same parameters, in one collective, so sum g and sum g^2 travel the
-same way (ALGORITHM.md section 1):
+same way (docs/algorithm.md section 1):
 
     ddp = DistributedDataParallel(model)
     moments = DDPMoments(ddp)                  # mode="micro": one group per micro-batch per rank

@@ -1,7 +1,7 @@
 """Gradient moments from micro-steps in one process ("virtual devices").
 
 The global batch is split into k micro-batches; each micro-batch is one gradient group
-(ALGORITHM.md section 1). A tensor hook on every parameter sees each backward pass's own
+(docs/algorithm.md section 1). A tensor hook on every parameter sees each backward pass's own
 gradient h_i before autograd accumulates it into ``p.grad``; the hook adds h_i^2 into
 an fp32 buffer. After k backward passes ``p.grad = sum_i h_i`` and the buffer holds
 ``sum_i h_i^2``, which is all the GSNR needs, so k >= 8 works on one CPU:

@@ -124,7 +124,7 @@ class BaseOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _weight_decay(group: dict) -> float:
-        """Excluded groups (bias, LayerNorm) skip weight decay (ALGORITHM.md section 4)."""
+        """Excluded groups (bias, LayerNorm) skip weight decay (docs/algorithm.md section 4)."""
         return 0.0 if group["exclude_from_adaptation"] else group["weight_decay"]
 
     def _state_tensor(self, p: Tensor, key: str, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -1,5 +1,5 @@
 """LAMB (You et al., 2020, "Large Batch Optimization for Deep Learning: Training BERT
-in 76 minutes"), the variant of NVIDIA's BERT recipe, ALGORITHM.md section 4:
+in 76 minutes"), the variant of NVIDIA's BERT recipe, docs/algorithm.md section 4:
 
     m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
     mhat = m / (1 - b1^t) ;  vhat = v / (1 - b2^t)        (bias_correction=True)

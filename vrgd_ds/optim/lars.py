@@ -1,5 +1,5 @@
 """LARS (You, Gitman & Ginsburg, 2017, "Large Batch Training of Convolutional
-Networks"), ALGORITHM.md section 4, per parameter tensor:
+Networks"), docs/algorithm.md section 4, per parameter tensor:
 
     local = eta * ||theta|| / (||g|| + wd * ||theta||)   if both norms > 0, else 1
     buf   = mu * buf + lr * local * (g + wd * theta)

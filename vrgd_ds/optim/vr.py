@@ -1,7 +1,7 @@
 """VR optimizers: the GSNR gradient transform in front of a base update.
 
 Each class is ``GSNRTransform`` mixed into a base optimizer; the GSNR math lives in
-:mod:`vrgd_ds.gsnr` and nowhere else. Per step (ALGORITHM.md sections 1-4):
+:mod:`vrgd_ds.gsnr` and nowhere else. Per step (docs/algorithm.md sections 1-4):
 
 1. read the mean gradient gbar (``p.grad``) and the mean of squared group gradients
    from the attached moment source (:mod:`vrgd_ds.moments`, or the DeepSpeed adapter);
