@@ -38,14 +38,12 @@ implemented: ``state_dict``, ``sharded_state_dict`` and friends raise NotImpleme
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..optim import LAMB, LARS, VRAdam, VRAdamW, VRLAMB, VRLARS, VRMomentum, VRSGD
-from ..optim.layout import LayerLayout, Segment
+from ..optim.layout import ReducedLayout, Segment
 from ..optim.vr import GSNRTransform
 from . import seam
 from .squares import BufferSquares
@@ -96,13 +94,12 @@ def _build(config, groups: list[dict]):
     return VRSGD(groups, lr=lr, weight_decay=wd, **vr)
 
 
-class ShardLayout(LayerLayout):
+class ShardLayout(ReducedLayout):
     """Inner tensors of the distributed optimizer as pieces of model layers (one segment each)."""
 
     def __init__(self, segments: dict[int, Segment], layer_count: int, group):
+        super().__init__(layer_count, group)
         self._segments = segments
-        self.layer_count = layer_count
-        self.group = group
 
     def segments(self, param: Tensor) -> list[Segment]:
         try:
@@ -110,14 +107,6 @@ class ShardLayout(LayerLayout):
         except KeyError:
             raise RuntimeError(f"ShardLayout got a tensor of shape {tuple(param.shape)} that is not "
                                "one of the distributed optimizer's main-parameter shards") from None
-
-    def reduce(self, partial: Tensor, segments: Sequence[Segment]) -> Tensor:
-        """One all-reduce of a [layers, c] table, whatever this rank's shard holds."""
-        index = torch.tensor([s.layer for s in segments], dtype=torch.long, device=partial.device)
-        table = torch.zeros(self.layer_count, partial.shape[1], dtype=partial.dtype, device=partial.device)
-        table.index_add_(0, index, partial)
-        dist.all_reduce(table, group=self.group)
-        return table[index]
 
 
 def _with_placeholders(mains: list[list[seam.MainParam]], device) -> list[list[seam.MainParam]]:

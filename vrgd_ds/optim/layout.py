@@ -47,6 +47,38 @@ class LayerLayout:
         return {i: row for i, row in enumerate(partial.tolist())}
 
 
+class ReducedLayout(LayerLayout):
+    """Layers whose pieces live on several ranks (ZeRO partitions, Megatron's optimizer
+    shards): per-layer sums by one all-reduce of a fixed-size [layers, c] table per call,
+    which every rank of ``group`` joins whatever it holds. Subclasses map tensors to
+    segments."""
+
+    def __init__(self, layer_count: int, group):
+        self.layer_count = layer_count
+        self.group = group
+        self.comm_bytes = 0  # payload of the layer-statistics all-reduces so far
+
+    def _summed(self, partial: Tensor, segments: Sequence[Segment]) -> tuple[Tensor, Tensor]:
+        import torch.distributed as dist
+
+        index = torch.tensor([s.layer for s in segments], dtype=torch.long, device=partial.device)
+        table = torch.zeros(self.layer_count, partial.shape[1], dtype=partial.dtype, device=partial.device)
+        table.index_add_(0, index, partial)
+        dist.all_reduce(table, group=self.group)
+        self.comm_bytes += table.numel() * table.element_size()
+        return table, index
+
+    def reduce(self, partial: Tensor, segments: Sequence[Segment]) -> Tensor:
+        table, index = self._summed(partial, segments)
+        return table[index]
+
+    def table(self, partial: Tensor, segments: Sequence[Segment]) -> dict[int, list[float]]:
+        """Every layer's row (all ranks' segments summed); layers absent from all are left out.
+        The last column must be a count that is positive for present layers."""
+        table, _ = self._summed(partial, segments)
+        return {i: row for i, row in enumerate(table.tolist()) if row[-1] > 0}
+
+
 def segment_views(tensor: Tensor, segments: Sequence[Segment]) -> list[Tensor]:
     """Flat (1-D) views of ``tensor`` (shaped like its parameter), one per segment.
 
