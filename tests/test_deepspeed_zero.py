@@ -60,6 +60,11 @@ class Case:
     nan: dict | None = None
     coalesce: bool = False
     world: int = WORLD
+    gas_changes: dict = field(default_factory=dict)  # data step -> accumulation from then on
+
+    def gas_at(self, step: int) -> int:
+        changed = [s for s in self.gas_changes if s <= step]
+        return self.gas_changes[max(changed)] if changed else self.gas
 
     def config(self, tmp_path=None, name=""):
         cfg = {"train_micro_batch_size_per_gpu": 48 // (self.world * self.gas),
@@ -77,6 +82,8 @@ class Case:
         for key in ("groups", "client", "nan", "coalesce"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
+        if self.gas_changes:
+            out["gas_changes"] = {str(s): g for s, g in self.gas_changes.items()}
         if self.frozen:
             out["frozen"] = list(self.frozen)
         return out
@@ -104,8 +111,8 @@ def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float
     ref = Reference([p.cpu() for p in params], base, gamma=gamma, beta3=beta3,
                     interval=case.vr.get("gsnr_interval", 1), **hp, **extra)
     per_param = [_group_hp(case, base, n) for n, _ in named]
-    k = case.world * case.gas
     for step in (case.data_steps if data_steps is None else data_steps):
+        k = case.world * case.gas_at(step)
         with torch.no_grad():
             for p, t in zip(params, ref.theta):
                 p.copy_(t.to(device))
@@ -180,6 +187,9 @@ PARITY = {
     # frozen parameters (requires_grad=False) are left out of the groups and never move
     **{f"{o}-s{s}-a2-frozen": Case(o, s, frozen=("0.bias",)) for o, s in (
         ("VRLAMB", 0), ("VRLAMB", 2), ("NVLAMB", 1))},
+    # the batch grows through accumulation mid-run (DeepSpeed's set_train_batch_size): k follows
+    # (at a step where DeepSpeed's micro-step count is a multiple of the new accumulation)
+    **{f"VRLAMB-s{s}-a2to4": Case("VRLAMB", s, gas_changes={2: 4}) for s in (0, 1, 2)},
     # squares formed and reduced in chunks of 7 elements (pieces split across chunks)
     **{f"VRLAMB-s{s}-a{a}-chunk7": Case("VRLAMB", s, a, vr={"sq_chunk_numel": 7}) for s, a in (
         (0, 2), (1, 1), (1, 2), (2, 2))},

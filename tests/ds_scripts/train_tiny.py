@@ -18,6 +18,7 @@ the error if the case raised (refusals are cases too). Case keys besides name/co
 - nan: {"step": s, "param": name, "rank": r}: that gradient gets a NaN on that rank
 - coalesce: backward passes inside engine.coalesce_grad_reduction()
 - width: the hidden width of the MLP (default 5)
+- gas_changes: {"step": accumulation}: engine.set_train_batch_size before that step
 - measure_memory: record the peak bytes the squares' reduction allocated
 """
 
@@ -47,10 +48,13 @@ def loss_of(engine, x, y):
     return torch.nn.functional.mse_loss(engine(x.to(device=p.device, dtype=p.dtype)).float(), y.to(p.device))
 
 
-def train(engine, steps, coalesce=False, on_step=None, before=None):
+def train(engine, steps, coalesce=False, on_step=None, before=None, gas_changes=None):
     for step, scale in steps:
         if before is not None:
             before(step)
+        if gas_changes and str(step) in gas_changes:  # DeepSpeed's public way to grow the batch
+            engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * dist.get_world_size()
+                                        * gas_changes[str(step)])
         pairs = micro_batches(engine, step, scale)
         if coalesce:
             with engine.coalesce_grad_reduction():
@@ -157,7 +161,8 @@ def run_case(case):
 
     try:
         train(engine, steps, coalesce=case.get("coalesce", False), on_step=on_step,
-              before=(lambda s: setattr(injector, "step", s)) if injector is not None else None)
+              before=(lambda s: setattr(injector, "step", s)) if injector is not None else None,
+              gas_changes=case.get("gas_changes"))
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"}
     per_rank = [None] * dist.get_world_size()

@@ -342,6 +342,11 @@ def stage0_fp32_clip(engine) -> float:
     return float(engine.gradient_clipping())
 
 
+def accumulation_of(engine) -> Callable[[], int]:
+    """The engine's gradient accumulation steps, read when called (it can change)."""
+    return lambda: int(engine.gradient_accumulation_steps())
+
+
 def is_accumulation_boundary(engine) -> bool:
     return bool(engine.is_gradient_accumulation_boundary())
 

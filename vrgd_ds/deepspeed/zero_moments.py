@@ -29,6 +29,8 @@ patch 3), not re-derived (docs/algorithm.md section 1: clipping scales the mean 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -38,10 +40,13 @@ from ..moments.chunked import ChunkedSquares, Transfer
 
 
 class ZeroMoments:
-    def __init__(self, snap: ZeroSnapshot, vr_optimizer, chunk_numel: int, samples_per_group: int | None = None):
+    def __init__(self, snap: ZeroSnapshot, vr_optimizer, chunk_numel: int, samples_per_group: int | None = None,
+                 accumulation: Callable[[], int] | None = None):
         self.snap = snap
         self.samples_per_group = samples_per_group
         self.vr = vr_optimizer
+        # the engine's current accumulation (DeepSpeed's set_train_batch_size may change it)
+        self.accumulation = accumulation or (lambda: snap.accumulation)
         self.local = None
         if not snap.partition_gradients and snap.accumulation > 1:
             self.local = MicroStepMoments(snap.all_params())
@@ -70,6 +75,11 @@ class ZeroMoments:
             self._multiplier, self._consumed = 1.0, False
         if not pairs or not self.vr.wants_moments():
             return
+        if self.local is None and not self.snap.partition_gradients and self.accumulation() > 1:
+            raise RuntimeError(
+                f"vrgd-ds: ZeRO-1 started without gradient accumulation and now accumulates "
+                f"{self.accumulation()} micro-steps (set_train_batch_size): its per-micro-step squares "
+                "need hooks set up at initialize; use ZeRO stage 2, or start with gradient_accumulation_steps > 1")
         sends: list[list[Transfer]] = [[] for _ in range(self.snap.dp_world)]
         for p, grad in pairs:
             source = self._local_sq(p) if self.local is not None else grad.detach().reshape(-1)
@@ -119,11 +129,11 @@ class ZeroMoments:
 
     @property
     def group_count(self) -> int:
-        return self.snap.dp_world * self.snap.accumulation
+        return self.snap.dp_world * self.accumulation()
 
     @property
     def sq_scale(self) -> float:
-        return self.snap.accumulation / self.snap.dp_world * self._multiplier**2
+        return self.accumulation() / self.snap.dp_world * self._multiplier**2
 
     def sum_sq(self, param: Tensor) -> Tensor:
         try:
