@@ -27,8 +27,15 @@ import torch
 FORMAT = "vrgd-ds consolidated checkpoint v1"
 
 
-def _load(path: Path):
+def _load_deepspeed(path: Path):
+    """One of DeepSpeed's own checkpoint files: a full pickle (fragment maps, config objects), so
+    loading it runs code from the file; only load checkpoints you trust."""
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _load(path: Path):
+    """A consolidated file: tensors and plain containers only, loaded without running pickled code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def consolidate(checkpoint_dir: str | os.PathLike) -> dict:
@@ -42,9 +49,9 @@ def consolidate(checkpoint_dir: str | os.PathLike) -> dict:
             f"{folder} is not a DeepSpeed ZeRO-1/2 checkpoint folder: it needs "
             "mp_rank_00_model_states.pt and zero_pp_rank_*_mp_rank_00_optim_states.pt "
             "(pass the tag folder, e.g. checkpoints/global_step100)")
-    model_states = _load(model_file)
+    model_states = _load_deepspeed(model_file)
     shapes = model_states["param_shapes"]
-    optim = [_load(s)["optimizer_state_dict"] for s in shards]
+    optim = [_load_deepspeed(s)["optimizer_state_dict"] for s in shards]
     if len(optim) != optim[0]["partition_count"][0]:
         raise ValueError(f"{folder}: {len(optim)} optimizer shards but the checkpoint was saved by "
                          f"{optim[0]['partition_count'][0]} ranks")
