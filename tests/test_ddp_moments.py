@@ -15,8 +15,10 @@ micro-batches r*a .. r*a + a - 1 (so in mode "rank" rank r's share is ``x.chunk(
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -177,6 +179,8 @@ def run_unequal(rank):
 def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=timedelta(seconds=60))
+    dist.barrier()
+    (Path(out_dir) / f"rank{rank}.started").touch()  # start-up is over: no retry after this
     torch.set_num_threads(1)
     try:
         results = {cid: run_config(rank, *cfg) for cid, cfg in CONFIGS.items()}
@@ -191,24 +195,51 @@ def worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
+def startup_abort(err, out_dir) -> bool:
+    """The one failure worth a retry: a rank killed by SIGABRT (gloo, now and then, on this CPU
+    machine) before it finished start-up (init_process_group and a first barrier)."""
+    return (isinstance(err, mp.ProcessExitedException) and err.signal_name == "SIGABRT"
+            and not (Path(out_dir) / f"rank{err.error_index}.started").exists())
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    attempts = 4  # gloo on this CPU machine now and then aborts a rank at start-up (SIGABRT), twice in a row once
+    attempts = 4  # the start-up abort came twice in a row in one CI run
     for attempt in range(attempts):
-        for f in tmp.glob("rank*.pt"):
+        for f in [*tmp.glob("rank*.pt"), *tmp.glob("rank*.started")]:
             f.unlink()
         try:
             mp.spawn(worker, args=(str(tmp / f"init{attempt}"), str(tmp)), nprocs=WORLD)
             break
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
-            # a real error in our code fails every attempt the same way and is raised below
-            if attempt == attempts - 1:
-                raise
-    out = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+        except mp.ProcessExitedException as err:
+            if not startup_abort(err, tmp) or attempt == attempts - 1:
+                raise  # anything else (an exception, a crash after start-up) fails at once
+            message = f"rank {err.error_index} aborted (SIGABRT) during gloo start-up; retry {attempt + 2}/{attempts}"
+            print(f"[ddp_results] {message}", file=sys.stderr)
+            warnings.warn(message)
+    out = [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for r in out:
         assert "error" not in r, r.get("error")
     return out
+
+
+def abort_worker(rank, out_dir, started):
+    if started:
+        (Path(out_dir) / f"rank{rank}.started").touch()
+    if rank == 1:
+        os.abort()
+
+
+def test_only_a_startup_abort_is_retried(tmp_path):
+    """The fixture's retry is for SIGABRT before start-up ended; an abort after it is a failure."""
+    for started in (False, True):
+        (tmp_path / str(started)).mkdir()
+        with pytest.raises(mp.ProcessExitedException) as err:
+            mp.spawn(abort_worker, args=(str(tmp_path / str(started)), started), nprocs=WORLD)
+        assert err.value.signal_name == "SIGABRT"
+        assert startup_abort(err.value, tmp_path / str(started)) is not started
+    assert not startup_abort(ValueError("not a process exit"), tmp_path)
 
 
 # ------------------------------------------------------------------ explicit references
