@@ -4,7 +4,8 @@
 first checks the first host with a plain ``ssh HOST hostname``. A real cluster gives it
 passwordless ssh between nodes; this module stands in for that without touching ~/.ssh:
 
-- installs Debian's ``openssh-server`` and ``pdsh`` with apt-get, only if they are missing;
+- needs ``sshd``, ``ssh``, ``ssh-keygen`` and ``pdsh`` installed; it never installs them or
+  changes system files (``launch/install_loopback_tools.sh`` does that, once, as root);
 - starts a private sshd on 127.0.0.1 and 127.0.0.2 only (Linux routes all of 127/8 to lo),
   on a free port, key-only, with a throwaway host key and client key in a temporary folder;
 - puts an ``ssh`` wrapper first on the launcher's PATH that adds ``-F <private ssh_config>``
@@ -50,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOSTS = ("127.0.0.1", "127.0.0.2")
 SSHD = Path("/usr/sbin/sshd")
 PACKAGES = ("openssh-server", "pdsh")
+PRIVSEP_DIR = Path("/run/sshd")
 DS_ENV_FILE = ".deepspeed_env"
 CLI_DIR = Path(tempfile.gettempdir()) / "vrgd-loopback-ssh"
 
@@ -65,47 +67,11 @@ def skip_reason() -> str | None:
     if not sys.platform.startswith("linux"):
         return f"needs Linux (127.0.0.2 on loopback, sshd), got {sys.platform}"
     missing = missing_tools()
-    if not missing:
-        return None
-    if os.geteuid() != 0:
-        return f"{', '.join(missing)} not installed and not root (cannot apt-get install {' '.join(PACKAGES)})"
-    if shutil.which("apt-get") is None:
-        return f"{', '.join(missing)} not installed and no apt-get to install {' '.join(PACKAGES)}"
+    if missing:
+        return f"{', '.join(missing)} not installed; launch/install_loopback_tools.sh installs {' '.join(PACKAGES)}"
+    if os.geteuid() == 0 and not PRIVSEP_DIR.is_dir():
+        return f"{PRIVSEP_DIR} (sshd's privilege-separation folder) is missing; launch/install_loopback_tools.sh makes it"
     return None
-
-
-def ensure_packages() -> float:
-    """apt-get install openssh-server and pdsh if missing; returns the seconds it took."""
-    if not missing_tools():
-        return 0.0
-    start = time.monotonic()
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600",
-               "openssh-server", "openssh-client", *PACKAGES[1:]]
-    with _no_service_start():
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
-            done = subprocess.run(install, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed:\n{done.stderr[-2000:]}")
-    if missing_tools():
-        raise RuntimeError(f"still missing after apt-get install: {', '.join(missing_tools())}")
-    return time.monotonic() - start
-
-
-@contextlib.contextmanager
-def _no_service_start():
-    """Keep openssh-server's postinst from starting the system sshd on port 22 (policy-rc.d)."""
-    policy = Path("/usr/sbin/policy-rc.d")
-    if policy.exists():
-        yield
-        return
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
-    try:
-        yield
-    finally:
-        policy.unlink(missing_ok=True)
 
 
 @dataclass
@@ -146,13 +112,11 @@ def start(directory: Path | None = None) -> LoopbackSSH:
     reason = skip_reason()
     if reason:
         raise RuntimeError(f"cannot start a loopback sshd: {reason}")
-    ensure_packages()
     tmp = Path(directory).resolve() if directory else Path(tempfile.mkdtemp(prefix="loopback-sshd-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         port = _free_port()
         _write_keys_and_configs(tmp, port)
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege-separation dir; left in place
         subprocess.run([str(SSHD), "-f", str(tmp / "sshd_config"), "-E", str(tmp / "sshd.log")], check=True)
         server = LoopbackSSH(tmp, port, _wait_for_pid(tmp / "sshd.pid"))
         for host in HOSTS:  # a real login, so auth problems show up here and not inside deepspeed

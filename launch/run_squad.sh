@@ -22,6 +22,10 @@ export DS_ACCELERATOR
 [ "$DS_ACCELERATOR" = cpu ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 MASTER_PORT=${MASTER_PORT:-29500}
-# DeepSpeed's CPU all-reduce leaves a shared-memory file per rank and launch: remove ours on exit
-trap 'python -m vrgd_ds.deepspeed.launching clean-shm "$MASTER_PORT" 2>/dev/null || true' EXIT
+# DeepSpeed's CPU all-reduce leaves a shared-memory file per rank and launch: the ranks remove
+# theirs; a killed launch's are removed on exit (this launch's uid, address, port and ranks only)
+trap 'python -m vrgd_ds.deepspeed.launching clean-shm "$MASTER_PORT" --addr 127.0.0.1 --ranks "${NGPUS:-2}" \
+  2>/dev/null || true' EXIT
+# a build lock left by a killed launch, or a hung build, fails here with its path, not silently in the ranks
+python -m vrgd_ds.deepspeed.launching prepare-shm-op
 deepspeed --num_gpus "${NGPUS:-2}" --master_port "$MASTER_PORT" "$ROOT/pretrain_bert/run_squad.py" "$@"

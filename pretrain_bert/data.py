@@ -42,9 +42,10 @@ Columns (fixed length; int32 ids, int8 flags; loaded as int64 tensors): `input_i
 `masked_lm_ids` [max_predictions, 0-padded as NVIDIA]; `next_sentence_label` (0 = real
 next, 1 = random).
 
-The output is built in a hidden sibling folder ``.OUT.partial-*`` and renamed onto OUT only
-when complete, so a crash never leaves a complete-looking OUT; an existing OUT is refused
-unless `overwrite`. Test hook: the environment variable
+The output is built in a hidden sibling folder ``.OUT.partial-<host>-<pid>-*``, synced, and
+renamed onto OUT only when complete, so a crash never leaves a complete-looking OUT; the next
+preparation of OUT on that host deletes the partial folders of processes that are gone. An
+existing OUT is refused unless `overwrite`. Test hook: the environment variable
 ``PRETRAIN_BERT_DATA_CRASH_AFTER=train|heldout`` kills the process (``os._exit(70)``, no
 cleanup, like a SIGKILL) right after that split is written; ``train:raise`` raises instead.
 
@@ -56,11 +57,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -71,6 +74,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from pretrain_bert.checkpointing import fsync_dir, fsync_tree
 from pretrain_bert.corpus import UNK_MARKER, CorpusStats, read_documents
 from pretrain_bert.instances import InstanceConfig, create_instances, vocab_ids
 from pretrain_bert.pretraining_dataset import (  # noqa: F401  (the loading API, re-exported)
@@ -278,7 +282,8 @@ def prepare_pretraining_data(inputs: Sequence[str | Path], vocab: str | Path, ou
         "num_shards": {},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _remove_dead_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()                               # (mkdtemp would make OUT mode 0700)
     try:
         fingerprint_base = json.dumps(meta, sort_keys=True)
@@ -293,11 +298,26 @@ def prepare_pretraining_data(inputs: Sequence[str | Path], vocab: str | Path, ou
         with open(tmp / "meta.json", "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=2, sort_keys=True)
             handle.write("\n")
+        fsync_tree(tmp)  # on disk before the rename makes it look complete
         _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Delete ``.OUT.partial-<this host>-<pid>-*`` folders whose process is gone (a killed run's)."""
+    for partial in out.parent.glob(f".{glob.escape(out.name)}.partial-{glob.escape(socket.gethostname())}-*"):
+        pid = partial.name.rsplit("-", 2)[-2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -308,6 +328,7 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

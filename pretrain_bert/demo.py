@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from vrgd_ds.deepspeed.launching import free_port, remove_shm_buffers
+from vrgd_ds.deepspeed.launching import LockTimeout, free_port, prepare_shm_op, remove_shm_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus" / "wikitext-2-valid.txt"
@@ -55,6 +55,10 @@ def launch(ranks: int, args: list[str]) -> None:
     env.setdefault("DS_ACCELERATOR", "cpu")
     if env["DS_ACCELERATOR"] == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        prepare_shm_op(env=env)  # a stale build lock or a hung build fails here, named, not in the ranks
+    except (LockTimeout, RuntimeError) as err:
+        sys.exit(f"[demo] {err}")
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
            str(port), str(ROOT / "pretrain_bert" / "run_pretraining.py"), *args]
@@ -62,7 +66,7 @@ def launch(ranks: int, args: list[str]) -> None:
     try:
         proc = subprocess.run(cmd, env=env)
     finally:
-        remove_shm_buffers(port)
+        remove_shm_buffers(port, "127.0.0.1", ranks)
     if proc.returncode != 0:
         sys.exit(f"[demo] the launch failed with exit code {proc.returncode}")
 

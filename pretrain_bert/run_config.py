@@ -4,23 +4,49 @@ A phase config is DeepSpeed's JSON plus::
 
     "pretraining": {"phase": 1, "model": "tiny", "seq_len": 128, "max_predictions": 20,
                     "max_steps": 200, "warmup_proportion": 0.2843, "poly_power": 0.5,
-                    "eval_every": 50, "eval_batches": 20, "checkpoint_every": 100, "seed": 42}
+                    "eval_every": 50, "eval_batches": 20, "checkpoint_every": 100,
+                    "keep_checkpoints": 3, "seed": 42}
 
 The block is removed before the rest goes to ``deepspeed.initialize``. Command-line flags
-(``--max-steps``, ``--eval-every``, ...) override it.
+(``--max-steps``, ``--eval-every``, ...) override it. Every key is checked for its type and
+range (:data:`CHECKS`); the error names the key, what is allowed and the value given.
+``keep_checkpoints``: how many complete checkpoints retention keeps (default 3, 0 keeps all).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
+
+from pretrain_bert.modeling import BERT_SIZES
 
 DEFAULTS = {"phase": 1, "model": "tiny", "seq_len": 128, "max_predictions": 20, "max_steps": None,
             "warmup_proportion": 0.01, "poly_power": 0.5, "eval_every": 0, "eval_batches": 0,
-            "checkpoint_every": 0, "log_every": 1, "seed": 42, "max_position_embeddings": 512}
-OVERRIDES = ("max_steps", "eval_every", "checkpoint_every", "log_every", "seed")
+            "checkpoint_every": 0, "keep_checkpoints": 3, "log_every": 1, "seed": 42,
+            "max_position_embeddings": 512}
+OVERRIDES = ("max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "seed")
+
+
+def _integer(lo):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"an integer >= {lo}"
+
+
+def _number(test, what):
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and test(v)), f"a number {what}"
+
+
+# key: (check, what a valid value is); the message is "pretraining.KEY must be WHAT, got VALUE"
+CHECKS = {
+    "phase": ((lambda v: type(v) is int and v in (1, 2)), "1 or 2"),
+    "model": ((lambda v: isinstance(v, str) and v in BERT_SIZES), f"one of {', '.join(map(repr, BERT_SIZES))}"),
+    "seq_len": _integer(1), "max_predictions": _integer(1), "max_steps": _integer(1),
+    "warmup_proportion": _number(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "poly_power": _number(lambda v: v > 0, "> 0"),
+    "eval_every": _integer(0), "eval_batches": _integer(0), "checkpoint_every": _integer(0),
+    "keep_checkpoints": (_integer(0)[0], "an integer >= 0 (0 keeps every checkpoint)"),
+    "log_every": _integer(1), "seed": _integer(0), "max_position_embeddings": _integer(1),
+}
 
 
 def load(path: str | os.PathLike, args) -> tuple[dict, dict]:
@@ -31,6 +57,8 @@ def load(path: str | os.PathLike, args) -> tuple[dict, dict]:
         raise FileNotFoundError(f"--config {str(path)!r} does not exist") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"--config {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {str(path)!r} must hold a JSON object, got {type(config).__name__}")
     block = config.pop("pretraining", None)
     if not isinstance(block, dict):
         raise ValueError(f"--config {str(path)!r} has no \"pretraining\" block (phase, model, max_steps, ...)")
@@ -43,13 +71,14 @@ def load(path: str | os.PathLike, args) -> tuple[dict, dict]:
         value = getattr(args, key, None)
         if value is not None:
             run[key] = value
-    if not isinstance(run["max_steps"], int) or run["max_steps"] < 1:
-        raise ValueError(f"pretraining.max_steps must be an integer >= 1, got {run['max_steps']!r}")
-    if run["phase"] not in (1, 2):
-        raise ValueError(f"pretraining.phase must be 1 or 2, got {run['phase']!r}")
-    for key in ("eval_every", "eval_batches", "checkpoint_every"):
-        if not isinstance(run[key], int) or run[key] < 0:
-            raise ValueError(f"pretraining.{key} must be an integer >= 0, got {run[key]!r}")
+    for key, (valid, what) in CHECKS.items():
+        if not valid(run[key]):
+            kind = "" if isinstance(run[key], (int, float)) and not isinstance(run[key], bool) else \
+                f" ({type(run[key]).__name__})"
+            raise ValueError(f"pretraining.{key} must be {what}, got {run[key]!r}{kind}")
+    if run["seq_len"] > run["max_position_embeddings"]:
+        raise ValueError(f"pretraining.seq_len {run['seq_len']} exceeds pretraining.max_position_embeddings "
+                         f"{run['max_position_embeddings']}")
     return config, run
 
 
@@ -70,10 +99,3 @@ def carry_optimizer_state(engine, init_checkpoint: str | os.PathLike) -> None:
     if found is None:
         raise FileNotFoundError(f"--carry-optimizer-state: no complete checkpoint in {ckpt_dir}")
     load_consolidated(engine, consolidate(ckpt_dir / found["tag"]), engine_state=False, hyperparameters=False)
-
-
-def maybe_kill_for_test(step: int) -> None:
-    """Test hook: PRETRAIN_BERT_KILL_AT_SAVE=N SIGKILLs every rank while saving step N's
-    checkpoint, after DeepSpeed wrote its files and before it is marked complete."""
-    if os.environ.get("PRETRAIN_BERT_KILL_AT_SAVE") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)

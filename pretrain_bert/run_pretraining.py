@@ -21,9 +21,13 @@ pure function of the step, and the dropout RNG is seeded from (seed, step, rank)
 
 Writes into ``--output-dir``: ``metrics.jsonl`` (train/eval records; the plot command
 reads it), DeepSpeed monitor output if the config enables it, ``checkpoints/`` (DeepSpeed
-checkpoints every ``checkpoint_every`` steps and at the end, plus ``complete.json`` naming
-the newest complete one, written atomically after all ranks finished saving), and ``hf/``
+checkpoints ``step<N>`` every ``checkpoint_every`` steps and at the end, the newest
+``keep_checkpoints`` kept, plus ``complete.json`` naming them, written atomically after all
+ranks saved and synced their files; :mod:`pretrain_bert.checkpointing`), and ``hf/``
 (``BertForPreTraining`` weights in fp32 + tokenizer: ``from_pretrained`` loads it).
+A folder that already holds a run is refused unless ``--resume`` is given; ``--resume`` starts
+from the newest complete checkpoint (step 0 if the run was killed before its first), refuses
+a folder without a run (a wrong path), and of a finished run only writes ``hf/`` again.
 """
 
 from __future__ import annotations
@@ -42,12 +46,12 @@ import vrgd_ds  # noqa: F401  (registers the optimizers with DeepSpeed)
 import deepspeed
 import torch.distributed as dist
 
-from pretrain_bert import run_config
-from pretrain_bert.checkpointing import latest_complete, mark_complete, truncate_metrics
+from pretrain_bert import checkpointing, run_config
+from pretrain_bert.faults import fault, install_torch_save_fault, torn_append
 from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
 from pretrain_bert.pretraining_dataset import collate, load_meta, load_pretraining_data
 from pretrain_bert.schedule import poly_warmup_scheduler
-from vrgd_ds.deepspeed.launching import remove_shm_buffers
+from vrgd_ds.deepspeed.launching import guard_shm_op_lock, remove_own_shm_buffer
 
 
 def parse_args(argv=None):
@@ -58,10 +62,12 @@ def parse_args(argv=None):
     ap.add_argument("--init-checkpoint", default=None, help="save_pretrained folder to start from (phase 2)")
     ap.add_argument("--carry-optimizer-state", action="store_true",
                     help="with --init-checkpoint: also load that run's final optimizer state")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --output-dir from its newest complete checkpoint (step 0 if none)")
     ap.add_argument("--max-steps", type=int, default=None, help="override pretraining.max_steps")
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--checkpoint-every", type=int, default=None)
+    ap.add_argument("--keep-checkpoints", type=int, default=None, help="override pretraining.keep_checkpoints")
     ap.add_argument("--log-every", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
@@ -128,8 +134,12 @@ def evaluate(engine, heldout, micro, max_batches):
         sums += torch.tensor([out.mlm_loss.item() * out.mlm_total.item(), out.mlm_correct.item(),
                               out.mlm_total.item(), out.nsp_loss.item() * rows, out.nsp_correct.item(), rows],
                              dtype=torch.float64)
+        fault("eval")
     dist.all_reduce(sums)
     engine.train()
+    if sums[2] == 0:
+        raise RuntimeError(f"held-out evaluation saw {int(sums[5])} rows and no masked tokens; the held-out "
+                           "split is empty or unmasked (check the data's meta.json), or set eval_every 0")
     mlm_loss, nsp_loss = sums[0] / max(sums[2], 1), sums[3] / max(sums[5], 1)
     return {"eval_mlm_loss": float(mlm_loss), "eval_mlm_acc": float(sums[1] / max(sums[2], 1)),
             "eval_nsp_loss": float(nsp_loss), "eval_nsp_acc": float(sums[4] / max(sums[5], 1)),
@@ -137,7 +147,12 @@ def evaluate(engine, heldout, micro, max_batches):
 
 
 def save_hf(engine, ckpt_dir, tag, out_dir, meta):
-    """fp32 master weights of a saved checkpoint -> a BertForPreTraining folder (rank 0)."""
+    """fp32 master weights of a saved checkpoint -> a BertForPreTraining folder (rank 0).
+
+    Written to ``hf.tmp``, synced, then swapped in by two renames; a kill at any point leaves
+    either the old folder or none (never a torn one), and ``--resume`` writes it again."""
+    import shutil
+
     from transformers import BertForPreTraining
 
     from pretrain_bert.tokenization import load_tokenizer
@@ -148,18 +163,79 @@ def save_hf(engine, ckpt_dir, tag, out_dir, meta):
         weights = consolidate(Path(ckpt_dir) / tag)["weights"]
     else:
         weights = {n: p.detach().float() for n, p in engine.module.named_parameters()}
+    fault("consolidated")
     model = BertForPreTraining(engine.module.config)
     missing = model.load_state_dict(weights, strict=False)  # the decoder is tied to the embeddings
     if missing.unexpected_keys or [k for k in missing.missing_keys if "predictions.decoder." not in k]:
         raise RuntimeError(f"weights do not match BertForPreTraining: {missing}")
-    tmp = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
+    out_dir = Path(out_dir)
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # debris of a killed export
     model.save_pretrained(tmp)
     load_tokenizer(meta["vocab"]["path"]).save_pretrained(tmp)
-    if Path(out_dir).exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
+    checkpointing.fsync_tree(tmp)
+    fault("hf-written")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    fault("hf-swap")
     os.replace(tmp, out_dir)
+    checkpointing.fsync_dir(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(engine, ckpt_dir, step, keep):
+    """Save tag step<N> on every rank, sync it, then (rank 0) mark it complete and apply retention."""
+    tag = checkpointing.tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    fault("saved")
+    checkpointing.fsync_tree(Path(ckpt_dir) / tag)
+    dist.barrier()  # every rank's files are on disk before the checkpoint is marked complete
+    fault("before-mark")
+    if dist.get_rank() == 0:
+        checkpointing.mark_complete(ckpt_dir, tag, step, keep, fault=fault)
+
+
+def check_before_start(args, run, meta, out):
+    """Everything refused before a process group exists or a file is written. Rank 0 also takes
+    the output folder's lock; returns (completion record to resume from, lock handle)."""
+    if run["eval_every"] and not meta.get("instances", {}).get("heldout"):
+        raise ValueError(f"--data {str(args.data)!r} has no held-out instances, but pretraining.eval_every is "
+                         f"{run['eval_every']}: prepare the data with --heldout-fraction > 0, or set eval_every 0")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None, None  # rank 0 alone judges the folder (it may already be writing to it)
+    checkpointing.check_output_dir(out, args.resume)  # a refusal writes nothing
+    lock = checkpointing.lock_output_dir(out)
+    found = checkpointing.check_output_dir(out, args.resume)  # again: another run may have written meanwhile
+    if found is not None and found["step"] > run["max_steps"]:
+        raise ValueError(f"--resume: the newest complete checkpoint ({found['tag']}) is at step {found['step']}, "
+                         f"beyond max_steps {run['max_steps']}; pass --max-steps {found['step']} or more")
+    return found, lock
+
+
+def start_step(engine, args, found, ckpt_dir):
+    """Load the checkpoint to resume from (all ranks get rank 0's record) or phase 1's optimizer state."""
+    box = [found]
+    dist.broadcast_object_list(box, src=0)
+    found = box[0]
+    if found is not None:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=found["tag"])
+        return client["step"]
+    if args.init_checkpoint and args.carry_optimizer_state:
+        run_config.carry_optimizer_state(engine, args.init_checkpoint)
+    return 0
+
+
+def prepare_output(out, args, run, config, start, world):
+    """Rank 0: metrics.jsonl cut back to the checkpoint, debris of killed saves removed, run.json."""
+    note = checkpointing.truncate_metrics(out / "metrics.jsonl", start)
+    if note:
+        print(f"[run_pretraining] {note}", flush=True)
+    for folder in checkpointing.remove_unlisted(out / "checkpoints") if args.resume else []:
+        print(f"[run_pretraining] removed {folder}: not a complete checkpoint (a save was killed)", flush=True)
+    checkpointing.atomic_write(out / "run.json", json.dumps(
+        {"config": args.config, "run": run, "data": str(args.data), "world_size": world, "ds_config": config},
+        indent=1))
 
 
 def main(argv=None):
@@ -168,7 +244,10 @@ def main(argv=None):
     out = Path(args.output_dir)
     meta = load_meta(args.data)
     run_config.check_data(run, meta, args.data)
-    deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
+    found, run_lock = check_before_start(args, run, meta, out)  # noqa: F841  (held until exit)
+    install_torch_save_fault()
+    with guard_shm_op_lock():  # a lock left by a killed launch must not stall this one
+        deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(run, meta, args.init_checkpoint)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -176,20 +255,9 @@ def main(argv=None):
         lr_scheduler=lambda opt: poly_warmup_scheduler(opt, run["max_steps"], run["warmup_proportion"],
                                                        run["poly_power"]))
     ckpt_dir = out / "checkpoints"
-    start = 0
-    if args.resume:
-        found = latest_complete(ckpt_dir)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}")
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=found["tag"])
-        start = client["step"]
-    elif args.init_checkpoint and args.carry_optimizer_state:
-        run_config.carry_optimizer_state(engine, args.init_checkpoint)
+    start = start_step(engine, args, found, ckpt_dir)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(out / "metrics.jsonl", start)
-        (out / "run.json").write_text(json.dumps({"config": args.config, "run": run, "data": str(args.data),
-                                                  "world_size": world, "ds_config": config}, indent=1))
+        prepare_output(out, args, run, config, start, world)
     train = load_pretraining_data(args.data, "train")
     heldout = load_pretraining_data(args.data, "heldout")
     gas = engine.gradient_accumulation_steps()
@@ -205,6 +273,7 @@ def main(argv=None):
             engine.backward(o.loss)
             engine.step()
             losses += torch.tensor([o.loss.item(), o.mlm_loss.item(), o.nsp_loss.item()], dtype=torch.float64)
+            fault("micro")
         dist.all_reduce(losses)
         losses /= world * gas
         log.train(step, losses, lr, batches.epoch(step))
@@ -212,18 +281,12 @@ def main(argv=None):
         if run["eval_every"] and ((step + 1) % run["eval_every"] == 0 or last):
             log.eval(step, evaluate(engine, heldout, micro, run["eval_batches"]))
         if last or (run["checkpoint_every"] and (step + 1) % run["checkpoint_every"] == 0):
-            tag = "final" if last else f"step{step + 1}"
-            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step + 1})
-            dist.barrier()  # every rank's files are written before the checkpoint is marked complete
-            run_config.maybe_kill_for_test(step + 1)
-            if rank == 0:
-                mark_complete(ckpt_dir, tag, step + 1)
-    if rank == 0:
-        save_hf(engine, ckpt_dir, "final", out / "hf", meta)
+            save_checkpoint(engine, ckpt_dir, step + 1, run["keep_checkpoints"])
+    if rank == 0:  # also after a resume at max_steps: the export may have been killed
+        save_hf(engine, ckpt_dir, checkpointing.tag_for(run["max_steps"]), out / "hf", meta)
     log.close()
     dist.barrier()
-    if rank == 0:
-        remove_shm_buffers()  # this launch's /dev/shm files (DeepSpeed CPU leaves them)
+    remove_own_shm_buffer()  # DeepSpeed's CPU all-reduce leaves a /dev/shm file per rank
     dist.destroy_process_group()
 
 
@@ -233,7 +296,8 @@ class Logger:
     def __init__(self, out, engine, run, start, no_progress):
         self.on = dist.get_rank() == 0
         self.engine, self.run, self.out = engine, run, out
-        self.t0, self.start, self.recent = time.perf_counter(), start, []
+        self.t0, self.start, self.window = time.perf_counter(), start, max(1, run["eval_every"] or 10)
+        self.recent = self._recent_losses(start) if self.on and start else []  # the gap after a resume
         self.bar = None
         if self.on and not no_progress:
             from tqdm import tqdm
@@ -241,13 +305,19 @@ class Logger:
             self.bar = tqdm(total=run["max_steps"], initial=start, desc=f"phase {run['phase']}",
                             unit="step", dynamic_ncols=True, file=sys.stdout)
 
+    def _recent_losses(self, start):
+        """The train losses up to ``start`` that an uninterrupted run would still average (rank 0)."""
+        path = self.out / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        records = [json.loads(line) for line in lines]
+        return [r["loss"] for r in records if "loss" in r and r["step"] <= start][-self.window:]
+
     def _write(self, rec):
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        torn_append(self.out / "metrics.jsonl", json.dumps(rec) + "\n")
 
     def train(self, step, losses, lr, epoch):
         loss = float(losses[0])
-        self.recent = (self.recent + [loss])[-max(1, self.run["eval_every"] or 10):]
+        self.recent = (self.recent + [loss])[-self.window:]
         if not self.on:
             return
         samples = (step + 1) * self.engine.train_batch_size()

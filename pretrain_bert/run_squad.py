@@ -46,7 +46,7 @@ import torch.distributed as dist
 from pretrain_bert import squad_data
 from pretrain_bert.run_pretraining import param_groups
 from pretrain_bert.squad_metric import SquadFormatError, evaluate, load_json, write_json_atomic
-from vrgd_ds.deepspeed.launching import remove_shm_buffers
+from vrgd_ds.deepspeed.launching import guard_shm_op_lock, remove_own_shm_buffer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -322,7 +322,8 @@ def main(argv=None):
     except (OSError, ValueError) as err:  # SquadFormatError is a ValueError
         print(f"run_squad.py: error: {err}", file=sys.stderr)
         sys.exit(2)
-    deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
+    with guard_shm_op_lock():  # a lock left by a killed launch must not stall this one
+        deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     show_progress = rank == 0 and not args.no_progress
     out = Path(args.output_dir)
@@ -356,8 +357,7 @@ def main(argv=None):
               f"F1 {result['f1']:.2f}, EM {result['exact_match']:.2f} "
               f"({total} steps, last loss {losses[-1]:.3f})", flush=True)
     dist.barrier()
-    if rank == 0:
-        remove_shm_buffers()  # this launch's /dev/shm files (DeepSpeed CPU leaves them)
+    remove_own_shm_buffer()  # DeepSpeed's CPU all-reduce leaves a /dev/shm file per rank
     dist.destroy_process_group()
 
 

@@ -101,8 +101,13 @@ def _make_example(qid, title, question, context, texts, starts, *, training: boo
 
 def _collect(rows, *, training: bool, strict: bool, source: str) -> LoadedExamples:
     """Build examples from `(where, fields)` rows, counting (or, strict, raising on) bad answers."""
-    examples, skipped_ids = [], []
+    examples, skipped_ids, seen = [], [], {}
     for where, fields in rows:
+        qid = str(fields["qid"])
+        if qid in seen:  # predictions are keyed by id: a second question would silently share the first's
+            raise SquadFormatError(f"{where}: question id {qid!r} is used twice (first at {seen[qid]}); "
+                                   "every question needs its own id")
+        seen[qid] = where
         example = _make_example(**fields, training=training, where=where)
         if example is None:
             if strict:

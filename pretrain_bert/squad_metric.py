@@ -95,7 +95,13 @@ def iter_questions(dataset, source: str = "<dataset>") -> Iterator[tuple[str, di
             where = f"article {title!r} paragraph {p}"
             for q, qa in enumerate(require(paragraph, "qas", where, source)):
                 qid = require(qa, "id", f"{where} question #{q}", source)
-                require(qa, "answers", f"{where} question {qid!r}", source)
+                if not isinstance(qid, str):
+                    raise SquadFormatError(f"{source}: {where} question #{q} has id {qid!r} "
+                                           f"({type(qid).__name__}); ids must be strings")
+                answers = require(qa, "answers", f"{where} question {qid!r}", source)
+                if not isinstance(answers, list):
+                    raise SquadFormatError(f"{source}: {where} question {qid!r}: 'answers' should be a list, "
+                                           f"got {type(answers).__name__}")
                 yield title, paragraph, qa
 
 
@@ -130,7 +136,11 @@ def evaluate(dataset, predictions, *, source: str = "<dataset>", quiet: bool = F
             continue
         ground_truths = []
         for i, answer in enumerate(qa["answers"]):
-            ground_truths.append(require(answer, "text", f"question {qa['id']!r} answer {i}", source))
+            text = require(answer, "text", f"question {qa['id']!r} answer {i}", source)
+            if not isinstance(text, str):
+                raise SquadFormatError(f"{source}: question {qa['id']!r} answer {i}: 'text' should be a string, "
+                                       f"got {type(text).__name__} ({text!r:.60})")
+            ground_truths.append(text)
         if not ground_truths:
             raise SquadFormatError(f"{source}: question {qa['id']!r} has no gold answers")
         prediction = predictions[qa["id"]]

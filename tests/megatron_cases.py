@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 from tiny_problem import batch  # noqa: E402
+from spawn_ranks import started  # noqa: E402
 
 WORLD, STEPS, CLIP, BUCKET = 2, 3, 0.05, 100
 # name: (reference base, VROptimizerConfig fields, reference hyperparameters)
@@ -222,6 +223,7 @@ def worker(rank, init_file, out_dir):
     redirect_cuda_to_cpu()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=120))
+    started(out_dir, rank)  # start-up is over: a later abort is not retried
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 

@@ -2,30 +2,48 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def started(out_dir, rank: int) -> None:
+    """A worker calls this after init_process_group and a first barrier: from then on a
+    failure is a failure, not a start-up abort to retry."""
+    dist.barrier()
+    (Path(out_dir) / f"rank{rank}.started").touch()
+
+
+def startup_abort(err, out_dir) -> bool:
+    """The one failure worth a retry: a rank killed by SIGABRT (gloo, now and then, on this CPU
+    machine) before it finished start-up (init_process_group and a first barrier)."""
+    return (isinstance(err, mp.ProcessExitedException) and err.signal_name == "SIGABRT"
+            and not (Path(out_dir) / f"rank{err.error_index}.started").exists())
 
 
 def spawn_ranks(worker, world: int, out_dir: Path, attempts: int = 4) -> list[dict]:
     """``mp.spawn(worker, (init_file, out_dir), world)``; each rank saves ``rank{r}.pt``.
 
-    gloo on this CPU machine now and then aborts a rank at start-up (SIGABRT), so a failed
-    start is retried; a real error in the worker (a saved ``"error"``) fails at once."""
+    Only a start-up abort (see :func:`startup_abort`) is retried, and each retry is logged;
+    anything else (an exception, a crash after start-up, a saved ``"error"``) fails at once."""
     for attempt in range(attempts):
-        for f in out_dir.glob("rank*.pt"):
+        for f in [*out_dir.glob("rank*.pt"), *out_dir.glob("rank*.started")]:
             f.unlink()
         try:
             mp.spawn(worker, args=(str(out_dir / f"init{attempt}"), str(out_dir)), nprocs=world)
             break
-        except (mp.ProcessExitedException, mp.ProcessRaisedException):
-            errors = [r["error"] for r in _saved(out_dir) if "error" in r]
-            assert not errors, errors[0]
-            if attempt == attempts - 1:
+        except mp.ProcessExitedException as err:
+            if not startup_abort(err, out_dir) or attempt == attempts - 1:
                 raise
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
-
-
-def _saved(out_dir: Path) -> list[dict]:
-    return [torch.load(f) for f in sorted(out_dir.glob("rank*.pt"))]
+            message = (f"rank {err.error_index} aborted (SIGABRT) during gloo start-up; "
+                       f"retry {attempt + 2}/{attempts}")
+            print(f"[spawn_ranks] {message}", file=sys.stderr)
+            warnings.warn(message)
+    out = [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    errors = [r["error"] for r in out if isinstance(r, dict) and "error" in r]
+    assert not errors, errors[0]
+    return out

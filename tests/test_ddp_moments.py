@@ -15,6 +15,7 @@ micro-batches r*a .. r*a + a - 1 (so in mode "rank" rank r's share is ``x.chunk(
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 from datetime import timedelta
@@ -23,9 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from reference import Reference, group_grads, max_rel_err
-from spawn_ranks import spawn_ranks
+from spawn_ranks import spawn_ranks, started, startup_abort
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 from tiny_problem import batch, make_model  # noqa: E402
@@ -177,6 +179,7 @@ def run_unequal(rank):
 def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=timedelta(seconds=60))
+    started(out_dir, rank)  # start-up is over: no retry after this
     torch.set_num_threads(1)
     try:
         results = {cid: run_config(rank, *cfg) for cid, cfg in CONFIGS.items()}
@@ -194,6 +197,24 @@ def worker(rank, init_file, out_dir):
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("ddp"))
+
+
+def abort_worker(rank, out_dir, after_startup):
+    if after_startup:
+        (Path(out_dir) / f"rank{rank}.started").touch()
+    if rank == 1:
+        os.abort()
+
+
+def test_only_a_startup_abort_is_retried(tmp_path):
+    """The fixture's retry is for SIGABRT before start-up ended; an abort after it is a failure."""
+    for after_startup in (False, True):
+        (tmp_path / str(after_startup)).mkdir()
+        with pytest.raises(mp.ProcessExitedException) as err:
+            mp.spawn(abort_worker, args=(str(tmp_path / str(after_startup)), after_startup), nprocs=WORLD)
+        assert err.value.signal_name == "SIGABRT"
+        assert startup_abort(err.value, tmp_path / str(after_startup)) is not after_startup
+    assert not startup_abort(ValueError("not a process exit"), tmp_path)
 
 
 # ------------------------------------------------------------------ explicit references

@@ -24,7 +24,7 @@ from reference import max_rel_err
 from test_deepspeed_zero import Case
 
 sys.path.insert(0, str(ROOT))
-from launch.loopback_ssh import ensure_packages, loopback_hosts, loopback_sshd, skip_reason  # noqa: E402
+from launch.loopback_ssh import loopback_hosts, loopback_sshd, skip_reason  # noqa: E402
 
 needs_sshd = pytest.mark.skipif(skip_reason() is not None, reason=f"loopback sshd: {skip_reason()}")
 STEPS = 2
@@ -32,10 +32,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def sshd():
-    """One private loopback sshd for the module (apt-get installs openssh-server/pdsh if missing)."""
-    seconds = ensure_packages()
-    if seconds:
-        print(f"\n[loopback sshd] apt-get install took {seconds:.1f} s")
+    """One private loopback sshd for the module (the tools come from launch/install_loopback_tools.sh)."""
     with loopback_sshd() as server:
         yield server
 
@@ -80,7 +77,8 @@ def test_two_nodes_through_hostfile_and_pdsh_match_local_ranks(sshd, tmp_path):
     assert "127.0.0.1: " in log and "127.0.0.2: " in log, log[-4000:]
     # ... and each started 1 of the 2 ranks of one world
     assert log.count("dist_world_size=2") == 2, log[-4000:]
-    params, expected = torch.load(work / "params.pt"), torch.load(tmp_path / "local" / "params.pt")
+    params = torch.load(work / "params.pt", weights_only=True)
+    expected = torch.load(tmp_path / "local" / "params.pt", weights_only=True)
     bitwise, err = all(torch.equal(p, e) for p, e in zip(params, expected)), max_rel_err(params, expected)
     print(f"[hostfile launch] parameters bitwise equal: {bitwise}, max_rel_err {err:.2e}")
     assert len(params) == len(expected) and (bitwise or err < 2e-5)

@@ -94,21 +94,3 @@ def test_pipeline_summary_names_the_missing_step(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain_bert.pipeline", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "squad/results.json" in proc.stderr and "SQuAD step" in proc.stderr
-
-
-def test_clean_shm_cli_removes_only_that_launchs_buffers():
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        pytest.skip("no /dev/shm")
-    mine = shm / "deepspeed_allreduce_buffer_0_127.0.0.1_61234_0"
-    other = shm / "deepspeed_allreduce_buffer_0_127.0.0.1_61235_0"
-    try:
-        mine.write_bytes(b"x")
-        other.write_bytes(b"x")
-        proc = subprocess.run([sys.executable, "-m", "vrgd_ds.deepspeed.launching", "clean-shm", "61234"], cwd=ROOT,
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        assert not mine.exists() and other.exists()
-    finally:
-        mine.unlink(missing_ok=True)
-        other.unlink(missing_ok=True)

@@ -227,6 +227,10 @@ def test_crash_mid_write_leaves_no_complete_output(tmp_path):
     assert (partial[0] / "train").is_dir() and not (partial[0] / "meta.json").exists()
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_pretraining_data(out)
+    # the next preparation on this host removes the dead process's partial folder
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_failure_with_overwrite_keeps_old_output(tmp_path, monkeypatch):

@@ -220,3 +220,14 @@ def test_answer_not_at_answer_start_is_counted_skip_or_strict_error(tmp_path, ca
 
     with pytest.raises(SquadFormatError, match="answer_start an int"):
         load_examples(squad_file(tmp_path, answer={"text": "Paris", "answer_start": "3"}), training=True)
+
+
+def test_duplicate_question_ids_are_refused(tmp_path):
+    path = squad_file(tmp_path)
+    dataset = json.loads(path.read_text())
+    paragraph = dataset["data"][0]["paragraphs"][0]
+    paragraph["qas"].append(dict(paragraph["qas"][0], question="Which city?"))
+    path.write_text(json.dumps(dataset))
+    for training in (True, False):
+        with pytest.raises(SquadFormatError, match=r"question id 'q-bad' is used twice \(first at .*squad.json"):
+            load_examples(path, training=training)

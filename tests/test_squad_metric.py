@@ -52,6 +52,14 @@ def test_cli_bad_file_exits_with_message(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "not valid JSON" in proc.stderr
+    # a non-string gold answer: one line naming the question, no traceback
+    dataset = _write(tmp_path, "dev.json", {"version": "1.1", "data": [{"title": "T", "paragraphs": [
+        {"context": "c", "qas": [{"id": "q1", "question": "?", "answers": [{"text": None, "answer_start": 0}]}]}]}]})
+    preds = _write(tmp_path, "ok.json", {"q1": "c"})
+    proc = subprocess.run([sys.executable, "-m", "pretrain_bert.squad_metric", str(dataset), str(preds)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "question 'q1' answer 0: 'text' should be a string, got NoneType" in proc.stderr
 
 
 @pytest.mark.parametrize("text, normalized", [
@@ -114,6 +122,12 @@ def _write(tmp_path, name, obj):
      "question 'q7' has no 'answers' key"),
     ({"data": [{"title": "Force", "paragraphs": [{"qas": [{"id": "q7", "answers": [{}]}]}]}]},
      "question 'q7' answer 0 has no 'text' key"),
+    ({"data": [{"title": "Force", "paragraphs": [{"qas": [{"id": "q7", "answers": [{"text": 42}]}]}]}]},
+     "question 'q7' answer 0: 'text' should be a string, got int (42)"),
+    ({"data": [{"title": "Force", "paragraphs": [{"qas": [{"id": "q7", "answers": {"text": "x"}}]}]}]},
+     "question 'q7': 'answers' should be a list, got dict"),
+    ({"data": [{"title": "Force", "paragraphs": [{"qas": [{"id": 7, "answers": []}]}]}]},
+     "question #0 has id 7 (int); ids must be strings"),
 ])
 def test_bad_dataset_files_name_file_and_problem(tmp_path, dataset, message):
     path = _write(tmp_path, "dataset.json", dataset)
