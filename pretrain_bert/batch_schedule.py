@@ -109,3 +109,49 @@ class BatchSchedule:
         if state["kind"] != self.kind:
             raise ValueError(f"the checkpoint's batch schedule is {state['kind']!r}, the config's {self.kind!r}")
         self.batch, self.samples, self.changes = int(state["batch"]), int(state["samples"]), [list(c) for c in state["changes"]]
+
+
+class SampleStream:
+    """Sample position -> instance, a pure function of (seed, position): one seeded permutation
+    per pass over the data, passes back to back, so a batch of any size starting anywhere is
+    defined (the fixed-batch runs keep :class:`pretrain_bert.run_pretraining.Batches`)."""
+
+    def __init__(self, dataset, seed: int):
+        if len(dataset) == 0:
+            raise ValueError("the training data is empty")
+        self.data, self.seed = dataset, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        import torch
+
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.data), generator=gen).tolist()}
+        return self._perms[epoch]
+
+    def epoch(self, position: int) -> int:
+        return position // len(self.data)
+
+    def indices(self, start: int, count: int) -> list[int]:
+        n = len(self.data)
+        return [self._perm(p // n)[p % n] for p in range(start, start + count)]
+
+    def micro_batches(self, start: int, batch: int, world: int, accumulation: int, rank: int, collate) -> list:
+        """This rank's micro-batches of the global batch at ``start``: chunk j * world + rank of
+        the world x accumulation equal chunks (the split the tests' reference uses)."""
+        idx = self.indices(start, batch)
+        size = batch // (world * accumulation)
+        chunks = [idx[c * size:(c + 1) * size] for c in range(world * accumulation)]
+        return [collate([self.data[i] for i in chunks[j * world + rank]]) for j in range(accumulation)]
+
+
+def lr_multiplier(schedule: BatchSchedule, run: dict) -> float:
+    """The LR multiplier of the coming step when the batch can change: NVIDIA's poly warm-up
+    over samples (a "step" of the start batch B0 as the unit) times sqrt(B / B0)."""
+    from pretrain_bert.schedule import poly_warmup
+
+    unit = schedule.start
+    total = run["max_samples"] / unit if run["max_samples"] else run["max_steps"]
+    return poly_warmup(schedule.samples / unit, total, run["warmup_proportion"], run["poly_power"]) \
+        * schedule.lr_factor()

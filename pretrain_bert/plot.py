@@ -1,10 +1,14 @@
-"""Loss curves of one or more pretraining runs in one PNG.
+"""Loss curves, or the gradient noise scale, of one or more pretraining runs in one PNG.
 
     python -m pretrain_bert.plot runs/demo/phase1 runs/lamb/phase1 --out curves.png [--x samples]
+    python -m pretrain_bert.plot runs/gns/phase1 --what gns --out gns.png
 
 Each run folder holds the ``metrics.jsonl`` that ``run_pretraining.py`` writes; the plot
 shows the training loss (thin) and the held-out loss (markers) per run, against steps
-or samples. Labels are the folder names unless ``--labels`` is given.
+or samples. ``--what gns`` shows the measured critical batch size instead (``b_simple``
+thin, ``b_simple_ema`` thick; a VR optimizer's telemetry or the ``vrgd_noise_scale`` key
+records it) and the global batch each step used (dashed). Labels are the folder names
+unless ``--labels`` is given.
 """
 
 from __future__ import annotations
@@ -54,14 +58,48 @@ def plot(runs, out, labels=None, x="step"):
     plt.close(fig)
 
 
+def plot_noise_scale(runs, out, labels=None, x="samples"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = labels or [Path(r).name for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        train, _ = read_metrics(run)
+        measured = [r for r in train if r.get("gns_b_simple") is not None]
+        if not measured:
+            raise ValueError(f"{str(run)!r} has no noise-scale records: give the VR optimizer a telemetry_interval "
+                             "or add \"vrgd_noise_scale\" to the DeepSpeed config")
+        ax.plot([r[x] for r in measured], [r["gns_b_simple"] for r in measured], lw=0.6, alpha=0.5, color=f"C{i}")
+        ema = [r for r in measured if r.get("gns_b_simple_ema") is not None]
+        ax.plot([r[x] for r in ema], [r["gns_b_simple_ema"] for r in ema], lw=2, color=f"C{i}",
+                label=f"{label} B_simple (EMA)")
+        ax.plot([r[x] for r in train], [r.get("batch", 0) for r in train], "--", lw=1, color=f"C{i}",
+                label=f"{label} global batch")
+    ax.set_xlabel(x)
+    ax.set_ylabel("samples")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--out", required=True)
     ap.add_argument("--labels", nargs="+")
-    ap.add_argument("--x", default="step")
+    ap.add_argument("--x", default=None, help="step or samples (default: step for loss, samples for gns)")
+    ap.add_argument("--what", choices=("loss", "gns"), default="loss")
     args = ap.parse_args(argv)
-    plot(args.runs, args.out, args.labels, args.x)
+    if args.what == "gns":
+        plot_noise_scale(args.runs, args.out, args.labels, args.x or "samples")
+    else:
+        plot(args.runs, args.out, args.labels, args.x or "step")
     print(f"wrote {args.out}")
 
 

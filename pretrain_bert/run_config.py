@@ -11,6 +11,9 @@ The block is removed before the rest goes to ``deepspeed.initialize``. Command-l
 (``--max-steps``, ``--eval-every``, ...) override it. Every key is checked for its type and
 range (:data:`CHECKS`); the error names the key, what is allowed and the value given.
 ``keep_checkpoints``: how many complete checkpoints retention keeps (default 3, 0 keeps all).
+``max_samples``: also stop once this many samples were seen (with ``max_samples`` the LR
+schedule runs over samples, so runs with different batch schedules see the same LR at the
+same sample). ``batch_schedule``: see :mod:`pretrain_bert.batch_schedule`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pretrain_bert.modeling import BERT_SIZES
 DEFAULTS = {"phase": 1, "model": "tiny", "seq_len": 128, "max_predictions": 20, "max_steps": None,
             "warmup_proportion": 0.01, "poly_power": 0.5, "eval_every": 0, "eval_batches": 0,
             "checkpoint_every": 0, "keep_checkpoints": 3, "log_every": 1, "seed": 42,
-            "max_position_embeddings": 512}
+            "max_position_embeddings": 512, "max_samples": 0, "batch_schedule": None}
 OVERRIDES = ("max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "seed")
 
 
@@ -46,6 +49,9 @@ CHECKS = {
     "eval_every": _integer(0), "eval_batches": _integer(0), "checkpoint_every": _integer(0),
     "keep_checkpoints": (_integer(0)[0], "an integer >= 0 (0 keeps every checkpoint)"),
     "log_every": _integer(1), "seed": _integer(0), "max_position_embeddings": _integer(1),
+    "max_samples": (_integer(0)[0], "an integer >= 0 (0: stop at max_steps only)"),
+    "batch_schedule": ((lambda v: v is None or isinstance(v, dict)),
+                       "an object like {\"type\": \"gns\", \"max\": 1024} (see pretrain_bert.batch_schedule)"),
 }
 
 

@@ -50,8 +50,10 @@ from pretrain_bert import checkpointing, run_config
 from pretrain_bert.faults import fault, install_torch_save_fault, torn_append
 from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
 from pretrain_bert.pretraining_dataset import collate, load_meta, load_pretraining_data
+from pretrain_bert.batch_schedule import BatchSchedule, SampleStream, lr_multiplier
 from pretrain_bert.schedule import poly_warmup_scheduler
 from vrgd_ds.deepspeed.launching import guard_shm_op_lock, remove_own_shm_buffer
+from vrgd_ds.deepspeed.telemetry import named_telemetry, noise_scale_source
 
 
 def parse_args(argv=None):
@@ -184,10 +186,43 @@ def save_hf(engine, ckpt_dir, tag, out_dir, meta):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(engine, ckpt_dir, step, keep):
+def train_step(engine, micro_batches, dropout_seed):
+    """One optimizer step over this rank's micro-batches; the boundary is set explicitly, so the
+    number of micro-batches may change from step to step. Returns the summed losses (all ranks)."""
+    losses = torch.zeros(3, dtype=torch.float64)
+    torch.manual_seed(dropout_seed)  # dropout: resumable, per rank
+    for j, b in enumerate(micro_batches):
+        engine.set_gradient_accumulation_boundary(j == len(micro_batches) - 1)
+        o = engine(**b)
+        engine.backward(o.loss)
+        engine.step()
+        losses += torch.tensor([o.loss.item(), o.mlm_loss.item(), o.nsp_loss.item()], dtype=torch.float64)
+        fault("micro")
+    dist.all_reduce(losses)
+    return losses
+
+
+def set_lr(engine, scheduler, multiplier):
+    """Every param group's LR = its base LR x ``multiplier`` (the LambdaLR returns the same)."""
+    for group, base in zip(engine.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * multiplier
+    scheduler._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
+
+
+def new_noise_record(engine, seen):
+    """(the noise-scale record if one was made since ``seen``, the step it was made at)."""
+    rec = named_telemetry(engine)
+    if rec is None or "b_simple_ema" not in rec or rec["step"] == seen:
+        return None, seen
+    box = [rec]  # rank 0's numbers decide, so every rank takes the same batch
+    dist.broadcast_object_list(box, src=0)
+    return box[0], rec["step"]
+
+
+def save_checkpoint(engine, ckpt_dir, step, keep, sched):
     """Save tag step<N> on every rank, sync it, then (rank 0) mark it complete and apply retention."""
     tag = checkpointing.tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "batch_schedule": sched.state_dict()})
     fault("saved")
     checkpointing.fsync_tree(Path(ckpt_dir) / tag)
     dist.barrier()  # every rank's files are on disk before the checkpoint is marked complete
@@ -220,10 +255,10 @@ def start_step(engine, args, found, ckpt_dir):
     found = box[0]
     if found is not None:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=found["tag"])
-        return client["step"]
+        return client["step"], client
     if args.init_checkpoint and args.carry_optimizer_state:
         run_config.carry_optimizer_state(engine, args.init_checkpoint)
-    return 0
+    return 0, None
 
 
 def prepare_output(out, args, run, config, start, world):
@@ -250,40 +285,62 @@ def main(argv=None):
         deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(run, meta, args.init_checkpoint)
+    dynamic = (run["batch_schedule"] or {}).get("type", "fixed") != "fixed" or run["max_samples"] > 0
+    lr_now = [1.0]  # with a batch schedule the LR multiplier is set before each step
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model), config=config,
-        lr_scheduler=lambda opt: poly_warmup_scheduler(opt, run["max_steps"], run["warmup_proportion"],
-                                                       run["poly_power"]))
+        lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_now[0])) if dynamic else
+        (lambda opt: poly_warmup_scheduler(opt, run["max_steps"], run["warmup_proportion"], run["poly_power"])))
+    micro = engine.train_micro_batch_size_per_gpu()
+    sched = BatchSchedule(run["batch_schedule"], engine.train_batch_size(), micro * world)
+    if sched.kind == "gns" and not noise_scale_source(engine):
+        raise ValueError("pretraining.batch_schedule gns needs the noise scale: give the VR optimizer a "
+                         "telemetry_interval > 0, or (any optimizer) add \"vrgd_noise_scale\": {\"interval\": N}")
     ckpt_dir = out / "checkpoints"
-    start = start_step(engine, args, found, ckpt_dir)
+    start, client = start_step(engine, args, found, ckpt_dir)
+    if client and "batch_schedule" in client:
+        sched.load_state_dict(client["batch_schedule"])
+    elif start:  # a fixed-batch checkpoint of an earlier version
+        sched.samples = start * sched.batch
     if rank == 0:
         prepare_output(out, args, run, config, start, world)
     train = load_pretraining_data(args.data, "train")
     heldout = load_pretraining_data(args.data, "heldout")
-    gas = engine.gradient_accumulation_steps()
-    batches = Batches(train, engine.train_batch_size(), world, rank, gas, run["seed"])
-    micro = engine.train_micro_batch_size_per_gpu()
+    if dynamic:
+        stream = SampleStream(train, run["seed"])
+    else:
+        batches = Batches(train, engine.train_batch_size(), world, rank, engine.gradient_accumulation_steps(),
+                          run["seed"])
     log = Logger(out, engine, run, start, args.no_progress)
-    for step in range(start, run["max_steps"]):
-        losses = torch.zeros(3, dtype=torch.float64)
+    step, seen = start, None
+    while step < run["max_steps"] and not (run["max_samples"] and sched.samples >= run["max_samples"]):
+        batch = sched.batch_for(step)
+        if batch != engine.train_batch_size():
+            engine.set_train_batch_size(batch)  # more or fewer accumulation micro-steps
+        gas = sched.accumulation(micro, world)
+        if dynamic:
+            lr_now[0] = lr_multiplier(sched, run)
+            set_lr(engine, scheduler, lr_now[0])
+            micro_batches = stream.micro_batches(sched.samples, batch, world, gas, rank, collate)
+            epoch = stream.epoch(sched.samples)
+        else:
+            micro_batches, epoch = batches(step), batches.epoch(step)
         lr = scheduler.get_last_lr()[0]  # the LR this step uses
-        torch.manual_seed(run["seed"] * 1_000_003 + step * world + rank)  # dropout: resumable, per rank
-        for b in batches(step):
-            o = engine(**b)
-            engine.backward(o.loss)
-            engine.step()
-            losses += torch.tensor([o.loss.item(), o.mlm_loss.item(), o.nsp_loss.item()], dtype=torch.float64)
-            fault("micro")
-        dist.all_reduce(losses)
+        losses = train_step(engine, micro_batches, run["seed"] * 1_000_003 + step * world + rank)
         losses /= world * gas
-        log.train(step, losses, lr, batches.epoch(step))
-        last = step + 1 == run["max_steps"]
-        if run["eval_every"] and ((step + 1) % run["eval_every"] == 0 or last):
-            log.eval(step, evaluate(engine, heldout, micro, run["eval_batches"]))
-        if last or (run["checkpoint_every"] and (step + 1) % run["checkpoint_every"] == 0):
-            save_checkpoint(engine, ckpt_dir, step + 1, run["keep_checkpoints"])
-    if rank == 0:  # also after a resume at max_steps: the export may have been killed
-        save_hf(engine, ckpt_dir, checkpointing.tag_for(run["max_steps"]), out / "hf", meta)
+        sched.consumed(batch)
+        noise, seen = new_noise_record(engine, seen)
+        if noise is not None:
+            sched.observe(step, noise["b_simple_ema"])
+        log.train(step, losses, lr, epoch, sched.samples, batch, noise)
+        step += 1
+        last = step == run["max_steps"] or bool(run["max_samples"] and sched.samples >= run["max_samples"])
+        if run["eval_every"] and (step % run["eval_every"] == 0 or last):
+            log.eval(step - 1, evaluate(engine, heldout, micro, run["eval_batches"]))
+        if last or (run["checkpoint_every"] and step % run["checkpoint_every"] == 0):
+            save_checkpoint(engine, ckpt_dir, step, run["keep_checkpoints"], sched)
+    if rank == 0:  # also after a resume of a finished run: the export may have been killed
+        save_hf(engine, ckpt_dir, checkpointing.tag_for(step), out / "hf", meta)
     log.close()
     dist.barrier()
     remove_own_shm_buffer()  # DeepSpeed's CPU all-reduce leaves a /dev/shm file per rank
@@ -315,16 +372,20 @@ class Logger:
     def _write(self, rec):
         torn_append(self.out / "metrics.jsonl", json.dumps(rec) + "\n")
 
-    def train(self, step, losses, lr, epoch):
+    def train(self, step, losses, lr, epoch, samples, batch, noise=None):
         loss = float(losses[0])
         self.recent = (self.recent + [loss])[-self.window:]
         if not self.on:
             return
-        samples = (step + 1) * self.engine.train_batch_size()
+        self.samples_since_start = getattr(self, "samples_since_start", 0) + batch
         elapsed = time.perf_counter() - self.t0
-        rate = (step + 1 - self.start) * self.engine.train_batch_size() / max(elapsed, 1e-9)
-        rec = {"phase": self.run["phase"], "step": step + 1, "epoch": epoch, "samples": samples, "loss": loss,
-               "mlm_loss": float(losses[1]), "nsp_loss": float(losses[2]), "lr": lr, "samples_per_s": rate}
+        rate = self.samples_since_start / max(elapsed, 1e-9)
+        rec = {"phase": self.run["phase"], "step": step + 1, "epoch": epoch, "samples": samples, "batch": batch,
+               "loss": loss, "mlm_loss": float(losses[1]), "nsp_loss": float(losses[2]), "lr": lr,
+               "samples_per_s": rate}
+        if noise is not None:  # the gradient noise scale measured at this step (whole model)
+            rec.update({f"gns_{k}": noise[k] for k in ("b_simple", "b_simple_ema", "trace_cov", "grad_sq")})
+            self.b_crit = noise["b_simple_ema"]
         self._write(rec)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at step {step + 1}")
@@ -332,7 +393,10 @@ class Logger:
             self.engine.monitor.write_events([("Train/loss", loss, step + 1), ("Train/lr", lr, step + 1),
                                               ("Train/samples_per_s", rate, step + 1)])
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}")
+            extra = {"B": batch} if self.run["batch_schedule"] else {}
+            if getattr(self, "b_crit", None) is not None:
+                extra["B_crit"] = f"{self.b_crit:.0f}"
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", **extra)
             self.bar.update(1)
 
     def eval(self, step, metrics):

@@ -53,6 +53,14 @@ def named_telemetry(engine) -> dict | None:
 NOISE_KEYS = ("b_simple", "b_simple_ema", "trace_cov", "grad_sq")
 
 
+def noise_scale_source(engine) -> bool:
+    """Whether the engine measures the gradient noise scale: a VR optimizer with telemetry,
+    or the measure-only ``vrgd_noise_scale`` key."""
+    opt = vr_optimizer(engine)
+    adapter = seam.adapter_of(engine)
+    return bool((opt is not None and opt.telemetry_interval) or (adapter is not None and adapter.meter is not None))
+
+
 def monitor_events(rec: dict, step: int) -> list[tuple[str, float, int]]:
     events = [("VRGD/k", float(rec["k"]), step)]
     if "clamped_fraction" in rec:  # a VR optimizer's record (a measure-only one has no GSNR)
