@@ -99,9 +99,6 @@ class BatchSchedule:
         """sqrt(B / B0): the square-root LR scaling of docs/algorithm.md section 5."""
         return math.sqrt(self.batch / self.start)
 
-    def accumulation(self, micro_batch: int, world: int) -> int:
-        return self.batch // (micro_batch * world)
-
     def state_dict(self) -> dict:
         return {"kind": self.kind, "batch": self.batch, "samples": self.samples, "changes": [list(c) for c in self.changes]}
 

@@ -315,9 +315,11 @@ def main(argv=None):
     step, seen = start, None
     while step < run["max_steps"] and not (run["max_samples"] and sched.samples >= run["max_samples"]):
         batch = sched.batch_for(step)
+        if run["max_samples"]:  # the last batch takes no more than the samples left (in whole units)
+            batch = min(batch, -(-(run["max_samples"] - sched.samples) // sched.unit) * sched.unit)
         if batch != engine.train_batch_size():
             engine.set_train_batch_size(batch)  # more or fewer accumulation micro-steps
-        gas = sched.accumulation(micro, world)
+        gas = batch // (micro * world)
         if dynamic:
             lr_now[0] = lr_multiplier(sched, run)
             set_lr(engine, scheduler, lr_now[0])
