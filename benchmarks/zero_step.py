@@ -2,8 +2,10 @@
 
     python -m benchmarks.zero_step [--size mini] [--steps 12] [--out results/zero_step]
 
-One DeepSpeed launch builds four engines on the same model and data: our plain LAMB
-(``NVLAMB``), ``VRLAMB``, ``VRLAMB`` with ``gsnr_interval`` 4, and DeepSpeed's own AdamW.
+One DeepSpeed launch builds six engines on the same model and data: our plain LAMB
+(``NVLAMB``), ``VRLAMB``, ``VRLAMB`` with ``gsnr_interval`` 4, DeepSpeed's own AdamW, and
+plain LAMB measuring the gradient noise scale (``vrgd_noise_scale``, every step and every
+4th step).
 They are stepped round-robin (one full step each, gradient accumulation 2, so k = 4
 groups), so every engine's samples see the same machine load; the JSON keeps the median
 step time per engine and the ratios. Bytes: every torch.distributed collective is
@@ -33,6 +35,11 @@ ENGINES = {
     "VRLAMB interval 4": {"type": "VRLAMB", "params": {"lr": LR, "weight_decay": 0.01, "gamma": 0.1,
                                                        "gsnr_interval": 4}},
     "DeepSpeed AdamW": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
+    # measure-only gradient noise scale on plain LAMB (one top-level config key)
+    "LAMB + noise scale": {"type": "NVLAMB", "params": {"lr": LR, "weight_decay": 0.01},
+                           "vrgd_noise_scale": {"interval": 1}},
+    "LAMB + noise scale interval 4": {"type": "NVLAMB", "params": {"lr": LR, "weight_decay": 0.01},
+                                      "vrgd_noise_scale": {"interval": 4}},
 }
 
 
@@ -70,12 +77,15 @@ def worker(args):
     torch.manual_seed(0)
     cfg = bert_config(args.size, vocab_size=args.vocab)
     engines = {}
-    for label, opt in ENGINES.items():
+    for label, spec in ENGINES.items():
         torch.manual_seed(0)
         model = BertForPreTrainingMasked(cfg)
+        opt = {k: v for k, v in spec.items() if k != "vrgd_noise_scale"}
         ds = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 2,
               "gradient_clipping": 1.0, "optimizer": opt, "bf16": {"enabled": args.bf16},
               "zero_optimization": {"stage": 2, "reduce_bucket_size": args.bucket, "overlap_comm": False}}
+        if "vrgd_noise_scale" in spec:
+            ds["vrgd_noise_scale"] = spec["vrgd_noise_scale"]
         engines[label], _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(1 + rank)
@@ -138,7 +148,9 @@ def summarise(per_rank, args):
         "ratios": {"VRLAMB / LAMB": median["VRLAMB"] / median["LAMB"],
                    "VRLAMB interval 4 / LAMB": median["VRLAMB interval 4"] / median["LAMB"],
                    "LAMB / DeepSpeed AdamW": median["LAMB"] / median["DeepSpeed AdamW"],
-                   "VRLAMB / DeepSpeed AdamW": median["VRLAMB"] / median["DeepSpeed AdamW"]},
+                   "VRLAMB / DeepSpeed AdamW": median["VRLAMB"] / median["DeepSpeed AdamW"],
+                   "LAMB + noise scale / LAMB": median["LAMB + noise scale"] / median["LAMB"],
+                   "LAMB + noise scale interval 4 / LAMB": median["LAMB + noise scale interval 4"] / median["LAMB"]},
         "bytes_per_step_rank0": {l: statistics.mean(per_rank[0][l]["bytes_per_step"]) for l in labels},
         "vr_kept_bytes_per_rank": [r["VRLAMB"]["vr_kept_bytes"] for r in per_rank],
         "partition_numel_per_rank": [r["VRLAMB"]["partition_numel"] for r in per_rank],
@@ -155,13 +167,14 @@ def plot(summary, path):
 
     labels = list(summary["median_step_s"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.bar(labels, [summary["median_step_s"][l] for l in labels], color=["C0", "C1", "C2", "C7"])
+    colors = [f"C{i}" for i in range(len(labels))]
+    a.bar(labels, [summary["median_step_s"][l] for l in labels], color=colors)
     a.set_ylabel("median step time (s)")
     a.set_title("ZeRO-2, 2 CPU ranks, step = 2 micro-batches")
-    b.bar(labels, [summary["bytes_per_step_rank0"][l] / 2**20 for l in labels], color=["C0", "C1", "C2", "C7"])
+    b.bar(labels, [summary["bytes_per_step_rank0"][l] / 2**20 for l in labels], color=colors)
     b.set_ylabel("MiB handed to collectives per step (rank 0)")
     for ax in (a, b):
-        ax.tick_params(axis="x", labelrotation=20)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -210,7 +223,7 @@ def main(argv=None):
     for label, t in summary["median_step_s"].items():
         print(f"{label:18s} {t * 1e3:8.1f} ms  {summary['bytes_per_step_rank0'][label] / 2**20:8.2f} MiB/step")
     for k, v in summary["ratios"].items():
-        print(f"{k:26s} {v:.3f}")
+        print(f"{k:38s} {v:.3f}")
     return summary
 
 

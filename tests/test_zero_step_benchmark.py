@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/zero_step.py: a real 2-rank ZeRO-2 launch with four engines."""
+"""Smoke test of benchmarks/zero_step.py: a real 2-rank ZeRO-2 launch with six engines."""
 
 import json
 import subprocess
@@ -13,11 +13,13 @@ def test_zero_step_quick(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "zero_step.json").read_text())
-    labels = {"LAMB", "VRLAMB", "VRLAMB interval 4", "DeepSpeed AdamW"}
+    labels = {"LAMB", "VRLAMB", "VRLAMB interval 4", "DeepSpeed AdamW", "LAMB + noise scale",
+              "LAMB + noise scale interval 4"}
     assert set(res["median_step_s"]) == labels and all(v > 0 for v in res["median_step_s"].values())
     # VR traffic is extra: the squares roughly add a second gradient-sized reduction
     b = res["bytes_per_step_rank0"]
     assert b["VRLAMB"] > b["LAMB"] * 1.3
+    assert b["LAMB + noise scale"] > b["LAMB"] * 1.3 > b["LAMB + noise scale interval 4"]
     # the two ranks keep partition-sized VR state: 2 fp32 buffers of their partition
     assert res["vr_kept_bytes_per_rank"] == [2 * 4 * n for n in res["partition_numel_per_rank"]]
     assert (tmp_path / "zero_step.png").stat().st_size > 1000
