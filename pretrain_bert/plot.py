@@ -29,28 +29,20 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def plot(runs, out, labels=None, x="step"):
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if x not in ("step", "samples"):
-        raise ValueError(f"--x must be 'step' or 'samples', got {x!r}")
-    labels = labels or [Path(r).name if Path(r).name not in ("phase1", "phase2") else
-                        f"{Path(r).parent.name}/{Path(r).name}" for r in runs]
-    if len(labels) != len(runs):
-        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (run, label) in enumerate(zip(runs, labels)):
-        train, evals = read_metrics(run)
-        sample_of = {r["step"]: r["samples"] for r in train}
-        ax.plot([r[x] for r in train], [r["loss"] for r in train], lw=0.8, color=f"C{i}", label=f"{label} train")
-        if evals:
-            ax.plot([e["step"] if x == "step" else sample_of.get(e["step"], 0) for e in evals],
-                    [e["eval_loss"] for e in evals], "o--", ms=4, color=f"C{i}", label=f"{label} held-out")
-    ax.set_xlabel(x)
-    ax.set_ylabel("loss (MLM + NSP)")
+    return plt.subplots(figsize=(7, 4.2))
+
+
+def _save(fig, ax, out, xlabel: str, ylabel: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -58,14 +50,27 @@ def plot(runs, out, labels=None, x="step"):
     plt.close(fig)
 
 
+def plot(runs, out, labels=None, x="step"):
+    if x not in ("step", "samples"):
+        raise ValueError(f"--x must be 'step' or 'samples', got {x!r}")
+    labels = labels or [Path(r).name if Path(r).name not in ("phase1", "phase2") else
+                        f"{Path(r).parent.name}/{Path(r).name}" for r in runs]
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    fig, ax = _figure()
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        train, evals = read_metrics(run)
+        sample_of = {r["step"]: r["samples"] for r in train}
+        ax.plot([r[x] for r in train], [r["loss"] for r in train], lw=0.8, color=f"C{i}", label=f"{label} train")
+        if evals:
+            ax.plot([e["step"] if x == "step" else sample_of.get(e["step"], 0) for e in evals],
+                    [e["eval_loss"] for e in evals], "o--", ms=4, color=f"C{i}", label=f"{label} held-out")
+    _save(fig, ax, out, x, "loss (MLM + NSP)")
+
+
 def plot_noise_scale(runs, out, labels=None, x="samples"):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = labels or [Path(r).name for r in runs]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _figure()
     for i, (run, label) in enumerate(zip(runs, labels)):
         train, _ = read_metrics(run)
         measured = [r for r in train if r.get("gns_b_simple") is not None]
@@ -78,14 +83,8 @@ def plot_noise_scale(runs, out, labels=None, x="samples"):
                 label=f"{label} B_simple (EMA)")
         ax.plot([r[x] for r in train], [r.get("batch", 0) for r in train], "--", lw=1, color=f"C{i}",
                 label=f"{label} global batch")
-    ax.set_xlabel(x)
-    ax.set_ylabel("samples")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, out, x, "samples")
 
 
 def main(argv=None):

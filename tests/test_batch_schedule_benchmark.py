@@ -1,24 +1,13 @@
 """Smoke test of benchmarks/batch_schedule.py: four real 2-rank runs of a few steps."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_module
 
 
-def test_batch_schedule_quick(tmp_path):
-    from pretrain_bert.data import InstanceConfig, prepare_pretraining_data
-
-    data = tmp_path / "data"
-    prepare_pretraining_data([ROOT / "data" / "corpus" / "wikitext-2-valid.txt"],
-                             ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt", data,
-                             InstanceConfig(dupe_factor=1, max_documents=10, heldout_fraction=0.2))
-    cmd = [sys.executable, "-m", "benchmarks.batch_schedule", "--quick", "--data", str(data),
-           "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "runs")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_batch_schedule_quick(tmp_path, small_pretraining_data):
+    run_module("benchmarks.batch_schedule", "--quick", "--data", small_pretraining_data,
+               "--out", tmp_path / "out", "--work-dir", tmp_path / "runs")
     res = json.loads((tmp_path / "out" / "batch_schedule.json").read_text())
     assert set(res["table"]) == {"fixed 8", "fixed 16", "linear warm-up", "gns"}
     runs = res["runs"]

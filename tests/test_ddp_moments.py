@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +28,6 @@ import torch.multiprocessing as mp
 from reference import Reference, group_grads, max_rel_err
 from spawn_ranks import spawn_ranks, started, startup_abort
 
-sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 from tiny_problem import batch, make_model  # noqa: E402
 
 WORLD, STEPS, CLIP = 2, 4, 0.05

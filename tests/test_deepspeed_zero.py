@@ -19,12 +19,7 @@ import torch
 
 from ds_helpers import run_deepspeed
 from reference import Reference, group_grads, max_rel_err
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
-from tiny_problem import batch, make_model  # noqa: E402
+from tiny_problem import batch, make_model
 
 STEPS, WORLD = 3, 2
 # name: (reference base, DeepSpeed params, extra reference hyperparameters)

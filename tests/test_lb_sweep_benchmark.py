@@ -11,13 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_lb_sweep_quick(tmp_path):
-    from pretrain_bert.data import InstanceConfig, prepare_pretraining_data
-
-    data = tmp_path / "data"
-    prepare_pretraining_data([ROOT / "data" / "corpus" / "wikitext-2-valid.txt"],
-                             ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt", data,
-                             InstanceConfig(dupe_factor=1, max_documents=10, heldout_fraction=0.2))
+def test_lb_sweep_quick(tmp_path, small_pretraining_data):
+    data = small_pretraining_data
     cmd = [sys.executable, "-m", "benchmarks.lb_sweep", "--quick", "--data", str(data), "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -58,13 +53,8 @@ def test_lb_sweep_rejects_seed_batches_outside_the_sweep():
     assert proc.returncode == 2 and "--seed-batches [512] are not in --batches [64, 256]" in proc.stderr
 
 
-def test_lb_sweep_plans_a_bert_large_sweep_without_launching(tmp_path):
-    from pretrain_bert.data import InstanceConfig, prepare_pretraining_data
-
-    data = tmp_path / "data"
-    prepare_pretraining_data([ROOT / "data" / "corpus" / "wikitext-2-valid.txt"],
-                             ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt", data,
-                             InstanceConfig(dupe_factor=1, max_documents=10, heldout_fraction=0.2))
+def test_lb_sweep_plans_a_bert_large_sweep_without_launching(tmp_path, small_pretraining_data):
+    data = small_pretraining_data
     cmd = [sys.executable, "-m", "benchmarks.lb_sweep", "--config-prefix", str(ROOT / "configs" / "bert_large_64k-32k"),
            "--ranks", "64", "--micro", "64", "--batches", "8192", "65536", "--seeds", "2", "--seed-batches", "65536",
            "--lr-ref", "2e-3", "--data", str(data), "--work-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),

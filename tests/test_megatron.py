@@ -21,7 +21,6 @@ from megatron_refusals import REFUSALS  # noqa: E402
 from reference import max_rel_err  # noqa: E402
 from spawn_ranks import spawn_ranks  # noqa: E402
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "ds_scripts"))
 from tiny_problem import batch  # noqa: E402
 
 
