@@ -32,8 +32,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-ROW = 256  # elements per row of the bulk kernel: long enough to vectorise, short enough for few edges
-EAGER_ROWS = 4096  # rows per eager chunk: bounds the temporaries of the uncompiled fallback
+ROW = 1024  # elements per row of the bulk kernel: long rows vectorise and leave few row sums,
+# short ones leave few edge elements (at most one row per segment boundary)
+EAGER_ROWS = 1024  # rows per eager chunk: bounds the temporaries of the uncompiled fallback
+COMPILE_MIN = 1 << 18  # compile=None compiles only buffers this large: below, compiling costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class FlatPlan:
         idx = torch.cat(edges) if edges else torch.zeros(0, dtype=torch.long)
         self.edge_idx = idx.to(self.device)
         self.edge_seg = self.segment_of(idx).to(self.device)
+        self.numel = sum(n for _, n in self.segments)
 
     def segment_of(self, idx: Tensor) -> Tensor:
         """Segment index (into ``segments``) of each flat element index in ``idx``."""
@@ -139,73 +142,74 @@ def constants(spec: Spec, values: dict[str, float], device) -> Tensor:
 
 
 def _block_kernel(fn: Callable, spec: Spec, x: dict, writes: tuple, outs: dict, table: Tensor,
-                  row_seg: Tensor, row_ok: Tensor, c: Tensor) -> list[Tensor]:
-    """A block: rows of one segment each. Rows that are not (or whose segment is switched off)
-    keep their values; the edge pass writes them."""
+                  row_seg: Tensor, row_ok: Tensor, c: Tensor) -> Tensor | None:
+    """A block: rows of one segment each; row sums of the terms ([rows, n_terms] float64).
+    Rows that are not inside one segment (or whose segment is switched off) keep their
+    values; the edge pass writes them."""
     s = table[row_seg]
     ok = row_ok & (s[:, :1] > 0)
     new, terms = fn(spec, x, s, c)
-    for k in writes:
+    sums = torch.stack([torch.where(ok, t, 0.0).sum(1) for t in terms], 1).double() if terms else None
+    for k in writes:  # after the sums: a term may be an input that is written
         x[k].copy_(torch.where(ok, new[k], x[k]))
     for k, t in outs.items():
         t.copy_(new[k])
-    return [torch.where(ok, t, 0.0).sum(1) for t in terms]
+    return sums
 
 
 def _edge_kernel(fn: Callable, spec: Spec, flat: dict, writes: tuple, outs: dict, table: Tensor,
-                 idx: Tensor, seg: Tensor, c: Tensor) -> list[Tensor]:
-    """Gathered elements as a [n, 1] block with per-element scalars, then scattered back."""
+                 idx: Tensor, seg: Tensor, c: Tensor) -> Tensor | None:
+    """Gathered elements as a [n, 1] block with per-element scalars, scattered back; the terms
+    per element ([n, n_terms] float64)."""
     s = table[seg]
     ok = s[:, :1] > 0
     x = {k: t[idx].unsqueeze(1) for k, t in flat.items()}
     new, terms = fn(spec, x, s, c)
+    out = torch.stack([torch.where(ok, t, 0.0).squeeze(1) for t in terms], 1).double() if terms else None
     for k in writes:
         flat[k].index_copy_(0, idx, torch.where(ok, new[k], x[k]).squeeze(1).to(flat[k].dtype))
     for k, t in outs.items():
         t.index_copy_(0, idx, new[k].squeeze(1).to(t.dtype))
-    return [torch.where(ok, t, 0.0).squeeze(1) for t in terms]
+    return out
 
 
-_COMPILED: dict[str, Callable] = {}
+_COMPILED: dict[Callable, Callable] = {}
 _FAILED: set[str] = set()  # device types where compilation failed once (warned)
 
 
-def _compiled_block() -> Callable:
-    if "block" not in _COMPILED:
-        _COMPILED["block"] = torch.compile(_block_kernel, dynamic=False, fullgraph=True)
-    return _COMPILED["block"]
-
-
-def _eager_block(fn, spec, x, writes, outs, table, row_seg, row_ok, c) -> list[Tensor]:
+def _eager_block(fn, spec, x, writes, outs, table, row_seg, row_ok, c) -> Tensor | None:
+    """The block kernel uncompiled, a chunk of rows at a time (bounded temporaries)."""
     rows, parts = row_seg.numel(), []
     for a in range(0, rows, EAGER_ROWS):
         n = min(EAGER_ROWS, rows - a)
-        cut = {k: t.narrow(0, a, n) for k, t in x.items()}
-        parts.append(_block_kernel(fn, spec, cut, writes, {k: t.narrow(0, a, n) for k, t in outs.items()},
-                                   table, row_seg.narrow(0, a, n), row_ok.narrow(0, a, n), c))
-    return [torch.cat(col) for col in zip(*parts)]
+        parts.append(_block_kernel(fn, spec, {k: t.narrow(0, a, n) for k, t in x.items()}, writes,
+                                   {k: t.narrow(0, a, n) for k, t in outs.items()}, table,
+                                   row_seg.narrow(0, a, n), row_ok.narrow(0, a, n), c))
+    return torch.cat(parts) if parts[0] is not None else None
 
 
-def _run_block(compile, fn, spec, x, writes, outs, table, row_seg, row_ok, c) -> list[Tensor]:
-    """``compile``: None (compile, falling back to eager with one warning), True, False."""
-    device = row_seg.device.type
+def _run(kernel: Callable, eager: Callable, compile: bool | None, device: str, args: tuple, dynamic: list[Tensor]):
+    """``kernel(*args)`` compiled (``compile`` None: falling back to ``eager`` with one warning
+    where compilation fails; True: errors raise; False: ``eager`` always)."""
     if compile is False or (compile is None and device in _FAILED) or torch.compiler.is_compiling():
-        return _eager_block(fn, spec, x, writes, outs, table, row_seg, row_ok, c)
-    for t in (*x.values(), *outs.values(), table, row_seg, row_ok):
+        return eager(*args)
+    if kernel not in _COMPILED:
+        _COMPILED[kernel] = torch.compile(kernel, dynamic=False, fullgraph=True)
+    for t in dynamic:  # sizes vary by group and model: compile once for all
         torch._dynamo.maybe_mark_dynamic(t, 0)
     try:
-        # one kernel per pass function and spec: more than dynamo's default 8 per code object
+        # one graph per pass function and spec: more than dynamo's default of 8 per code object
         with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
-            return _compiled_block()(fn, spec, x, writes, outs, table, row_seg, row_ok, c)
-    except Exception as e:  # no compiler, unsupported platform...: same math, eagerly
+            return _COMPILED[kernel](*args)
+    except Exception as e:  # no C++ compiler, unsupported platform...: the same math, eagerly
         if compile is True:
             raise
         _FAILED.add(device)
+        first = str(e).splitlines()[0] if str(e) else ""
         warnings.warn(f"vrgd_ds: torch.compile of the flat optimizer kernels failed on {device} "
-                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); running them "
-                      "eagerly from now on (same results, slower). Pass compile=False to skip the attempt.",
-                      RuntimeWarning, stacklevel=4)
-        return _eager_block(fn, spec, x, writes, outs, table, row_seg, row_ok, c)
+                      f"({type(e).__name__}: {first}); running them eagerly from now on (same results, "
+                      "slower). Pass compile=False to skip the attempt.", RuntimeWarning, stacklevel=5)
+        return eager(*args)
 
 
 def run_pass(fn: Callable, spec: Spec, plan: FlatPlan, flat: dict[str, Tensor], writes: Sequence[str] = (),
@@ -218,18 +222,24 @@ def run_pass(fn: Callable, spec: Spec, plan: FlatPlan, flat: dict[str, Tensor], 
     ``outs``: 1-D tensors ``fn`` only writes (same names in its result)."""
     writes, outs = tuple(writes), outs or {}
     device = plan.device
+    if compile is None and plan.numel < COMPILE_MIN:
+        compile = False
     total = torch.zeros(plan.count + 1, n_terms, dtype=torch.float64, device=device)
     for b in plan.blocks:
         n = b.rows * plan.row
         x = {k: t.narrow(0, b.start, n).view(b.rows, plan.row) for k, t in flat.items()}
         o = {k: t.narrow(0, b.start, n).view(b.rows, plan.row) for k, t in outs.items()}
-        sums = _run_block(compile, fn, spec, x, writes, o, table, b.row_seg, b.row_ok, c)
+        args = (fn, spec, x, writes, o, table, b.row_seg, b.row_ok, c)
+        sums = _run(_block_kernel, _eager_block, compile, device.type, args,
+                    [*x.values(), *o.values(), table, b.row_seg, b.row_ok])
         if n_terms:
-            total.index_add_(0, b.row_seg, torch.stack(sums, 1).double())
+            total.index_add_(0, b.row_seg, sums)
     if plan.edge_idx.numel():
-        terms = _edge_kernel(fn, spec, flat, writes, outs, table, plan.edge_idx, plan.edge_seg, c)
+        args = (fn, spec, flat, writes, outs, table, plan.edge_idx, plan.edge_seg, c)
+        terms = _run(_edge_kernel, _edge_kernel, compile, device.type, args,
+                     [*flat.values(), *outs.values(), table, plan.edge_idx, plan.edge_seg])
         if n_terms:
-            total.index_add_(0, plan.edge_seg, torch.stack(terms, 1).double())
+            total.index_add_(0, plan.edge_seg, terms)
     return total[:plan.count] if n_terms else None
 
 
@@ -244,5 +254,5 @@ def run_on_segments(fn: Callable, spec: Spec, plan: FlatPlan, seg_ids: Sequence[
     if not n_terms:
         return None
     total = torch.zeros(plan.count + 1, n_terms, dtype=torch.float64, device=plan.device)
-    total.index_add_(0, seg, torch.stack(terms, 1).double())
+    total.index_add_(0, seg, terms)
     return total[:plan.count]
