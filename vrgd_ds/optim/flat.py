@@ -58,12 +58,33 @@ class Spec:
         return flag in self.flags
 
 
+class SegmentSum:
+    """Adds per-element (or per-row) values into per-segment totals in a fixed order, so that a
+    resumed run repeats a run bit for bit: ``index_add_`` on the CPU (serial), elsewhere a sort
+    and ``segment_reduce`` (CUDA's ``index_add_`` adds atomically, in no fixed order)."""
+
+    def __init__(self, seg: Tensor, count: int):
+        self.seg = seg
+        ordered = bool((seg[1:] >= seg[:-1]).all()) if seg.numel() > 1 else True
+        self.order = None if ordered else torch.argsort(seg, stable=True)
+        self.lengths = torch.bincount(seg, minlength=count + 1)
+
+    def add_to(self, total: Tensor, values: Tensor) -> None:
+        if values.device.type == "cpu":  # serial on the CPU: already in a fixed order
+            total.index_add_(0, self.seg, values)
+            return
+        if self.order is not None:
+            values = values[self.order]
+        total += torch.segment_reduce(values, "sum", lengths=self.lengths, axis=0)
+
+
 @dataclass(frozen=True)
 class Block:
     start: int
     rows: int
     row_seg: Tensor  # int64 [rows]: the segment of each row
     row_ok: Tensor  # bool [rows, 1]: the whole row lies inside that segment
+    sums: SegmentSum
 
 
 class FlatPlan:
@@ -92,6 +113,7 @@ class FlatPlan:
         idx = torch.cat(edges) if edges else torch.zeros(0, dtype=torch.long)
         self.edge_idx = idx.to(self.device)
         self.edge_seg = self.segment_of(idx).to(self.device)
+        self.edge_sums = SegmentSum(self.edge_seg, self.count)
         self.numel = sum(n for _, n in self.segments)
 
     def segment_of(self, idx: Tensor) -> Tensor:
@@ -112,7 +134,9 @@ class FlatPlan:
         first = start + torch.arange(rows, dtype=torch.long) * self.row
         seg_first, seg_last = self.segment_of(first), self.segment_of(first + self.row - 1)
         ok = seg_first == seg_last
-        self.blocks.append(Block(start, rows, seg_first.to(self.device), ok.view(-1, 1).to(self.device)))
+        seg_first = seg_first.to(self.device)
+        self.blocks.append(Block(start, rows, seg_first, ok.view(-1, 1).to(self.device),
+                                 SegmentSum(seg_first, self.count)))
         straddling = first[~ok].view(-1, 1) + torch.arange(self.row, dtype=torch.long)
         tail = torch.arange(start + rows * self.row, stop, dtype=torch.long)
         return torch.cat([straddling.view(-1), tail])
@@ -233,13 +257,13 @@ def run_pass(fn: Callable, spec: Spec, plan: FlatPlan, flat: dict[str, Tensor], 
         sums = _run(_block_kernel, _eager_block, compile, device.type, args,
                     [*x.values(), *o.values(), table, b.row_seg, b.row_ok])
         if n_terms:
-            total.index_add_(0, b.row_seg, sums)
+            b.sums.add_to(total, sums)
     if plan.edge_idx.numel():
         args = (fn, spec, flat, writes, outs, table, plan.edge_idx, plan.edge_seg, c)
         terms = _run(_edge_kernel, _edge_kernel, compile, device.type, args,
                      [*flat.values(), *outs.values(), table, plan.edge_idx, plan.edge_seg])
         if n_terms:
-            total.index_add_(0, plan.edge_seg, terms)
+            plan.edge_sums.add_to(total, terms)
     return total[:plan.count] if n_terms else None
 
 
@@ -254,5 +278,5 @@ def run_on_segments(fn: Callable, spec: Spec, plan: FlatPlan, seg_ids: Sequence[
     if not n_terms:
         return None
     total = torch.zeros(plan.count + 1, n_terms, dtype=torch.float64, device=plan.device)
-    total.index_add_(0, seg, terms)
+    SegmentSum(seg, plan.count).add_to(total, terms)
     return total[:plan.count]

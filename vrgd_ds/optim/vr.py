@@ -5,8 +5,13 @@ Each class is ``GSNRTransform`` mixed into a base optimizer; the GSNR math lives
 
 1. read the mean gradient gbar (``p.grad``) and the mean of squared group gradients
    from the attached moment source (:mod:`vrgd_ds.moments`, or the DeepSpeed adapter);
-2. r = clamp(r_raw / layer mean, gamma, 1), with optional GSNR momentum ``beta3``;
-3. hand g' = phat * gbar to the base update in place of the gradient.
+2. the layer means of r_raw: one flat pass over each group (:mod:`.flat`) and one layer
+   reduction for all groups;
+3. r = clamp(r_raw / layer mean, gamma, 1), with optional GSNR momentum ``beta3``, and
+   g' = phat * gbar in place of the gradient: not a separate pass but a
+   :class:`~.base.GradSource` that the base update's first pass evaluates
+   (:func:`vrgd_ds.gsnr.scaled_grad`), so VR-LAMB reads and writes each element in three
+   passes, LAMB in two.
 
 ``gamma = 1`` makes the transform the identity (r = phat = 1 exactly): no moments are
 read and no GSNR state is kept, so the base optimizer's trajectory is reproduced bit
@@ -172,7 +177,8 @@ class GSNRTransform:
         gsnr.check_group_count(src.group_count)
         sq_of = lambda p: self._sum_sq(src, p)  # noqa: E731
         spec = Spec(("ok",), ("sq_scale",))
-        partial = [batches[i].run(gsnr.raw_gsnr_terms, spec, lambda bs: {"g": bs.grad_flat(), "sq": bs.squares_flat(sq_of)},
+        partial = [batches[i].run(gsnr.raw_gsnr_terms, spec,
+                                  lambda bs: {"g": bs.grad_flat(), "sq": bs.squares_flat(sq_of)},
                                   consts={"sq_scale": src.sq_scale}, compile=self.param_groups[i]["compile"],
                                   n_terms=1)[:, 0] for i in active]
         segments = [s for i in active for s in batches[i].flat_segments]
