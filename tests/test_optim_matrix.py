@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,6 +15,7 @@ from vrgd_ds.optim import flat
 from reference import Reference, group_grads, max_rel_err
 
 K = 8
+DEVICE = os.environ.get("VRGD_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs the matrix on "cuda"
 # foreach / loop: torch's multi-tensor / per-tensor updates for the torch-based optimizers, the
 # flat kernels eagerly; default: no flags (torch's fused update, compiled flat kernels); rows:
 # flat kernels with 4-element rows (the tiny model then runs through the row blocks, not
@@ -81,14 +83,14 @@ IDS = [s.name for s in SPECS]
 
 def make_model(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DEVICE, dtype)
 
 
 def batch(step, dtype=torch.float32, n=64):
     gen = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(n, 6, generator=gen)
     y = torch.randn(n, 3, generator=gen) + x[:, :3]
-    return x.to(dtype), y.to(dtype)
+    return x.to(DEVICE, dtype), y.to(DEVICE, dtype)
 
 
 def loss_fn(out, y):
