@@ -76,6 +76,16 @@ def partition_of(params):
     return flat, PartitionLayout([p.numel() for p in params])
 
 
+def fused_lamb(params, lr):
+    """DeepSpeed's FusedLamb (a CUDA op it builds at first use), or why not."""
+    try:
+        from deepspeed.ops.lamb import FusedLamb
+
+        return FusedLamb(params, lr=lr), None
+    except Exception as e:  # no nvcc, no ninja, a build error: report and go on
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def build_optimizers(params, lr=1e-4, eager=False, partition=True):
     moments = FixedMoments(params)
     opts = {
@@ -103,6 +113,42 @@ def build_optimizers(params, lr=1e-4, eager=False, partition=True):
     return opts
 
 
+PAIRS = {"VRLAMB/AdamW fused": ("VRLAMB", "AdamW fused"), "VRAdamW/AdamW fused": ("VRAdamW", "AdamW fused"),
+         "VRLAMB/LAMB": ("VRLAMB", "LAMB"), "LAMB/AdamW fused": ("LAMB", "AdamW fused"),
+         "torch-optimizer Lamb/LAMB": ("torch-optimizer Lamb", "LAMB"),
+         "VRLAMB eager/LAMB eager": ("VRLAMB eager", "LAMB eager"),
+         "VRLAMB partition/AdamW fused": ("VRLAMB partition", "AdamW fused"),
+         "VRLAMB partition/LAMB partition": ("VRLAMB partition", "LAMB partition"),
+         "VRLAMB/DeepSpeed FusedLamb": ("VRLAMB", "DeepSpeed FusedLamb"),
+         "DeepSpeed FusedLamb/AdamW fused": ("DeepSpeed FusedLamb", "AdamW fused")}
+TARGETS = {"VRLAMB/AdamW fused": ("max", 2.5), "VRAdamW/AdamW fused": ("max", 2.5),
+           "VRLAMB/LAMB": ("max", 1.3), "torch-optimizer Lamb/LAMB": ("min", 2.5)}  # issue 14
+
+
+def summarise(samples: dict):
+    """Medians, minima (the least disturbed sample on a shared machine), their ratios, targets."""
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    best = {name: min(v) for name, v in samples.items()}
+    pairs = {k: v for k, v in PAIRS.items() if v[0] in med and v[1] in med}
+    ratios = {k: med[a] / med[b] for k, (a, b) in pairs.items()}
+    ratios_of_min = {k: best[a] / best[b] for k, (a, b) in pairs.items()}
+    targets = {k: v for k, v in TARGETS.items() if k in ratios}
+    met = {k: (ratios[k] <= v if kind == "max" else ratios[k] >= v) for k, (kind, v) in targets.items()}
+    return med, best, ratios, ratios_of_min, targets, met
+
+
+def report(result: dict) -> None:
+    med, best, ratios, targets, met = (result[k] for k in ("median_s", "min_s", "ratios", "targets", "target_met"))
+    print(f"{'optimizer':<24}{'median ms':>12}{'min ms':>10}")
+    for name, t in sorted(med.items(), key=lambda kv: kv[1]):
+        print(f"{name:<24}{t * 1e3:>12.1f}{best[name] * 1e3:>10.1f}")
+    print(f"{'ratio':<32}{'median':>8}{'min':>8}")
+    for name, r in ratios.items():
+        goal = f"  target {'<=' if targets[name][0] == 'max' else '>='} {targets[name][1]}: " \
+            f"{'met' if met[name] else 'NOT met'}" if name in targets else ""
+        print(f"{name:<32}{r:>8.2f}{result['ratios_of_min'][name]:>8.2f}{goal}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per optimizer")
@@ -115,6 +161,7 @@ def main(argv=None):
                     help="BERT-base (110M) or BERT-large (340M) shapes")
     ap.add_argument("--eager", action="store_true", help="also time compile=False (the fallback)")
     ap.add_argument("--no-partition", action="store_true", help="leave out the flat-partition rows (memory)")
+    ap.add_argument("--fused-lamb", action="store_true", help="also DeepSpeed's FusedLamb (CUDA; builds an op)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -130,6 +177,14 @@ def main(argv=None):
     print(f"{len(params)} tensors, {n / 1e6:.1f}M parameters on {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     opts = build_optimizers(params, eager=args.eager, partition=not args.no_partition)
+    skipped = {}
+    if args.fused_lamb:
+        opt, why = fused_lamb(params, 1e-4)
+        if opt is not None:
+            opts["DeepSpeed FusedLamb"] = opt
+        else:
+            skipped["DeepSpeed FusedLamb"] = why
+            print(f"DeepSpeed FusedLamb left out: {why}")
     samples = {name: [] for name in opts}
     for i in range(args.warmup + args.steps):
         for name, opt in opts.items():
@@ -140,41 +195,20 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 samples[name].append(dt)
-    med = {name: statistics.median(v) for name, v in samples.items()}
-    best = {name: min(v) for name, v in samples.items()}  # the least disturbed sample (shared machine)
-    pairs = {"VRLAMB/AdamW fused": ("VRLAMB", "AdamW fused"), "VRAdamW/AdamW fused": ("VRAdamW", "AdamW fused"),
-             "VRLAMB/LAMB": ("VRLAMB", "LAMB"), "LAMB/AdamW fused": ("LAMB", "AdamW fused"),
-             "torch-optimizer Lamb/LAMB": ("torch-optimizer Lamb", "LAMB"),
-             "VRLAMB eager/LAMB eager": ("VRLAMB eager", "LAMB eager"),
-             "VRLAMB partition/AdamW fused": ("VRLAMB partition", "AdamW fused"),
-             "VRLAMB partition/LAMB partition": ("VRLAMB partition", "LAMB partition")}
-    pairs = {k: v for k, v in pairs.items() if v[0] in med and v[1] in med}
-    ratios = {k: med[a] / med[b] for k, (a, b) in pairs.items()}
-    ratios_of_min = {k: best[a] / best[b] for k, (a, b) in pairs.items()}
-    targets = {"VRLAMB/AdamW fused": ("max", 2.5), "VRAdamW/AdamW fused": ("max", 2.5),
-               "VRLAMB/LAMB": ("max", 1.3), "torch-optimizer Lamb/LAMB": ("min", 2.5)}
-    targets = {k: v for k, v in targets.items() if k in ratios}
-    met = {k: (ratios[k] <= v if kind == "max" else ratios[k] >= v) for k, (kind, v) in targets.items()}
+    med, best, ratios, ratios_of_min, targets, met = summarise(samples)
     result = {
         "params": n, "tensors": len(params), "steps": args.steps, "warmup": args.warmup,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "model": args.model,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "median_s": med, "min_s": best, "samples_s": samples, "ratios": ratios, "ratios_of_min": ratios_of_min,
-        "targets": targets, "target_met": met,
+        "targets": targets, "target_met": met, "skipped": skipped,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "optim_step.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "optim_step.png")
-    print(f"{'optimizer':<24}{'median ms':>12}{'min ms':>10}")
-    for name, t in sorted(med.items(), key=lambda kv: kv[1]):
-        print(f"{name:<24}{t * 1e3:>12.1f}{best[name] * 1e3:>10.1f}")
-    print(f"{'ratio':<32}{'median':>8}{'min':>8}")
-    for name, r in ratios.items():
-        goal = f"  target {'<=' if targets[name][0] == 'max' else '>='} {targets[name][1]}: " \
-            f"{'met' if met[name] else 'NOT met'}" if name in targets else ""
-        print(f"{name:<32}{r:>8.2f}{ratios_of_min[name]:>8.2f}{goal}")
+    report(result)
     print(f"wrote {out / 'optim_step.json'}")
     return result
 
