@@ -23,5 +23,6 @@ def test_optim_step_small(tmp_path):
                       "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "optim_step.json").read_text())
-    assert {"VRLAMB", "LAMB", "VRLAMB compiled", "AdamW fused"} <= set(res["median_s"])
+    assert {"VRLAMB", "LAMB", "VRAdamW", "VRLAMB partition", "AdamW fused"} <= set(res["median_s"])
     assert all(v > 0 for v in res["median_s"].values())
+    assert (tmp_path / "optim_step.png").stat().st_size > 1000

@@ -3,17 +3,44 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from vrgd_ds import LAMB, LARS, MicroStepMoments, VRAdam, VRAdamW, VRLAMB, VRLARS, VRMomentum, VRSGD
+from vrgd_ds.optim import flat
 
 from reference import Reference, group_grads, max_rel_err
 
 K = 8
+DEVICE = os.environ.get("VRGD_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.sh runs the matrix on "cuda"
+# foreach / loop: torch's multi-tensor / per-tensor updates for the torch-based optimizers, the
+# flat kernels eagerly; default: no flags (torch's fused update, compiled flat kernels); rows:
+# flat kernels with 4-element rows (the tiny model then runs through the row blocks, not
+# only the edge elements), eagerly; compiled: the same, compiled
 MODES = ["foreach", "loop"]
+ALL_MODES = [*MODES, "default", "rows", "compiled"]
+ROW_MODES = ("rows", "compiled", "compile")
+IMPL = {"foreach": dict(foreach=True, compile=False), "loop": dict(foreach=False, compile=False), "default": {},
+        "rows": dict(compile=False), "compiled": dict(compile=True), "compile": dict(compile=True)}
+
+
+@pytest.fixture(autouse=True)
+def short_rows(request, monkeypatch):
+    """Row modes: 4-element rows, so the 53-parameter model exercises blocks and edges."""
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("mode") in ROW_MODES:
+        monkeypatch.setattr(flat, "ROW", 4)
+
+
+def twin_impl(spec, mode):
+    """The implementation a VR optimizer with gamma = 1 must equal bit for bit in ``mode``: torch's
+    fused, foreach or per-tensor update, or our LAMB/LARS with the same flat kernels."""
+    if spec.base in ("lamb", "lars"):
+        return IMPL[mode]
+    return {"foreach": dict(foreach=True), "loop": dict(foreach=False)}.get(mode, dict(fused=True))
 
 
 @dataclass
@@ -23,7 +50,7 @@ class Spec:
     kwargs: dict
     base: str
     ref_hp: dict
-    torch_twin: object = None  # gamma=1 must equal this optimizer bit for bit
+    torch_twin: object = None  # gamma=1 must equal this optimizer bit for bit (kwargs: twin_impl)
     vr: bool = True
     beta3: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -31,22 +58,22 @@ class Spec:
 
 SPECS = [
     Spec("VRSGD", VRSGD, dict(lr=0.2, weight_decay=0.01), "sgd", dict(lr=0.2, weight_decay=0.01),
-         lambda ps, fe: torch.optim.SGD(ps, lr=0.2, weight_decay=0.01, foreach=fe)),
+         lambda ps, kw: torch.optim.SGD(ps, lr=0.2, weight_decay=0.01, **kw)),
     Spec("VRMomentum", VRMomentum, dict(lr=0.05, momentum=0.9, weight_decay=0.01), "sgd",
          dict(lr=0.05, momentum=0.9, weight_decay=0.01),
-         lambda ps, fe: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=fe)),
+         lambda ps, kw: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01, **kw)),
     Spec("VRMomentum-nesterov", VRMomentum, dict(lr=0.05, momentum=0.9, nesterov=True), "sgd",
          dict(lr=0.05, momentum=0.9, nesterov=True),
-         lambda ps, fe: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, foreach=fe)),
+         lambda ps, kw: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, **kw)),
     Spec("VRAdam", VRAdam, dict(lr=0.01, weight_decay=0.01), "adam", dict(lr=0.01, weight_decay=0.01),
-         lambda ps, fe: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01, foreach=fe), beta3=0.9),
+         lambda ps, kw: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01, **kw), beta3=0.9),
     Spec("VRAdamW", VRAdamW, dict(lr=0.01, weight_decay=0.1), "adam",
          dict(lr=0.01, weight_decay=0.1, decoupled=True),
-         lambda ps, fe: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=fe), beta3=0.9),
+         lambda ps, kw: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, **kw), beta3=0.9),
     Spec("VRLAMB", VRLAMB, dict(lr=0.02, weight_decay=0.01), "lamb", dict(lr=0.02, weight_decay=0.01),
-         lambda ps, fe: LAMB(ps, lr=0.02, weight_decay=0.01, foreach=fe), beta3=0.9),
+         lambda ps, kw: LAMB(ps, lr=0.02, weight_decay=0.01, **kw), beta3=0.9),
     Spec("VRLARS", VRLARS, dict(lr=2.0, weight_decay=1e-3), "lars", dict(lr=2.0, weight_decay=1e-3),
-         lambda ps, fe: LARS(ps, lr=2.0, weight_decay=1e-3, foreach=fe)),
+         lambda ps, kw: LARS(ps, lr=2.0, weight_decay=1e-3, **kw)),
     Spec("LAMB", LAMB, dict(lr=0.02, weight_decay=0.01), "lamb", dict(lr=0.02, weight_decay=0.01), vr=False),
     Spec("LARS", LARS, dict(lr=2.0, weight_decay=1e-3), "lars", dict(lr=2.0, weight_decay=1e-3), vr=False),
 ]
@@ -56,14 +83,14 @@ IDS = [s.name for s in SPECS]
 
 def make_model(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DEVICE, dtype)
 
 
 def batch(step, dtype=torch.float32, n=64):
     gen = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(n, 6, generator=gen)
     y = torch.randn(n, 3, generator=gen) + x[:, :3]
-    return x.to(dtype), y.to(dtype)
+    return x.to(DEVICE, dtype), y.to(DEVICE, dtype)
 
 
 def loss_fn(out, y):
@@ -71,7 +98,7 @@ def loss_fn(out, y):
 
 
 def make_opt(spec, params, mode="foreach", moments=None, **over):
-    kw = dict(spec.kwargs, foreach=(mode == "foreach"), compile=(mode == "compile"), **over)
+    kw = dict(spec.kwargs, **IMPL[mode], **over)
     if spec.vr:
         kw["moments"] = moments
     return spec.cls(params, **kw)
@@ -110,7 +137,7 @@ def reference_run(spec, steps, dtype=torch.float32, hp_per_param=None, gamma=0.1
     return ref.theta
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALL_MODES)
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_matches_reference_fp32(spec, mode):
     model = make_model()
@@ -138,12 +165,12 @@ def test_bf16_params_follow_fp32_reference(spec):
     assert err < 0.05 and err < 0.5 * moved, (err, moved)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "default", "rows"])
 @pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
 def test_gamma_one_is_the_base_optimizer_bitwise(spec, mode):
     a, b = make_model(), make_model()
     train(spec, a, 4, mode, gamma=1.0)
-    twin = spec.torch_twin(list(b.parameters()), mode == "foreach")
+    twin = spec.torch_twin(list(b.parameters()), twin_impl(spec, mode))
     for s in range(4):
         micro_steps(b, s)
         twin.step()
@@ -161,7 +188,7 @@ def test_foreach_equals_per_tensor(spec):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "rows"])
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_state_dict_resume_is_bitwise(spec, mode):
     straight = make_model()
@@ -265,7 +292,7 @@ def test_one_group_is_an_error(spec):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "rows"])
 @pytest.mark.parametrize("spec", VR_SPECS, ids=[s.name for s in VR_SPECS])
 def test_nonfinite_gradient_raises_or_skips_without_touching_state(spec, mode, bad):
     model = make_model()
@@ -357,7 +384,7 @@ def test_clipping_scales_the_mean_only(mode):
     assert max_rel_err(list(model.parameters()), ref.theta) < 2e-5
 
 
-@pytest.mark.parametrize("mode", [*MODES, "compile"])
+@pytest.mark.parametrize("mode", [*MODES, "rows", "compile"])
 @pytest.mark.parametrize("k", [2, 8])
 def test_zero_variance_with_large_gradients_does_not_overflow(mode, k):
     """gbar^2 / tiny overflows fp32 for |gbar| > 2; the layer is redone in float64, not NaN."""

@@ -1,18 +1,16 @@
 """Gradient moments -> clamped, layer-normalised GSNR (docs/algorithm.md sections 1-3).
 
-This is the only place the GSNR is computed. Every VR optimizer calls these functions
-in front of its base update; the DeepSpeed adapter feeds them partition views.
+This is the only place the GSNR is computed. The formulas are plain elementwise functions
+(:func:`raw_gsnr`, :func:`clamped_ratio`, :func:`momentum_update`); the optimizers run them
+inside their flat passes (:mod:`vrgd_ds.optim.flat`) through the kernel stages at the end
+of this file, which every VR optimizer shares: :func:`raw_gsnr_terms` (the layer sums of
+r_raw) and :func:`scaled_grad` (g' = phat * gbar, fused into the first pass of the base
+update). Per-layer statistics are sums over segments (a whole parameter, or under ZeRO the
+piece of it that one rank owns) that the layer layout reduces
+(:class:`vrgd_ds.optim.layout.LayerLayout`), so a layer split across partitions is exact.
 
-All functions work on lists of tensors ("views"): a view is a whole parameter, or, under
-ZeRO, the piece of a parameter that one rank owns. Per-layer statistics are formed from
-per-view partial sums that the caller reduces over all views of the same layer (see
-:class:`vrgd_ds.optim.layout.LayerLayout`), so a layer split across partitions is exact.
-
-Arithmetic is fp32 whatever the gradient dtype. Two paths with the same math: a
-multi-tensor path on ``torch._foreach_*`` kernels (the ``*_foreach`` functions), and
-per-tensor kernels (:func:`gsnr_sum`, :func:`gsnr_grad`) that the optimizers run in a
-loop, either eagerly or under ``torch.compile``, which fuses each into one pass over
-memory and lets the base update fuse :func:`gsnr_grad` into its own first pass.
+Arithmetic is fp32 whatever the gradient dtype; layers whose fp32 r_raw overflows are
+evaluated in float64 (:func:`raw_gsnr_wide`).
 """
 
 from __future__ import annotations
@@ -52,76 +50,18 @@ def moments_from_sums(sum_g: Tensor, sum_sq: Tensor, k: int) -> tuple[Tensor, Te
     return sum_g.float() / k, sum_sq.float() / k
 
 
-def raw_gsnr_foreach(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float) -> list[Tensor]:
-    """Elementwise r_raw = gbar^2 / (max(s - gbar^2, 0) + tiny), new fp32 tensors.
+def raw_gsnr(g: Tensor, sq: Tensor, sq_scale) -> Tensor:
+    """Elementwise r_raw = gbar^2 / (max(s - gbar^2, 0) + tiny), eq. 7; fp32 ``g`` and ``sq``.
 
-    ``grads`` hold the mean gradient gbar; ``sq_scale * sum_sqs`` is the mean of the
-    squared group gradients in the same scale as ``grads`` (the moment source's job).
+    ``g`` holds the mean gradient gbar; ``sq_scale * sq`` is the mean of the squared group
+    gradients in the same scale as ``g`` (the moment source's job). The one definition of
+    the formula: the flat kernels and the list helpers below all call it.
     """
-    if not grads:
-        return []
-    var = torch._foreach_mul(list(sum_sqs), sq_scale)
-    g32 = [g.float() for g in grads]
-    torch._foreach_addcmul_(var, g32, g32, value=-1.0)
-    torch._foreach_clamp_min_(var, 0.0)
-    torch._foreach_add_(var, TINY)
-    r = list(torch._foreach_mul(g32, g32))
-    torch._foreach_div_(r, var)
-    return r
-
-
-def sums_foreach(tensors: Sequence[Tensor]) -> Tensor:
-    """Sum of each non-negative tensor's elements (fp32 vector)."""
-    if not tensors:
-        return torch.zeros(0)
-    return torch.stack(torch._foreach_norm(list(tensors), 1)).float()
-
-
-def sq_norms_foreach(tensors: Sequence[Tensor]) -> Tensor:
-    """Sum of squares of each tensor's elements (fp32 vector), to be reduced per layer."""
-    if not tensors:
-        return torch.zeros(0)
-    return torch.stack(torch._foreach_norm([t.float() for t in tensors], 2)).square()
-
-
-def normalise_and_clamp_foreach(r_raw: list[Tensor], layer_means: Sequence[float], gamma: float) -> None:
-    """r = clamp(r_raw / m, gamma, 1), r = 1 where the layer mean m is 0 (eq. 8-9); in place."""
-    torch._foreach_div_(r_raw, [m if m > 0.0 else 1.0 for m in layer_means])
-    torch._foreach_clamp_min_(r_raw, gamma)
-    torch._foreach_clamp_max_(r_raw, 1.0)
-    for r, m in zip(r_raw, layer_means):
-        if not m > 0.0:
-            r.fill_(1.0)
-
-
-def bias_corrections(beta3: float, steps: Sequence[int]) -> list[float]:
-    """1 / (1 - beta3^t) per tensor: phat_t = p_t * this (section 3)."""
-    return [1.0 / (1.0 - beta3**t) for t in steps]
-
-
-def scaled_grads_foreach(
-    grads: Sequence[Tensor], r: list[Tensor], bufs: list[Tensor] | None, beta3: float,
-    factors: Sequence[float] | None,
-) -> list[Tensor]:
-    """GSNR momentum (in place on ``bufs``) then g' = phat * gbar as new fp32 tensors."""
-    if bufs is not None:
-        torch._foreach_lerp_(bufs, r, 1.0 - beta3)
-        r = bufs
-    out = torch._foreach_mul(r, [g.float() for g in grads]) if r else []
-    if factors is not None and out:
-        torch._foreach_mul_(out, list(factors))
-    return out
-
-
-# ---- per-tensor kernels (eager loop or torch.compile) -------------------------------
-
-
-def _raw(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
     var = (sq * sq_scale - g * g).clamp_min(0.0) + TINY
     return g * g / var
 
 
-def raw_gsnr_wide(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
+def raw_gsnr_wide(g: Tensor, sq: Tensor, sq_scale) -> Tensor:
     """r_raw with the moments in fp32 but the division in float64.
 
     Zero variance (fp32 cancellation of s - gbar^2 at small k) makes gbar^2 / tiny overflow
@@ -134,36 +74,45 @@ def raw_gsnr_wide(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
     return g64 * g64 / var.double()
 
 
-def gsnr_sum(g: Tensor, sq: Tensor, sq_scale: float) -> Tensor:
-    """Sum over the tensor of r_raw (a 0-d fp32 tensor), for the layer mean."""
-    return _raw(g.float(), sq, sq_scale).sum()
+def clamped_ratio(g: Tensor, sq: Tensor, sq_scale, mean, gamma, wide: bool = False) -> Tensor:
+    """r = clamp(r_raw / m, gamma, 1), eq. 8-9, fp32. ``mean`` and ``gamma`` broadcast against
+    ``g`` (per-layer values); a layer whose mean m is 0 passes m = 1 and gamma = 1, so r = 1."""
+    raw = raw_gsnr_wide(g, sq, sq_scale) if wide else raw_gsnr(g, sq, sq_scale)
+    return torch.minimum(torch.maximum(raw / mean, gamma), torch.ones_like(raw)).float()
 
 
-def gsnr_grad(
-    g: Tensor, sq: Tensor, sq_scale: float, mean: float, gamma: float,
-    mom: Tensor | None, beta3: float, bias_correction: float, update_momentum: bool,
-    wide: bool = False,
-) -> Tensor:
-    """g' = phat * gbar for one tensor (fp32), eq. 8-9 and section 3.
+def momentum_update(mom: Tensor, r: Tensor, weight) -> Tensor:
+    """p_t = beta3 * p_{t-1} + (1 - beta3) * r_t with ``weight`` = 1 - beta3 (section 3)."""
+    return mom + weight * (r - mom)
 
-    With ``mom`` (GSNR momentum buffer, beta3 > 0): p_t = lerp(p_{t-1}, r, 1 - beta3) in
-    place when ``update_momentum``; otherwise ``mom`` already holds p_t (a second pass
-    over the same step) and r is not needed. ``wide``: r_raw in float64 (see
-    :func:`raw_gsnr_wide`), for layers whose fp32 GSNR overflowed.
-    """
-    g = g.float()
-    if mom is not None and not update_momentum:
-        return mom * bias_correction * g
-    if wide:
-        r = (raw_gsnr_wide(g, sq, sq_scale) / mean).clamp(gamma, 1.0).float()
-    elif mean > 0.0:
-        r = (_raw(g, sq, sq_scale) / mean).clamp(gamma, 1.0)
-    else:
-        r = torch.ones_like(g)
-    if mom is None:
-        return r * g
-    mom.lerp_(r, 1.0 - beta3)
-    return mom * bias_correction * g
+
+# ---- list helpers (analysis and telemetry; the optimizers use the flat kernels) ----------
+
+
+def raw_gsnr_foreach(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float) -> list[Tensor]:
+    """:func:`raw_gsnr` of each (gradient, squared-sum) pair, new fp32 tensors."""
+    return [raw_gsnr(g.float(), q, sq_scale) for g, q in zip(grads, sum_sqs)]
+
+
+def sums_foreach(tensors: Sequence[Tensor]) -> Tensor:
+    """Sum of each non-negative tensor's elements (fp32 vector)."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.stack(torch._foreach_norm(list(tensors), 1)).float()
+
+
+def normalise_and_clamp_foreach(r_raw: list[Tensor], layer_means: Sequence[float], gamma: float) -> None:
+    """r = clamp(r_raw / m, gamma, 1), r = 1 where the layer mean m is 0 (eq. 8-9); in place."""
+    for r, m in zip(r_raw, layer_means):
+        if m > 0.0:
+            r.div_(m).clamp_(gamma, 1.0)
+        else:
+            r.fill_(1.0)
+
+
+def bias_corrections(beta3: float, steps: Sequence[int]) -> list[float]:
+    """1 / (1 - beta3^t) per tensor: phat_t = p_t * this (section 3)."""
+    return [1.0 / (1.0 - beta3**t) for t in steps]
 
 
 def clamped_counts(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float,
@@ -172,7 +121,7 @@ def clamped_counts(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale:
 
     Telemetry only (one extra pass on the steps that record it); float64 counts.
     """
-    counts = [(_raw(g.float(), q, sq_scale) < gamma * m).sum() if m > 0.0
+    counts = [(raw_gsnr(g.float(), q, sq_scale) < gamma * m).sum() if m > 0.0
               else torch.zeros((), dtype=torch.long, device=g.device)
               for g, q, m in zip(grads, sum_sqs, layer_means)]
     return torch.stack(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
@@ -191,6 +140,33 @@ def noise_partials(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale:
     return torch.stack(rows)
 
 
-def as_fp32(g: Tensor) -> Tensor:
-    """The identity gradient source of the base optimizers."""
-    return g.float()
+# ---- kernel stages of the flat passes (see vrgd_ds.optim.flat for spec, x, s, c) ----------
+
+
+def raw_gsnr_terms(spec, x: dict, s: Tensor, c: Tensor):
+    """Pass: r_raw per element, summed per layer for the layer mean m (eq. 8)."""
+    return {}, (raw_gsnr(x["g"].float(), x["sq"], spec.c(c, "sq_scale")),)
+
+
+def abs_grad_terms(spec, x: dict, s: Tensor, c: Tensor):
+    """Pass: |gbar| per element; its layer sums are finite exactly when the gradient is."""
+    return {}, (x["g"].float().abs(),)
+
+
+def scaled_grad(spec, x: dict, s: Tensor, c: Tensor) -> tuple[Tensor, dict]:
+    """The gradient a base update's pass works on, and the GSNR state it advanced.
+
+    Mode flag of ``spec`` (:class:`vrgd_ds.optim.base.GradSource`): "off": gbar; "ratio":
+    r * gbar; "mom": p_t = lerp(p_{t-1}, r, 1 - beta3), g' = p_t / (1 - beta3^t) * gbar;
+    "store": p_t = r (kept for gsnr_interval); "reuse": g' from p_t already in ``x["mom"]``.
+    """
+    g = x["g"].float()
+    if spec.has("off"):
+        return g, {}
+    if spec.has("reuse"):
+        return x["mom"] * spec.s(s, "bc3") * g, {}
+    r = clamped_ratio(g, x["sq"], spec.c(c, "sq_scale"), spec.s(s, "mean"), spec.s(s, "gamma"), spec.has("wide"))
+    if spec.has("ratio"):
+        return r * g, {}
+    mom = r if spec.has("store") else momentum_update(x["mom"], r, spec.c(c, "b3w"))
+    return mom * spec.s(s, "bc3") * g, {"mom": mom}

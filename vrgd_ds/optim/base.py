@@ -1,49 +1,63 @@
 """The skeleton every optimizer of this package shares.
 
-``step()`` collects, per param group, the parameters that have a gradient and their
-layout segments; a gradient transform may replace the gradients (identity for the base
-optimizers, the GSNR scaling for the VR ones, see :mod:`vrgd_ds.optim.vr`); then the
-base update of the subclass runs on the result.
+``step()`` collects, per param group, the parameters that have a gradient as flat buckets
+(:mod:`.flat_group`: under ZeRO the partition itself, outside ZeRO the group viewed as one
+buffer); a gradient transform says where the gradient of the base update comes from
+(:class:`GradSource`: the gradient itself for the base optimizers, the GSNR-scaled one for
+the VR ones, see :mod:`vrgd_ds.optim.vr`), and the base update of the subclass runs its
+flat passes (:mod:`.flat`) with that source fused into them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from ..gsnr import as_fp32
-from .layout import LayerLayout, Segment, segment_views
+from .flat import Spec
+from .flat_group import BucketStep, FlatBucket, GroupBatch
+from .layout import LayerLayout
 
-_COMPILED: dict[Callable, Callable] = {}
-
-
-def kernel(fn: Callable, compiled: bool) -> Callable:
-    """``fn`` itself, or its ``torch.compile`` (dynamic shapes, one compile per kernel)."""
-    if not compiled:
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn]
+GSNR_COLS = ("mean", "gamma", "bc3")  # per segment: layer mean of r_raw, clamp floor, 1/(1-beta3^t)
+GSNR_CONSTS = ("sq_scale", "b3w")  # moment scale, 1 - beta3
 
 
-@dataclass(frozen=True)
+@dataclass
 class GradSource:
-    """A gradient view that the base update computes inside its own kernels.
+    """Where a base update's passes get the gradient (see :func:`vrgd_ds.gsnr.scaled_grad`).
 
-    ``fn(*args)`` gives the fp32 gradient; ``fn(*repeat_args)`` gives it again later in
-    the same step without touching state (the GSNR momentum is advanced only once).
-    Lets the compiled path fuse the GSNR scaling into the base update's first pass.
+    ``mode``: "off" (the gradient itself), "ratio" (r * g), "mom" (advance the GSNR momentum,
+    g' = phat * g), "store" (beta3 = 0 with a kept ratio: momentum := r), "reuse" (g' from
+    the momentum already advanced). ``cols``/``consts``: its per-segment scalars and
+    constants; ``tensors``: its flat inputs per bucket; ``wide``: segments whose r_raw needs
+    float64 (their fp32 layer sum overflowed).
     """
 
-    fn: Callable
-    args: tuple
-    repeat_args: tuple | None = None
+    mode: str = "off"
+    cols: dict[str, list[float]] = field(default_factory=dict)
+    consts: dict[str, float] = field(default_factory=dict)
+    tensors: Callable[[BucketStep], dict] = lambda bs: {}
+    wide: list[bool] | None = None
 
-    def again(self) -> tuple[Callable, tuple]:
-        return self.fn, self.args if self.repeat_args is None else self.repeat_args
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return ("mom",) if self.mode in ("mom", "store") else ()
+
+    def spec(self, cols: tuple[str, ...], consts: tuple[str, ...], *flags) -> Spec:
+        own_cols = {"off": (), "reuse": ("bc3",)}.get(self.mode, GSNR_COLS)
+        own_consts = GSNR_CONSTS if self.mode in ("ratio", "mom", "store") else ()
+        return Spec(("ok", *cols, *own_cols), (*consts, *own_consts), (self.mode, *flags))
+
+    def wide_spec(self, spec: Spec) -> Spec:
+        return Spec(spec.cols, spec.consts, (*spec.flags, "wide"))
+
+    def again(self) -> "GradSource":
+        """The same gradient for a second pass of the step, without advancing state again."""
+        if self.mode in ("mom", "store"):
+            return GradSource("reuse", {"bc3": self.cols["bc3"]}, {}, self.tensors)
+        return self
 
 
 def check_lr(lr: float) -> None:
@@ -79,59 +93,30 @@ def check_momentum(momentum: float) -> None:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
 
 
-@dataclass
-class GroupBatch:
-    """The parameters of one param group that have a gradient, as layout segments."""
-
-    params: list[Tensor]
-    segments: list[list[Segment]]
-    flat_segments: list[Segment] = field(default_factory=list)
-
-    def views(self, tensors: Iterable[Tensor]) -> list[Tensor]:
-        """Segment views of per-parameter tensors (same order as ``params``)."""
-        out: list[Tensor] = []
-        for t, segs in zip(tensors, self.segments):
-            out.extend(segment_views(t, segs))
-        return out
-
-    def per_view(self, values: Iterable[Any]) -> list[Any]:
-        """Repeat a per-parameter value for each of the parameter's segments."""
-        out: list[Any] = []
-        for v, segs in zip(values, self.segments):
-            out.extend([v] * len(segs))
-        return out
-
-
 class BaseOptimizer(torch.optim.Optimizer):
-    """``torch.optim.Optimizer`` with layout-aware parameter views and a gradient transform."""
+    """``torch.optim.Optimizer`` with flat, layout-aware parameter buckets and a gradient source.
 
+    ``compile``: the flat kernels are compiled with ``torch.compile`` (None, the default:
+    where it works, else eagerly after one warning; True: always, errors raise; False:
+    eagerly). ``foreach`` only chooses torch's implementation for the torch-based updates
+    (SGD, Adam, AdamW); the flat kernels have one implementation.
+    """
 
-    def __init__(self, params, defaults: dict, foreach: bool | None = None, compile: bool = False):
+    def __init__(self, params, defaults: dict, foreach: bool | None = None, compile: bool | None = None):
         defaults = dict(defaults, foreach=foreach, compile=compile, exclude_from_adaptation=False)
         super().__init__(params, defaults)
         self.layout = LayerLayout()
+        self._buckets: dict[int, tuple] = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("layout", LayerLayout())
-
-    @staticmethod
-    def _use_foreach(group: dict) -> bool:
-        """Multi-tensor eager path; ``compile=True`` runs the per-tensor kernels compiled."""
-        if group["compile"]:
-            return False
-        return True if group["foreach"] is None else bool(group["foreach"])
+        self.__dict__.setdefault("_buckets", {})
 
     @staticmethod
     def _weight_decay(group: dict) -> float:
         """Excluded groups (bias, LayerNorm) skip weight decay (docs/algorithm.md section 4)."""
         return 0.0 if group["exclude_from_adaptation"] else group["weight_decay"]
-
-    def _state_tensor(self, p: Tensor, key: str, dtype: torch.dtype = torch.float32) -> Tensor:
-        state = self.state[p]
-        if key not in state:
-            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        return state[key]
 
     def _advance_step(self, params: list[Tensor], key: str = "step") -> list[int]:
         steps = []
@@ -141,47 +126,51 @@ class BaseOptimizer(torch.optim.Optimizer):
             steps.append(st[key])
         return steps
 
-    def _collect(self, group: dict) -> GroupBatch:
-        params = []
+    def _group_buckets(self, index: int, group: dict) -> list[FlatBucket]:
+        """The group's parameters by (device, dtype) as flat buckets, built once and rebuilt
+        when the group changed or a parameter was moved."""
+        key = tuple(id(p) for p in group["params"])
+        cached = self._buckets.get(index)
+        if cached is None or cached[0] != key or not all(b.valid() for b in cached[1]):
+            by_kind: dict[tuple, list[Tensor]] = {}
+            for p in group["params"]:
+                by_kind.setdefault((p.device, p.dtype), []).append(p)
+            cached = self._buckets[index] = (key, [FlatBucket(ps) for ps in by_kind.values()])
+        return cached[1]
+
+    def _collect(self, index: int, group: dict) -> GroupBatch:
+        have = set()
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                have.add(id(p))
+        batch = GroupBatch([], [])
+        if not have:
+            return batch
+        for bucket in self._group_buckets(index, group):
+            js = [j for j, p in enumerate(bucket.params) if id(p) in have]
+            if not js:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            params.append(p)
-        segments = [self.layout.segments(p) for p in params]
-        batch = GroupBatch(params, segments)
-        batch.flat_segments = [s for segs in segments for s in segs]
+            segs, flat_segs = [], []
+            for j in js:
+                p = bucket.params[j]
+                mine = self.layout.segments(p)
+                batch.params.append(p)
+                batch.segments.append(mine)
+                segs.extend(mine)
+                flat_segs.extend((bucket.offsets[j] + s.offset, s.numel) for s in mine)
+            batch.flat_segments.extend(segs)
+            batch.steps.append(BucketStep(bucket, js, segs, bucket.plan(flat_segs)))
         return batch
 
-    def _transform(self, batches: list[GroupBatch]) -> list[list] | None:
-        """Per group, per view: the gradient for the base update (a tensor on the foreach
-        path, a :class:`GradSource` on the per-tensor path); None skips the step."""
-        out = []
-        for group, b in zip(self.param_groups, batches):
-            views = b.views(p.grad for p in b.params)
-            out.append(views if self._use_foreach(group) else [GradSource(as_fp32, (v,)) for v in views])
-        return out
+    def _transform(self, batches: list[GroupBatch]) -> list[GradSource | None] | None:
+        """Per group, the gradient source of the base update (None: the gradient itself);
+        None as a whole skips the step."""
+        return [None] * len(batches)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
+    def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         raise NotImplementedError
-
-    def _materialize(self, group: dict, batch: GroupBatch, grads: list) -> list[Tensor]:
-        """Per-view gradients -> one tensor per parameter, in the gradient's dtype."""
-        if grads and isinstance(grads[0], GradSource):
-            grads = [kernel(s.fn, group["compile"])(*s.args) for s in grads]
-        out, start = [], 0
-        for p, segs in zip(batch.params, batch.segments):
-            pieces = grads[start:start + len(segs)]
-            start += len(segs)
-            if len(segs) == 1 and segs[0].numel == p.numel():
-                t = pieces[0]
-            else:  # segments may leave gaps (ZeRO padding): those elements get a zero gradient
-                t = torch.zeros(p.numel(), dtype=pieces[0].dtype, device=p.device)
-                for seg, piece in zip(segs, pieces):
-                    t[seg.offset:seg.offset + seg.numel] = piece.reshape(-1)
-            out.append(t.view(p.shape).to(p.grad.dtype))
-        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -189,13 +178,15 @@ class BaseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches = [self._collect(g) for g in self.param_groups]
-        grads = self._transform(batches)
-        if grads is None:
+        batches = [self._collect(i, g) for i, g in enumerate(self.param_groups)]
+        sources = self._transform(batches)
+        if sources is None:
             return loss
-        for group, batch, g in zip(self.param_groups, batches, grads):
+        for group, batch, source in zip(self.param_groups, batches, sources):
             if batch.params:
-                self._update(group, batch, g)
+                self._update(group, batch, source)
+                for bs in batch.steps:
+                    bs.finish()
                 # applied steps of the group (DeepSpeed's elastic checkpoints save and restore it)
                 group["step"] = group.get("step", 0) + 1
         return loss

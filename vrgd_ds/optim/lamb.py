@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
-from ..gsnr import sq_norms_foreach
-from .base import BaseOptimizer, GroupBatch, kernel, check_betas, check_eps, check_lr, check_weight_decay
+from ..gsnr import scaled_grad
+from .base import BaseOptimizer, GradSource, check_betas, check_eps, check_lr, check_weight_decay
+from .flat import Spec
+from .flat_group import GroupBatch
 from .layout import layer_totals
 
 
@@ -45,7 +46,7 @@ class LAMB(BaseOptimizer):
         bias_correction: bool = True,
         *,
         foreach: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         group_defaults: dict | None = None,
     ):
         check_lr(lr)
@@ -56,82 +57,56 @@ class LAMB(BaseOptimizer):
                         bias_correction=bias_correction, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
-        params = batch.params
+    def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
+        """Two passes: moments and the two norms (with the gradient source fused in), then the
+        trust-ratio update (recomputing u instead of storing it)."""
+        source = source or GradSource()
         beta1, beta2 = group["betas"]
-        wd, eps, foreach = self._weight_decay(group), group["eps"], self._use_foreach(group)
-        steps = batch.per_view(self._advance_step(params))
-        m = batch.views(self._state_tensor(p, "exp_avg") for p in params)
-        v = batch.views(self._state_tensor(p, "exp_avg_sq") for p in params)
-        p_views = batch.views(params)
+        steps = batch.per_view(self._advance_step(batch.params))
         if group["bias_correction"]:
-            bc1 = [1.0 - beta1**t for t in steps]
-            bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
+            cols = {"bc1": [1.0 - beta1**t for t in steps], "bc2s": [math.sqrt(1.0 - beta2**t) for t in steps]}
         else:
-            bc1 = bc2_sqrt = [1.0] * len(steps)
-        if foreach:
-            _lamb_foreach(p_views, grads, m, v, bc1, bc2_sqrt, beta1, beta2, eps, wd,
-                          self.layout, batch, group["lr"])
-            return
-        k_moments = kernel(lamb_moments, group["compile"])
-        k_apply = kernel(lamb_apply, group["compile"])
-        norms = [k_moments(src.fn, src.args, mi, vi, pv, beta1, beta2, b1, b2, eps, wd)
-                 for src, mi, vi, pv, b1, b2 in zip(grads, m, v, p_views, bc1, bc2_sqrt)]
-        w_sq, u_sq = layer_totals(self.layout, batch.flat_segments,
-                                  torch.stack([n[0] for n in norms]), torch.stack([n[1] for n in norms]))
-        for pv, mi, vi, b1, b2, t in zip(p_views, m, v, bc1, bc2_sqrt, trust_ratios(w_sq, u_sq)):
-            k_apply(pv, mi, vi, b1, b2, eps, wd, -group["lr"] * t)
+            cols = {"bc1": [1.0] * len(steps), "bc2s": [1.0] * len(steps)}
+        consts = {"b1w": 1.0 - beta1, "b2": beta2, "b2w": 1.0 - beta2, "eps": group["eps"],
+                  "wd": self._weight_decay(group)}
+
+        def tensors(bs):
+            return {"g": bs.grad_flat(), "p": bs.param_flat(), "m": bs.state(self.state, "exp_avg"),
+                    "v": bs.state(self.state, "exp_avg_sq")}
+
+        spec = source.spec(("bc1", "bc2s"), tuple(consts))
+        sums = batch.run(lamb_moments, spec, lambda bs: {**tensors(bs), **source.tensors(bs)},
+                         writes=("m", "v", *source.writes), cols={**cols, **source.cols},
+                         consts={**consts, **source.consts}, compile=group["compile"], n_terms=2,
+                         wide=source.wide, wide_spec=source.wide_spec(spec))
+        w_sq, u_sq = layer_totals(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
+        cols["scale"] = [-group["lr"] * t for t in trust_ratios(w_sq, u_sq)]
+        batch.run(lamb_apply, Spec(("ok", "bc1", "bc2s", "scale"), ("eps", "wd")),
+                  lambda bs: {k: v for k, v in tensors(bs).items() if k != "g"}, writes=("p",), cols=cols,
+                  consts=consts, compile=group["compile"])
 
 
-# ---- per-tensor kernels (eager loop or torch.compile) -------------------------------
+# ---- pass functions (see vrgd_ds.optim.flat) ----------------------------------------------
 
 
-def lamb_direction(m: Tensor, v: Tensor, w: Tensor, bc1: float, bc2_sqrt: float, eps: float,
-                   wd: float) -> Tensor:
+def lamb_direction(m: Tensor, v: Tensor, w: Tensor, bc1, bc2_sqrt, eps, wd) -> Tensor:
     """u = mhat / (sqrt(vhat) + eps) + wd * theta."""
     return (m / bc1) / (v.sqrt() / bc2_sqrt + eps) + wd * w
 
 
-def lamb_moments(grad_fn, grad_args, m: Tensor, v: Tensor, p: Tensor, beta1: float, beta2: float,
-                 bc1: float, bc2_sqrt: float, eps: float, wd: float) -> tuple[Tensor, Tensor]:
-    """Pass 1: update m and v from the gradient; return ||theta||^2 and ||u||^2 partial sums."""
-    g = grad_fn(*grad_args)
-    m.lerp_(g, 1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    w = p.float()
-    u = lamb_direction(m, v, w, bc1, bc2_sqrt, eps, wd)
-    return (w * w).sum(), (u * u).sum()
+def lamb_moments(spec: Spec, x: dict, s: Tensor, c: Tensor):
+    """Pass 1: m and v from the gradient (m = lerp(m, g, 1 - b1)); ||theta||^2 and ||u||^2 terms."""
+    g, new = scaled_grad(spec, x, s, c)
+    w = x["p"].float()
+    m = x["m"] + spec.c(c, "b1w") * (g - x["m"])
+    v = x["v"] * spec.c(c, "b2") + spec.c(c, "b2w") * g * g
+    u = lamb_direction(m, v, w, spec.s(s, "bc1"), spec.s(s, "bc2s"), spec.c(c, "eps"), spec.c(c, "wd"))
+    new.update(m=m, v=v)
+    return new, (w * w, u * u)
 
 
-def lamb_apply(p: Tensor, m: Tensor, v: Tensor, bc1: float, bc2_sqrt: float, eps: float, wd: float,
-               scale: float) -> None:
-    """Pass 2: theta += scale * u, recomputing u instead of storing it (no temporary)."""
-    w = p.float()
-    p.copy_(w + scale * lamb_direction(m, v, w, bc1, bc2_sqrt, eps, wd))
-
-
-def _lamb_foreach(p_views, grads, m, v, bc1, bc2_sqrt, beta1, beta2, eps, wd, layout, batch, lr):
-    g = [t.float() for t in grads]
-    w = [t.float() for t in p_views]
-    torch._foreach_lerp_(m, g, 1.0 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-    u = torch._foreach_sqrt(v)
-    torch._foreach_div_(u, bc2_sqrt)
-    torch._foreach_add_(u, eps)
-    torch._foreach_reciprocal_(u)
-    torch._foreach_mul_(u, m)
-    torch._foreach_div_(u, bc1)
-    if wd != 0.0:
-        torch._foreach_add_(u, w, alpha=wd)
-    w_sq, u_sq = layer_totals(layout, batch.flat_segments, sq_norms_foreach(w), sq_norms_foreach(u))
-    torch._foreach_mul_(u, [-lr * t for t in trust_ratios(w_sq, u_sq)])
-    torch._foreach_add_(w, u)
-    write_back(p_views, w)
-
-
-def write_back(p_views: list[Tensor], w: list[Tensor]) -> None:
-    """Copy fp32 working copies back into low-precision parameters."""
-    for pv, wi in zip(p_views, w):
-        if pv.dtype != torch.float32:
-            pv.copy_(wi)
+def lamb_apply(spec: Spec, x: dict, s: Tensor, c: Tensor):
+    """Pass 2: theta += scale * u with scale = -lr * trust ratio of the layer."""
+    w = x["p"].float()
+    u = lamb_direction(x["m"], x["v"], w, spec.s(s, "bc1"), spec.s(s, "bc2s"), spec.c(c, "eps"), spec.c(c, "wd"))
+    return {"p": w + spec.s(s, "scale") * u}, ()

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
-from ..gsnr import sq_norms_foreach
-from .base import BaseOptimizer, GroupBatch, kernel, check_lr, check_momentum, check_weight_decay
-from .lamb import write_back
+from ..gsnr import scaled_grad
+from .base import BaseOptimizer, GradSource, check_lr, check_momentum, check_weight_decay
+from .flat import Spec
+from .flat_group import GroupBatch
 from .layout import layer_totals
 
 
@@ -41,7 +41,7 @@ class LARS(BaseOptimizer):
         eta: float = 0.001,
         *,
         foreach: bool | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
         group_defaults: dict | None = None,
     ):
         check_lr(lr)
@@ -52,56 +52,50 @@ class LARS(BaseOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
-        params = batch.params
-        wd, foreach, compiled = self._weight_decay(group), self._use_foreach(group), group["compile"]
-        self._advance_step(params)
-        bufs = batch.views(self._state_tensor(p, "momentum_buffer") for p in params)
-        p_views = batch.views(params)
-        n = len(p_views)
-        adapt = not group["exclude_from_adaptation"]
-        if foreach:
-            g = [t.float() for t in grads]
-            w = [t.float() for t in p_views]
-            if adapt:
-                w_sq, g_sq = layer_totals(self.layout, batch.flat_segments,
-                                          sq_norms_foreach(w), sq_norms_foreach(g))
-        elif adapt:
-            k_norms = kernel(lars_norms, compiled)
-            norms = [k_norms(src.fn, src.args, pv) for src, pv in zip(grads, p_views)]
-            w_sq, g_sq = layer_totals(self.layout, batch.flat_segments,
-                                      torch.stack([x[0] for x in norms]), torch.stack([x[1] for x in norms]))
-        local = lars_local_lr(w_sq, g_sq, group["eta"], wd) if adapt else [1.0] * n
-        lr, mu = group["lr"], group["momentum"]
-        scaled = [lr * x for x in local]
-        if foreach:
-            step = torch._foreach_add(g, w, alpha=wd) if wd != 0.0 else [t.clone() for t in g]
-            torch._foreach_mul_(step, scaled)
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, step)
-            torch._foreach_sub_(w, bufs)
-            write_back(p_views, w)
-            return
-        k_apply = kernel(lars_apply, compiled)
-        for src, pv, b, s in zip(grads, p_views, bufs, scaled):
-            fn, args = src.again() if adapt else (src.fn, src.args)
-            k_apply(fn, args, pv, b, wd, s, mu)
+    def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
+        """Adapted groups: a norms pass (advancing the gradient source), then the update pass
+        (the source again, without advancing it). Excluded groups: the update pass only."""
+        source = source or GradSource()
+        wd = self._weight_decay(group)
+        self._advance_step(batch.params)
+        n = len(batch.flat_segments)
+        consts = {"wd": wd, "mu": group["momentum"]}
+
+        def tensors(bs, src):
+            return {"g": bs.grad_flat(), "p": bs.param_flat(), **src.tensors(bs)}
+
+        apply_source, local = source, [1.0] * n
+        if not group["exclude_from_adaptation"]:
+            spec = source.spec((), ())
+            sums = batch.run(lars_norms, spec, lambda bs: tensors(bs, source), writes=source.writes,
+                             cols=source.cols, consts=source.consts, compile=group["compile"], n_terms=2,
+                             wide=source.wide, wide_spec=source.wide_spec(spec))
+            w_sq, g_sq = layer_totals(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
+            local = lars_local_lr(w_sq, g_sq, group["eta"], wd)
+            apply_source = source.again()
+        spec = apply_source.spec(("lr_local",), tuple(consts))
+        batch.run(lars_apply, spec,
+                  lambda bs: {**tensors(bs, apply_source), "buf": bs.state(self.state, "momentum_buffer")},
+                  writes=("buf", "p", *apply_source.writes), cols={"lr_local": [group["lr"] * x for x in local],
+                                                                   **apply_source.cols},
+                  consts={**consts, **apply_source.consts}, compile=group["compile"],
+                  wide=apply_source.wide, wide_spec=apply_source.wide_spec(spec))
 
 
-# ---- per-tensor kernels (eager loop or torch.compile) -------------------------------
+# ---- pass functions (see vrgd_ds.optim.flat) ----------------------------------------------
 
 
-def lars_norms(grad_fn, grad_args, p: Tensor) -> tuple[Tensor, Tensor]:
-    """Pass 1: ||theta||^2 and ||g||^2 partial sums."""
-    g = grad_fn(*grad_args)
-    w = p.float()
-    return (w * w).sum(), (g * g).sum()
+def lars_norms(spec: Spec, x: dict, s: Tensor, c: Tensor):
+    """Pass 1: ||theta||^2 and ||g||^2 terms (advancing the gradient source's state)."""
+    g, new = scaled_grad(spec, x, s, c)
+    w = x["p"].float()
+    return new, (w * w, g * g)
 
 
-def lars_apply(grad_fn, grad_args, p: Tensor, buf: Tensor, wd: float, scaled_lr: float,
-               mu: float) -> None:
+def lars_apply(spec: Spec, x: dict, s: Tensor, c: Tensor):
     """Pass 2: buf = mu * buf + lr * local * (g + wd * theta); theta -= buf."""
-    g = grad_fn(*grad_args)
-    w = p.float()
-    buf.mul_(mu).add_((g + wd * w) * scaled_lr)
-    p.copy_(w - buf)
+    g, new = scaled_grad(spec, x, s, c)
+    w = x["p"].float()
+    buf = x["buf"] * spec.c(c, "mu") + (g + spec.c(c, "wd") * w) * spec.s(s, "lr_local")
+    new.update(buf=buf, p=w - buf)
+    return new, ()

@@ -3,7 +3,11 @@
 These call torch's own functional kernels (``torch.optim.sgd.sgd``,
 ``torch.optim.adam.adam``) so a VR optimizer with ``gamma = 1`` reproduces the torch
 optimizer exactly; the state keys are torch's too. Optimizer state follows the
-parameter dtype, as in torch.
+parameter dtype, as in torch. ``foreach=None`` (default) takes torch's fused kernels
+where torch has them for the parameters' device (one pass over memory, the fastest
+torch update), ``True`` its multi-tensor kernels, ``False`` its per-tensor loop. For the
+VR optimizers the GSNR scaling is one flat pass that writes g' into a work buffer, which
+torch's update then reads per parameter.
 """
 
 from __future__ import annotations
@@ -11,24 +15,77 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from torch.optim.sgd import sgd as torch_sgd
 
+from ..gsnr import scaled_grad
 from .base import (
     BaseOptimizer,
-    GroupBatch,
+    GradSource,
     check_betas,
     check_eps,
     check_lr,
     check_momentum,
     check_weight_decay,
 )
+from .flat import Spec
+from .flat_group import GroupBatch
 
 
-class SGDUpdate(BaseOptimizer):
+def scaled_grad_pass(spec: Spec, x: dict, s: Tensor, c: Tensor):
+    """Pass: g' = the gradient source's output, written to a work buffer for torch's update."""
+    g, new = scaled_grad(spec, x, s, c)
+    new["g_out"] = g
+    return new, ()
+
+
+class TorchUpdate(BaseOptimizer):
+    """Gradients for torch's functional update, and the choice of its implementation."""
+
+    @staticmethod
+    def _impl(group: dict, params: list[Tensor]) -> dict:
+        if group["foreach"] is not None:
+            return {"foreach": bool(group["foreach"]), "fused": False}
+        fused = (params[0].device.type in _get_fused_kernels_supported_devices()
+                 and all(p.dtype.is_floating_point for p in params))
+        return {"foreach": False, "fused": True} if fused else {"foreach": None, "fused": None}
+
+    def _grads(self, group: dict, batch: GroupBatch, source: GradSource | None) -> list[Tensor]:
+        """Per parameter, the gradient torch's update reads: ``p.grad``, or g' from one flat pass
+        (elements outside every segment, e.g. ZeRO padding, get 0, as without a transform)."""
+        if source is None:
+            return [p.grad if _whole(p, segs) else _covered(p.grad, segs)
+                    for p, segs in zip(batch.params, batch.segments)]
+        spec = source.spec((), ())
+        batch.run(scaled_grad_pass, spec, lambda bs: {"g": bs.grad_flat(), **source.tensors(bs)},
+                  writes=source.writes, outs=lambda bs: {"g_out": bs.bucket.buffer("g_out", torch.float32)},
+                  cols=source.cols, consts=source.consts, compile=group["compile"],
+                  wide=source.wide, wide_spec=source.wide_spec(spec))
+        out = []
+        for bs in batch.steps:
+            for p, g in zip(bs.params, bs.bucket.views(bs.bucket.work["g_out"], bs.js)):
+                out.append(g if p.grad.dtype == torch.float32 else g.to(p.grad.dtype))
+        return out
+
+
+def _whole(p: Tensor, segs) -> bool:
+    return len(segs) == 1 and segs[0].offset == 0 and segs[0].numel == p.numel()
+
+
+def _covered(grad: Tensor, segs) -> Tensor:
+    """The gradient where segments cover the parameter, 0 elsewhere (ZeRO padding)."""
+    out = torch.zeros_like(grad).view(-1)
+    flat = grad.reshape(-1)
+    for s in segs:
+        out.narrow(0, s.offset, s.numel).copy_(flat.narrow(0, s.offset, s.numel))
+    return out.view_as(grad)
+
+
+class SGDUpdate(TorchUpdate):
     """torch ``SGD`` update (momentum, dampening, nesterov, coupled weight decay)."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, foreach=None, compile=False, group_defaults=None):
+                 nesterov=False, *, foreach=None, compile=None, group_defaults=None):
         check_lr(lr)
         check_momentum(momentum)
         check_weight_decay(weight_decay)
@@ -41,12 +98,12 @@ class SGDUpdate(BaseOptimizer):
                         weight_decay=weight_decay, nesterov=nesterov, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
+    def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         params = batch.params
-        grads = self._materialize(group, batch, grads)
+        grads = self._grads(group, batch, source)
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         torch_sgd(
-            params, grads, bufs, foreach=self._use_foreach(group),
+            params, grads, bufs, **self._impl(group, params),
             weight_decay=self._weight_decay(group), momentum=group["momentum"], lr=group["lr"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=False,
         )
@@ -55,12 +112,13 @@ class SGDUpdate(BaseOptimizer):
                 self.state[p]["momentum_buffer"] = b
 
 
-class AdamUpdate(BaseOptimizer):
+class AdamUpdate(TorchUpdate):
     """torch ``Adam`` (``decoupled=False``) or ``AdamW`` (``decoupled=True``) update."""
 
     decoupled_weight_decay = False
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, foreach=None, compile=False, group_defaults=None):
+                 amsgrad=False, *, foreach=None, compile=None, group_defaults=None):
         check_lr(lr)
         betas = check_betas(betas)
         check_eps(eps)
@@ -69,9 +127,10 @@ class AdamUpdate(BaseOptimizer):
                         amsgrad=amsgrad, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
-    def _update(self, group: dict, batch: GroupBatch, grads: list) -> None:
+    def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         params = batch.params
-        grads = self._materialize(group, batch, grads)
+        grads = self._grads(group, batch, source)
+        impl = self._impl(group, params)
         for p in params:
             st = self.state[p]
             if "step" not in st:
@@ -80,14 +139,16 @@ class AdamUpdate(BaseOptimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if impl["fused"] and st["step"].device != p.device:  # torch's fused kernel keeps it there
+                st["step"] = st["step"].to(p.device)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         torch_adam(
             params, grads,
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states],
-            foreach=self._use_foreach(group), decoupled_weight_decay=self.decoupled_weight_decay,
+            [s["step"] for s in states], **impl,
+            decoupled_weight_decay=self.decoupled_weight_decay,
             amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=self._weight_decay(group), eps=group["eps"], maximize=False,
         )

@@ -5,8 +5,13 @@ Each class is ``GSNRTransform`` mixed into a base optimizer; the GSNR math lives
 
 1. read the mean gradient gbar (``p.grad``) and the mean of squared group gradients
    from the attached moment source (:mod:`vrgd_ds.moments`, or the DeepSpeed adapter);
-2. r = clamp(r_raw / layer mean, gamma, 1), with optional GSNR momentum ``beta3``;
-3. hand g' = phat * gbar to the base update in place of the gradient.
+2. the layer means of r_raw: one flat pass over each group (:mod:`.flat`) and one layer
+   reduction for all groups;
+3. r = clamp(r_raw / layer mean, gamma, 1), with optional GSNR momentum ``beta3``, and
+   g' = phat * gbar in place of the gradient: not a separate pass but a
+   :class:`~.base.GradSource` that the base update's first pass evaluates
+   (:func:`vrgd_ds.gsnr.scaled_grad`), so VR-LAMB reads and writes each element in three
+   passes, LAMB in two.
 
 ``gamma = 1`` makes the transform the identity (r = phat = 1 exactly): no moments are
 read and no GSNR state is kept, so the base optimizer's trajectory is reproduced bit
@@ -30,7 +35,9 @@ from torch import Tensor
 from .. import gsnr
 from ..noise_scale import NoiseScaleTracker
 from ..moments.chunked import DEFAULT_CHUNK_NUMEL, check_chunk_numel
-from .base import GradSource, GroupBatch, kernel
+from .base import GradSource
+from .flat import Spec
+from .flat_group import GroupBatch
 from .lamb import LAMB
 from .lars import LARS
 from .layout import layer_totals
@@ -161,7 +168,7 @@ class GSNRTransform:
             )
         return self.moments
 
-    def _transform(self, batches: list[GroupBatch]) -> list[list] | None:
+    def _transform(self, batches: list[GroupBatch]) -> list[GradSource | None] | None:
         groups = self.param_groups
         out = super()._transform(batches)
         active = [i for i, b in enumerate(batches) if b.params and groups[i]["gamma"] < 1.0]
@@ -179,22 +186,20 @@ class GSNRTransform:
         return out
 
     def _compute_ratios(self, batches, active, out, taken):
-        groups = self.param_groups
+        """A GSNR step: layer means of r_raw (one flat pass and one layer reduction for all
+        groups), then per group the source that scales the gradient inside the base update."""
         src = self._moment_source()
         gsnr.check_group_count(src.group_count)
-        grads, sqs, r_raw, partial = {}, {}, {}, []
-        for i in active:
-            b, group = batches[i], groups[i]
-            grads[i] = b.views(p.grad for p in b.params)
-            sqs[i] = b.views(self._sum_sq(src, p) for p in b.params)
-            if self._use_foreach(group):
-                r_raw[i] = gsnr.raw_gsnr_foreach(grads[i], sqs[i], src.sq_scale)
-                partial.append(gsnr.sums_foreach(r_raw[i]))
-            else:
-                k_sum = kernel(gsnr.gsnr_sum, group["compile"])
-                partial.append(torch.stack([k_sum(g, q, src.sq_scale) for g, q in zip(grads[i], sqs[i])]))
+        sq_of = lambda p: self._sum_sq(src, p)  # noqa: E731
+        spec = Spec(("ok",), ("sq_scale",))
+        partial = [batches[i].run(gsnr.raw_gsnr_terms, spec,
+                                  lambda bs: {"g": bs.grad_flat(), "sq": bs.squares_flat(sq_of)},
+                                  consts={"sq_scale": src.sq_scale}, compile=self.param_groups[i]["compile"],
+                                  n_terms=1)[:, 0] for i in active]
         segments = [s for i in active for s in batches[i].flat_segments]
         (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
+        grads = {i: [v for bs in batches[i].steps for v in bs.segment_views(bs.grad_flat())] for i in active}
+        sqs = {i: [v for bs in batches[i].steps for v in bs.segment_views(bs.squares_flat(sq_of))] for i in active}
         overflow = [s == math.inf for s in sums]  # same for every segment of a layer, on every rank
         if any(overflow):
             sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, overflow, sums)
@@ -203,33 +208,32 @@ class GSNRTransform:
         all_means = [s / seg.layer_numel for s, seg in zip(sums, segments)]
         if self.telemetry_interval and taken % self.telemetry_interval < self.gsnr_interval:
             self._record(taken + 1, src, active, grads, sqs, segments, sums, all_means)
-        keep = self.gsnr_interval > 1  # the ratio is reused on the next steps: keep it in state
-        means, wide_flags = iter(all_means), iter(overflow)
+        at = 0
         for i in active:
-            group, b = groups[i], batches[i]
-            layer_means = [next(means) for _ in grads[i]]
-            wide = [next(wide_flags) for _ in grads[i]]
-            bufs, factors = None, None
-            if group["beta3"] > 0.0 or keep:  # beta3 = 0 with keep: lerp weight 1 copies r
-                steps = b.per_view(self._advance_step(b.params, "gsnr_step"))
-                bufs = b.views(self._state_tensor(p, "gsnr_momentum") for p in b.params)
-                factors = gsnr.bias_corrections(group["beta3"], steps)
-            if i in r_raw:
-                gsnr.normalise_and_clamp_foreach(r_raw[i], layer_means, group["gamma"])
-                for j in (j for j, w in enumerate(wide) if w):
-                    r_raw[i][j] = (gsnr.raw_gsnr_wide(grads[i][j], sqs[i][j], src.sq_scale)
-                                   / layer_means[j]).clamp(group["gamma"], 1.0).float()
-                out[i] = gsnr.scaled_grads_foreach(grads[i], r_raw[i], bufs, group["beta3"], factors)
-            else:
-                out[i] = [
-                    GradSource(gsnr.gsnr_grad,
-                               (g, q, src.sq_scale, m, group["gamma"], mom, group["beta3"], f, True, w),
-                               (g, q, src.sq_scale, m, group["gamma"], mom, group["beta3"], f, False, w))
-                    for g, q, m, mom, f, w in zip(grads[i], sqs[i], layer_means,
-                                                  bufs or [None] * len(grads[i]),
-                                                  factors or [1.0] * len(grads[i]), wide)
-                ]
+            n = len(batches[i].flat_segments)
+            out[i] = self._gsnr_source(self.param_groups[i], batches[i], all_means[at:at + n], overflow[at:at + n],
+                                       src, sq_of)
+            at += n
         return out
+
+    def _gsnr_source(self, group, batch, means, wide, src, sq_of) -> GradSource:
+        """r = clamp(r_raw / m, gamma, 1) (r = 1 where m = 0), with GSNR momentum when beta3 > 0
+        or when gsnr_interval keeps the ratio for the next steps."""
+        beta3 = group["beta3"]
+        mode = "mom" if beta3 > 0.0 else "store" if self.gsnr_interval > 1 else "ratio"
+        bc3 = [1.0] * len(means)
+        if mode != "ratio":
+            bc3 = gsnr.bias_corrections(beta3, batch.per_view(self._advance_step(batch.params, "gsnr_step")))
+
+        def tensors(bs):
+            if mode == "ratio":
+                return {"sq": bs.squares_flat(sq_of)}
+            return {"sq": bs.squares_flat(sq_of), "mom": bs.state(self.state, "gsnr_momentum")}
+
+        cols = {"mean": [m if m > 0.0 else 1.0 for m in means],
+                "gamma": [group["gamma"] if m > 0.0 else 1.0 for m in means], "bc3": bc3}
+        return GradSource(mode, cols, {"sq_scale": src.sq_scale, "b3w": 1.0 - beta3}, tensors,
+                          wide if any(wide) else None)
 
     def _reuse_ratios(self, batches, active, out):
         """A step between GSNR computations: g' = phat_last * gbar, no second moment read.
@@ -237,9 +241,11 @@ class GSNRTransform:
         The non-finite check stays: one layer-summed |gbar| per tensor (same collective as a
         GSNR step, so every rank skips or raises together)."""
         groups = self.param_groups
-        grads = {i: batches[i].views(p.grad for p in batches[i].params) for i in active}
+        spec = Spec(("ok",), ())
+        partial = [batches[i].run(gsnr.abs_grad_terms, spec, lambda bs: {"g": bs.grad_flat()},
+                                  compile=groups[i]["compile"], n_terms=1)[:, 0] for i in active]
         segments = [s for i in active for s in batches[i].flat_segments]
-        (sums,) = layer_totals(self.layout, segments, torch.cat([gsnr.sums_foreach(grads[i]) for i in active]))
+        (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
         for i in active:
@@ -250,15 +256,8 @@ class GSNRTransform:
                     f"{type(self).__name__}: a parameter of shape {tuple(missing[0].shape)} has a gradient "
                     "on a step that reuses the GSNR (gsnr_interval > 1) but had none on the last GSNR "
                     "step; with gsnr_interval every parameter must get a gradient on GSNR steps")
-            moms = b.views(self.state[p]["gsnr_momentum"] for p in b.params)
-            factors = gsnr.bias_corrections(
-                group["beta3"], b.per_view(int(self.state[p]["gsnr_step"]) for p in b.params))
-            if self._use_foreach(group):
-                out[i] = gsnr.scaled_grads_foreach(grads[i], moms, None, 0.0, factors)
-            else:
-                out[i] = [GradSource(gsnr.gsnr_grad, (g, None, 0.0, 0.0, group["gamma"], m, group["beta3"], f,
-                                                      False))
-                          for g, m, f in zip(grads[i], moms, factors)]
+            bc3 = gsnr.bias_corrections(group["beta3"], b.per_view(int(self.state[p]["gsnr_step"]) for p in b.params))
+            out[i] = GradSource("reuse", {"bc3": bc3}, {}, lambda bs: {"mom": bs.state(self.state, "gsnr_momentum")})
         return out
 
     # ---- telemetry -------------------------------------------------------------------
@@ -351,7 +350,7 @@ class VRSGD(GSNRTransform, SGDUpdate):
 
     def __init__(self, params, lr=1e-3, weight_decay=0.0, gamma=0.1, beta3=0.0, *,
                  moments=None, on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32",
-                 telemetry_interval=0, sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
+                 telemetry_interval=0, sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
         super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
@@ -363,7 +362,7 @@ class VRMomentum(GSNRTransform, SGDUpdate):
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
                  nesterov=False, gamma=0.1, beta3=0.0, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
@@ -376,7 +375,7 @@ class VRAdam(GSNRTransform, AdamUpdate):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
@@ -388,7 +387,7 @@ class VRAdamW(GSNRTransform, AdamWUpdate):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
@@ -400,7 +399,7 @@ class VRLAMB(GSNRTransform, LAMB):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
                  bias_correction=True, gamma=0.1, beta3=0.9, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          bias_correction=bias_correction, foreach=foreach, compile=compile,
                          group_defaults=_vr_defaults(gamma, beta3))
@@ -413,7 +412,7 @@ class VRLARS(GSNRTransform, LARS):
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, gamma=0.1,
                  beta3=0.0, *, moments=None,
                  on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=False):
+                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
                          foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
         self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every GPU check of issue 14 in one go, on one CUDA device (about 6 minutes on an H200):
+#   1. the optimizer matrix (tests/test_optim_matrix.py, tests/test_flat.py) on CUDA, eagerly,
+#      and a compiled (Triton) subset
+#   2. optimizer step time, BERT-base shapes (110M), against torch fused AdamW
+#   3. DeepSpeed on one CUDA device against the float64 reference (benchmarks/gpu_check.py:
+#      ZeRO-2 / ZeRO-1 / stage 0 fp32, bf16, fp16 with DeepSpeed's loss scaler, autocast)
+#   4. BERT-large phase-1 sequences/s with LAMB and VRLAMB
+#   5. optimizer step time, BERT-large shapes (340M)
+#   6. with FUSED_LAMB=1: DeepSpeed's FusedLamb in the step timings (it builds a CUDA op)
+# Each part has its own time limit (T_* variables, seconds) and log; a part that fails or
+# runs out of time does not stop the others. Without CUDA it runs the CPU-capable part
+# (1, on the CPU) and says what it skipped.
+#
+#   bash benchmarks/gpu_check.sh [OUT]        (OUT defaults to results/gpu)
+set -u
+OUT=${1:-results/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+failed=()
+
+part() {  # part NAME LIMIT COMMAND...: run, log to OUT/NAME.log, show the end of the log
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "   exit $rc after $((SECONDS - t0)) s"
+    tail -n "${TAIL:-12}" "$OUT/$name.log"
+    [ "$rc" -eq 0 ] || failed+=("$name")
+}
+
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: running the optimizer matrix on the CPU."
+    echo "skipped (need CUDA): the CUDA matrix, GPU step timings, DeepSpeed on CUDA, BERT-large throughput"
+    part optim_matrix_cpu "${T_MATRIX:-900}" $PY -m pytest -q -p no:cacheprovider \
+        tests/test_optim_matrix.py tests/test_flat.py
+    [ ${#failed[@]} -eq 0 ] || { echo "FAILED: ${failed[*]}"; exit 1; }
+    exit 0
+fi
+
+nvidia-smi >"$OUT/nvidia_smi.txt" 2>&1
+export VRGD_TEST_DEVICE=cuda
+part optim_matrix_cuda "${T_MATRIX:-60}" $PY -m pytest -q -p no:cacheprovider \
+    tests/test_optim_matrix.py tests/test_flat.py -k "not compile"
+part optim_matrix_cuda_compiled "${T_COMPILED:-90}" $PY -m pytest -q -p no:cacheprovider \
+    tests/test_optim_matrix.py tests/test_flat.py -k "compile and (VRLAMB or VRAdamW or LAMB or run_pass)"
+unset VRGD_TEST_DEVICE
+fused=()
+[ "${FUSED_LAMB:-0}" = 1 ] && fused=(--fused-lamb)
+part optim_step_base "${T_BASE:-90}" $PY -m benchmarks.optim_step --device cuda --model base --steps 8 \
+    --out "$OUT/optim_step_base" "${fused[@]}"
+part deepspeed_routes "${T_DEEPSPEED:-120}" $PY -m benchmarks.gpu_check --out "$OUT"
+part bert_large "${T_BERT:-60}" $PY -m benchmarks.bert_throughput --device cuda --size large \
+    --micro-batch 64 --accum 2 --steps 5 --out "$OUT"
+part optim_step_large "${T_LARGE:-60}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \
+    --out "$OUT/optim_step_large" "${fused[@]}"
+[ ${#failed[@]} -eq 0 ] || { echo "FAILED or out of time: ${failed[*]}"; exit 1; }
+echo "all parts passed"

@@ -1,0 +1,194 @@
+"""The flat kernels' machinery: plans, passes, flat parameter buckets, compile fallback."""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+
+from vrgd_ds import LAMB, MicroStepMoments, VRLAMB
+from vrgd_ds.optim import flat
+from vrgd_ds.optim.flat import FlatPlan, Spec, constants, run_pass, segment_table
+
+from test_optim_matrix import SPECS, make_model, make_opt, reference_run, train
+from reference import max_rel_err
+
+BY_NAME = {s.name: s for s in SPECS}
+
+
+def random_segments(rng, count=30, numel=(1, 40), gap=(0, 3)):
+    segs, at = [], rng.randint(0, 5)
+    for _ in range(count):
+        n = rng.randint(*numel)
+        segs.append((at, n))
+        at += n + rng.randint(*gap)
+    return segs, at
+
+
+@pytest.mark.parametrize("row", [4, 8, 16])
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_covers_every_segment_element_once(seed, row):
+    segs, total = random_segments(random.Random(seed))
+    plan = FlatPlan(segs, "cpu", row=row)
+    owner = torch.full((total,), -1)
+    for i, (off, n) in enumerate(segs):
+        owner[off:off + n] = i
+    seen = torch.zeros(total, dtype=torch.long)
+    for b in plan.blocks:
+        for r in range(b.rows):
+            lo = b.start + r * row
+            if b.row_ok[r, 0]:  # a whole row inside its segment
+                assert (owner[lo:lo + row] == b.row_seg[r]).all()
+                seen[lo:lo + row] += 1
+    seen.index_add_(0, plan.edge_idx, torch.ones_like(plan.edge_idx))
+    assert torch.equal(plan.edge_seg, owner[plan.edge_idx])
+    assert torch.equal(seen, (owner >= 0).long())  # every segment element once, no gap element
+
+
+def double_and_sum(spec, x, s, c):
+    return {"a": x["a"] * spec.s(s, "k") + spec.c(c, "add")}, (x["a"], x["a"] * x["a"])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_run_pass_updates_segments_only_and_sums_them(compile):
+    segs, total = random_segments(random.Random(7), count=12, numel=(1, 60))
+    plan = FlatPlan(segs, "cpu", row=8)
+    a = torch.randn(total, generator=torch.Generator().manual_seed(3))
+    before = a.clone()
+    spec = Spec(("ok", "k"), ("add",))
+    k = [float(i + 2) for i in range(len(segs))]
+    table = segment_table(spec, {"k": k}, len(segs), "cpu")
+    sums = run_pass(double_and_sum, spec, plan, {"a": a}, writes=("a",), table=table,
+                    c=constants(spec, {"add": 0.5}, "cpu"), compile=compile, n_terms=2)
+    inside = torch.zeros(total, dtype=torch.bool)
+    for i, (off, n) in enumerate(segs):
+        inside[off:off + n] = True
+        torch.testing.assert_close(a[off:off + n], before[off:off + n] * k[i] + 0.5)
+        piece = before[off:off + n].double()
+        # row sums are fp32 (added up in float64): fp32 rounding of up to 8 terms near 1
+        torch.testing.assert_close(sums[i], torch.stack([piece.sum(), (piece * piece).sum()]), rtol=1e-6, atol=1e-5)
+    assert torch.equal(a[~inside], before[~inside])  # padding between segments is never written
+
+
+def test_parameters_are_viewed_as_one_buffer_once():
+    model = make_model()
+    params = list(model.parameters())
+    values = [p.detach().clone() for p in params]
+    held = params[0]  # a reference a user holds
+    opt = LAMB(params, lr=0.0, weight_decay=0.0)  # lr 0: nothing moves
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    base = params[0].data_ptr()
+    at = 0
+    for p, v in zip(params, values):
+        assert p.data_ptr() == base + at * 4 and torch.equal(p, v)
+        at += p.numel()
+    assert held is params[0] and held.data_ptr() == base
+    twin = LAMB(params, lr=0.0)  # a second optimizer over the same parameters finds them flat
+    twin.step()
+    assert params[0].data_ptr() == base
+
+
+def test_moved_parameters_are_followed_exactly():
+    spec = BY_NAME["VRLAMB"]
+    straight, moved = make_model(), make_model()
+    train(spec, straight, 5)
+    opt = train(spec, moved, 2)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.data = p.data.clone()  # what module.to() or load_state_dict(assign=True) do
+    train(spec, moved, 3, start=2, opt=opt, moments=opt.moments)
+    for a, b in zip(straight.parameters(), moved.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_parameters_sharing_a_buffer_are_gathered_not_moved():
+    spec = BY_NAME["VRLAMB"]
+    plain = make_model()
+    shared = make_model()
+    params = list(shared.parameters())
+    buf = torch.zeros(sum(p.numel() for p in params) + 7, device=params[0].device)  # reversed, a gap: not ours
+    at = 7
+    with torch.no_grad():
+        for p in reversed(params):
+            view = buf[at:at + p.numel()].view_as(p)
+            view.copy_(p)
+            p.data = view
+            at += p.numel()
+    ptrs = [p.data_ptr() for p in params]
+    train(spec, plain, 4)
+    train(spec, shared, 4)
+    assert [p.data_ptr() for p in params] == ptrs
+    for a, b in zip(plain.parameters(), shared.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_mixed_dtypes_in_one_group_are_two_buckets():
+    spec = BY_NAME["VRLAMB"]
+    model = make_model()
+    model[2].to(torch.bfloat16)
+    x = torch.randn(16, 6, device=model[0].weight.device)
+    moments = MicroStepMoments(model.parameters())
+    opt = make_opt(spec, model.parameters(), "default", moments)
+    for _ in range(4):
+        for xb in x.chunk(4):  # k = 4 gradient groups
+            out = model[2](model[1](model[0](xb)).to(torch.bfloat16))
+            (out.float().square().mean() / 4).backward()
+        opt.step()
+        opt.zero_grad()
+    assert model[2].weight.dtype == torch.bfloat16 and model[0].weight.dtype == torch.float32
+    assert all(torch.isfinite(p.float()).all() for p in model.parameters())
+    assert len(opt._buckets[0][1]) == 2
+
+
+def test_state_is_per_parameter_views_of_one_buffer():
+    spec = BY_NAME["VRLAMB"]
+    model = make_model()
+    opt = train(spec, model, 2)
+    sd = opt.state_dict()
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        assert set(sd["state"][i]) >= {"exp_avg", "exp_avg_sq", "gsnr_momentum", "step"}
+        assert sd["state"][i]["exp_avg"].shape == p.shape
+    m = [opt.state[p]["exp_avg"] for p in params]
+    assert all(t.untyped_storage().data_ptr() == m[0].untyped_storage().data_ptr() for t in m)
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    spec = BY_NAME["VRLAMB"]
+
+    def broken(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler here")
+        return fail
+
+    monkeypatch.setattr(flat, "ROW", 4)
+    eager = make_model()
+    train(spec, eager, 3, "rows")
+    monkeypatch.setattr(flat, "COMPILE_MIN", 0)
+    monkeypatch.setattr(flat, "_COMPILED", {})
+    monkeypatch.setattr(flat, "_FAILED", set())
+    monkeypatch.setattr(torch, "compile", broken)
+    model = make_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(spec, model, 3, "default")
+    ours = [w for w in caught if "torch.compile of the flat optimizer kernels failed" in str(w.message)]
+    assert len(ours) == 1 and "no C++ compiler here" in str(ours[0].message)
+    for a, b in zip(eager.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        train(spec, make_model(), 1, "compiled")
+
+
+@pytest.mark.parametrize("name", ["VRLAMB", "VRLARS", "VRAdamW", "LAMB"])
+def test_compiled_edge_kernel_matches_the_reference(name, monkeypatch):
+    """Default settings where they compile (here: the tiny model's edge elements)."""
+    monkeypatch.setattr(flat, "COMPILE_MIN", 0)
+    spec = BY_NAME[name]
+    model = make_model()
+    train(spec, model, 3, "default")
+    assert max_rel_err(list(model.parameters()), reference_run(spec, 3)) < 2e-5

@@ -1,0 +1,282 @@
+"""Flat kernels: one pass over a flat buffer, with per-segment (per-layer) sums in the same pass.
+
+A param group's tensors are flat 1-D buffers (a ZeRO partition already is one; outside
+ZeRO see :mod:`.flat_group`) and :class:`~.layout.Segment`-like ``(offset, numel)`` pairs
+say which elements belong to which layer. A *pass* is a plain function of per-element
+tensors and per-segment scalars, ``fn(spec, x, s, c) -> (new values, terms)``: ``x`` maps
+names to element tensors, ``s`` holds one row of per-segment scalars per element row,
+``c`` the pass constants, ``terms`` are per-element values whose per-segment sums the pass
+returns. The math lives in those functions (:mod:`vrgd_ds.gsnr`, :mod:`.lamb`, ...);
+this module only decides where they run. :func:`run_pass` evaluates a pass
+
+- over the bulk of the buffer as ``[rows, ROW]`` blocks in which every row lies inside one
+  segment, so per-segment scalars are per row and the per-segment sums are row sums added
+  up per segment in float64: one compiled kernel and one pass over memory, whatever the
+  number of layers;
+- over the few *edge* elements (rows that straddle a segment boundary, and the tail of
+  each run of adjacent segments) gathered with per-element scalars and scattered back.
+
+Both evaluate the same function on the same values, and elements outside every segment
+(ZeRO padding, parameters without a gradient) are never written. The row kernel is
+compiled with ``torch.compile`` (one compile per pass function, dynamic row count, cached
+on disk by Inductor); where compilation fails it runs eagerly on row chunks after one
+warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+ROW = 1024  # elements per row of the bulk kernel: long rows vectorise and leave few row sums,
+# short ones leave few edge elements (at most one row per segment boundary)
+EAGER_ROWS = 1024  # rows per eager chunk: bounds the temporaries of the uncompiled fallback
+COMPILE_MIN = 1 << 18  # compile=None compiles only buffers this large: below, compiling costs more than it saves
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The static part of a pass: names of its per-segment scalar columns and constants, and
+    flags its function branches on (each distinct Spec is its own compiled kernel)."""
+
+    cols: tuple[str, ...]
+    consts: tuple[str, ...]
+    flags: tuple = ()
+
+    def s(self, s: Tensor, name: str) -> Tensor:
+        i = self.cols.index(name)
+        return s[:, i:i + 1]
+
+    def c(self, c: Tensor, name: str) -> Tensor:
+        return c[self.consts.index(name)]
+
+    def has(self, flag) -> bool:
+        return flag in self.flags
+
+
+class SegmentSum:
+    """Adds per-element (or per-row) values into per-segment totals in a fixed order, so that a
+    resumed run repeats a run bit for bit: ``index_add_`` on the CPU (serial), elsewhere a sort
+    and ``segment_reduce`` (CUDA's ``index_add_`` adds atomically, in no fixed order)."""
+
+    def __init__(self, seg: Tensor, count: int):
+        self.seg = seg
+        ordered = bool((seg[1:] >= seg[:-1]).all()) if seg.numel() > 1 else True
+        self.order = None if ordered else torch.argsort(seg, stable=True)
+        self.lengths = torch.bincount(seg, minlength=count + 1)
+
+    def add_to(self, total: Tensor, values: Tensor) -> None:
+        if values.device.type == "cpu":  # serial on the CPU: already in a fixed order
+            total.index_add_(0, self.seg, values)
+            return
+        if self.order is not None:
+            values = values[self.order]
+        total += torch.segment_reduce(values, "sum", lengths=self.lengths, axis=0)
+
+
+@dataclass(frozen=True)
+class Block:
+    start: int
+    rows: int
+    row_seg: Tensor  # int64 [rows]: the segment of each row
+    row_ok: Tensor  # bool [rows, 1]: the whole row lies inside that segment
+    sums: SegmentSum
+
+
+class FlatPlan:
+    """Blocks and edge elements of one flat buffer for a list of ``(offset, numel)`` segments."""
+
+    def __init__(self, segments: Sequence[tuple[int, int]], device, row: int | None = None):
+        self.segments = list(segments)
+        self.count = len(self.segments)
+        self.device = torch.device(device)
+        self.row = ROW if row is None else row
+        self.blocks: list[Block] = []
+        edges: list[Tensor] = []
+        order = sorted((i for i, (_, n) in enumerate(self.segments) if n > 0), key=lambda i: self.segments[i][0])
+        run: list[int] = []
+        for i in order:
+            off, n = self.segments[i]
+            end = self.segments[run[-1]][0] + self.segments[run[-1]][1] if run else off
+            if off < end:
+                raise ValueError(f"segments overlap at element {off}")
+            if off != end:
+                edges.append(self._close(run))
+                run = []
+            run.append(i)
+        if run:
+            edges.append(self._close(run))
+        idx = torch.cat(edges) if edges else torch.zeros(0, dtype=torch.long)
+        self.edge_idx = idx.to(self.device)
+        self.edge_seg = self.segment_of(idx).to(self.device)
+        self.edge_sums = SegmentSum(self.edge_seg, self.count)
+        self.numel = sum(n for _, n in self.segments)
+
+    def segment_of(self, idx: Tensor) -> Tensor:
+        """Segment index (into ``segments``) of each flat element index in ``idx``."""
+        live = [i for i, (_, n) in enumerate(self.segments) if n > 0]
+        live.sort(key=lambda i: self.segments[i][0])
+        starts = torch.tensor([self.segments[i][0] for i in live], dtype=torch.long)
+        ids = torch.tensor(live, dtype=torch.long)
+        return ids[torch.searchsorted(starts, idx, right=True) - 1] if len(live) else idx
+
+    def _close(self, run: list[int]) -> Tensor:
+        """Add the block of one run of adjacent segments; return its edge element indices."""
+        start = self.segments[run[0]][0]
+        stop = self.segments[run[-1]][0] + self.segments[run[-1]][1]
+        rows = (stop - start) // self.row
+        if rows < 2:  # too small for a block: all of it is edge
+            return torch.arange(start, stop, dtype=torch.long)
+        first = start + torch.arange(rows, dtype=torch.long) * self.row
+        seg_first, seg_last = self.segment_of(first), self.segment_of(first + self.row - 1)
+        ok = seg_first == seg_last
+        seg_first = seg_first.to(self.device)
+        self.blocks.append(Block(start, rows, seg_first, ok.view(-1, 1).to(self.device),
+                                 SegmentSum(seg_first, self.count)))
+        straddling = first[~ok].view(-1, 1) + torch.arange(self.row, dtype=torch.long)
+        tail = torch.arange(start + rows * self.row, stop, dtype=torch.long)
+        return torch.cat([straddling.view(-1), tail])
+
+    def elements_of(self, seg_ids: Sequence[int]) -> Tensor:
+        """All flat element indices of the given segments."""
+        parts = [torch.arange(self.segments[i][0], self.segments[i][0] + self.segments[i][1]) for i in seg_ids]
+        return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(self.device)
+
+
+def segment_table(spec: Spec, values: dict[str, Sequence[float]], count: int, device,
+                  dtype=torch.float32) -> Tensor:
+    """[count + 1, len(spec.cols)] per-segment scalars in ``spec.cols`` order (a spare last row
+    keeps the table's size dynamic in the compiled kernel even for one segment)."""
+    table = torch.ones(count + 1, len(spec.cols), dtype=torch.float64)
+    for j, name in enumerate(spec.cols):
+        if name in values:  # "ok" (1: the kernel updates the segment) defaults to all ones
+            table[:count, j] = torch.tensor(list(values[name]), dtype=torch.float64)
+    return table.to(device=device, dtype=dtype)
+
+
+def constants(spec: Spec, values: dict[str, float], device) -> Tensor:
+    return torch.tensor([float(values[name]) for name in spec.consts], dtype=torch.float32, device=device)
+
+
+# ---- the two evaluators ---------------------------------------------------------------
+
+
+def _block_kernel(fn: Callable, spec: Spec, x: dict, writes: tuple, outs: dict, table: Tensor,
+                  row_seg: Tensor, row_ok: Tensor, c: Tensor) -> Tensor | None:
+    """A block: rows of one segment each; row sums of the terms ([rows, n_terms] float64).
+    Rows that are not inside one segment (or whose segment is switched off) keep their
+    values; the edge pass writes them."""
+    s = table[row_seg]
+    ok = row_ok & (s[:, :1] > 0)
+    new, terms = fn(spec, x, s, c)
+    sums = torch.stack([torch.where(ok, t, 0.0).sum(1) for t in terms], 1).double() if terms else None
+    for k in writes:  # after the sums: a term may be an input that is written
+        x[k].copy_(torch.where(ok, new[k], x[k]))
+    for k, t in outs.items():
+        t.copy_(new[k])
+    return sums
+
+
+def _edge_kernel(fn: Callable, spec: Spec, flat: dict, writes: tuple, outs: dict, table: Tensor,
+                 idx: Tensor, seg: Tensor, c: Tensor) -> Tensor | None:
+    """Gathered elements as a [n, 1] block with per-element scalars, scattered back; the terms
+    per element ([n, n_terms] float64)."""
+    s = table[seg]
+    ok = s[:, :1] > 0
+    x = {k: t[idx].unsqueeze(1) for k, t in flat.items()}
+    new, terms = fn(spec, x, s, c)
+    out = torch.stack([torch.where(ok, t, 0.0).squeeze(1) for t in terms], 1).double() if terms else None
+    for k in writes:
+        flat[k].index_copy_(0, idx, torch.where(ok, new[k], x[k]).squeeze(1).to(flat[k].dtype))
+    for k, t in outs.items():
+        t.index_copy_(0, idx, new[k].squeeze(1).to(t.dtype))
+    return out
+
+
+_COMPILED: dict[Callable, Callable] = {}
+_FAILED: set[str] = set()  # device types where compilation failed once (warned)
+
+
+def _eager_block(fn, spec, x, writes, outs, table, row_seg, row_ok, c) -> Tensor | None:
+    """The block kernel uncompiled, a chunk of rows at a time (bounded temporaries)."""
+    rows, parts = row_seg.numel(), []
+    for a in range(0, rows, EAGER_ROWS):
+        n = min(EAGER_ROWS, rows - a)
+        parts.append(_block_kernel(fn, spec, {k: t.narrow(0, a, n) for k, t in x.items()}, writes,
+                                   {k: t.narrow(0, a, n) for k, t in outs.items()}, table,
+                                   row_seg.narrow(0, a, n), row_ok.narrow(0, a, n), c))
+    return torch.cat(parts) if parts[0] is not None else None
+
+
+def _run(kernel: Callable, eager: Callable, compile: bool | None, device: str, args: tuple, dynamic: list[Tensor]):
+    """``kernel(*args)`` compiled (``compile`` None: falling back to ``eager`` with one warning
+    where compilation fails; True: errors raise; False: ``eager`` always)."""
+    if compile is False or (compile is None and device in _FAILED) or torch.compiler.is_compiling():
+        return eager(*args)
+    if kernel not in _COMPILED:
+        _COMPILED[kernel] = torch.compile(kernel, dynamic=False, fullgraph=True)
+    for t in dynamic:  # sizes vary by group and model: compile once for all
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    try:
+        # one graph per pass function and spec: more than dynamo's default of 8 per code object
+        with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+            return _COMPILED[kernel](*args)
+    except Exception as e:  # no C++ compiler, unsupported platform...: the same math, eagerly
+        if compile is True:
+            raise
+        _FAILED.add(device)
+        first = str(e).splitlines()[0] if str(e) else ""
+        warnings.warn(f"vrgd_ds: torch.compile of the flat optimizer kernels failed on {device} "
+                      f"({type(e).__name__}: {first}); running them eagerly from now on (same results, "
+                      "slower). Pass compile=False to skip the attempt.", RuntimeWarning, stacklevel=5)
+        return eager(*args)
+
+
+def run_pass(fn: Callable, spec: Spec, plan: FlatPlan, flat: dict[str, Tensor], writes: Sequence[str] = (),
+             outs: dict[str, Tensor] | None = None, table: Tensor | None = None, c: Tensor | None = None,
+             compile: bool | None = None, n_terms: int = 0) -> Tensor | None:
+    """Evaluate ``fn`` over every segment of ``plan``; return the per-segment sums of its terms
+    ([segments, n_terms] float64), or None without terms.
+
+    ``flat``: the 1-D tensors ``fn`` reads, those named in ``writes`` are updated in place;
+    ``outs``: 1-D tensors ``fn`` only writes (same names in its result)."""
+    writes, outs = tuple(writes), outs or {}
+    device = plan.device
+    if compile is None and plan.numel < COMPILE_MIN:
+        compile = False
+    total = torch.zeros(plan.count + 1, n_terms, dtype=torch.float64, device=device)
+    for b in plan.blocks:
+        n = b.rows * plan.row
+        x = {k: t.narrow(0, b.start, n).view(b.rows, plan.row) for k, t in flat.items()}
+        o = {k: t.narrow(0, b.start, n).view(b.rows, plan.row) for k, t in outs.items()}
+        args = (fn, spec, x, writes, o, table, b.row_seg, b.row_ok, c)
+        sums = _run(_block_kernel, _eager_block, compile, device.type, args,
+                    [*x.values(), *o.values(), table, b.row_seg, b.row_ok])
+        if n_terms:
+            b.sums.add_to(total, sums)
+    if plan.edge_idx.numel():
+        args = (fn, spec, flat, writes, outs, table, plan.edge_idx, plan.edge_seg, c)
+        terms = _run(_edge_kernel, _edge_kernel, compile, device.type, args,
+                     [*flat.values(), *outs.values(), table, plan.edge_idx, plan.edge_seg])
+        if n_terms:
+            plan.edge_sums.add_to(total, terms)
+    return total[:plan.count] if n_terms else None
+
+
+def run_on_segments(fn: Callable, spec: Spec, plan: FlatPlan, seg_ids: Sequence[int], flat: dict[str, Tensor],
+                    writes: Sequence[str] = (), outs: dict[str, Tensor] | None = None,
+                    table: Tensor | None = None, c: Tensor | None = None, n_terms: int = 0) -> Tensor | None:
+    """Like :func:`run_pass`, but only over the elements of ``seg_ids``, all as edge elements
+    (eagerly): the rare float64 path for layers whose fp32 GSNR overflowed."""
+    idx = plan.elements_of(seg_ids)
+    seg = plan.segment_of(idx.cpu()).to(plan.device)
+    terms = _edge_kernel(fn, spec, flat, tuple(writes), outs or {}, table, idx, seg, c)
+    if not n_terms:
+        return None
+    total = torch.zeros(plan.count + 1, n_terms, dtype=torch.float64, device=plan.device)
+    SegmentSum(seg, plan.count).add_to(total, terms)
+    return total[:plan.count]
