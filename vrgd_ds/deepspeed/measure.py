@@ -25,8 +25,7 @@ import torch
 
 from .. import gsnr
 from ..noise_scale import DEFAULT_EMA_DECAY, NoiseScaleTracker, check_ema_decay
-from ..optim.base import GroupBatch
-from ..optim.layout import LayerLayout
+from ..optim.layout import LayerLayout, segment_views
 
 CONFIG_KEY = "vrgd_noise_scale"
 CONFIG_FIELDS = ("interval", "ema_decay")
@@ -75,11 +74,12 @@ class NoiseMeter:
             return
         src = self.moments
         for group in optimizer.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            batch = GroupBatch(params, [self.layout.segments(p) for p in params])
-            grads = batch.views(p.grad for p in params)
-            sqs = batch.views(src.sum_sq(p) for p in params)
-            segments = [s for segs in batch.segments for s in segs]
+            grads, sqs, segments = [], [], []
+            for p in (p for p in group["params"] if p.grad is not None):
+                segs = self.layout.segments(p)
+                grads += segment_views(p.grad, segs)
+                sqs += segment_views(src.sum_sq(p), segs)
+                segments += segs
             numel = torch.tensor([float(s.numel) for s in segments], dtype=torch.float64)
             partial = gsnr.noise_partials(grads, sqs, src.sq_scale)
             self._seen.append((torch.cat([partial, numel.to(partial.device).unsqueeze(1)], 1), segments))
