@@ -53,6 +53,10 @@ def main():
                    "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                    "telemetry": named_telemetry(trainer.model_wrapped)},
                   open(f"{args.out}/result.json", "w"))
+    # HF Trainer leaves the process group alive; a gloo rank that exits without destroying it
+    # can abort in interpreter teardown ("terminate called without an active exception", rc 250;
+    # pytorch/pytorch issue 190489). Seen in CI: 2 of 2 Trainer launches in one run.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
