@@ -1,6 +1,6 @@
 """`deepspeed --hostfile` for real on one machine: 2 "nodes" (127.0.0.1, 127.0.0.2) x 1 slot.
 
-launch/loopback_ssh.py starts a private key-only sshd on the two loopback addresses and
+tests/loopback/loopback_ssh.py starts a private key-only sshd on the two loopback addresses and
 gives the launcher an ``ssh`` wrapper on PATH, standing in for a cluster's passwordless
 ssh; DS_ACCELERATOR=cpu reaches the remote ranks through ``.deepspeed_env``. The tiny
 VRLAMB ZeRO-2 run launched through pdsh must end where the same run on 2 local ranks
@@ -22,9 +22,7 @@ import torch
 from ds_helpers import ROOT, free_port, remove_shm_buffers, run_deepspeed
 from reference import max_rel_err
 from test_deepspeed_zero import Case
-
-sys.path.insert(0, str(ROOT))
-from launch.loopback_ssh import loopback_hosts, loopback_sshd, skip_reason  # noqa: E402
+from loopback.loopback_ssh import loopback_hosts, loopback_sshd, skip_reason
 
 needs_sshd = pytest.mark.skipif(skip_reason() is not None, reason=f"loopback sshd: {skip_reason()}")
 STEPS = 2
@@ -32,7 +30,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def sshd():
-    """One private loopback sshd for the module (the tools come from launch/install_loopback_tools.sh)."""
+    """One private loopback sshd for the module (the tools come from tests/loopback/install_tools.sh)."""
     with loopback_sshd() as server:
         yield server
 
@@ -100,7 +98,7 @@ def test_stopping_leaves_no_sshd_or_files(tmp_path):
 
 
 def test_deepspeed_env_file_is_put_back(tmp_path):
-    from launch.loopback_ssh import deepspeed_env_file
+    from loopback.loopback_ssh import deepspeed_env_file
 
     (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO\n")
     with deepspeed_env_file(tmp_path, {"DS_ACCELERATOR": "cpu"}) as path:

@@ -1,6 +1,6 @@
 """`deepspeed --hostfile` for real: 2 "nodes" (127.0.0.1, 127.0.0.2) x 1 slot through pdsh/ssh.
 
-A private loopback sshd (launch/loopback_ssh.py) stands in for a cluster's passwordless
+A private loopback sshd (tests/loopback/loopback_ssh.py) stands in for a cluster's passwordless
 ssh; launch/pretrain_bert.sh runs phase 1 and phase 2 of the tiny pretraining through
 `deepspeed --hostfile ... --launcher pdsh --master_addr 127.0.0.1`, and the losses must
 equal those of the same script on 2 local ranks (`NGPUS=2`).
@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from ds_helpers import ROOT, free_port
-
-sys.path.insert(0, str(ROOT))
-from launch.loopback_ssh import loopback_hosts, skip_reason  # noqa: E402
+from loopback.loopback_ssh import loopback_hosts, skip_reason
 
 VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
 CORPUS = ROOT / "data" / "corpus" / "wikitext-2-valid.txt"

@@ -5,7 +5,7 @@ first checks the first host with a plain ``ssh HOST hostname``. A real cluster g
 passwordless ssh between nodes; this module stands in for that without touching ~/.ssh:
 
 - needs ``sshd``, ``ssh``, ``ssh-keygen`` and ``pdsh`` installed; it never installs them or
-  changes system files (``launch/install_loopback_tools.sh`` does that, once, as root);
+  changes system files (``tests/loopback/install_tools.sh`` does that, once, as root);
 - starts a private sshd on 127.0.0.1 and 127.0.0.2 only (Linux routes all of 127/8 to lo),
   on a free port, key-only, with a throwaway host key and client key in a temporary folder;
 - puts an ``ssh`` wrapper first on the launcher's PATH that adds ``-F <private ssh_config>``
@@ -25,9 +25,9 @@ In Python::
 
 From a shell (state in /tmp/vrgd-loopback-ssh, or --dir)::
 
-    python -m launch.loopback_ssh start [--workdir DIR]   # prints the PATH to export
-    python -m launch.loopback_ssh status
-    python -m launch.loopback_ssh stop
+    python tests/loopback/loopback_ssh.py start [--workdir DIR]   # prints the PATH to export
+    python tests/loopback/loopback_ssh.py status
+    python tests/loopback/loopback_ssh.py stop
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOSTS = ("127.0.0.1", "127.0.0.2")
 SSHD = Path("/usr/sbin/sshd")
 PACKAGES = ("openssh-server", "pdsh")
@@ -68,9 +68,9 @@ def skip_reason() -> str | None:
         return f"needs Linux (127.0.0.2 on loopback, sshd), got {sys.platform}"
     missing = missing_tools()
     if missing:
-        return f"{', '.join(missing)} not installed; launch/install_loopback_tools.sh installs {' '.join(PACKAGES)}"
+        return f"{', '.join(missing)} not installed; tests/loopback/install_tools.sh installs {' '.join(PACKAGES)}"
     if os.geteuid() == 0 and not PRIVSEP_DIR.is_dir():
-        return f"{PRIVSEP_DIR} (sshd's privilege-separation folder) is missing; launch/install_loopback_tools.sh makes it"
+        return f"{PRIVSEP_DIR} (sshd's privilege-separation folder) is missing; tests/loopback/install_tools.sh makes it"
     return None
 
 
@@ -335,7 +335,7 @@ def _cli_status(directory: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launch.loopback_ssh", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tests/loopback/loopback_ssh.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("start", "stop", "status"))
     ap.add_argument("--dir", type=Path, default=CLI_DIR, help=f"state folder (default {CLI_DIR})")
     ap.add_argument("--workdir", type=Path, default=None,

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Install what launch/loopback_ssh.py (and tests/test_hostfile_*.py) need, once, as root:
+# Install what tests/loopback/loopback_ssh.py (and tests/test_hostfile_*.py) need, once, as root:
 # openssh-server, openssh-client and pdsh from apt, and sshd's privilege-separation folder
 # /run/sshd (a tmpfs folder: run this again after a reboot).
 #
-#   sudo launch/install_loopback_tools.sh
+#   sudo tests/loopback/install_tools.sh
 #
 # The tests never install anything or touch system files; without these tools they are
 # skipped with the reason. openssh-server's postinst would start the system sshd on port 22:
