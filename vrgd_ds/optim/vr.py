@@ -6,7 +6,7 @@ Each class is ``GSNRTransform`` mixed into a base optimizer; the GSNR math lives
 1. read the mean gradient gbar (``p.grad``) and the mean of squared group gradients
    from the attached moment source (:mod:`vrgd_ds.moments`, or the DeepSpeed adapter);
 2. the layer means of r_raw: one flat pass over each group (:mod:`.flat`) and one layer
-   reduction for all groups;
+   reduction for all groups (layers whose fp32 sum overflows are summed again in float64);
 3. r = clamp(r_raw / layer mean, gamma, 1), with optional GSNR momentum ``beta3``, and
    g' = phat * gbar in place of the gradient: not a separate pass but a
    :class:`~.base.GradSource` that the base update's first pass evaluates
@@ -200,12 +200,12 @@ class GSNRTransform:
         (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
         grads = {i: [v for bs in batches[i].steps for v in bs.segment_views(bs.grad_flat())] for i in active}
         sqs = {i: [v for bs in batches[i].steps for v in bs.segment_views(bs.squares_flat(sq_of))] for i in active}
-        overflow = [s == math.inf for s in sums]  # same for every segment of a layer, on every rank
+        overflow = gsnr.overflowed(sums)
         if any(overflow):
             sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, overflow, sums)
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
-        all_means = [s / seg.layer_numel for s, seg in zip(sums, segments)]
+        all_means = gsnr.layer_means(sums, [seg.layer_numel for seg in segments])
         if self.telemetry_interval and taken % self.telemetry_interval < self.gsnr_interval:
             self._record(taken + 1, src, active, grads, sqs, segments, sums, all_means)
         at = 0
@@ -230,8 +230,7 @@ class GSNRTransform:
                 return {"sq": bs.squares_flat(sq_of)}
             return {"sq": bs.squares_flat(sq_of), "mom": bs.state(self.state, "gsnr_momentum")}
 
-        cols = {"mean": [m if m > 0.0 else 1.0 for m in means],
-                "gamma": [group["gamma"] if m > 0.0 else 1.0 for m in means], "bc3": bc3}
+        cols = {**gsnr.ratio_columns(means, group["gamma"]), "bc3": bc3}
         return GradSource(mode, cols, {"sq_scale": src.sq_scale, "b3w": 1.0 - beta3}, tensors,
                           wide if any(wide) else None)
 
@@ -303,13 +302,9 @@ class GSNRTransform:
 
     def _wide_sums(self, active, grads, sqs, sq_scale, segments, overflow, sums):
         """Layer sums redone in float64 for the layers whose fp32 GSNR sum overflowed."""
-        flags = iter(overflow)
-        partial = []
-        for i in active:
-            for g, q in zip(grads[i], sqs[i]):
-                partial.append(gsnr.raw_gsnr_wide(g, q, sq_scale).sum() if next(flags)
-                               else torch.zeros((), dtype=torch.float64, device=g.device))
-        (wide,) = layer_totals(self.layout, segments, torch.stack(partial))
+        partial = gsnr.wide_partials([g for i in active for g in grads[i]], [q for i in active for q in sqs[i]],
+                                     sq_scale, overflow)
+        (wide,) = layer_totals(self.layout, segments, partial)
         return [w if o else s for w, o, s in zip(wide, overflow, sums)]
 
     @staticmethod
