@@ -1,7 +1,8 @@
 """VR optimizers: the GSNR gradient transform in front of a base update.
 
 Each class is ``GSNRTransform`` mixed into a base optimizer; the GSNR math lives in
-:mod:`vrgd_ds.gsnr` and nowhere else. Per step (docs/algorithm.md sections 1-4):
+:mod:`vrgd_ds.gsnr` and nowhere else, the telemetry record in :mod:`.telemetry`. Per
+step (docs/algorithm.md sections 1-4):
 
 1. read the mean gradient gbar (``p.grad``) and the mean of squared group gradients
    from the attached moment source (:mod:`vrgd_ds.moments`, or the DeepSpeed adapter);
@@ -41,6 +42,7 @@ from .flat_group import GroupBatch
 from .lamb import LAMB
 from .lars import LARS
 from .layout import layer_totals
+from .telemetry import TelemetryRecorder, check_telemetry_interval, telemetry_due
 from .torch_bases import AdamUpdate, AdamWUpdate, SGDUpdate
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -74,9 +76,7 @@ class GSNRTransform:
             raise ValueError(f"gsnr_interval must be an integer >= 1, got {gsnr_interval!r}")
         if sq_comm_dtype not in SQ_COMM_DTYPES:
             raise ValueError(f"sq_comm_dtype must be one of {tuple(SQ_COMM_DTYPES)}, got {sq_comm_dtype!r}")
-        if (isinstance(telemetry_interval, bool) or not isinstance(telemetry_interval, int)
-                or telemetry_interval < 0):
-            raise ValueError(f"telemetry_interval must be an integer >= 0 (0: off), got {telemetry_interval!r}")
+        self.telemetry_interval = check_telemetry_interval(telemetry_interval)
         self.moments = moments
         self.sq_chunk_numel = check_chunk_numel(sq_chunk_numel)
         self.overflow = False  # DeepSpeed's engine reads it: True when the last step was skipped
@@ -85,11 +85,14 @@ class GSNRTransform:
         self.on_nonfinite = on_nonfinite
         self.gsnr_interval = gsnr_interval
         self.sq_comm_dtype = SQ_COMM_DTYPES[sq_comm_dtype]
-        self.telemetry_interval = telemetry_interval
-        self.telemetry: dict | None = None
+        self._recorder = TelemetryRecorder()
         self.noise_scale = NoiseScaleTracker()
-        self._noise_sums: dict = {}  # this step's per-layer [sum (s - gbar^2), sum gbar^2]
         self.skipped_steps = 0
+
+    @property
+    def telemetry(self) -> dict | None:
+        """The latest telemetry record (format: :mod:`.telemetry`), None before the first."""
+        return self._recorder.record
 
     def state_dict(self):
         out = super().state_dict()
@@ -206,8 +209,9 @@ class GSNRTransform:
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
         all_means = gsnr.layer_means(sums, [seg.layer_numel for seg in segments])
-        if self.telemetry_interval and taken % self.telemetry_interval < self.gsnr_interval:
-            self._record(taken + 1, src, active, grads, sqs, segments, sums, all_means)
+        if telemetry_due(taken, self.telemetry_interval, self.gsnr_interval):
+            views = [(grads[i], sqs[i], self.param_groups[i]["gamma"]) for i in active]
+            self._recorder.add(taken + 1, self.layout, src, views, segments, sums, all_means, self.noise_scale)
         at = 0
         for i in active:
             n = len(batches[i].flat_segments)
@@ -259,47 +263,6 @@ class GSNRTransform:
             out[i] = GradSource("reuse", {"bc3": bc3}, {}, lambda bs: {"mom": bs.state(self.state, "gsnr_momentum")})
         return out
 
-    # ---- telemetry -------------------------------------------------------------------
-
-    def _record(self, step, src, active, grads, sqs, segments, sums, means) -> None:
-        """Per-layer mean raw GSNR and fraction clamped at gamma, complete on every rank."""
-        gammas = [self.param_groups[i]["gamma"] for i in active for _ in grads[i]]
-        counts = torch.cat([
-            gsnr.clamped_counts(grads[i], sqs[i], src.sq_scale, means[start:start + len(grads[i])],
-                                self.param_groups[i]["gamma"])
-            for i, start in zip(active, _starts([len(grads[i]) for i in active]))])
-        # each segment carries its share of the layer total, so the shares add up exactly
-        f64 = dict(dtype=torch.float64, device=counts.device)  # the collective's device (NCCL: the GPU)
-        share = torch.tensor([s * seg.numel / seg.layer_numel for s, seg in zip(sums, segments)], **f64)
-        numel = torch.tensor([float(seg.numel) for seg in segments], **f64)
-        gamma = torch.tensor(gammas, **f64)
-        noise = torch.cat([gsnr.noise_partials(grads[i], sqs[i], src.sq_scale).to(counts.device) for i in active])
-        columns = [share, noise[:, 0], noise[:, 1], counts, numel, gamma * numel]
-        table = self.layout.table(torch.stack(columns, 1), segments)
-        rec = self.telemetry if self.telemetry and self.telemetry["step"] == step else {"step": step, "layers": {}}
-        sums_of = {}
-        for layer, (raw, var_sum, gsq_sum, clamped, n, gn) in table.items():
-            rec["layers"][layer] = {"gsnr_mean": raw / n, "clamped_fraction": clamped / n,
-                                    "numel": int(n), "gamma": gn / n}
-            sums_of[layer] = (var_sum, gsq_sum)
-        if self._noise_sums.get("step") != step:
-            self._noise_sums = {"step": step, "layers": {}}
-        self._noise_sums["layers"].update(sums_of)
-        total = sum(v["numel"] for v in rec["layers"].values())
-        rec["k"] = int(src.group_count)
-        rec["clamped_fraction"] = sum(v["clamped_fraction"] * v["numel"] for v in rec["layers"].values()) / total
-        self._record_noise(rec, src)
-        self.telemetry = rec
-
-    def _record_noise(self, rec: dict, src) -> None:
-        """The gradient noise scale (section 7) of the layers recorded so far this step."""
-        model, layers = self.noise_scale.update(
-            self._noise_sums["layers"], rec["k"], getattr(src, "samples_per_group", None),
-            getattr(src, "clip_scale", 1.0), step=rec["step"])
-        rec.update(model)
-        for layer, values in layers.items():
-            rec["layers"][layer].update(values)
-
     def _wide_sums(self, active, grads, sqs, sq_scale, segments, overflow, sums):
         """Layer sums redone in float64 for the layers whose fp32 GSNR sum overflowed."""
         partial = gsnr.wide_partials([g for i in active for g in grads[i]], [q for i in active for q in sqs[i]],
@@ -326,14 +289,6 @@ class GSNRTransform:
         group = self.param_groups[-1]
         gsnr.check_gamma(group["gamma"])
         gsnr.check_beta3(group["beta3"])
-
-
-def _starts(lengths: list[int]) -> list[int]:
-    out, at = [], 0
-    for n in lengths:
-        out.append(at)
-        at += n
-    return out
 
 
 def _vr_defaults(gamma: float, beta3: float) -> dict:
