@@ -9,12 +9,17 @@ update). Per-layer statistics are sums over segments (a whole parameter, or unde
 piece of it that one rank owns) that the layer layout reduces
 (:class:`vrgd_ds.optim.layout.LayerLayout`), so a layer split across partitions is exact.
 
+The layer statistics the optimizers reduce are here too: the layer mean m of r_raw
+(:func:`layer_means`), the per-segment clamp inputs with the m = 0 rule
+(:func:`ratio_columns`), and the float64 path (:func:`overflowed`, :func:`wide_partials`).
+
 Arithmetic is fp32 whatever the gradient dtype; layers whose fp32 r_raw overflows are
 evaluated in float64 (:func:`raw_gsnr_wide`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -84,6 +89,37 @@ def clamped_ratio(g: Tensor, sq: Tensor, sq_scale, mean, gamma, wide: bool = Fal
 def momentum_update(mom: Tensor, r: Tensor, weight) -> Tensor:
     """p_t = beta3 * p_{t-1} + (1 - beta3) * r_t with ``weight`` = 1 - beta3 (section 3)."""
     return mom + weight * (r - mom)
+
+
+# ---- layer statistics (the optimizers' per-layer scalars from the reduced layer sums) -----
+
+
+def layer_means(sums: Sequence[float], layer_numels: Sequence[int]) -> list[float]:
+    """The layer mean m of r_raw (eq. 8), per segment, from its layer's sum of r_raw."""
+    return [s / n for s, n in zip(sums, layer_numels)]
+
+
+def ratio_columns(means: Sequence[float], gamma: float) -> dict[str, list[float]]:
+    """Per segment, the ``mean`` and ``gamma`` that :func:`clamped_ratio` reads: the layer mean m
+    and gamma, or 1 and 1 where m = 0 (the layer's gradient is 0), so that r = 1 there."""
+    return {"mean": [m if m > 0.0 else 1.0 for m in means],
+            "gamma": [gamma if m > 0.0 else 1.0 for m in means]}
+
+
+def overflowed(sums: Sequence[float]) -> list[bool]:
+    """The layers whose fp32 sum of r_raw is +inf, to be summed again in float64
+    (:func:`wide_partials`). A layer's sum is the same for each of its segments and on
+    every rank, so every rank takes the float64 path for the same layers."""
+    return [s == math.inf for s in sums]
+
+
+def wide_partials(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float,
+                  redo: Sequence[bool]) -> Tensor:
+    """Per view: the sum of :func:`raw_gsnr_wide` (float64) where ``redo``, else 0; a float64
+    vector to be summed per layer by the caller, like the fp32 pass's partial sums."""
+    return torch.stack([raw_gsnr_wide(g, q, sq_scale).sum() if r
+                        else torch.zeros((), dtype=torch.float64, device=g.device)
+                        for g, q, r in zip(grads, sum_sqs, redo)])
 
 
 # ---- list helpers (analysis and telemetry; the optimizers use the flat kernels) ----------

@@ -1,5 +1,6 @@
-"""VR telemetry under DeepSpeed: the optimizer's record with parameter names, written
-through DeepSpeed's monitor (TensorBoard / CSV / W&B, whatever the config enables).
+"""VR telemetry under DeepSpeed: the optimizer's record (built by
+:mod:`vrgd_ds.optim.telemetry`) with parameter names, written through DeepSpeed's monitor
+(TensorBoard / CSV / W&B, whatever the config enables).
 
 The optimizer records (``telemetry_interval`` N > 0) on its first GSNR step in every
 window of N steps: k, the overall fraction of elements clamped at gamma, the gradient

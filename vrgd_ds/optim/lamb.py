@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..gsnr import scaled_grad
 from .base import BaseOptimizer, GradSource, check_betas, check_eps, check_lr, check_weight_decay
+from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
 from .layout import layer_totals
@@ -35,7 +36,19 @@ def trust_ratios(numer_sq: list[float], denom_sq: list[float]) -> list[float]:
     ]
 
 
+@with_args
 class LAMB(BaseOptimizer):
+    """LAMB, the variant of NVIDIA's BERT recipe (docs/algorithm.md section 4), per layer::
+
+        m <- beta1 m + (1 - beta1) g ;  v <- beta2 v + (1 - beta2) g^2
+        mhat = m / (1 - beta1^t) ;  vhat = v / (1 - beta2^t)      (bias_correction; else m, v)
+        u = mhat / (sqrt(vhat) + eps) + weight_decay * theta
+        theta <- theta - lr * ||theta|| / ||u|| * u               (ratio 1 where either norm is 0)
+
+    Norms over the whole layer, across ZeRO partitions; no trust clipping; fp32 state and
+    arithmetic for any parameter dtype.
+    """
+
     def __init__(
         self,
         params,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..gsnr import scaled_grad
 from .base import BaseOptimizer, GradSource, check_lr, check_momentum, check_weight_decay
+from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
 from .layout import layer_totals
@@ -31,7 +32,18 @@ def lars_local_lr(w_sq: list[float], g_sq: list[float], eta: float, wd: float) -
     return out
 
 
+@with_args
 class LARS(BaseOptimizer):
+    """LARS (docs/algorithm.md section 4), per layer::
+
+        local = eta * ||theta|| / (||g|| + weight_decay * ||theta||)   (1 where either norm is 0)
+        b <- momentum * b + lr * local * (g + weight_decay * theta) ;  theta <- theta - b
+
+    Norms over the whole layer, across ZeRO partitions; groups with
+    ``exclude_from_adaptation=True`` use local = 1 and no weight decay. No eps, no trust
+    clipping; fp32 state and arithmetic for any parameter dtype.
+    """
+
     def __init__(
         self,
         params,

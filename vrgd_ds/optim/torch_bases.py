@@ -84,8 +84,9 @@ def _covered(grad: Tensor, segs) -> Tensor:
 class SGDUpdate(TorchUpdate):
     """torch ``SGD`` update (momentum, dampening, nesterov, coupled weight decay)."""
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, foreach=None, compile=None, group_defaults=None):
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, foreach: bool | None = None,
+                 compile: bool | None = None, group_defaults: dict | None = None):
         check_lr(lr)
         check_momentum(momentum)
         check_weight_decay(weight_decay)
@@ -117,8 +118,9 @@ class AdamUpdate(TorchUpdate):
 
     decoupled_weight_decay = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, foreach=None, compile=None, group_defaults=None):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 compile: bool | None = None, group_defaults: dict | None = None):
         check_lr(lr)
         betas = check_betas(betas)
         check_eps(eps)

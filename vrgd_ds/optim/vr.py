@@ -1,12 +1,13 @@
 """VR optimizers: the GSNR gradient transform in front of a base update.
 
 Each class is ``GSNRTransform`` mixed into a base optimizer; the GSNR math lives in
-:mod:`vrgd_ds.gsnr` and nowhere else. Per step (docs/algorithm.md sections 1-4):
+:mod:`vrgd_ds.gsnr` and nowhere else, the telemetry record in :mod:`.telemetry`. Per
+step (docs/algorithm.md sections 1-4):
 
 1. read the mean gradient gbar (``p.grad``) and the mean of squared group gradients
    from the attached moment source (:mod:`vrgd_ds.moments`, or the DeepSpeed adapter);
 2. the layer means of r_raw: one flat pass over each group (:mod:`.flat`) and one layer
-   reduction for all groups;
+   reduction for all groups (layers whose fp32 sum overflows are summed again in float64);
 3. r = clamp(r_raw / layer mean, gamma, 1), with optional GSNR momentum ``beta3``, and
    g' = phat * gbar in place of the gradient: not a separate pass but a
    :class:`~.base.GradSource` that the base update's first pass evaluates
@@ -22,12 +23,21 @@ step computes anyway (no extra pass). ``on_nonfinite="raise"`` (default) raises
 ``FloatingPointError`` before any state changes; ``"skip"`` skips the whole step,
 leaves parameters and all optimizer state untouched and counts it in
 ``skipped_steps``.
+
+The six classes have one constructor definition: declaring
+``class VRX(GSNRTransform, Base, beta3=...)`` assembles ``VRX.__init__`` from the base
+update's signature (with the class's own defaults), the GSNR arguments (gamma, beta3)
+and the options of :meth:`GSNRTransform._init_gsnr`, and writes the ``Args:`` section of
+the class docstring from that signature (:mod:`.docs`). ``inspect.signature`` sees the
+explicit signature, which DeepSpeed's config check reads
+(:func:`vrgd_ds.deepspeed.check_params`), and calls are bound against it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -36,15 +46,27 @@ from .. import gsnr
 from ..noise_scale import NoiseScaleTracker
 from ..moments.chunked import DEFAULT_CHUNK_NUMEL, check_chunk_numel
 from .base import GradSource
+from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
 from .lamb import LAMB
 from .lars import LARS
 from .layout import layer_totals
+from .telemetry import TelemetryRecorder, check_telemetry_interval, telemetry_due
 from .torch_bases import AdamUpdate, AdamWUpdate, SGDUpdate
 
 NONFINITE_POLICIES = ("raise", "skip")
 SQ_COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+GSNR_UPDATE = """\
+The GSNR-scaled gradient g', per element (docs/algorithm.md sections 1-3), from gbar =
+``p.grad`` (the mean of the k group gradients) and s, the mean of their squares (from
+``moments``)::
+
+    g'    = phat * gbar
+    r_raw = gbar^2 / (s - gbar^2)
+    r     = clamp(r_raw / m, gamma, 1)         m: the mean of r_raw over the layer (r = 1 where m = 0)
+    p_t   = beta3 p_{t-1} + (1 - beta3) r      phat = p_t / (1 - beta3^t)   (beta3 = 0: phat = r)"""
 
 
 class MomentSource(Protocol):
@@ -63,20 +85,30 @@ class MomentSource(Protocol):
 
 
 class GSNRTransform:
-    """Mixin: scale the gradient by its clamped, layer-normalised GSNR before the base update."""
+    """Mixin: scale the gradient by its clamped, layer-normalised GSNR before the base update.
 
-    def _init_gsnr(self, moments, on_nonfinite: str, gsnr_interval: int = 1,
-                   sq_comm_dtype: str = "fp32", telemetry_interval: int = 0,
+    Class keywords of a VR class declared on a base update (see the module docstring):
+    ``beta3``, its default GSNR momentum; ``hyper``, the base's hyperparameters it takes
+    (default: all); ``defaults``, its own defaults for some of them.
+    """
+
+    def __init_subclass__(cls, *, beta3: float | None = None, hyper: Sequence[str] | None = None,
+                          defaults: dict | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if beta3 is not None:
+            _declare(cls, beta3, hyper, dict(defaults or {}))
+
+    def _init_gsnr(self, *, moments: MomentSource | None = None, on_nonfinite: str = "raise",
+                   gsnr_interval: int = 1, sq_comm_dtype: str = "fp32", telemetry_interval: int = 0,
                    sq_chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> None:
+        """Check and keep the VR options (their signature is the VR classes' keyword-only part)."""
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
         if isinstance(gsnr_interval, bool) or not isinstance(gsnr_interval, int) or gsnr_interval < 1:
             raise ValueError(f"gsnr_interval must be an integer >= 1, got {gsnr_interval!r}")
         if sq_comm_dtype not in SQ_COMM_DTYPES:
             raise ValueError(f"sq_comm_dtype must be one of {tuple(SQ_COMM_DTYPES)}, got {sq_comm_dtype!r}")
-        if (isinstance(telemetry_interval, bool) or not isinstance(telemetry_interval, int)
-                or telemetry_interval < 0):
-            raise ValueError(f"telemetry_interval must be an integer >= 0 (0: off), got {telemetry_interval!r}")
+        self.telemetry_interval = check_telemetry_interval(telemetry_interval)
         self.moments = moments
         self.sq_chunk_numel = check_chunk_numel(sq_chunk_numel)
         self.overflow = False  # DeepSpeed's engine reads it: True when the last step was skipped
@@ -85,11 +117,14 @@ class GSNRTransform:
         self.on_nonfinite = on_nonfinite
         self.gsnr_interval = gsnr_interval
         self.sq_comm_dtype = SQ_COMM_DTYPES[sq_comm_dtype]
-        self.telemetry_interval = telemetry_interval
-        self.telemetry: dict | None = None
+        self._recorder = TelemetryRecorder()
         self.noise_scale = NoiseScaleTracker()
-        self._noise_sums: dict = {}  # this step's per-layer [sum (s - gbar^2), sum gbar^2]
         self.skipped_steps = 0
+
+    @property
+    def telemetry(self) -> dict | None:
+        """The latest telemetry record (format: :mod:`.telemetry`), None before the first."""
+        return self._recorder.record
 
     def state_dict(self):
         out = super().state_dict()
@@ -200,14 +235,15 @@ class GSNRTransform:
         (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
         grads = {i: [v for bs in batches[i].steps for v in bs.segment_views(bs.grad_flat())] for i in active}
         sqs = {i: [v for bs in batches[i].steps for v in bs.segment_views(bs.squares_flat(sq_of))] for i in active}
-        overflow = [s == math.inf for s in sums]  # same for every segment of a layer, on every rank
+        overflow = gsnr.overflowed(sums)
         if any(overflow):
             sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, overflow, sums)
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
-        all_means = [s / seg.layer_numel for s, seg in zip(sums, segments)]
-        if self.telemetry_interval and taken % self.telemetry_interval < self.gsnr_interval:
-            self._record(taken + 1, src, active, grads, sqs, segments, sums, all_means)
+        all_means = gsnr.layer_means(sums, [seg.layer_numel for seg in segments])
+        if telemetry_due(taken, self.telemetry_interval, self.gsnr_interval):
+            views = [(grads[i], sqs[i], self.param_groups[i]["gamma"]) for i in active]
+            self._recorder.add(taken + 1, self.layout, src, views, segments, sums, all_means, self.noise_scale)
         at = 0
         for i in active:
             n = len(batches[i].flat_segments)
@@ -230,8 +266,7 @@ class GSNRTransform:
                 return {"sq": bs.squares_flat(sq_of)}
             return {"sq": bs.squares_flat(sq_of), "mom": bs.state(self.state, "gsnr_momentum")}
 
-        cols = {"mean": [m if m > 0.0 else 1.0 for m in means],
-                "gamma": [group["gamma"] if m > 0.0 else 1.0 for m in means], "bc3": bc3}
+        cols = {**gsnr.ratio_columns(means, group["gamma"]), "bc3": bc3}
         return GradSource(mode, cols, {"sq_scale": src.sq_scale, "b3w": 1.0 - beta3}, tensors,
                           wide if any(wide) else None)
 
@@ -260,56 +295,11 @@ class GSNRTransform:
             out[i] = GradSource("reuse", {"bc3": bc3}, {}, lambda bs: {"mom": bs.state(self.state, "gsnr_momentum")})
         return out
 
-    # ---- telemetry -------------------------------------------------------------------
-
-    def _record(self, step, src, active, grads, sqs, segments, sums, means) -> None:
-        """Per-layer mean raw GSNR and fraction clamped at gamma, complete on every rank."""
-        gammas = [self.param_groups[i]["gamma"] for i in active for _ in grads[i]]
-        counts = torch.cat([
-            gsnr.clamped_counts(grads[i], sqs[i], src.sq_scale, means[start:start + len(grads[i])],
-                                self.param_groups[i]["gamma"])
-            for i, start in zip(active, _starts([len(grads[i]) for i in active]))])
-        # each segment carries its share of the layer total, so the shares add up exactly
-        f64 = dict(dtype=torch.float64, device=counts.device)  # the collective's device (NCCL: the GPU)
-        share = torch.tensor([s * seg.numel / seg.layer_numel for s, seg in zip(sums, segments)], **f64)
-        numel = torch.tensor([float(seg.numel) for seg in segments], **f64)
-        gamma = torch.tensor(gammas, **f64)
-        noise = torch.cat([gsnr.noise_partials(grads[i], sqs[i], src.sq_scale).to(counts.device) for i in active])
-        columns = [share, noise[:, 0], noise[:, 1], counts, numel, gamma * numel]
-        table = self.layout.table(torch.stack(columns, 1), segments)
-        rec = self.telemetry if self.telemetry and self.telemetry["step"] == step else {"step": step, "layers": {}}
-        sums_of = {}
-        for layer, (raw, var_sum, gsq_sum, clamped, n, gn) in table.items():
-            rec["layers"][layer] = {"gsnr_mean": raw / n, "clamped_fraction": clamped / n,
-                                    "numel": int(n), "gamma": gn / n}
-            sums_of[layer] = (var_sum, gsq_sum)
-        if self._noise_sums.get("step") != step:
-            self._noise_sums = {"step": step, "layers": {}}
-        self._noise_sums["layers"].update(sums_of)
-        total = sum(v["numel"] for v in rec["layers"].values())
-        rec["k"] = int(src.group_count)
-        rec["clamped_fraction"] = sum(v["clamped_fraction"] * v["numel"] for v in rec["layers"].values()) / total
-        self._record_noise(rec, src)
-        self.telemetry = rec
-
-    def _record_noise(self, rec: dict, src) -> None:
-        """The gradient noise scale (section 7) of the layers recorded so far this step."""
-        model, layers = self.noise_scale.update(
-            self._noise_sums["layers"], rec["k"], getattr(src, "samples_per_group", None),
-            getattr(src, "clip_scale", 1.0), step=rec["step"])
-        rec.update(model)
-        for layer, values in layers.items():
-            rec["layers"][layer].update(values)
-
     def _wide_sums(self, active, grads, sqs, sq_scale, segments, overflow, sums):
         """Layer sums redone in float64 for the layers whose fp32 GSNR sum overflowed."""
-        flags = iter(overflow)
-        partial = []
-        for i in active:
-            for g, q in zip(grads[i], sqs[i]):
-                partial.append(gsnr.raw_gsnr_wide(g, q, sq_scale).sum() if next(flags)
-                               else torch.zeros((), dtype=torch.float64, device=g.device))
-        (wide,) = layer_totals(self.layout, segments, torch.stack(partial))
+        partial = gsnr.wide_partials([g for i in active for g in grads[i]], [q for i in active for q in sqs[i]],
+                                     sq_scale, overflow)
+        (wide,) = layer_totals(self.layout, segments, partial)
         return [w if o else s for w, o, s in zip(wide, overflow, sums)]
 
     @staticmethod
@@ -333,86 +323,114 @@ class GSNRTransform:
         gsnr.check_beta3(group["beta3"])
 
 
-def _starts(lengths: list[int]) -> list[int]:
-    out, at = [], 0
-    for n in lengths:
-        out.append(at)
-        at += n
-    return out
-
-
-def _vr_defaults(gamma: float, beta3: float) -> dict:
+def _vr_group_defaults(gamma: float = 0.1, beta3: float = 0.0) -> dict:
+    """The param-group defaults a VR class adds to its base's (its signature is the VR
+    classes' for these two; each class sets its own beta3 default)."""
     return dict(gamma=gsnr.check_gamma(gamma), beta3=gsnr.check_beta3(beta3))
 
 
-class VRSGD(GSNRTransform, SGDUpdate):
-    """VR-SGD (paper Algorithm 1): theta -= lr * (g' + wd * theta)."""
+def _declare(cls: type, beta3: float, hyper: Sequence[str] | None, defaults: dict) -> None:
+    """Give a VR class its constructor and the Args section of its docstring.
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.0, gamma=0.1, beta3=0.0, *,
-                 moments=None, on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32",
-                 telemetry_interval=0, sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
-        super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach, compile=compile,
-                         group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
+    Signature: ``self, params``, the base update's hyperparameters (those in ``hyper``, with
+    ``defaults`` in place of the base's), ``gamma, beta3`` (:func:`_vr_group_defaults`), then
+    keyword-only the options of :meth:`GSNRTransform._init_gsnr` and the base's ``foreach``
+    and ``compile``. Each argument goes to the function whose signature it came from."""
+    if any(issubclass(b, GSNRTransform) and b is not GSNRTransform for b in cls.__bases__):
+        raise TypeError(f"{cls.__name__}: declare a VR class (beta3=...) on a base update, not on a VR class")
+    base_init = next(vars(k)["__init__"] for k in cls.__mro__[1:] if "__init__" in vars(k))
+    P = inspect.Parameter
+    base = list(inspect.signature(base_init).parameters.values())
+    hyper_params = [p for p in base if p.kind is P.POSITIONAL_OR_KEYWORD and p.name not in ("self", "params")
+                    and (hyper is None or p.name in hyper)]
+    unknown = set(defaults).union(hyper or ()) - {p.name for p in hyper_params}
+    if unknown:
+        raise TypeError(f"{cls.__name__}: {base_init.__qualname__} has no argument {sorted(unknown)[0]!r}")
+    hyper_params = [p.replace(default=defaults.get(p.name, p.default)) for p in hyper_params]
+    group = [p.replace(default=beta3) if p.name == "beta3" else p
+             for p in inspect.signature(_vr_group_defaults).parameters.values()]
+    options = list(inspect.signature(GSNRTransform._init_gsnr).parameters.values())[1:]
+    impl = [p for p in base if p.kind is P.KEYWORD_ONLY and p.name != "group_defaults"]
+    sig = inspect.Signature([*base[:2], *hyper_params, *group, *options, *impl])
+    base_names = [p.name for p in (*hyper_params, *impl)]
 
+    def __init__(self, *args, **kwargs):
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{cls.__name__}(): {e}") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        group_defaults = _vr_group_defaults(**{p.name: a[p.name] for p in group})
+        super(cls, self).__init__(a["params"], **{n: a[n] for n in base_names}, group_defaults=group_defaults)
+        self._init_gsnr(**{p.name: a[p.name] for p in options})
 
-class VRMomentum(GSNRTransform, SGDUpdate):
-    """VR-Momentum: torch SGD with momentum (optionally nesterov) on g'."""
-
-    def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, gamma=0.1, beta3=0.0, *, moments=None,
-                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
-        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, foreach=foreach, compile=compile,
-                         group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
-
-
-class VRAdam(GSNRTransform, AdamUpdate):
-    """VR-Adam: torch Adam (L2 weight decay) on g'."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None,
-                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
-
-
-class VRAdamW(GSNRTransform, AdamWUpdate):
-    """VR-AdamW: torch AdamW (decoupled weight decay) on g'."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, gamma=0.1, beta3=0.9, *, moments=None,
-                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
+    __init__.__signature__ = sig
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    __init__.__doc__ = f"See :class:`{cls.__name__}` for the arguments."
+    cls.__init__ = __init__
+    with_args(cls, GSNR_UPDATE)
 
 
-class VRLAMB(GSNRTransform, LAMB):
-    """VR-LAMB: LAMB (see :class:`vrgd_ds.optim.lamb.LAMB`) on g'."""
+class VRSGD(GSNRTransform, SGDUpdate, beta3=0.0, hyper=("lr", "weight_decay")):
+    """VR-SGD (paper Algorithm 1): plain SGD on the GSNR-scaled gradient g'.
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                 bias_correction=True, gamma=0.1, beta3=0.9, *, moments=None,
-                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         bias_correction=bias_correction, foreach=foreach, compile=compile,
-                         group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
+    The update, with g' (below) in place of the gradient::
+
+        theta <- theta - lr * (g' + weight_decay * theta)
+    """
 
 
-class VRLARS(GSNRTransform, LARS):
-    """VR-LARS: LARS (see :class:`vrgd_ds.optim.lars.LARS`) on g'."""
+class VRMomentum(GSNRTransform, SGDUpdate, beta3=0.0, defaults={"momentum": 0.9}):
+    """VR-Momentum: torch ``SGD`` with momentum (optionally Nesterov) on g'.
 
-    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, gamma=0.1,
-                 beta3=0.0, *, moments=None,
-                 on_nonfinite="raise", gsnr_interval=1, sq_comm_dtype="fp32", telemetry_interval=0,
-                 sq_chunk_numel=DEFAULT_CHUNK_NUMEL, foreach=None, compile=None):
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                         foreach=foreach, compile=compile, group_defaults=_vr_defaults(gamma, beta3))
-        self._init_gsnr(moments, on_nonfinite, gsnr_interval, sq_comm_dtype, telemetry_interval, sq_chunk_numel)
+    torch's update, with g' (below) in place of the gradient::
+
+        d = g' + weight_decay * theta
+        b <- momentum * b + (1 - dampening) * d          (b = d on the first step)
+        theta <- theta - lr * b                          (nesterov: theta - lr * (d + momentum * b))
+    """
+
+
+class VRAdam(GSNRTransform, AdamUpdate, beta3=0.9):
+    """VR-Adam: torch ``Adam`` (L2 weight decay) on g'.
+
+    torch's update, with g' (below) in place of the gradient::
+
+        d = g' + weight_decay * theta
+        m <- beta1 m + (1 - beta1) d ;  v <- beta2 v + (1 - beta2) d^2   (amsgrad: the running max of v)
+        theta <- theta - lr * mhat / (sqrt(vhat) + eps),  mhat = m / (1 - beta1^t), vhat = v / (1 - beta2^t)
+    """
+
+
+class VRAdamW(GSNRTransform, AdamWUpdate, beta3=0.9, defaults={"weight_decay": 1e-2}):
+    """VR-AdamW: torch ``AdamW`` (decoupled weight decay) on g'.
+
+    torch's update, with g' (below) in place of the gradient::
+
+        theta <- theta * (1 - lr * weight_decay)
+        m <- beta1 m + (1 - beta1) g' ;  v <- beta2 v + (1 - beta2) g'^2  (amsgrad: the running max of v)
+        theta <- theta - lr * mhat / (sqrt(vhat) + eps),  mhat = m / (1 - beta1^t), vhat = v / (1 - beta2^t)
+    """
+
+
+class VRLAMB(GSNRTransform, LAMB, beta3=0.9):
+    """VR-LAMB: LAMB (:class:`~vrgd_ds.optim.lamb.LAMB`, NVIDIA's BERT variant) on g'.
+
+    LAMB's update, with g' (below) in place of the gradient::
+
+        m, v, mhat, vhat from g' as in Adam (bias_correction: mhat = m / (1 - beta1^t), ...)
+        u = mhat / (sqrt(vhat) + eps) + weight_decay * theta
+        theta <- theta - lr * ||theta|| / ||u|| * u      (norms over the whole layer; ratio 1 where one is 0)
+    """
+
+
+class VRLARS(GSNRTransform, LARS, beta3=0.0):
+    """VR-LARS: LARS (:class:`~vrgd_ds.optim.lars.LARS`) on g'.
+
+    LARS's update, with g' (below) in place of the gradient::
+
+        local = eta * ||theta|| / (||g'|| + weight_decay * ||theta||)   (norms over the whole layer)
+        b <- momentum * b + lr * local * (g' + weight_decay * theta) ;  theta <- theta - b
+    """
