@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -66,24 +64,15 @@ def finished(out: Path, cfg: dict, data: str) -> bool:
 def launch(cfg: dict, data: str, out: Path, ranks: int) -> None:
     import shutil
 
-    from vrgd_ds.deepspeed.launching import free_port, remove_shm_buffers
+    from vrgd_ds.deepspeed.launching import launch_env, run_local
 
     if out.exists():  # an unfinished or different run: start it again from nothing
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    if env["DS_ACCELERATOR"] == "cpu":
-        env["OMP_NUM_THREADS"] = "1"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-           str(ROOT / "pretrain_bert" / "run_pretraining.py"), "--config", str(out / "config.json"),
-           "--data", data, "--output-dir", str(out), "--no-progress"]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    finally:
-        remove_shm_buffers(port)
+    args = ["--config", out / "config.json", "--data", data, "--output-dir", out, "--no-progress"]
+    proc = run_local(ROOT / "pretrain_bert" / "run_pretraining.py", args, ranks, launch_env(pythonpath=ROOT),
+                     capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"run {out} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -202,18 +200,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "per_rank.json"
-    from vrgd_ds.deepspeed.launching import free_port, remove_shm_buffers
+    from vrgd_ds.deepspeed.launching import launch_env, run_local
 
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-           str(Path(__file__).resolve()), "--worker-out", str(raw), "--size", args.size, "--vocab", str(args.vocab),
-           "--micro-batch", str(args.micro_batch), "--seq", str(args.seq), "--bucket", str(args.bucket),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), *(["--bf16"] if args.bf16 else [])]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    finally:
-        remove_shm_buffers(port)
+    args_ = ["--worker-out", raw, "--size", args.size, "--vocab", args.vocab, "--micro-batch", args.micro_batch,
+             "--seq", args.seq, "--bucket", args.bucket, "--steps", args.steps, "--warmup", args.warmup,
+             *(["--bf16"] if args.bf16 else [])]
+    env = launch_env(dict(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"), pythonpath=ROOT)
+    proc = run_local(Path(__file__).resolve(), args_, 2, env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"benchmark launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     summary = summarise(json.loads(raw.read_text()), args)

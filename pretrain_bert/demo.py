@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from vrgd_ds.deepspeed.launching import LockTimeout, free_port, prepare_shm_op, remove_shm_buffers
+from vrgd_ds.deepspeed.launching import LockTimeout, launch_env, local_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus" / "wikitext-2-valid.txt"
@@ -51,22 +50,13 @@ def prepare(seq_len, max_predictions, data_root: Path) -> Path:
 
 
 def launch(ranks: int, args: list[str]) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    if env["DS_ACCELERATOR"] == "cpu":
-        env.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        prepare_shm_op(env=env)  # a stale build lock or a hung build fails here, named, not in the ranks
+    try:  # a stale build lock or a hung build of DeepSpeed's CPU op fails here, named, not in the ranks
+        with local_launch(ROOT / "pretrain_bert" / "run_pretraining.py", args, ranks,
+                          launch_env(pythonpath=ROOT)) as (cmd, env):
+            print("[demo] " + " ".join(cmd), flush=True)
+            proc = subprocess.run(cmd, env=env)
     except (LockTimeout, RuntimeError) as err:
         sys.exit(f"[demo] {err}")
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-           str(port), str(ROOT / "pretrain_bert" / "run_pretraining.py"), *args]
-    print("[demo] " + " ".join(cmd), flush=True)
-    try:
-        proc = subprocess.run(cmd, env=env)
-    finally:
-        remove_shm_buffers(port, "127.0.0.1", ranks)
     if proc.returncode != 0:
         sys.exit(f"[demo] the launch failed with exit code {proc.returncode}")
 

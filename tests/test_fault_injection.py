@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_helpers import ROOT, free_port, remove_shm_buffers
+from ds_helpers import ROOT, local_launch
 from pretrain_bert.checkpointing import read_complete
 from vrgd_ds.deepspeed import launching
 
@@ -84,23 +84,21 @@ def launch(setup, out, cfg="faulty.json", fault=None, kill_after=None, resume=Fa
     env = dict(setup["env"], **(extra_env or {}))
     if fault:
         env["PRETRAIN_BERT_FAULT"] = fault
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-           str(ROOT / "pretrain_bert" / "run_pretraining.py"), "--config", str(setup["root"] / cfg),
-           "--data", str(setup["root"] / "data"), "--output-dir", str(out), "--no-progress",
-           *(["--resume"] if resume else [])]
-    proc = subprocess.Popen(cmd, cwd=setup["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    args = ["--config", setup["root"] / cfg, "--data", setup["root"] / "data", "--output-dir", out, "--no-progress",
+            *(["--resume"] if resume else [])]
     timed_out = False
-    try:
-        output, _ = proc.communicate(timeout=kill_after or 600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank at once, as kill -9 of the job
-        output, _ = proc.communicate()
-        timed_out = True
-        assert kill_after, f"launch did not finish in 600 s:\n{output[-3000:]}"
-    finally:
-        remove_shm_buffers(port, "127.0.0.1", 2)
+    # prepare=False: the set-up built the op; a lock left by a kill is the ranks' guard's to handle
+    with local_launch(ROOT / "pretrain_bert" / "run_pretraining.py", args, 2, env, prepare=False) as (cmd, env):
+        port = cmd[cmd.index("--master_port") + 1]
+        proc = subprocess.Popen(cmd, cwd=setup["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=kill_after or 600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank at once, as kill -9 of the job
+            output, _ = proc.communicate()
+            timed_out = True
+            assert kill_after, f"launch did not finish in 600 s:\n{output[-3000:]}"
     left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
     assert not left, f"the launch's /dev/shm buffers survived the clean-up: {left}"
     return proc.returncode, output, timed_out

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ds_helpers import ROOT, free_port, prepare_shm_op_once, remove_shm_buffers
+from ds_helpers import ROOT, ds_env, free_port, run_local
 
 VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
 CORPUS = ROOT / "data" / "corpus" / "wikitext-2-valid.txt"
@@ -48,15 +45,8 @@ def data(tmp_path_factory):
 def launch(tmp_path, config, *args, env_extra=None, ranks=2):
     cfg = tmp_path / f"cfg-{free_port()}.json"
     cfg.write_text(json.dumps(config))
-    port = free_port()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
-    prepare_shm_op_once(env)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-           str(ROOT / "pretrain_bert" / "run_pretraining.py"), "--config", str(cfg), "--no-progress", *map(str, args)]
-    try:
-        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        remove_shm_buffers(port, "127.0.0.1", ranks)
+    return run_local(ROOT / "pretrain_bert" / "run_pretraining.py", ["--config", cfg, "--no-progress", *args], ranks,
+                     ds_env(**(env_extra or {})), cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
 def records(run_dir, kind="loss"):

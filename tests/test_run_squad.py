@@ -13,13 +13,13 @@ import pytest
 
 from pretrain_bert.squad_data import load_examples, load_tokenizer
 from pretrain_bert.squad_metric import evaluate, evaluate_files
-from ds_helpers import free_port, prepare_shm_op_once, remove_shm_buffers
+from ds_helpers import ds_env, local_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pretrain_bert" / "run_squad.py"
 VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
 DEV = ROOT / "data" / "squad" / "dev-v1.1-subset.json"
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+ENV = ds_env()
 
 
 def run_squad(tmp_path, *args, launcher=True, timeout=300):
@@ -29,15 +29,10 @@ def run_squad(tmp_path, *args, launcher=True, timeout=300):
     if not launcher:
         cmd = [sys.executable, str(SCRIPT), *map(str, args)]
         return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout), []
-    prepare_shm_op_once(ENV)
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-           str(SCRIPT), *map(str, args)]
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
+    with local_launch(SCRIPT, args, 2, ENV) as (cmd, env):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+        port = cmd[cmd.index("--master_port") + 1]
         return proc, sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
-    finally:
-        remove_shm_buffers(port, "127.0.0.1", 2)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """Set-up and clean-up around DeepSpeed launches (demo, launch scripts, tests, run_pretraining).
 
+:func:`run_local` / :func:`local_launch` are the one way this repository starts a local
+``deepspeed --num_gpus`` launch from Python (demo, benchmarks, tests).
+
 DeepSpeed 0.19's CPU shared-memory all-reduce (op ``deepspeed_shm_comm``) leaves two things
 behind when a launch ends or is killed; this module names them exactly and handles both.
 
@@ -333,6 +336,55 @@ def guard_shm_op_lock(timeout_s: float | None = None, stale_after_s: float | Non
     finally:
         done.set()
         watcher.join()
+
+
+# ------------------------------------------------------------------ local launches
+
+
+_PREPARED: set = set()
+
+
+def launch_env(extra: dict | None = None, base: dict | None = None, pythonpath: str | Path | None = None) -> dict:
+    """The environment of a local launch: ``base`` (default os.environ) with ``pythonpath``
+    first on PYTHONPATH, DS_ACCELERATOR defaulting to ``cpu``, OMP_NUM_THREADS=1 for CPU ranks
+    unless set (2 ranks on a small machine would otherwise oversubscribe), then ``extra``."""
+    env = dict(os.environ if base is None else base)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    if env["DS_ACCELERATOR"] == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+@contextlib.contextmanager
+def local_launch(script: str | Path, args=(), ranks: int = 2, env: dict | None = None, prepare: bool = True):
+    """``deepspeed --num_gpus RANKS --master_port PORT SCRIPT ARGS`` on this host, set up and
+    cleaned up: yields ``(cmd, env)`` to run however the caller likes (``subprocess.run``,
+    ``Popen`` to kill it, ...). Before: DeepSpeed's CPU shm op is prepared once per process and
+    extensions folder (:func:`prepare_shm_op`: a stale lock or a hung build fails here, named,
+    not silently in the ranks; ``prepare=False`` leaves the lock to the ranks' own guard); a free
+    port. After, also on errors and kills: that launch's /dev/shm buffers are removed by exact
+    name."""
+    env = launch_env() if env is None else env
+    key = (env.get("TORCH_EXTENSIONS_DIR"), env.get("DS_ACCELERATOR"))
+    if prepare and key not in _PREPARED:
+        prepare_shm_op(env=env)
+        _PREPARED.add(key)
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+           str(script), *map(str, args)]
+    try:
+        yield cmd, env
+    finally:
+        remove_shm_buffers(port, "127.0.0.1", ranks)
+
+
+def run_local(script: str | Path, args=(), ranks: int = 2, env: dict | None = None, **run_kwargs):
+    """:func:`local_launch` run to the end with ``subprocess.run(cmd, env=env, **run_kwargs)``."""
+    with local_launch(script, args, ranks, env) as (cmd, env):
+        return subprocess.run(cmd, env=env, **run_kwargs)
 
 
 # ------------------------------------------------------------------ command line
