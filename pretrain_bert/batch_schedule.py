@@ -143,12 +143,13 @@ class SampleStream:
         return [collate([self.data[i] for i in chunks[j * world + rank]]) for j in range(accumulation)]
 
 
-def lr_multiplier(schedule: BatchSchedule, run: dict) -> float:
+def lr_multiplier(schedule: BatchSchedule, run) -> float:
     """The LR multiplier of the coming step when the batch can change: NVIDIA's poly warm-up
-    over samples (a "step" of the start batch B0 as the unit) times sqrt(B / B0)."""
+    over samples (a "step" of the start batch B0 as the unit) times sqrt(B / B0). ``run``: the
+    phase's :class:`pretrain_bert.run_config.PhaseConfig`."""
     from pretrain_bert.schedule import poly_warmup
 
     unit = schedule.start
-    total = run["max_samples"] / unit if run["max_samples"] else run["max_steps"]
-    return poly_warmup(schedule.samples / unit, total, run["warmup_proportion"], run["poly_power"]) \
+    total = run.max_samples / unit if run.max_samples else run.max_steps
+    return poly_warmup(schedule.samples / unit, total, run.warmup_proportion, run.poly_power) \
         * schedule.lr_factor()

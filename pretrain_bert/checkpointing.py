@@ -14,6 +14,7 @@ killed saves or checkpoints retention dropped: they are deleted (:func:`remove_u
 before anything is saved under their names again, so no tag is ever rewritten in place.
 Retention keeps the newest ``keep`` complete checkpoints; the newest is never deleted, and
 the record is written before anything it no longer lists is removed.
+:func:`carry_optimizer_state` loads another run's final optimizer state (phase 1 -> phase 2).
 """
 
 from __future__ import annotations
@@ -187,3 +188,17 @@ def truncate_metrics(path: str | Path, step: int) -> str | None:
             kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write(path, "".join(kept))
     return note
+
+
+def carry_optimizer_state(engine, init_checkpoint: str | Path) -> None:
+    """Phase 1's final optimizer state (any world size) into this engine; fresh LR schedule.
+
+    ``init_checkpoint`` is phase 1's ``hf/`` folder; its newest complete checkpoint is read from
+    the ``checkpoints/`` folder beside it (``--carry-optimizer-state``)."""
+    from vrgd_ds.deepspeed.checkpoint import consolidate, load_consolidated
+
+    ckpt_dir = Path(init_checkpoint).parent / "checkpoints"
+    found = latest_complete(ckpt_dir)
+    if found is None:
+        raise FileNotFoundError(f"--carry-optimizer-state: no complete checkpoint in {ckpt_dir}")
+    load_consolidated(engine, consolidate(ckpt_dir / found["tag"]), engine_state=False, hyperparameters=False)

@@ -6,7 +6,7 @@
         --data runs/data512 --output-dir runs/demo/phase2 --init-checkpoint runs/demo/phase1/hf
 
 The config is a DeepSpeed JSON with one extra block, ``"pretraining"`` (removed before
-DeepSpeed sees the config; see :mod:`pretrain_bert.run_config`): model size, phase,
+DeepSpeed sees the config; read as a typed :class:`pretrain_bert.run_config.PhaseConfig`): model size, phase,
 max_steps, warm-up proportion, poly power, eval/checkpoint intervals. The global batch,
 micro-batch and accumulation are DeepSpeed's own keys, so a phase-2 config with another
 ``train_batch_size`` is the "mixed batch" of the paper. Phase 2 starts from phase 1's
@@ -84,9 +84,9 @@ def build_model(run, meta, init_checkpoint):
             raise FileNotFoundError(f"--init-checkpoint {str(path)!r} is not a save_pretrained folder "
                                     "(no config.json); pass the hf/ folder of a finished phase")
         return BertForPreTrainingMasked.from_pretrained(path)
-    torch.manual_seed(run["seed"])
-    cfg = bert_config(run["model"], vocab_size=meta["vocab"]["size"],
-                      max_position_embeddings=run["max_position_embeddings"])
+    torch.manual_seed(run.seed)
+    cfg = bert_config(run.model, vocab_size=meta["vocab"]["size"],
+                      max_position_embeddings=run.max_position_embeddings)
     return BertForPreTrainingMasked(cfg)
 
 
@@ -234,17 +234,17 @@ def save_checkpoint(engine, ckpt_dir, step, keep, sched):
 def check_before_start(args, run, meta, out):
     """Everything refused before a process group exists or a file is written. Rank 0 also takes
     the output folder's lock; returns (completion record to resume from, lock handle)."""
-    if run["eval_every"] and not meta.get("instances", {}).get("heldout"):
+    if run.eval_every and not meta.get("instances", {}).get("heldout"):
         raise ValueError(f"--data {str(args.data)!r} has no held-out instances, but pretraining.eval_every is "
-                         f"{run['eval_every']}: prepare the data with --heldout-fraction > 0, or set eval_every 0")
+                         f"{run.eval_every}: prepare the data with --heldout-fraction > 0, or set eval_every 0")
     if int(os.environ.get("RANK", "0")) != 0:
         return None, None  # rank 0 alone judges the folder (it may already be writing to it)
     checkpointing.check_output_dir(out, args.resume)  # a refusal writes nothing
     lock = checkpointing.lock_output_dir(out)
     found = checkpointing.check_output_dir(out, args.resume)  # again: another run may have written meanwhile
-    if found is not None and found["step"] > run["max_steps"]:
+    if found is not None and found["step"] > run.max_steps:
         raise ValueError(f"--resume: the newest complete checkpoint ({found['tag']}) is at step {found['step']}, "
-                         f"beyond max_steps {run['max_steps']}; pass --max-steps {found['step']} or more")
+                         f"beyond max_steps {run.max_steps}; pass --max-steps {found['step']} or more")
     return found, lock
 
 
@@ -257,7 +257,7 @@ def start_step(engine, args, found, ckpt_dir):
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=found["tag"])
         return client["step"], client
     if args.init_checkpoint and args.carry_optimizer_state:
-        run_config.carry_optimizer_state(engine, args.init_checkpoint)
+        checkpointing.carry_optimizer_state(engine, args.init_checkpoint)
     return 0, None
 
 
@@ -269,7 +269,7 @@ def prepare_output(out, args, run, config, start, world):
     for folder in checkpointing.remove_unlisted(out / "checkpoints") if args.resume else []:
         print(f"[run_pretraining] removed {folder}: not a complete checkpoint (a save was killed)", flush=True)
     checkpointing.atomic_write(out / "run.json", json.dumps(
-        {"config": args.config, "run": run, "data": str(args.data), "world_size": world, "ds_config": config},
+        {"config": args.config, "run": run.as_dict(), "data": str(args.data), "world_size": world, "ds_config": config},
         indent=1))
 
 
@@ -278,21 +278,21 @@ def main(argv=None):
     config, run = run_config.load(args.config, args)
     out = Path(args.output_dir)
     meta = load_meta(args.data)
-    run_config.check_data(run, meta, args.data)
+    run.check_data(meta, args.data)
     found, run_lock = check_before_start(args, run, meta, out)  # noqa: F841  (held until exit)
     install_torch_save_fault()
     with guard_shm_op_lock():  # a lock left by a killed launch must not stall this one
         deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(run, meta, args.init_checkpoint)
-    dynamic = (run["batch_schedule"] or {}).get("type", "fixed") != "fixed" or run["max_samples"] > 0
+    dynamic = (run.batch_schedule or {}).get("type", "fixed") != "fixed" or run.max_samples > 0
     lr_now = [1.0]  # with a batch schedule the LR multiplier is set before each step
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model), config=config,
         lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_now[0])) if dynamic else
-        (lambda opt: poly_warmup_scheduler(opt, run["max_steps"], run["warmup_proportion"], run["poly_power"])))
+        (lambda opt: poly_warmup_scheduler(opt, run.max_steps, run.warmup_proportion, run.poly_power)))
     micro = engine.train_micro_batch_size_per_gpu()
-    sched = BatchSchedule(run["batch_schedule"], engine.train_batch_size(), micro * world)
+    sched = BatchSchedule(run.batch_schedule, engine.train_batch_size(), micro * world)
     if sched.kind == "gns" and not noise_scale_source(engine):
         raise ValueError("pretraining.batch_schedule gns needs the noise scale: give the VR optimizer a "
                          "telemetry_interval > 0, or (any optimizer) add \"vrgd_noise_scale\": {\"interval\": N}")
@@ -307,16 +307,16 @@ def main(argv=None):
     train = load_pretraining_data(args.data, "train")
     heldout = load_pretraining_data(args.data, "heldout")
     if dynamic:
-        stream = SampleStream(train, run["seed"])
+        stream = SampleStream(train, run.seed)
     else:
         batches = Batches(train, engine.train_batch_size(), world, rank, engine.gradient_accumulation_steps(),
-                          run["seed"])
+                          run.seed)
     log = Logger(out, engine, run, start, args.no_progress)
     step, seen = start, None
-    while step < run["max_steps"] and not (run["max_samples"] and sched.samples >= run["max_samples"]):
+    while step < run.max_steps and not (run.max_samples and sched.samples >= run.max_samples):
         batch = sched.batch_for(step)
-        if run["max_samples"]:  # the last batch takes no more than the samples left (in whole units)
-            batch = min(batch, -(-(run["max_samples"] - sched.samples) // sched.unit) * sched.unit)
+        if run.max_samples:  # the last batch takes no more than the samples left (in whole units)
+            batch = min(batch, -(-(run.max_samples - sched.samples) // sched.unit) * sched.unit)
         if batch != engine.train_batch_size():
             engine.set_train_batch_size(batch)  # more or fewer accumulation micro-steps
         gas = batch // (micro * world)
@@ -328,7 +328,7 @@ def main(argv=None):
         else:
             micro_batches, epoch = batches(step), batches.epoch(step)
         lr = scheduler.get_last_lr()[0]  # the LR this step uses
-        losses = train_step(engine, micro_batches, run["seed"] * 1_000_003 + step * world + rank)
+        losses = train_step(engine, micro_batches, run.seed * 1_000_003 + step * world + rank)
         losses /= world * gas
         sched.consumed(batch)
         noise, seen = new_noise_record(engine, seen)
@@ -336,11 +336,11 @@ def main(argv=None):
             sched.observe(step, noise["b_simple_ema"])
         log.train(step, losses, lr, epoch, sched.samples, batch, noise)
         step += 1
-        last = step == run["max_steps"] or bool(run["max_samples"] and sched.samples >= run["max_samples"])
-        if run["eval_every"] and (step % run["eval_every"] == 0 or last):
-            log.eval(step - 1, evaluate(engine, heldout, micro, run["eval_batches"]))
-        if last or (run["checkpoint_every"] and step % run["checkpoint_every"] == 0):
-            save_checkpoint(engine, ckpt_dir, step, run["keep_checkpoints"], sched)
+        last = step == run.max_steps or bool(run.max_samples and sched.samples >= run.max_samples)
+        if run.eval_every and (step % run.eval_every == 0 or last):
+            log.eval(step - 1, evaluate(engine, heldout, micro, run.eval_batches))
+        if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
+            save_checkpoint(engine, ckpt_dir, step, run.keep_checkpoints, sched)
     if rank == 0:  # also after a resume of a finished run: the export may have been killed
         save_hf(engine, ckpt_dir, checkpointing.tag_for(step), out / "hf", meta)
     log.close()
@@ -355,13 +355,13 @@ class Logger:
     def __init__(self, out, engine, run, start, no_progress):
         self.on = dist.get_rank() == 0
         self.engine, self.run, self.out = engine, run, out
-        self.t0, self.start, self.window = time.perf_counter(), start, max(1, run["eval_every"] or 10)
+        self.t0, self.start, self.window = time.perf_counter(), start, max(1, run.eval_every or 10)
         self.recent = self._recent_losses(start) if self.on and start else []  # the gap after a resume
         self.bar = None
         if self.on and not no_progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=run["max_steps"], initial=start, desc=f"phase {run['phase']}",
+            self.bar = tqdm(total=run.max_steps, initial=start, desc=f"phase {run.phase}",
                             unit="step", dynamic_ncols=True, file=sys.stdout)
 
     def _recent_losses(self, start):
@@ -382,7 +382,7 @@ class Logger:
         self.samples_since_start = getattr(self, "samples_since_start", 0) + batch
         elapsed = time.perf_counter() - self.t0
         rate = self.samples_since_start / max(elapsed, 1e-9)
-        rec = {"phase": self.run["phase"], "step": step + 1, "epoch": epoch, "samples": samples, "batch": batch,
+        rec = {"phase": self.run.phase, "step": step + 1, "epoch": epoch, "samples": samples, "batch": batch,
                "loss": loss, "mlm_loss": float(losses[1]), "nsp_loss": float(losses[2]), "lr": lr,
                "samples_per_s": rate}
         if noise is not None:  # the gradient noise scale measured at this step (whole model)
@@ -395,7 +395,7 @@ class Logger:
             self.engine.monitor.write_events([("Train/loss", loss, step + 1), ("Train/lr", lr, step + 1),
                                               ("Train/samples_per_s", rate, step + 1)])
         if self.bar is not None:
-            extra = {"B": batch} if self.run["batch_schedule"] else {}
+            extra = {"B": batch} if self.run.batch_schedule else {}
             if getattr(self, "b_crit", None) is not None:
                 extra["B_crit"] = f"{self.b_crit:.0f}"
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", **extra)
@@ -403,7 +403,7 @@ class Logger:
 
     def eval(self, step, metrics):
         train_recent = sum(self.recent) / len(self.recent)
-        metrics = dict(metrics, step=step + 1, phase=self.run["phase"], train_loss_recent=train_recent,
+        metrics = dict(metrics, step=step + 1, phase=self.run.phase, train_loss_recent=train_recent,
                        generalization_gap=metrics["eval_loss"] - train_recent)
         if not self.on:
             return
