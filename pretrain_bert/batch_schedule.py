@@ -111,7 +111,7 @@ class BatchSchedule:
 class SampleStream:
     """Sample position -> instance, a pure function of (seed, position): one seeded permutation
     per pass over the data, passes back to back, so a batch of any size starting anywhere is
-    defined (the fixed-batch runs keep :class:`pretrain_bert.run_pretraining.Batches`)."""
+    defined (the fixed-batch runs keep :class:`pretrain_bert.runtime.Batches`; the same permutations)."""
 
     def __init__(self, dataset, seed: int):
         if len(dataset) == 0:
@@ -120,11 +120,10 @@ class SampleStream:
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
-        import torch
+        from pretrain_bert.runtime import epoch_permutation
 
         if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.data), generator=gen).tolist()}
+            self._perms = {epoch: epoch_permutation(len(self.data), self.seed, epoch).tolist()}
         return self._perms[epoch]
 
     def epoch(self, position: int) -> int:

@@ -15,6 +15,7 @@ before anything is saved under their names again, so no tag is ever rewritten in
 Retention keeps the newest ``keep`` complete checkpoints; the newest is never deleted, and
 the record is written before anything it no longer lists is removed.
 :func:`carry_optimizer_state` loads another run's final optimizer state (phase 1 -> phase 2).
+The durable-write helpers (fsync, atomic write) are :mod:`pretrain_bert.runtime`'s.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import socket
 import time
 from pathlib import Path
 
+from pretrain_bert.runtime import atomic_write, fsync_dir
+
 COMPLETE = "complete.json"
 RUN_LOCK = ".run.lock"
 RUN_OUTPUTS = ("metrics.jsonl", "run.json", "checkpoints", "hf")  # what a run writes into OUT
@@ -36,37 +39,6 @@ TAG = re.compile(r"step(\d+)")
 
 def tag_for(step: int) -> str:
     return f"step{step}"
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: str | Path) -> None:
-    """fsync every file below ``folder`` and every folder, ``folder`` last."""
-    for root, _dirs, files in os.walk(folder, topdown=False):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(root)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_complete(ckpt_dir: str | Path) -> dict | None:

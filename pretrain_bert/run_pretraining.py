@@ -17,7 +17,8 @@ Data order: one seeded permutation per epoch over the prepared instances; global
 takes the next ``train_batch_size`` of them, split into ranks x micro-steps exactly as
 the tests' reference does (micro-batch j of rank r is chunk j * W + r). The position is a
 pure function of the step, and the dropout RNG is seeded from (seed, step, rank), so
-``--resume`` continues with the same data and the same loss curve.
+``--resume`` continues with the same data and the same loss curve (:mod:`pretrain_bert.runtime`
+holds the batches, the seed formulas and the process-group set-up, shared with SQuAD).
 
 Writes into ``--output-dir``: ``metrics.jsonl`` (train/eval records; the plot command
 reads it), DeepSpeed monitor output if the config enables it, ``checkpoints/`` (DeepSpeed
@@ -36,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -51,8 +51,10 @@ from pretrain_bert.faults import fault, install_torch_save_fault, torn_append
 from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
 from pretrain_bert.pretraining_dataset import collate, load_meta, load_pretraining_data
 from pretrain_bert.batch_schedule import BatchSchedule, SampleStream, lr_multiplier
+from pretrain_bert.runtime import (
+    Batches, deepspeed_run, dropout_seed, fsync_dir, fsync_tree, param_groups, progress_bar, write_json_atomic,
+)
 from pretrain_bert.schedule import poly_warmup_scheduler
-from vrgd_ds.deepspeed.launching import guard_shm_op_lock, remove_own_shm_buffer
 from vrgd_ds.deepspeed.telemetry import named_telemetry, noise_scale_source
 
 
@@ -90,40 +92,8 @@ def build_model(run, meta, init_checkpoint):
     return BertForPreTrainingMasked(cfg)
 
 
-def param_groups(model):
-    """No weight decay and no trust ratio for biases and LayerNorm (NVIDIA's recipe)."""
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        (plain if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay}, {"params": plain, "weight_decay": 0.0, "exclude_from_adaptation": True}]
-
-
-class Batches:
-    """Global step -> this rank's micro-batches, a pure function of (seed, step)."""
-
-    def __init__(self, dataset, global_batch, world, rank, accumulation, seed):
-        if len(dataset) < global_batch:
-            raise ValueError(f"the training data has {len(dataset)} instances, fewer than one global "
-                             f"batch of {global_batch}; prepare more data or lower train_batch_size")
-        self.data, self.g, self.w, self.r, self.a, self.seed = dataset, global_batch, world, rank, accumulation, seed
-        self.per_epoch = len(dataset) // global_batch  # the remainder of each epoch is dropped
-        self._perm_epoch, self._perm = None, None
-
-    def epoch(self, step):
-        return step // self.per_epoch
-
-    def __call__(self, step):
-        epoch = self.epoch(step)
-        if self._perm_epoch != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=gen), epoch
-        start = (step % self.per_epoch) * self.g
-        chunks = self._perm[start:start + self.g].chunk(self.w * self.a)
-        return [collate([self.data[int(i)] for i in chunks[j * self.w + self.r]]) for j in range(self.a)]
-
-
 @torch.no_grad()
-def evaluate(engine, heldout, micro, max_batches):
+def evaluate_heldout(engine, heldout, micro, max_batches):
     """Held-out MLM loss/accuracy and NSP accuracy over all ranks (sums, then one all-reduce)."""
     engine.eval()
     w, r = dist.get_world_size(), dist.get_rank()
@@ -175,14 +145,14 @@ def save_hf(engine, ckpt_dir, tag, out_dir, meta):
     shutil.rmtree(tmp, ignore_errors=True)  # debris of a killed export
     model.save_pretrained(tmp)
     load_tokenizer(meta["vocab"]["path"]).save_pretrained(tmp)
-    checkpointing.fsync_tree(tmp)
+    fsync_tree(tmp)
     fault("hf-written")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
     fault("hf-swap")
     os.replace(tmp, out_dir)
-    checkpointing.fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -224,7 +194,7 @@ def save_checkpoint(engine, ckpt_dir, step, keep, sched):
     tag = checkpointing.tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "batch_schedule": sched.state_dict()})
     fault("saved")
-    checkpointing.fsync_tree(Path(ckpt_dir) / tag)
+    fsync_tree(Path(ckpt_dir) / tag)
     dist.barrier()  # every rank's files are on disk before the checkpoint is marked complete
     fault("before-mark")
     if dist.get_rank() == 0:
@@ -268,9 +238,8 @@ def prepare_output(out, args, run, config, start, world):
         print(f"[run_pretraining] {note}", flush=True)
     for folder in checkpointing.remove_unlisted(out / "checkpoints") if args.resume else []:
         print(f"[run_pretraining] removed {folder}: not a complete checkpoint (a save was killed)", flush=True)
-    checkpointing.atomic_write(out / "run.json", json.dumps(
-        {"config": args.config, "run": run.as_dict(), "data": str(args.data), "world_size": world, "ds_config": config},
-        indent=1))
+    write_json_atomic(out / "run.json", {"config": args.config, "run": run.as_dict(), "data": str(args.data),
+                                         "world_size": world, "ds_config": config}, indent=1)
 
 
 def main(argv=None):
@@ -281,9 +250,13 @@ def main(argv=None):
     run.check_data(meta, args.data)
     found, run_lock = check_before_start(args, run, meta, out)  # noqa: F841  (held until exit)
     install_torch_save_fault()
-    with guard_shm_op_lock():  # a lock left by a killed launch must not stall this one
-        deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    with deepspeed_run() as (rank, world):
+        pretrain(args, config, run, meta, out, found, rank, world)
+
+
+def pretrain(args, config, run, meta, out, found, rank, world):
+    """The phase from its start step (0, or the checkpoint ``found``) to max_steps / max_samples,
+    then (rank 0) the ``hf/`` export."""
     model = build_model(run, meta, args.init_checkpoint)
     dynamic = (run.batch_schedule or {}).get("type", "fixed") != "fixed" or run.max_samples > 0
     lr_now = [1.0]  # with a batch schedule the LR multiplier is set before each step
@@ -309,8 +282,9 @@ def main(argv=None):
     if dynamic:
         stream = SampleStream(train, run.seed)
     else:
-        batches = Batches(train, engine.train_batch_size(), world, rank, engine.gradient_accumulation_steps(),
-                          run.seed)
+        batches = Batches(len(train), engine.train_batch_size(), world, rank, engine.gradient_accumulation_steps(),
+                          run.seed, lambda rows: collate([train[int(i)] for i in rows]), unit="instances",
+                          remedy="prepare more data or lower train_batch_size")
     log = Logger(out, engine, run, start, args.no_progress)
     step, seen = start, None
     while step < run.max_steps and not (run.max_samples and sched.samples >= run.max_samples):
@@ -328,7 +302,7 @@ def main(argv=None):
         else:
             micro_batches, epoch = batches(step), batches.epoch(step)
         lr = scheduler.get_last_lr()[0]  # the LR this step uses
-        losses = train_step(engine, micro_batches, run.seed * 1_000_003 + step * world + rank)
+        losses = train_step(engine, micro_batches, dropout_seed(run.seed, step, world, rank))
         losses /= world * gas
         sched.consumed(batch)
         noise, seen = new_noise_record(engine, seen)
@@ -338,15 +312,12 @@ def main(argv=None):
         step += 1
         last = step == run.max_steps or bool(run.max_samples and sched.samples >= run.max_samples)
         if run.eval_every and (step % run.eval_every == 0 or last):
-            log.eval(step - 1, evaluate(engine, heldout, micro, run.eval_batches))
+            log.eval(step - 1, evaluate_heldout(engine, heldout, micro, run.eval_batches))
         if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
             save_checkpoint(engine, ckpt_dir, step, run.keep_checkpoints, sched)
     if rank == 0:  # also after a resume of a finished run: the export may have been killed
         save_hf(engine, ckpt_dir, checkpointing.tag_for(step), out / "hf", meta)
     log.close()
-    dist.barrier()
-    remove_own_shm_buffer()  # DeepSpeed's CPU all-reduce leaves a /dev/shm file per rank
-    dist.destroy_process_group()
 
 
 class Logger:
@@ -357,12 +328,7 @@ class Logger:
         self.engine, self.run, self.out = engine, run, out
         self.t0, self.start, self.window = time.perf_counter(), start, max(1, run.eval_every or 10)
         self.recent = self._recent_losses(start) if self.on and start else []  # the gap after a resume
-        self.bar = None
-        if self.on and not no_progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=run.max_steps, initial=start, desc=f"phase {run.phase}",
-                            unit="step", dynamic_ncols=True, file=sys.stdout)
+        self.bar = progress_bar(run.max_steps, f"phase {run.phase}", "step", self.on and not no_progress, start)
 
     def _recent_losses(self, start):
         """The train losses up to ``start`` that an uninterrupted run would still average (rank 0)."""
