@@ -11,7 +11,7 @@
 #
 # Environment: NGPUS (local ranks, default 2), DATA_ROOT (reuse DATA_ROOT/seq128 and
 # DATA_ROOT/seq512 from launch/prepare_data.sh), PHASE1_STEPS / PHASE2_STEPS (override
-# max_steps), SQUAD_ARGS (extra pretrain_bert/run_squad.py arguments, e.g. "--epochs 3
+# max_steps), SQUAD_ARGS (extra pretrain_bert/squad/run.py arguments, e.g. "--epochs 3
 # --lr 3e-4"; default "--lr 3e-4": the tiny model is trained from scratch, not BERT-large).
 # For a cluster, run launch/pretrain_bert.sh with a hostfile, then launch/run_squad.sh.
 set -euo pipefail

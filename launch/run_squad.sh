@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # SQuAD v1.1 fine-tuning + evaluation of a BERT checkpoint on local ranks.
 #
-#   launch/run_squad.sh --init-checkpoint RUN/phase2/hf --output-dir RUN/squad [run_squad.py args]
+#   launch/run_squad.sh --init-checkpoint RUN/phase2/hf --output-dir RUN/squad [pretrain_bert/squad/run.py args]
 #
-# Every argument goes to pretrain_bert/run_squad.py (--deepspeed-config, --epochs, --lr, ...;
-# `python pretrain_bert/run_squad.py --help`). Defaults: configs/squad_tiny.json and the SQuAD
+# Every argument goes to pretrain_bert/squad/run.py (--deepspeed-config, --epochs, --lr, ...;
+# `python pretrain_bert/squad/run.py --help`). Defaults: configs/squad_tiny.json and the SQuAD
 # subsets in data/squad/. The paper's BERT-large recipe: --deepspeed-config configs/squad_bert_large.json.
 #
 # Environment: NGPUS (local ranks, default 2), MASTER_PORT (29500), DS_ACCELERATOR (cuda when
@@ -28,4 +28,4 @@ trap 'python -m vrgd_ds.deepspeed.launching clean-shm "$MASTER_PORT" --addr 127.
   2>/dev/null || true' EXIT
 # a build lock left by a killed launch, or a hung build, fails here with its path, not silently in the ranks
 python -m vrgd_ds.deepspeed.launching prepare-shm-op
-deepspeed --num_gpus "${NGPUS:-2}" --master_port "$MASTER_PORT" "$ROOT/pretrain_bert/run_squad.py" "$@"
+deepspeed --num_gpus "${NGPUS:-2}" --master_port "$MASTER_PORT" "$ROOT/pretrain_bert/squad/run.py" "$@"

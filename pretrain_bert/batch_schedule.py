@@ -111,7 +111,7 @@ class BatchSchedule:
 class SampleStream:
     """Sample position -> instance, a pure function of (seed, position): one seeded permutation
     per pass over the data, passes back to back, so a batch of any size starting anywhere is
-    defined (the fixed-batch runs keep :class:`pretrain_bert.run_pretraining.Batches`)."""
+    defined (the fixed-batch runs keep :class:`pretrain_bert.runtime.Batches`; the same permutations)."""
 
     def __init__(self, dataset, seed: int):
         if len(dataset) == 0:
@@ -120,11 +120,10 @@ class SampleStream:
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
-        import torch
+        from pretrain_bert.runtime import epoch_permutation
 
         if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.data), generator=gen).tolist()}
+            self._perms = {epoch: epoch_permutation(len(self.data), self.seed, epoch).tolist()}
         return self._perms[epoch]
 
     def epoch(self, position: int) -> int:
@@ -143,12 +142,13 @@ class SampleStream:
         return [collate([self.data[i] for i in chunks[j * world + rank]]) for j in range(accumulation)]
 
 
-def lr_multiplier(schedule: BatchSchedule, run: dict) -> float:
+def lr_multiplier(schedule: BatchSchedule, run) -> float:
     """The LR multiplier of the coming step when the batch can change: NVIDIA's poly warm-up
-    over samples (a "step" of the start batch B0 as the unit) times sqrt(B / B0)."""
+    over samples (a "step" of the start batch B0 as the unit) times sqrt(B / B0). ``run``: the
+    phase's :class:`pretrain_bert.run_config.PhaseConfig`."""
     from pretrain_bert.schedule import poly_warmup
 
     unit = schedule.start
-    total = run["max_samples"] / unit if run["max_samples"] else run["max_steps"]
-    return poly_warmup(schedule.samples / unit, total, run["warmup_proportion"], run["poly_power"]) \
+    total = run.max_samples / unit if run.max_samples else run.max_steps
+    return poly_warmup(schedule.samples / unit, total, run.warmup_proportion, run.poly_power) \
         * schedule.lr_factor()

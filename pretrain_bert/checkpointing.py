@@ -14,6 +14,8 @@ killed saves or checkpoints retention dropped: they are deleted (:func:`remove_u
 before anything is saved under their names again, so no tag is ever rewritten in place.
 Retention keeps the newest ``keep`` complete checkpoints; the newest is never deleted, and
 the record is written before anything it no longer lists is removed.
+:func:`carry_optimizer_state` loads another run's final optimizer state (phase 1 -> phase 2).
+The durable-write helpers (fsync, atomic write) are :mod:`pretrain_bert.runtime`'s.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import socket
 import time
 from pathlib import Path
 
+from pretrain_bert.runtime import atomic_write, fsync_dir
+
 COMPLETE = "complete.json"
 RUN_LOCK = ".run.lock"
 RUN_OUTPUTS = ("metrics.jsonl", "run.json", "checkpoints", "hf")  # what a run writes into OUT
@@ -35,37 +39,6 @@ TAG = re.compile(r"step(\d+)")
 
 def tag_for(step: int) -> str:
     return f"step{step}"
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: str | Path) -> None:
-    """fsync every file below ``folder`` and every folder, ``folder`` last."""
-    for root, _dirs, files in os.walk(folder, topdown=False):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(root)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def read_complete(ckpt_dir: str | Path) -> dict | None:
@@ -187,3 +160,17 @@ def truncate_metrics(path: str | Path, step: int) -> str | None:
             kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write(path, "".join(kept))
     return note
+
+
+def carry_optimizer_state(engine, init_checkpoint: str | Path) -> None:
+    """Phase 1's final optimizer state (any world size) into this engine; fresh LR schedule.
+
+    ``init_checkpoint`` is phase 1's ``hf/`` folder; its newest complete checkpoint is read from
+    the ``checkpoints/`` folder beside it (``--carry-optimizer-state``)."""
+    from vrgd_ds.deepspeed.checkpoint import consolidate, load_consolidated
+
+    ckpt_dir = Path(init_checkpoint).parent / "checkpoints"
+    found = latest_complete(ckpt_dir)
+    if found is None:
+        raise FileNotFoundError(f"--carry-optimizer-state: no complete checkpoint in {ckpt_dir}")
+    load_consolidated(engine, consolidate(ckpt_dir / found["tag"]), engine_state=False, hyperparameters=False)

@@ -74,12 +74,12 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from pretrain_bert.checkpointing import fsync_dir, fsync_tree
 from pretrain_bert.corpus import UNK_MARKER, CorpusStats, read_documents
 from pretrain_bert.instances import InstanceConfig, create_instances, vocab_ids
 from pretrain_bert.pretraining_dataset import (  # noqa: F401  (the loading API, re-exported)
     COLUMNS, FORMAT, SPLITS, DynamicMaskingCollator, collate, load_meta, load_pretraining_data,
     masked_to_labels, remask, to_hf_inputs)
+from pretrain_bert.runtime import fsync_dir, fsync_tree
 from pretrain_bert.tokenization import load_tokenizer, vocab_sha256
 
 CRASH_HOOK_ENV = "PRETRAIN_BERT_DATA_CRASH_AFTER"

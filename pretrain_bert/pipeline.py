@@ -3,7 +3,7 @@
     python -m pretrain_bert.pipeline OUT [--wall-s SECONDS]
 
 Reads OUT/phase1 and OUT/phase2 (``run_pretraining.py`` output folders) and
-OUT/squad/results.json (``run_squad.py``), writes OUT/pipeline.json and prints the SQuAD
+OUT/squad/results.json (:mod:`pretrain_bert.squad.run`), writes OUT/pipeline.json and prints the SQuAD
 F1/EM. ``launch/pipeline_tiny.sh`` calls it as its last step.
 """
 
@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from pretrain_bert.runtime import write_json_atomic
 
 SQUAD_KEYS = ("f1", "exact_match", "eval_examples", "eval_missing", "train_examples", "steps", "epochs",
               "global_batch", "world_size", "optimizer", "lr", "train_loss_first", "train_loss_last10",
@@ -44,9 +46,7 @@ def summarise(out: Path, wall_s: float | None = None) -> dict:
                "model": str(out / "phase2" / "hf"), "predictions": str(out / "squad" / "predictions.json")}
     if wall_s is not None:
         summary["wall_s"] = round(wall_s, 1)
-    tmp = out / "pipeline.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / "pipeline.json")
+    write_json_atomic(out / "pipeline.json", summary, indent=1)
     return summary
 
 

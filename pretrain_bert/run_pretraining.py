@@ -6,7 +6,7 @@
         --data runs/data512 --output-dir runs/demo/phase2 --init-checkpoint runs/demo/phase1/hf
 
 The config is a DeepSpeed JSON with one extra block, ``"pretraining"`` (removed before
-DeepSpeed sees the config; see :mod:`pretrain_bert.run_config`): model size, phase,
+DeepSpeed sees the config; read as a typed :class:`pretrain_bert.run_config.PhaseConfig`): model size, phase,
 max_steps, warm-up proportion, poly power, eval/checkpoint intervals. The global batch,
 micro-batch and accumulation are DeepSpeed's own keys, so a phase-2 config with another
 ``train_batch_size`` is the "mixed batch" of the paper. Phase 2 starts from phase 1's
@@ -17,7 +17,8 @@ Data order: one seeded permutation per epoch over the prepared instances; global
 takes the next ``train_batch_size`` of them, split into ranks x micro-steps exactly as
 the tests' reference does (micro-batch j of rank r is chunk j * W + r). The position is a
 pure function of the step, and the dropout RNG is seeded from (seed, step, rank), so
-``--resume`` continues with the same data and the same loss curve.
+``--resume`` continues with the same data and the same loss curve (:mod:`pretrain_bert.runtime`
+holds the batches, the seed formulas and the process-group set-up, shared with SQuAD).
 
 Writes into ``--output-dir``: ``metrics.jsonl`` (train/eval records; the plot command
 reads it), DeepSpeed monitor output if the config enables it, ``checkpoints/`` (DeepSpeed
@@ -36,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -51,8 +51,10 @@ from pretrain_bert.faults import fault, install_torch_save_fault, torn_append
 from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
 from pretrain_bert.pretraining_dataset import collate, load_meta, load_pretraining_data
 from pretrain_bert.batch_schedule import BatchSchedule, SampleStream, lr_multiplier
+from pretrain_bert.runtime import (
+    Batches, deepspeed_run, dropout_seed, fsync_dir, fsync_tree, param_groups, progress_bar, write_json_atomic,
+)
 from pretrain_bert.schedule import poly_warmup_scheduler
-from vrgd_ds.deepspeed.launching import guard_shm_op_lock, remove_own_shm_buffer
 from vrgd_ds.deepspeed.telemetry import named_telemetry, noise_scale_source
 
 
@@ -84,46 +86,14 @@ def build_model(run, meta, init_checkpoint):
             raise FileNotFoundError(f"--init-checkpoint {str(path)!r} is not a save_pretrained folder "
                                     "(no config.json); pass the hf/ folder of a finished phase")
         return BertForPreTrainingMasked.from_pretrained(path)
-    torch.manual_seed(run["seed"])
-    cfg = bert_config(run["model"], vocab_size=meta["vocab"]["size"],
-                      max_position_embeddings=run["max_position_embeddings"])
+    torch.manual_seed(run.seed)
+    cfg = bert_config(run.model, vocab_size=meta["vocab"]["size"],
+                      max_position_embeddings=run.max_position_embeddings)
     return BertForPreTrainingMasked(cfg)
 
 
-def param_groups(model):
-    """No weight decay and no trust ratio for biases and LayerNorm (NVIDIA's recipe)."""
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        (plain if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay}, {"params": plain, "weight_decay": 0.0, "exclude_from_adaptation": True}]
-
-
-class Batches:
-    """Global step -> this rank's micro-batches, a pure function of (seed, step)."""
-
-    def __init__(self, dataset, global_batch, world, rank, accumulation, seed):
-        if len(dataset) < global_batch:
-            raise ValueError(f"the training data has {len(dataset)} instances, fewer than one global "
-                             f"batch of {global_batch}; prepare more data or lower train_batch_size")
-        self.data, self.g, self.w, self.r, self.a, self.seed = dataset, global_batch, world, rank, accumulation, seed
-        self.per_epoch = len(dataset) // global_batch  # the remainder of each epoch is dropped
-        self._perm_epoch, self._perm = None, None
-
-    def epoch(self, step):
-        return step // self.per_epoch
-
-    def __call__(self, step):
-        epoch = self.epoch(step)
-        if self._perm_epoch != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=gen), epoch
-        start = (step % self.per_epoch) * self.g
-        chunks = self._perm[start:start + self.g].chunk(self.w * self.a)
-        return [collate([self.data[int(i)] for i in chunks[j * self.w + self.r]]) for j in range(self.a)]
-
-
 @torch.no_grad()
-def evaluate(engine, heldout, micro, max_batches):
+def evaluate_heldout(engine, heldout, micro, max_batches):
     """Held-out MLM loss/accuracy and NSP accuracy over all ranks (sums, then one all-reduce)."""
     engine.eval()
     w, r = dist.get_world_size(), dist.get_rank()
@@ -175,14 +145,14 @@ def save_hf(engine, ckpt_dir, tag, out_dir, meta):
     shutil.rmtree(tmp, ignore_errors=True)  # debris of a killed export
     model.save_pretrained(tmp)
     load_tokenizer(meta["vocab"]["path"]).save_pretrained(tmp)
-    checkpointing.fsync_tree(tmp)
+    fsync_tree(tmp)
     fault("hf-written")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)
     fault("hf-swap")
     os.replace(tmp, out_dir)
-    checkpointing.fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -224,7 +194,7 @@ def save_checkpoint(engine, ckpt_dir, step, keep, sched):
     tag = checkpointing.tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "batch_schedule": sched.state_dict()})
     fault("saved")
-    checkpointing.fsync_tree(Path(ckpt_dir) / tag)
+    fsync_tree(Path(ckpt_dir) / tag)
     dist.barrier()  # every rank's files are on disk before the checkpoint is marked complete
     fault("before-mark")
     if dist.get_rank() == 0:
@@ -234,17 +204,17 @@ def save_checkpoint(engine, ckpt_dir, step, keep, sched):
 def check_before_start(args, run, meta, out):
     """Everything refused before a process group exists or a file is written. Rank 0 also takes
     the output folder's lock; returns (completion record to resume from, lock handle)."""
-    if run["eval_every"] and not meta.get("instances", {}).get("heldout"):
+    if run.eval_every and not meta.get("instances", {}).get("heldout"):
         raise ValueError(f"--data {str(args.data)!r} has no held-out instances, but pretraining.eval_every is "
-                         f"{run['eval_every']}: prepare the data with --heldout-fraction > 0, or set eval_every 0")
+                         f"{run.eval_every}: prepare the data with --heldout-fraction > 0, or set eval_every 0")
     if int(os.environ.get("RANK", "0")) != 0:
         return None, None  # rank 0 alone judges the folder (it may already be writing to it)
     checkpointing.check_output_dir(out, args.resume)  # a refusal writes nothing
     lock = checkpointing.lock_output_dir(out)
     found = checkpointing.check_output_dir(out, args.resume)  # again: another run may have written meanwhile
-    if found is not None and found["step"] > run["max_steps"]:
+    if found is not None and found["step"] > run.max_steps:
         raise ValueError(f"--resume: the newest complete checkpoint ({found['tag']}) is at step {found['step']}, "
-                         f"beyond max_steps {run['max_steps']}; pass --max-steps {found['step']} or more")
+                         f"beyond max_steps {run.max_steps}; pass --max-steps {found['step']} or more")
     return found, lock
 
 
@@ -257,7 +227,7 @@ def start_step(engine, args, found, ckpt_dir):
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=found["tag"])
         return client["step"], client
     if args.init_checkpoint and args.carry_optimizer_state:
-        run_config.carry_optimizer_state(engine, args.init_checkpoint)
+        checkpointing.carry_optimizer_state(engine, args.init_checkpoint)
     return 0, None
 
 
@@ -268,9 +238,8 @@ def prepare_output(out, args, run, config, start, world):
         print(f"[run_pretraining] {note}", flush=True)
     for folder in checkpointing.remove_unlisted(out / "checkpoints") if args.resume else []:
         print(f"[run_pretraining] removed {folder}: not a complete checkpoint (a save was killed)", flush=True)
-    checkpointing.atomic_write(out / "run.json", json.dumps(
-        {"config": args.config, "run": run, "data": str(args.data), "world_size": world, "ds_config": config},
-        indent=1))
+    write_json_atomic(out / "run.json", {"config": args.config, "run": run.as_dict(), "data": str(args.data),
+                                         "world_size": world, "ds_config": config}, indent=1)
 
 
 def main(argv=None):
@@ -278,21 +247,25 @@ def main(argv=None):
     config, run = run_config.load(args.config, args)
     out = Path(args.output_dir)
     meta = load_meta(args.data)
-    run_config.check_data(run, meta, args.data)
+    run.check_data(meta, args.data)
     found, run_lock = check_before_start(args, run, meta, out)  # noqa: F841  (held until exit)
     install_torch_save_fault()
-    with guard_shm_op_lock():  # a lock left by a killed launch must not stall this one
-        deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    with deepspeed_run() as (rank, world):
+        pretrain(args, config, run, meta, out, found, rank, world)
+
+
+def pretrain(args, config, run, meta, out, found, rank, world):
+    """The phase from its start step (0, or the checkpoint ``found``) to max_steps / max_samples,
+    then (rank 0) the ``hf/`` export."""
     model = build_model(run, meta, args.init_checkpoint)
-    dynamic = (run["batch_schedule"] or {}).get("type", "fixed") != "fixed" or run["max_samples"] > 0
+    dynamic = (run.batch_schedule or {}).get("type", "fixed") != "fixed" or run.max_samples > 0
     lr_now = [1.0]  # with a batch schedule the LR multiplier is set before each step
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model), config=config,
         lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: lr_now[0])) if dynamic else
-        (lambda opt: poly_warmup_scheduler(opt, run["max_steps"], run["warmup_proportion"], run["poly_power"])))
+        (lambda opt: poly_warmup_scheduler(opt, run.max_steps, run.warmup_proportion, run.poly_power)))
     micro = engine.train_micro_batch_size_per_gpu()
-    sched = BatchSchedule(run["batch_schedule"], engine.train_batch_size(), micro * world)
+    sched = BatchSchedule(run.batch_schedule, engine.train_batch_size(), micro * world)
     if sched.kind == "gns" and not noise_scale_source(engine):
         raise ValueError("pretraining.batch_schedule gns needs the noise scale: give the VR optimizer a "
                          "telemetry_interval > 0, or (any optimizer) add \"vrgd_noise_scale\": {\"interval\": N}")
@@ -307,16 +280,17 @@ def main(argv=None):
     train = load_pretraining_data(args.data, "train")
     heldout = load_pretraining_data(args.data, "heldout")
     if dynamic:
-        stream = SampleStream(train, run["seed"])
+        stream = SampleStream(train, run.seed)
     else:
-        batches = Batches(train, engine.train_batch_size(), world, rank, engine.gradient_accumulation_steps(),
-                          run["seed"])
+        batches = Batches(len(train), engine.train_batch_size(), world, rank, engine.gradient_accumulation_steps(),
+                          run.seed, lambda rows: collate([train[int(i)] for i in rows]), unit="instances",
+                          remedy="prepare more data or lower train_batch_size")
     log = Logger(out, engine, run, start, args.no_progress)
     step, seen = start, None
-    while step < run["max_steps"] and not (run["max_samples"] and sched.samples >= run["max_samples"]):
+    while step < run.max_steps and not (run.max_samples and sched.samples >= run.max_samples):
         batch = sched.batch_for(step)
-        if run["max_samples"]:  # the last batch takes no more than the samples left (in whole units)
-            batch = min(batch, -(-(run["max_samples"] - sched.samples) // sched.unit) * sched.unit)
+        if run.max_samples:  # the last batch takes no more than the samples left (in whole units)
+            batch = min(batch, -(-(run.max_samples - sched.samples) // sched.unit) * sched.unit)
         if batch != engine.train_batch_size():
             engine.set_train_batch_size(batch)  # more or fewer accumulation micro-steps
         gas = batch // (micro * world)
@@ -328,7 +302,7 @@ def main(argv=None):
         else:
             micro_batches, epoch = batches(step), batches.epoch(step)
         lr = scheduler.get_last_lr()[0]  # the LR this step uses
-        losses = train_step(engine, micro_batches, run["seed"] * 1_000_003 + step * world + rank)
+        losses = train_step(engine, micro_batches, dropout_seed(run.seed, step, world, rank))
         losses /= world * gas
         sched.consumed(batch)
         noise, seen = new_noise_record(engine, seen)
@@ -336,17 +310,14 @@ def main(argv=None):
             sched.observe(step, noise["b_simple_ema"])
         log.train(step, losses, lr, epoch, sched.samples, batch, noise)
         step += 1
-        last = step == run["max_steps"] or bool(run["max_samples"] and sched.samples >= run["max_samples"])
-        if run["eval_every"] and (step % run["eval_every"] == 0 or last):
-            log.eval(step - 1, evaluate(engine, heldout, micro, run["eval_batches"]))
-        if last or (run["checkpoint_every"] and step % run["checkpoint_every"] == 0):
-            save_checkpoint(engine, ckpt_dir, step, run["keep_checkpoints"], sched)
+        last = step == run.max_steps or bool(run.max_samples and sched.samples >= run.max_samples)
+        if run.eval_every and (step % run.eval_every == 0 or last):
+            log.eval(step - 1, evaluate_heldout(engine, heldout, micro, run.eval_batches))
+        if last or (run.checkpoint_every and step % run.checkpoint_every == 0):
+            save_checkpoint(engine, ckpt_dir, step, run.keep_checkpoints, sched)
     if rank == 0:  # also after a resume of a finished run: the export may have been killed
         save_hf(engine, ckpt_dir, checkpointing.tag_for(step), out / "hf", meta)
     log.close()
-    dist.barrier()
-    remove_own_shm_buffer()  # DeepSpeed's CPU all-reduce leaves a /dev/shm file per rank
-    dist.destroy_process_group()
 
 
 class Logger:
@@ -355,14 +326,9 @@ class Logger:
     def __init__(self, out, engine, run, start, no_progress):
         self.on = dist.get_rank() == 0
         self.engine, self.run, self.out = engine, run, out
-        self.t0, self.start, self.window = time.perf_counter(), start, max(1, run["eval_every"] or 10)
+        self.t0, self.start, self.window = time.perf_counter(), start, max(1, run.eval_every or 10)
         self.recent = self._recent_losses(start) if self.on and start else []  # the gap after a resume
-        self.bar = None
-        if self.on and not no_progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=run["max_steps"], initial=start, desc=f"phase {run['phase']}",
-                            unit="step", dynamic_ncols=True, file=sys.stdout)
+        self.bar = progress_bar(run.max_steps, f"phase {run.phase}", "step", self.on and not no_progress, start)
 
     def _recent_losses(self, start):
         """The train losses up to ``start`` that an uninterrupted run would still average (rank 0)."""
@@ -382,7 +348,7 @@ class Logger:
         self.samples_since_start = getattr(self, "samples_since_start", 0) + batch
         elapsed = time.perf_counter() - self.t0
         rate = self.samples_since_start / max(elapsed, 1e-9)
-        rec = {"phase": self.run["phase"], "step": step + 1, "epoch": epoch, "samples": samples, "batch": batch,
+        rec = {"phase": self.run.phase, "step": step + 1, "epoch": epoch, "samples": samples, "batch": batch,
                "loss": loss, "mlm_loss": float(losses[1]), "nsp_loss": float(losses[2]), "lr": lr,
                "samples_per_s": rate}
         if noise is not None:  # the gradient noise scale measured at this step (whole model)
@@ -395,7 +361,7 @@ class Logger:
             self.engine.monitor.write_events([("Train/loss", loss, step + 1), ("Train/lr", lr, step + 1),
                                               ("Train/samples_per_s", rate, step + 1)])
         if self.bar is not None:
-            extra = {"B": batch} if self.run["batch_schedule"] else {}
+            extra = {"B": batch} if self.run.batch_schedule else {}
             if getattr(self, "b_crit", None) is not None:
                 extra["B_crit"] = f"{self.b_crit:.0f}"
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", **extra)
@@ -403,7 +369,7 @@ class Logger:
 
     def eval(self, step, metrics):
         train_recent = sum(self.recent) / len(self.recent)
-        metrics = dict(metrics, step=step + 1, phase=self.run["phase"], train_loss_recent=train_recent,
+        metrics = dict(metrics, step=step + 1, phase=self.run.phase, train_loss_recent=train_recent,
                        generalization_gap=metrics["eval_loss"] - train_recent)
         if not self.on:
             return

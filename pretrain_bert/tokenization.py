@@ -14,9 +14,10 @@ import argparse
 import hashlib
 import inspect
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-from transformers import BertTokenizerFast
+if TYPE_CHECKING:
+    from transformers import BertTokenizerFast
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -26,26 +27,39 @@ def _read_vocab(vocab_file: Path) -> dict[str, int]:
         return {line.rstrip("\n"): index for index, line in enumerate(handle)}
 
 
-def load_tokenizer(vocab: str | Path) -> BertTokenizerFast:
-    """Uncased `BertTokenizerFast` from a `vocab.txt` file, or a folder with tokenizer files.
+def load_tokenizer(vocab: str | Path, *, do_lower_case: bool = True) -> BertTokenizerFast:
+    """A fast BERT tokenizer from a WordPiece `vocab.txt` file, or a folder with tokenizer files.
 
     A folder holding `tokenizer.json` / `tokenizer_config.json` is loaded with
     `from_pretrained` (local files only); a folder with only `vocab.txt` is read as a vocab file.
+    The one loader of the project: data preparation, the pretraining export and SQuAD (which
+    needs the fast tokenizer's character offsets) all use it.
     """
+    from transformers import BertTokenizerFast
+
     path = Path(vocab)
     if not path.exists():
         raise FileNotFoundError(f"vocabulary {str(path)!r} does not exist "
                                 "(expected a vocab.txt file or a tokenizer folder)")
-    if path.is_dir():
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-            return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
-        if not (path / "vocab.txt").is_file():
-            raise FileNotFoundError(f"tokenizer folder {str(path)!r} has neither tokenizer.json, "
-                                    "tokenizer_config.json nor vocab.txt")
-        path = path / "vocab.txt"
-    if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:
-        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)   # transformers 4.x
-    return BertTokenizerFast(vocab=_read_vocab(path), do_lower_case=True)  # transformers 5.x
+    if path.is_dir() and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        tokenizer = BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    else:
+        if path.is_dir():
+            if not (path / "vocab.txt").is_file():
+                raise FileNotFoundError(f"tokenizer folder {str(path)!r} has neither tokenizer.json, "
+                                        "tokenizer_config.json nor vocab.txt")
+            path = path / "vocab.txt"
+        ids = _read_vocab(path)
+        if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:
+            tokenizer = BertTokenizerFast(vocab_file=str(path), do_lower_case=do_lower_case)  # transformers 4.x
+        else:
+            tokenizer = BertTokenizerFast(vocab=ids, do_lower_case=do_lower_case)  # transformers 5.x
+        if len(tokenizer) != len(ids) or tokenizer.cls_token_id != ids.get("[CLS]"):
+            raise ValueError(f"{path}: tokenizer built with {len(tokenizer)} entries, "
+                             f"vocab file has {len(ids)} (is it a WordPiece vocab.txt?)")
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path}: offsets need a fast tokenizer, got {type(tokenizer).__name__}")
+    return tokenizer
 
 
 def vocab_sha256(tokenizer: BertTokenizerFast) -> str:

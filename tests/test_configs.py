@@ -33,9 +33,9 @@ def test_phase_config_is_valid(path):
     assert opt["type"] in DS_NAMES
     assert set(opt["params"]) <= set(allowed_params(DS_NAMES[opt["type"]]))
     assert "gradient_clipping" in ds  # DeepSpeed's default would be 1.0 silently
-    world = 2 if run["model"] == "tiny" else 64  # the tiny demo's 2 CPU ranks; 64 GPUs for BERT-large
+    world = 2 if run.model == "tiny" else 64  # the tiny demo's 2 CPU ranks; 64 GPUs for BERT-large
     assert ds["train_batch_size"] % (ds["train_micro_batch_size_per_gpu"] * world) == 0
-    assert (run["seq_len"], run["max_predictions"]) == ((128, 20) if run["phase"] == 1 else (512, 80))
+    assert (run.seq_len, run.max_predictions) == ((128, 20) if run.phase == 1 else (512, 80))
 
 
 def test_mixed_batch_setups_match_the_paper():

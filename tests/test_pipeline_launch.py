@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain_bert.run_squad import restrict_dataset
-from pretrain_bert.squad_metric import evaluate
+from pretrain_bert.squad.run import restrict_dataset
+from pretrain_bert.squad.metric import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "pipeline_tiny.sh"

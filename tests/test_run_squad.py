@@ -1,4 +1,4 @@
-"""pretrain_bert/run_squad.py end to end: real `deepspeed --num_gpus 2` on CPU, tiny random BERT."""
+"""pretrain_bert/squad/run.py end to end: real `deepspeed --num_gpus 2` on CPU, tiny random BERT."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from pretrain_bert.squad_data import load_examples, load_tokenizer
-from pretrain_bert.squad_metric import evaluate, evaluate_files
+from pretrain_bert.squad.data import load_examples
+from pretrain_bert.squad.metric import evaluate, evaluate_files
+from pretrain_bert.tokenization import load_tokenizer
 from ds_helpers import ds_env, local_launch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "pretrain_bert" / "run_squad.py"
+SCRIPT = ROOT / "pretrain_bert" / "squad" / "run.py"
 VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
 DEV = ROOT / "data" / "squad" / "dev-v1.1-subset.json"
 ENV = ds_env()
 
 
 def run_squad(tmp_path, *args, launcher=True, timeout=300):
-    """run_squad.py on 2 ranks through the deepspeed launcher (or as one plain process).
+    """pretrain_bert/squad/run.py on 2 ranks through the deepspeed launcher (or as one plain process).
 
     Returns the process and the /dev/shm buffers the launch left behind (then removed)."""
     if not launcher:
@@ -57,7 +58,7 @@ def test_fine_tune_and_evaluate_on_two_ranks(tiny_bert, tmp_path):
         tmp_path, "--init-checkpoint", tiny_bert, "--output-dir", out, "--max-train-examples", 64,
         "--max-eval-examples", 40, "--epochs", 2, "--lr", 1e-3, "--eval-batch-size", 8)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not leftover, f"run_squad.py left its /dev/shm buffers: {leftover}"
+    assert not leftover, f"squad/run.py left its /dev/shm buffers: {leftover}"
     results = json.loads((out / "results.json").read_text())
     predictions = json.loads((out / "predictions.json").read_text())
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain_bert.squad_data import (
+from pretrain_bert.squad.data import (
     DOC_STRIDE, MAX_QUERY_LENGTH, MAX_SEQ_LENGTH, SquadExample, features_to_tensors, load_examples,
-    load_tokenizer, postprocess_predictions, prepare_eval_features, prepare_train_features,
-    token_span, write_predictions,
+    postprocess_predictions, prepare_eval_features, prepare_train_features, token_span, write_predictions,
 )
-from pretrain_bert.squad_metric import SquadFormatError, evaluate, evaluate_files
+from pretrain_bert.squad.metric import SquadFormatError, evaluate, evaluate_files
+from pretrain_bert.tokenization import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT / "data" / "squad"

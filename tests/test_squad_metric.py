@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain_bert.squad_metric import (
+from pretrain_bert.squad.metric import (
     SquadFormatError, evaluate, evaluate_files, exact_match_score, f1_score, normalize_answer,
 )
 
@@ -37,7 +37,7 @@ def test_official_scores_reproduced_exactly(system):
 def test_cli_prints_official_json(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain_bert.squad_metric", str(DEV),
+        [sys.executable, "-m", "pretrain_bert.squad.metric", str(DEV),
          str(SQUAD / "predictions" / "bert-ensemble.json"), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     em, f1 = OFFICIAL["bert-ensemble"]
@@ -48,7 +48,7 @@ def test_cli_prints_official_json(tmp_path):
 def test_cli_bad_file_exits_with_message(tmp_path):
     bad = tmp_path / "preds.json"
     bad.write_text("{not json")
-    proc = subprocess.run([sys.executable, "-m", "pretrain_bert.squad_metric", str(DEV), str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "pretrain_bert.squad.metric", str(DEV), str(bad)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "not valid JSON" in proc.stderr
@@ -56,7 +56,7 @@ def test_cli_bad_file_exits_with_message(tmp_path):
     dataset = _write(tmp_path, "dev.json", {"version": "1.1", "data": [{"title": "T", "paragraphs": [
         {"context": "c", "qas": [{"id": "q1", "question": "?", "answers": [{"text": None, "answer_start": 0}]}]}]}]})
     preds = _write(tmp_path, "ok.json", {"q1": "c"})
-    proc = subprocess.run([sys.executable, "-m", "pretrain_bert.squad_metric", str(dataset), str(preds)],
+    proc = subprocess.run([sys.executable, "-m", "pretrain_bert.squad.metric", str(dataset), str(preds)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "question 'q1' answer 0: 'text' should be a string, got NoneType" in proc.stderr

@@ -1,6 +1,6 @@
 """SQuAD v1.1 fine-tuning of a BERT checkpoint on DeepSpeed, then the official evaluation.
 
-    deepspeed --num_gpus 2 pretrain_bert/run_squad.py --init-checkpoint runs/demo/phase2/hf \\
+    deepspeed --num_gpus 2 pretrain_bert/squad/run.py --init-checkpoint runs/demo/phase2/hf \\
         --deepspeed-config configs/squad_tiny.json --output-dir runs/demo/squad
 
 (`launch/run_squad.sh` wraps this.) `--init-checkpoint` is any local Hugging Face BERT folder:
@@ -15,14 +15,15 @@ any vrgd-ds name. `--lr` overrides the config's LR; the schedule is a linear war
 
 Data order: one permutation of the training windows per epoch, seeded by (seed, epoch); each
 global batch is split into ranks x micro-steps (micro-batch j of rank r is chunk j * W + r), and
-the last incomplete global batch of an epoch is dropped. Evaluation: each rank runs every W-th
+the last incomplete global batch of an epoch is dropped (:class:`pretrain_bert.runtime.Batches`,
+the same data order and seed formulas as pretraining). Evaluation: each rank runs every W-th
 eval window, rank 0 gathers the logits, picks the best span per question (n-best over windows,
-`squad_data.postprocess_predictions`) and scores it with the official metric.
+`squad.data.postprocess_predictions`) and scores it with the official metric.
 
 Writes into `--output-dir` (rank 0): `predictions.json` ({question id: answer}), `results.json`
 (exact_match, f1, counts, steps, losses, timings, the arguments), and with
 `--max-eval-examples` `eval_dataset.json`, the predict file cut to the evaluated questions, so
-`python -m pretrain_bert.squad_metric OUT/eval_dataset.json OUT/predictions.json` re-scores it.
+`python -m pretrain_bert.squad.metric OUT/eval_dataset.json OUT/predictions.json` re-scores it.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ import vrgd_ds  # noqa: F401  (registers the optimizers with DeepSpeed)
 import deepspeed
 import torch.distributed as dist
 
-from pretrain_bert import squad_data
-from pretrain_bert.run_pretraining import param_groups
-from pretrain_bert.squad_metric import SquadFormatError, evaluate, load_json, write_json_atomic
-from vrgd_ds.deepspeed.launching import guard_shm_op_lock, remove_own_shm_buffer
+from pretrain_bert.runtime import (
+    Batches, deepspeed_run, dropout_seed, param_groups, progress_bar, write_json_atomic,
+)
+from pretrain_bert.squad import data as squad_data
+from pretrain_bert.squad.metric import SquadFormatError, evaluate, load_json
+from pretrain_bert.tokenization import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv=None):
@@ -127,7 +130,7 @@ def load_tokenizer_for(init_checkpoint, vocab, model_config):
     if not vocab and not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
         raise FileNotFoundError(f"--init-checkpoint {str(path)!r} has no tokenizer.json or "
                                 "vocab.txt; pass --vocab VOCAB.txt")
-    tokenizer = squad_data.load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     if len(tokenizer) > model_config.vocab_size:
         raise ValueError(f"tokenizer from {str(path)!r} has {len(tokenizer)} entries, more than the "
                          f"model's vocab_size {model_config.vocab_size}")
@@ -185,28 +188,6 @@ def load_inputs(args) -> Inputs:
 
 # ----------------------------------------------------------------------------- training
 
-class Batches:
-    """Global step -> this rank's micro-batches: a seeded permutation per epoch, remainder dropped."""
-
-    def __init__(self, tensors, global_batch, world, rank, accumulation, seed):
-        self.tensors, self.n = tensors, len(tensors["input_ids"])
-        if self.n < global_batch:
-            raise ValueError(f"{self.n} training windows, fewer than one global batch of {global_batch}; "
-                             "use more training examples or a smaller batch")
-        self.g, self.w, self.r, self.a, self.seed = global_batch, world, rank, accumulation, seed
-        self.per_epoch = self.n // global_batch
-        self._epoch, self._perm = None, None
-
-    def __call__(self, step):
-        epoch = step // self.per_epoch
-        if self._epoch != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.n, generator=gen), epoch
-        start = (step % self.per_epoch) * self.g
-        chunks = self._perm[start:start + self.g].chunk(self.w * self.a)
-        return [{k: v[chunks[j * self.w + self.r]] for k, v in self.tensors.items()} for j in range(self.a)]
-
-
 def linear_warmup_decay(optimizer, total_steps, warmup_proportion):
     """Linear warm-up over int(proportion * total) steps, then linear decay to 0 at total."""
     warmup = int(warmup_proportion * total_steps)
@@ -232,12 +213,12 @@ def train(engine, scheduler, batches, total, seed, show_progress):
     """`total` optimizer steps; returns the loss of each step, averaged over ranks and micro-steps."""
     rank, world = dist.get_rank(), dist.get_world_size()
     gas = engine.gradient_accumulation_steps()
-    progress = bar(total, "fine-tune", "step", show_progress)
+    progress = progress_bar(total, "fine-tune", "step", show_progress)
     losses = []
     engine.train()
     for step in range(total):
         lr = scheduler.get_last_lr()[0]
-        torch.manual_seed(seed * 1_000_003 + step * world + rank)  # dropout, per rank and step
+        torch.manual_seed(dropout_seed(seed, step, world, rank))  # dropout, per rank and step
         loss = torch.zeros((), dtype=torch.float64)
         for micro in batches(step):
             out = engine(**{k: v.to(engine.device) for k, v in micro.items()})
@@ -263,7 +244,7 @@ def predict_logits(engine, features, batch_size, show_progress):
     rank, world = dist.get_rank(), dist.get_world_size()
     tensors = squad_data.features_to_tensors(features)
     mine = list(range(rank, len(features["example_id"]), world))
-    progress = bar(len(mine), "predict", "window", show_progress)
+    progress = progress_bar(len(mine), "predict", "window", show_progress)
     seq = tensors["input_ids"].shape[1]
     starts, ends = [np.zeros((0, seq), np.float32)], [np.zeros((0, seq), np.float32)]
     engine.eval()
@@ -285,14 +266,6 @@ def predict_logits(engine, features, batch_size, show_progress):
     for rows, s, e in gathered:
         start_logits[rows], end_logits[rows] = s, e
     return start_logits, end_logits
-
-
-def bar(total, desc, unit, on):
-    if not on:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stdout)
 
 
 def score(args, dev, dev_features, logits, out):
@@ -320,11 +293,14 @@ def main(argv=None):
     try:
         inputs = load_inputs(args)
     except (OSError, ValueError) as err:  # SquadFormatError is a ValueError
-        print(f"run_squad.py: error: {err}", file=sys.stderr)
+        print(f"run.py: error: {err}", file=sys.stderr)
         sys.exit(2)
-    with guard_shm_op_lock():  # a lock left by a killed launch must not stall this one
-        deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    with deepspeed_run() as (rank, world):
+        fine_tune(args, inputs, rank, world)
+
+
+def fine_tune(args, inputs, rank, world):
+    """Train, predict, score; rank 0 writes predictions.json and results.json."""
     show_progress = rank == 0 and not args.no_progress
     out = Path(args.output_dir)
     if rank == 0:
@@ -334,8 +310,10 @@ def main(argv=None):
     engine, _, _, scheduler = deepspeed.initialize(
         model=inputs.model, model_parameters=param_groups(inputs.model), config=inputs.config,
         lr_scheduler=lambda opt: linear_warmup_decay(opt, total, args.warmup_proportion))
-    batches = Batches(inputs.train_tensors, engine.train_batch_size(), world, rank,
-                      engine.gradient_accumulation_steps(), args.seed)
+    tensors = inputs.train_tensors
+    batches = Batches(windows, engine.train_batch_size(), world, rank, engine.gradient_accumulation_steps(),
+                      args.seed, lambda rows: {k: v[rows] for k, v in tensors.items()},
+                      unit="windows", remedy="use more training examples or a smaller batch")
 
     t0 = time.perf_counter()
     losses = train(engine, scheduler, batches, total, args.seed, show_progress)
@@ -356,9 +334,6 @@ def main(argv=None):
         print(f"SQuAD v1.1, {result['eval_examples']} questions of {args.predict_file}: "
               f"F1 {result['f1']:.2f}, EM {result['exact_match']:.2f} "
               f"({total} steps, last loss {losses[-1]:.3f})", flush=True)
-    dist.barrier()
-    remove_own_shm_buffer()  # DeepSpeed's CPU all-reduce leaves a /dev/shm file per rank
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

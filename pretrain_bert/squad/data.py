@@ -4,7 +4,8 @@ The approach of HF `examples/pytorch/question-answering` (`run_qa.py`, `utils_qa
 from the training loop:
 
 - examples: a local SQuAD v1.1 JSON file, or a `datasets` hub name such as "squad";
-- features: question + context through a fast BERT tokenizer; a context longer than one window is
+- features: question + context through a fast BERT tokenizer
+  (:func:`pretrain_bert.tokenization.load_tokenizer`); a context longer than one window is
   split into overlapping windows (`doc_stride` tokens shared) with character offsets; training
   windows carry the answer's token span, or [CLS] for both ends when the window does not hold the
   whole answer; eval windows carry their example id and offsets (None off the context);
@@ -26,9 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pretrain_bert.squad_metric import (
-    SquadFormatError, check_predictions, iter_questions, load_json, require, write_json_atomic,
-)
+from pretrain_bert.runtime import write_json_atomic
+from pretrain_bert.squad.metric import SquadFormatError, check_predictions, iter_questions, load_json, require
 
 logger = logging.getLogger(__name__)
 
@@ -56,31 +56,6 @@ class LoadedExamples(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- examples
-
-def load_tokenizer(vocab_or_dir: str | os.PathLike, *, do_lower_case: bool = True):
-    """A fast BERT tokenizer from a WordPiece `vocab.txt` or a local tokenizer/model folder."""
-    from transformers import BertTokenizerFast
-
-    path = Path(vocab_or_dir)
-    if path.is_dir():
-        tokenizer = BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    elif path.is_file():
-        with open(path, encoding="utf-8") as f:
-            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-        # transformers 5 builds from `vocab` and silently ignores `vocab_file`; 4.x wants `vocab_file`.
-        try:
-            tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=do_lower_case)
-        except TypeError:
-            tokenizer = BertTokenizerFast(vocab_file=str(path), do_lower_case=do_lower_case)
-        if len(tokenizer) != len(vocab) or tokenizer.cls_token_id != vocab.get("[CLS]"):
-            raise ValueError(f"{path}: tokenizer built with {len(tokenizer)} entries, "
-                             f"vocab file has {len(vocab)} (is it a WordPiece vocab.txt?)")
-    else:
-        raise FileNotFoundError(f"{path}: no such vocab file or tokenizer folder")
-    if not tokenizer.is_fast:
-        raise ValueError(f"{path}: offsets need a fast tokenizer, got {type(tokenizer).__name__}")
-    return tokenizer
-
 
 def _make_example(qid, title, question, context, texts, starts, *, training: bool,
                   where: str) -> SquadExample | None:
@@ -315,5 +290,5 @@ def postprocess_predictions(examples: Sequence[SquadExample], features: dict[str
 
 
 def write_predictions(path: str | os.PathLike, predictions: dict[str, str]) -> None:
-    """Write {id: answer} as predictions.json, atomically (temporary file + os.replace)."""
+    """Write {id: answer} as predictions.json, atomically (:func:`pretrain_bert.runtime.write_json_atomic`)."""
     write_json_atomic(path, check_predictions(predictions, str(path)))

@@ -12,7 +12,7 @@ Same semantics as the official `evaluate-v1.1.py` (Rajpurkar et al., 2016):
 
 CLI, printing the same JSON as the official script:
 
-    python -m pretrain_bert.squad_metric dev-v1.1.json predictions.json [--out result.json]
+    python -m pretrain_bert.squad.metric dev-v1.1.json predictions.json [--out result.json]
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import string
 import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+
+from pretrain_bert.runtime import write_json_atomic
 
 EXPECTED_VERSION = "1.1"
 _PUNCTUATION = frozenset(string.punctuation)
@@ -163,22 +164,6 @@ def evaluate_files(dataset_path: str | os.PathLike, predictions_path: str | os.P
     predictions = load_json(predictions_path, "a predictions object {question_id: answer_text}")
     check_predictions(predictions, str(predictions_path))
     return evaluate(dataset, predictions, source=str(dataset_path), quiet=quiet)
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write `obj` as JSON via a temporary file in the same folder and `os.replace`, so a reader
-    never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
