@@ -59,4 +59,4 @@ carry=()
 [ "${CARRY_OPTIMIZER_STATE:-0}" = 1 ] && carry=(--carry-optimizer-state)
 run --config "${PREFIX}_phase2_${OPT}.json" --data "$DATA512" --output-dir "$OUT/phase2" \
   --init-checkpoint "$OUT/phase1/hf" "${carry[@]}" $(steps "${PHASE2_STEPS:-}") $(resume "$OUT/phase2") "$@"
-python -m pretrain_bert.plot "$OUT/phase1" "$OUT/phase2" --labels "phase 1" "phase 2" --out "$OUT/loss.png"
+python -m pretrain_bert.plot "$OUT/phase1" "$OUT/phase2" --labels "phase 1" "phase 2" --phases --out "$OUT/loss.png"

@@ -167,7 +167,15 @@ def save_split(columns: Mapping[str, np.ndarray], config: InstanceConfig, path: 
     table = datasets.Dataset.from_dict(dict(columns), features=_features(config))
     dataset = datasets.Dataset(table.data, info=table.info, fingerprint=fingerprint)
     shards = max(1, min(num_shards, len(dataset)))
-    dataset.save_to_disk(str(path), num_shards=shards)
+    from datasets.utils import logging as ds_logging
+
+    shown = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # our own bars say what preparation does
+    try:
+        dataset.save_to_disk(str(path), num_shards=shards)
+    finally:
+        if shown:
+            ds_logging.enable_progress_bar()
     return shards
 
 

@@ -9,7 +9,9 @@
    configs/bert_tiny_phase1_<optimizer>.json (global batch 64, seq 128);
 3. phase 2 from phase 1's weights: configs/bert_tiny_phase2_<optimizer>.json (global
    batch 32, seq 512: the "mixed batch" of the paper in miniature);
-4. loss.png (both phases) and summary.json in the run folder.
+4. loss.png (both phases on one step axis) and summary.json in the run folder.
+
+Output: one progress bar per phase; DeepSpeed's INFO log is off unless ``--verbose``.
 
 On CPU (DS_ACCELERATOR=cpu, gloo) with 2 ranks it takes a few minutes.
 """
@@ -49,16 +51,27 @@ def prepare(seq_len, max_predictions, data_root: Path) -> Path:
     return out
 
 
-def launch(ranks: int, args: list[str]) -> None:
+# DeepSpeed calls torch's deprecated all_gather_into_tensor on every step: one FutureWarning per rank
+QUIET_WARNINGS = "ignore:`torch.distributed.all_gather_into_tensor` is deprecated:FutureWarning"
+
+
+def launch(ranks: int, args: list[str], verbose: bool = False) -> None:
+    env = launch_env(pythonpath=ROOT)
+    launcher_args = []
+    if not verbose:  # DeepSpeed's launcher logs pages of INFO lines around the progress bar
+        launcher_args = ["--log_level", "error"]
+        env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), QUIET_WARNINGS) if w)
     try:  # a stale build lock or a hung build of DeepSpeed's CPU op fails here, named, not in the ranks
-        with local_launch(ROOT / "pretrain_bert" / "run_pretraining.py", args, ranks,
-                          launch_env(pythonpath=ROOT)) as (cmd, env):
-            print("[demo] " + " ".join(cmd), flush=True)
+        with local_launch(ROOT / "pretrain_bert" / "run_pretraining.py", args, ranks, env,
+                          launcher_args=launcher_args) as (cmd, env):
+            if verbose:
+                print("[demo] " + " ".join(cmd), flush=True)
             proc = subprocess.run(cmd, env=env)
     except (LockTimeout, RuntimeError) as err:
         sys.exit(f"[demo] {err}")
     if proc.returncode != 0:
-        sys.exit(f"[demo] the launch failed with exit code {proc.returncode}")
+        sys.exit(f"[demo] the launch failed with exit code {proc.returncode}"
+                 + ("" if verbose else " (--verbose shows DeepSpeed's own log)"))
 
 
 def main(argv=None):
@@ -69,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--data-root", default=str(ROOT / "runs" / "data"))
     ap.add_argument("--phase1-steps", type=int, default=None, help="override the config's max_steps")
     ap.add_argument("--phase2-steps", type=int, default=None)
+    ap.add_argument("--verbose", action="store_true", help="DeepSpeed's INFO log and the launch commands")
     args = ap.parse_args(argv)
     out = Path(args.out or ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"))
     if out.exists() and any(out.iterdir()):
@@ -80,12 +94,15 @@ def main(argv=None):
         extra = ["--max-steps", str(steps[phase])] if steps[phase] else []
         if phase == 2:
             extra += ["--init-checkpoint", str(out / "phase1" / "hf")]
+        print(f"[demo] phase {phase}: {args.ranks} ranks, configs/bert_tiny_phase{phase}_{args.optimizer}.json, "
+              f"seq {PHASES[phase][0]} -> {out / f'phase{phase}'}", flush=True)
         launch(args.ranks, ["--config", str(ROOT / "configs" / f"bert_tiny_phase{phase}_{args.optimizer}.json"),
-                            "--data", str(data[phase]), "--output-dir", str(out / f"phase{phase}"), *extra])
+                            "--data", str(data[phase]), "--output-dir", str(out / f"phase{phase}"), *extra],
+               args.verbose)
     from pretrain_bert.pipeline import final_eval
     from pretrain_bert.plot import plot
 
-    plot([out / "phase1", out / "phase2"], out / "loss.png", labels=["phase 1", "phase 2"])
+    plot([out / "phase1", out / "phase2"], out / "loss.png", labels=["phase 1", "phase 2"], phases=True)
     summary = {"optimizer": args.optimizer, "ranks": args.ranks, "wall_s": round(time.time() - t0, 1),
                **{f"phase{p}": final_eval(out / f"phase{p}") for p in PHASES}, "model": str(out / "phase2" / "hf")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

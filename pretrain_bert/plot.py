@@ -1,6 +1,7 @@
 """Loss curves, or the gradient noise scale, of one or more pretraining runs in one PNG.
 
     python -m pretrain_bert.plot runs/demo/phase1 runs/lamb/phase1 --out curves.png [--x samples]
+    python -m pretrain_bert.plot runs/demo/phase1 runs/demo/phase2 --phases --out loss.png
     python -m pretrain_bert.plot runs/gns/phase1 --what gns --out gns.png
 
 Each run folder holds the ``metrics.jsonl`` that ``run_pretraining.py`` writes; the plot
@@ -8,7 +9,8 @@ shows the training loss (thin) and the held-out loss (markers) per run, against 
 or samples. ``--what gns`` shows the measured critical batch size instead (``b_simple``
 thin, ``b_simple_ema`` thick; a VR optimizer's telemetry or the ``vrgd_noise_scale`` key
 records it) and the global batch each step used (dashed). Labels are the folder names
-unless ``--labels`` is given.
+unless ``--labels`` is given. ``--phases``: the runs are phase 1, phase 2, ... of one
+training, drawn on one step (or samples) axis, phase 2 starting where phase 1 ended.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ def _save(fig, ax, out, xlabel: str, ylabel: str) -> None:
     plt.close(fig)
 
 
-def plot(runs, out, labels=None, x="step"):
+def plot(runs, out, labels=None, x="step", phases=False):
+    """Loss curves of ``runs``; ``phases=True``: the runs are consecutive phases of one training
+    (phase 1, phase 2, ...), drawn on one axis, each starting where the one before ended, with a
+    line at each boundary. Returns the x values drawn per label (train, held-out)."""
     if x not in ("step", "samples"):
         raise ValueError(f"--x must be 'step' or 'samples', got {x!r}")
     labels = labels or [Path(r).name if Path(r).name not in ("phase1", "phase2") else
@@ -58,14 +63,22 @@ def plot(runs, out, labels=None, x="step"):
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
     fig, ax = _figure()
+    offset, drawn = 0, {}
     for i, (run, label) in enumerate(zip(runs, labels)):
         train, evals = read_metrics(run)
         sample_of = {r["step"]: r["samples"] for r in train}
-        ax.plot([r[x] for r in train], [r["loss"] for r in train], lw=0.8, color=f"C{i}", label=f"{label} train")
+        xs = [offset + r[x] for r in train]
+        ex = [offset + (e["step"] if x == "step" else sample_of.get(e["step"], 0)) for e in evals]
+        drawn[label] = (xs, ex)
+        ax.plot(xs, [r["loss"] for r in train], lw=0.8, color=f"C{i}", label=f"{label} train")
         if evals:
-            ax.plot([e["step"] if x == "step" else sample_of.get(e["step"], 0) for e in evals],
-                    [e["eval_loss"] for e in evals], "o--", ms=4, color=f"C{i}", label=f"{label} held-out")
-    _save(fig, ax, out, x, "loss (MLM + NSP)")
+            ax.plot(ex, [e["eval_loss"] for e in evals], "o--", ms=4, color=f"C{i}", label=f"{label} held-out")
+        if phases and train:
+            offset += train[-1][x]
+            if i < len(runs) - 1:
+                ax.axvline(offset, color="0.5", lw=0.8, ls=":")
+    _save(fig, ax, out, f"{x} (phases one after another)" if phases else x, "loss (MLM + NSP)")
+    return drawn
 
 
 def plot_noise_scale(runs, out, labels=None, x="samples"):
@@ -94,11 +107,13 @@ def main(argv=None):
     ap.add_argument("--labels", nargs="+")
     ap.add_argument("--x", default=None, help="step or samples (default: step for loss, samples for gns)")
     ap.add_argument("--what", choices=("loss", "gns"), default="loss")
+    ap.add_argument("--phases", action="store_true",
+                    help="the runs are consecutive phases of one training: one step axis across them")
     args = ap.parse_args(argv)
     if args.what == "gns":
         plot_noise_scale(args.runs, args.out, args.labels, args.x or "samples")
     else:
-        plot(args.runs, args.out, args.labels, args.x or "step")
+        plot(args.runs, args.out, args.labels, args.x or "step", phases=args.phases)
     print(f"wrote {args.out}")
 
 

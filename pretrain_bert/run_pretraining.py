@@ -250,6 +250,9 @@ def main(argv=None):
     run.check_data(meta, args.data)
     found, run_lock = check_before_start(args, run, meta, out)  # noqa: F841  (held until exit)
     install_torch_save_fault()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per phase: ours (not weight loading/saving)
     with deepspeed_run() as (rank, world):
         pretrain(args, config, run, meta, out, found, rank, world)
 

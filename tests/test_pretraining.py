@@ -183,7 +183,12 @@ def test_plot_draws_several_runs(tmp_path):
         (tmp_path / name / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "samples": 8 * s, "loss": 10 - s}) + "\n" for s in range(1, 5))
             + json.dumps({"step": 4, "eval_loss": 7.0}) + "\n")
-    plot([tmp_path / "a", tmp_path / "b"], tmp_path / "p.png")
+    drawn = plot([tmp_path / "a", tmp_path / "b"], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    assert drawn["a"] == drawn["b"] == ([1, 2, 3, 4], [4])  # separate runs: each from step 1
+    # phases of one training: phase 2 goes on where phase 1 ended, in steps or in samples
+    assert plot([tmp_path / "a", tmp_path / "b"], tmp_path / "p.png", phases=True)["b"] == ([5, 6, 7, 8], [8])
+    assert plot([tmp_path / "a", tmp_path / "b"], tmp_path / "p.png", x="samples",
+                phases=True)["b"] == ([40, 48, 56, 64], [64])
     with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
         plot([tmp_path], tmp_path / "q.png")

@@ -359,14 +359,15 @@ def launch_env(extra: dict | None = None, base: dict | None = None, pythonpath: 
 
 
 @contextlib.contextmanager
-def local_launch(script: str | Path, args=(), ranks: int = 2, env: dict | None = None, prepare: bool = True):
+def local_launch(script: str | Path, args=(), ranks: int = 2, env: dict | None = None, prepare: bool = True,
+                 launcher_args=()):
     """``deepspeed --num_gpus RANKS --master_port PORT SCRIPT ARGS`` on this host, set up and
     cleaned up: yields ``(cmd, env)`` to run however the caller likes (``subprocess.run``,
     ``Popen`` to kill it, ...). Before: DeepSpeed's CPU shm op is prepared once per process and
     extensions folder (:func:`prepare_shm_op`: a stale lock or a hung build fails here, named,
     not silently in the ranks; ``prepare=False`` leaves the lock to the ranks' own guard); a free
     port. After, also on errors and kills: that launch's /dev/shm buffers are removed by exact
-    name."""
+    name. ``launcher_args`` go to the ``deepspeed`` launcher (``--log_level error``, ...)."""
     env = launch_env() if env is None else env
     key = (env.get("TORCH_EXTENSIONS_DIR"), env.get("DS_ACCELERATOR"))
     if prepare and key not in _PREPARED:
@@ -374,7 +375,7 @@ def local_launch(script: str | Path, args=(), ranks: int = 2, env: dict | None =
         _PREPARED.add(key)
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-           str(script), *map(str, args)]
+           *map(str, launcher_args), str(script), *map(str, args)]
     try:
         yield cmd, env
     finally:
