@@ -121,6 +121,13 @@ def _decoded_lines(path: Path, stats: CorpusStats) -> Iterator[str]:
         stats.files_with_non_utf8.append(str(path))
 
 
+def _counted(document: list[str], stats: CorpusStats, max_documents: int | None) -> bool:
+    """Count a finished document in ``stats``; True once ``max_documents`` are done."""
+    stats.documents += 1
+    stats.sentences += len(document)
+    return max_documents is not None and stats.documents >= max_documents
+
+
 def _detokenize_wikitext(line: str) -> str:
     for old, new in _WIKITEXT_JOINS:
         line = line.replace(old, new)
@@ -153,9 +160,7 @@ def read_documents(paths: Iterable[str | Path], stats: CorpusStats | None = None
             if heading or (not text and not wikitext):
                 if document:
                     yield document
-                    stats.documents += 1
-                    stats.sentences += len(document)
-                    if max_documents is not None and stats.documents >= max_documents:
+                    if _counted(document, stats, max_documents):
                         return
                 document = []
                 continue
@@ -168,7 +173,5 @@ def read_documents(paths: Iterable[str | Path], stats: CorpusStats | None = None
             stats.empty_files += 1
         if document:
             yield document
-            stats.documents += 1
-            stats.sentences += len(document)
-            if max_documents is not None and stats.documents >= max_documents:
+            if _counted(document, stats, max_documents):
                 return

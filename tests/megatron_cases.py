@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass, field
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -43,26 +44,47 @@ HP = {
     "vradam": ("adam", dict(lr=0.01, weight_decay=0.1, adam_eps=1e-8, vr_gamma=0.1, vr_beta3=0.9),
                dict(lr=0.01, weight_decay=0.1, eps=1e-8, decoupled=True)),
 }
-# id: optimizer, distributed optimizer, overlap_grad_reduce, micro-batches a, clip, extra
+
+
+@dataclass(frozen=True)
+class MCase:
+    """One Megatron run: optimizer name (a key of HP), the distributed optimizer on or off,
+    overlap_grad_reduce, micro-batches per step, gradient clipping (0: off), and extra
+    settings (bf16, fp16, grad_reduce_in_fp32, overlap_param_gather, vr_gamma)."""
+
+    optimizer: str
+    distributed: bool
+    overlap: bool
+    accum: int
+    clip: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def low_precision(self) -> bool:
+        return bool(self.extra.get("bf16") or self.extra.get("fp16"))
+
+
 CASES = {
-    "vrlamb-do0-ov0-a2": ("vrlamb", False, False, 2, 0.0, {}),
-    "vrlamb-do0-ov1-a2": ("vrlamb", False, True, 2, 0.0, {}),
-    "vrlamb-do1-ov0-a2": ("vrlamb", True, False, 2, 0.0, {}),
-    "vrlamb-do1-ov1-a2": ("vrlamb", True, True, 2, 0.0, {}),
-    "vrlamb-do1-ov1-a3-clip": ("vrlamb", True, True, 3, CLIP, {}),
-    "vrlamb-do1-ov1-a2-pg": ("vrlamb", True, True, 2, 0.0, {"overlap_param_gather": True}),
-    "lamb-do1-ov1-a2": ("lamb", True, True, 2, 0.0, {}),
-    "lamb-do1-ov0-a1": ("lamb", True, False, 1, 0.0, {}),
-    "lars-do1-ov1-a2": ("lars", True, True, 2, 0.0, {}),
-    "vrlars-do1-ov1-a2": ("vrlars", True, True, 2, 0.0, {}),
-    "vrsgd-do0-ov1-a4-clip": ("vrsgd", False, True, 4, CLIP, {}),
-    "vrmomentum-do1-ov0-a2": ("vrmomentum", True, False, 2, 0.0, {}),
-    "vradam-do1-ov1-a2": ("vradam", True, True, 2, 0.0, {}),
-    "vrlamb-gamma1-do1-ov1-a2": ("vrlamb", True, True, 2, 0.0, {"vr_gamma": 1.0}),
-    "vrlamb-do1-ov1-a2-bf16": ("vrlamb", True, True, 2, 0.0, {"bf16": True}),
-    "vrlamb-do0-ov1-a2-bf16": ("vrlamb", False, True, 2, 0.0, {"bf16": True}),
-    "vrlamb-do1-ov1-a2-bf16grads": ("vrlamb", True, True, 2, 0.0, {"bf16": True, "grad_reduce_in_fp32": False}),
-    "vrlamb-do1-ov1-a2-fp16": ("vrlamb", True, True, 2, 0.0, {"fp16": True}),
+    "vrlamb-do0-ov0-a2": MCase("vrlamb", distributed=False, overlap=False, accum=2),
+    "vrlamb-do0-ov1-a2": MCase("vrlamb", distributed=False, overlap=True, accum=2),
+    "vrlamb-do1-ov0-a2": MCase("vrlamb", distributed=True, overlap=False, accum=2),
+    "vrlamb-do1-ov1-a2": MCase("vrlamb", distributed=True, overlap=True, accum=2),
+    "vrlamb-do1-ov1-a3-clip": MCase("vrlamb", distributed=True, overlap=True, accum=3, clip=CLIP),
+    "vrlamb-do1-ov1-a2-pg": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                  extra={"overlap_param_gather": True}),
+    "lamb-do1-ov1-a2": MCase("lamb", distributed=True, overlap=True, accum=2),
+    "lamb-do1-ov0-a1": MCase("lamb", distributed=True, overlap=False, accum=1),
+    "lars-do1-ov1-a2": MCase("lars", distributed=True, overlap=True, accum=2),
+    "vrlars-do1-ov1-a2": MCase("vrlars", distributed=True, overlap=True, accum=2),
+    "vrsgd-do0-ov1-a4-clip": MCase("vrsgd", distributed=False, overlap=True, accum=4, clip=CLIP),
+    "vrmomentum-do1-ov0-a2": MCase("vrmomentum", distributed=True, overlap=False, accum=2),
+    "vradam-do1-ov1-a2": MCase("vradam", distributed=True, overlap=True, accum=2),
+    "vrlamb-gamma1-do1-ov1-a2": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"vr_gamma": 1.0}),
+    "vrlamb-do1-ov1-a2-bf16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"bf16": True}),
+    "vrlamb-do0-ov1-a2-bf16": MCase("vrlamb", distributed=False, overlap=True, accum=2, extra={"bf16": True}),
+    "vrlamb-do1-ov1-a2-bf16grads": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                         extra={"bf16": True, "grad_reduce_in_fp32": False}),
+    "vrlamb-do1-ov1-a2-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"fp16": True}),
 }
 
 
@@ -130,7 +152,9 @@ def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", s
     return applied
 
 
-def run_case(rank, name, distributed, overlap, accum, clip, extra, device="cpu"):
+def run_case(rank, case: MCase, device="cpu"):
+    name, distributed, overlap, accum, clip, extra = (
+        case.optimizer, case.distributed, case.overlap, case.accum, case.clip, case.extra)
     ddp, opt, scheduler = build(name, distributed, overlap, clip, extra, device=device)
     dtype = torch.bfloat16 if extra.get("bf16") else torch.float16 if extra.get("fp16") else torch.float32
     train(rank, ddp, opt, scheduler, accum, dtype, device)
@@ -229,7 +253,7 @@ def worker(rank, init_file, out_dir):
 
     parallel_state.initialize_model_parallel(1, 1)
     try:
-        results = {cid: run_case(rank, *spec) for cid, spec in CASES.items()}
+        results = {cid: run_case(rank, case) for cid, case in CASES.items()}
         results["bf16-moments"] = capture_moments(rank, torch.bfloat16)
         results["fp16-moments"] = capture_moments(rank, torch.float16)
         results["fp16-overflow"] = run_fp16_overflow(rank)

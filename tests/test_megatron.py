@@ -31,18 +31,18 @@ def megatron_results(tmp_path_factory):
     return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("megatron"))
 
 
-FP32 = [cid for cid, spec in CASES.items() if not (spec[5].get("bf16") or spec[5].get("fp16") or "gamma1" in cid)]
+FP32 = [cid for cid, case in CASES.items() if not (case.low_precision or "gamma1" in cid)]
 
 
 @pytest.mark.parametrize("cid", FP32)
 def test_matches_float64_reference(megatron_results, cid):
-    name, distributed, overlap, accum, clip, extra = CASES[cid]
+    case = CASES[cid]
     got = [r[cid] for r in megatron_results]
     torch.testing.assert_close(got[0]["params"], got[1]["params"], rtol=0, atol=0)
-    err = max_rel_err(got[0]["params"], float64_reference(name, WORLD * accum, clip))
+    err = max_rel_err(got[0]["params"], float64_reference(case.optimizer, WORLD * case.accum, case.clip))
     assert err < 2e-5, f"{cid}: max relative error {err:.2e}"
-    if name.startswith("vr"):
-        assert got[0]["k"] == WORLD * accum
+    if case.optimizer.startswith("vr"):
+        assert got[0]["k"] == WORLD * case.accum
         assert got[0]["squares_bytes"] > 0
 
 
@@ -50,10 +50,10 @@ def test_cases_cover_the_hard_layouts(megatron_results):
     """Several buckets; a layer split across the two shards; a rank whose shard holds no
     element of a param group (placeholder); the no-decay group really has no decay."""
     r0, r1 = megatron_results
-    for cid, (_, distributed, overlap, *_rest) in CASES.items():
-        if overlap:
+    for cid, case in CASES.items():
+        if case.overlap:
             assert r0[cid]["bucket_groups"] >= 2, cid
-        if distributed:
+        if case.distributed:
             assert r0[cid]["straddles"] and r1[cid]["straddles"], cid
         assert r0[cid]["weight_decays"][1] == 0.0 and r0[cid]["weight_decays"][0] > 0.0, cid
     assert r1["vrlamb-do1-ov1-a2"]["group_numels"][1] == [0]  # rank 1 holds no bias: placeholder
@@ -66,13 +66,13 @@ def test_gamma_one_is_lamb(megatron_results):
                                    rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("cid", [c for c in CASES if CASES[c][5].get("bf16") or CASES[c][5].get("fp16")])
+@pytest.mark.parametrize("cid", [c for c in CASES if CASES[c].low_precision])
 def test_bf16_close_to_reference(megatron_results, cid):
-    name, _, _, accum, clip, _ = CASES[cid]
+    case = CASES[cid]
     got = megatron_results[0][cid]["params"]
     assert all(p.isfinite().all() for p in got)
     # bf16 forward/backward (8 mantissa bits) against the fp32-model reference
-    assert max_rel_err(got, float64_reference(name, WORLD * accum, clip)) < 3e-2
+    assert max_rel_err(got, float64_reference(case.optimizer, WORLD * case.accum, case.clip)) < 3e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -17,24 +17,25 @@ import torch.distributed as dist
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-from megatron_cases import float64_reference, run_case  # noqa: E402
+from megatron_cases import MCase, float64_reference, run_case  # noqa: E402
 from reference import max_rel_err  # noqa: E402
 from spawn_ranks import spawn_ranks  # noqa: E402
 
 ACCUM = 4  # one rank: k = 4 micro-batch groups
 GPU_CASES = {
-    "vrlamb-do0-ov0": ("vrlamb", False, False, ACCUM, 0.0, {}),
-    "vrlamb-do0-ov1": ("vrlamb", False, True, ACCUM, 0.0, {}),
-    "vrlamb-do1-ov0": ("vrlamb", True, False, ACCUM, 0.0, {}),
-    "vrlamb-do1-ov1": ("vrlamb", True, True, ACCUM, 0.0, {}),
-    "vrlamb-do1-ov1-clip": ("vrlamb", True, True, ACCUM, 0.05, {}),
-    "lamb-do1-ov1": ("lamb", True, True, ACCUM, 0.0, {}),
-    "lars-do1-ov1": ("lars", True, True, ACCUM, 0.0, {}),
-    "vrlars-do1-ov1": ("vrlars", True, True, ACCUM, 0.0, {}),
-    "vradam-do1-ov1": ("vradam", True, True, ACCUM, 0.0, {}),
-    "vrlamb-do1-ov1-bf16": ("vrlamb", True, True, ACCUM, 0.0, {"bf16": True}),
-    "vrlamb-do1-ov1-bf16grads": ("vrlamb", True, True, ACCUM, 0.0, {"bf16": True, "grad_reduce_in_fp32": False}),
-    "vrlamb-do1-ov1-fp16": ("vrlamb", True, True, ACCUM, 0.0, {"fp16": True}),
+    "vrlamb-do0-ov0": MCase("vrlamb", distributed=False, overlap=False, accum=ACCUM),
+    "vrlamb-do0-ov1": MCase("vrlamb", distributed=False, overlap=True, accum=ACCUM),
+    "vrlamb-do1-ov0": MCase("vrlamb", distributed=True, overlap=False, accum=ACCUM),
+    "vrlamb-do1-ov1": MCase("vrlamb", distributed=True, overlap=True, accum=ACCUM),
+    "vrlamb-do1-ov1-clip": MCase("vrlamb", distributed=True, overlap=True, accum=ACCUM, clip=0.05),
+    "lamb-do1-ov1": MCase("lamb", distributed=True, overlap=True, accum=ACCUM),
+    "lars-do1-ov1": MCase("lars", distributed=True, overlap=True, accum=ACCUM),
+    "vrlars-do1-ov1": MCase("vrlars", distributed=True, overlap=True, accum=ACCUM),
+    "vradam-do1-ov1": MCase("vradam", distributed=True, overlap=True, accum=ACCUM),
+    "vrlamb-do1-ov1-bf16": MCase("vrlamb", distributed=True, overlap=True, accum=ACCUM, extra={"bf16": True}),
+    "vrlamb-do1-ov1-bf16grads": MCase("vrlamb", distributed=True, overlap=True, accum=ACCUM,
+                                      extra={"bf16": True, "grad_reduce_in_fp32": False}),
+    "vrlamb-do1-ov1-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=ACCUM, extra={"fp16": True}),
 }
 
 
@@ -49,7 +50,7 @@ def worker(rank, init_file, out_dir):
                             timeout=timedelta(seconds=120))
     parallel_state.initialize_model_parallel(1, 1)
     try:
-        results = {cid: run_case(0, *spec, device="cuda") for cid, spec in GPU_CASES.items()}
+        results = {cid: run_case(0, case, device="cuda") for cid, case in GPU_CASES.items()}
         results["device"] = torch.cuda.get_device_name(0)
     except Exception:
         torch.save({"error": traceback.format_exc()}, Path(out_dir) / "rank0.pt")
@@ -66,12 +67,12 @@ def gpu_results(tmp_path_factory):
 
 @pytest.mark.parametrize("cid", list(GPU_CASES))
 def test_gpu_matches_float64_reference(gpu_results, cid):
-    name, _, _, accum, clip, extra = GPU_CASES[cid]
-    err = max_rel_err(gpu_results[cid]["params"], float64_reference(name, accum, clip))
+    case = GPU_CASES[cid]
+    err = max_rel_err(gpu_results[cid]["params"], float64_reference(case.optimizer, case.accum, case.clip))
     print(f"{gpu_results['device']}: {cid} max relative error {err:.2e}")
     if os.environ.get("MEGATRON_GPU_REPORT"):
         with open(os.environ["MEGATRON_GPU_REPORT"], "a") as f:
             f.write(f"{gpu_results['device']}\t{cid}\t{err:.3e}\n")
-    assert err < (3e-2 if extra.get("bf16") or extra.get("fp16") else 2e-5), f"{cid}: {err:.2e}"
-    if name.startswith("vr"):
-        assert gpu_results[cid]["k"] == accum
+    assert err < (3e-2 if case.low_precision else 2e-5), f"{cid}: {err:.2e}"
+    if case.optimizer.startswith("vr"):
+        assert gpu_results[cid]["k"] == case.accum

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .microstep import MicroStepMoments
+from .microstep import MicroStepMoments, clip_mean_gradient_
 
 MODES = ("micro", "rank")
 
@@ -156,11 +156,8 @@ class DDPMoments:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip the mean gradient like ``torch.nn.utils.clip_grad_norm_``; keep the GSNR exact."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads, norm_type)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-        self._clip_scale *= float(coef)
+        total, coef = clip_mean_gradient_(self.params, max_norm, norm_type)
+        self._clip_scale *= coef
         return total
 
     def reset(self) -> None:

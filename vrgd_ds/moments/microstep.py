@@ -86,11 +86,8 @@ class MicroStepMoments:
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip the mean gradient like ``torch.nn.utils.clip_grad_norm_``; keep the GSNR exact."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads, norm_type)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-        self._clip_scale *= float(coef)
+        total, coef = clip_mean_gradient_(self.params, max_norm, norm_type)
+        self._clip_scale *= coef
         return total
 
     def reset(self) -> None:
@@ -105,3 +102,14 @@ class MicroStepMoments:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def clip_mean_gradient_(params, max_norm: float, norm_type: float = 2.0) -> tuple[Tensor, float]:
+    """``torch.nn.utils.clip_grad_norm_`` on the ``p.grad`` of ``params`` (the mean gradient);
+    returns the total norm and the factor applied, which a moment source keeps so that the
+    squares are scaled by its square and the GSNR stays exact (docs/algorithm.md section 1)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
+    return total, float(coef)
