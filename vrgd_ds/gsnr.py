@@ -165,11 +165,16 @@ def clamped_counts(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale:
 
 def noise_partials(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float) -> Tensor:
     """Per view: [sum (s - gbar^2), sum gbar^2] as a float64 [n, 2] tensor (section 7), the
-    elementwise terms in fp32, their sums in float64; to be summed per layer by the caller."""
+    elementwise terms in fp32, their sums in float64; to be summed per layer by the caller.
+    A ``None`` in ``sum_sqs``: [-sum gbar^2, sum gbar^2], the caller adds sum s per layer."""
     rows = []
     for g, q in zip(grads, sum_sqs):
         g = g.float()
         gsq = g * g
+        if q is None:  # the squares' sum is added per layer elsewhere (measure-only under ZeRO)
+            total = gsq.sum(dtype=torch.float64)
+            rows.append(torch.stack([-total, total]))
+            continue
         rows.append(torch.stack([(q * sq_scale - gsq).sum(dtype=torch.float64), gsq.sum(dtype=torch.float64)]))
     if not rows:
         return torch.zeros(0, 2, dtype=torch.float64)

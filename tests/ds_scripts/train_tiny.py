@@ -75,7 +75,14 @@ def adapter_bytes(engine):
     """Bytes the VR adapter sent so far (squares, layer statistics) and keeps, on this rank."""
     opt = vr_optimizer(engine)
     if opt is None:
-        return {"squares": 0, "layer_stats": 0, "kept": 0}
+        from vrgd_ds.deepspeed import seam
+
+        adapter = seam.adapter_of(engine)
+        meter = adapter.meter if adapter is not None else None
+        if meter is None:
+            return {"squares": 0, "layer_stats": 0, "kept": 0}
+        return {"squares": getattr(meter.moments, "comm_bytes", 0), "layer_stats": getattr(meter.layout, "comm_bytes", 0),
+                "kept": meter.moments.extra_bytes() if hasattr(meter.moments, "extra_bytes") else 0}
     kept = opt.moments.extra_bytes() if hasattr(opt.moments, "extra_bytes") else 0
     kept += sum(st["gsnr_momentum"].numel() * 4 for st in opt.state.values() if "gsnr_momentum" in st)
     return {"squares": getattr(opt.moments, "comm_bytes", 0),

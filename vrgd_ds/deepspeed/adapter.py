@@ -117,7 +117,7 @@ def attach_to_engine(engine) -> None:
             meter = NoiseMeter(noise["interval"], noise["ema_decay"], layout)
         if vr or measure:
             moments = ZeroMoments(snap, meter or opt, opt.sq_chunk_numel if vr else DEFAULT_CHUNK_NUMEL,
-                                  facts.micro_batch, seam.accumulation_of(engine))
+                                  facts.micro_batch, seam.accumulation_of(engine), norms_only=not vr)
         if vr:
             opt.attach_moments(moments)
             seam.force_overflow_check(zero)

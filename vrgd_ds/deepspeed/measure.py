@@ -5,11 +5,13 @@ other optimizer DeepSpeed runs:
 
     "vrgd_noise_scale": {"interval": 10, "ema_decay": 0.95}
 
-Every ``interval`` applied steps the squared gradients are reduced beside the gradient
-buckets exactly as for a VR optimizer (:mod:`.zero_moments`, :mod:`.stage0_moments`), and
-before the optimizer steps, a pre-step hook (torch's ``register_step_pre_hook``) reads the
-mean gradient and the squares of each layer; after DeepSpeed's whole step one
-collective sums them per layer and :class:`vrgd_ds.noise_scale.NoiseScaleTracker` turns
+Every ``interval`` applied steps the squared gradients are formed where a VR optimizer
+forms them. Under ZeRO-1/2 (:mod:`.zero_moments`, ``norms_only``) each rank only adds up
+its local squares per layer in float64: nothing gradient-sized is sent, the layer totals
+ride in the one small table all-reduce below. At stage 0 (:mod:`.stage0_moments`) they are
+reduced beside the gradients as for a VR optimizer. Before the optimizer steps, a pre-step
+hook (torch's ``register_step_pre_hook``) reads the mean gradient (and at stage 0 the
+squares) of each layer; after DeepSpeed's whole step one collective sums them per layer and :class:`vrgd_ds.noise_scale.NoiseScaleTracker` turns
 them into trace_cov, grad_sq, b_simple and b_simple_ema (docs/algorithm.md section 7). Nothing
 the optimizer or DeepSpeed computes changes: parameters are bitwise those of the run
 without the key (tested). The record goes where a VR optimizer's telemetry goes
@@ -25,7 +27,7 @@ import torch
 
 from .. import gsnr
 from ..noise_scale import DEFAULT_EMA_DECAY, NoiseScaleTracker, check_ema_decay
-from ..optim.layout import LayerLayout, segment_views
+from ..optim.layout import LayerLayout, Segment, segment_views
 
 CONFIG_KEY = "vrgd_noise_scale"
 CONFIG_FIELDS = ("interval", "ema_decay")
@@ -73,12 +75,13 @@ class NoiseMeter:
         if not self.wants_moments():
             return
         src = self.moments
+        norms_only = getattr(src, "norms_only", False)
         for group in optimizer.param_groups:
             grads, sqs, segments = [], [], []
             for p in (p for p in group["params"] if p.grad is not None):
                 segs = self.layout.segments(p)
                 grads += segment_views(p.grad, segs)
-                sqs += segment_views(src.sum_sq(p), segs)
+                sqs += [None] * len(segs) if norms_only else segment_views(src.sum_sq(p), segs)
                 segments += segs
             numel = torch.tensor([float(s.numel) for s in segments], dtype=torch.float64)
             partial = gsnr.noise_partials(grads, sqs, src.sq_scale)
@@ -87,10 +90,16 @@ class NoiseMeter:
     def finish_step(self, applied: bool) -> None:
         """After the whole step, on every rank: one collective for the layer sums."""
         seen, self._seen = self._seen, []
+        src = self.moments
+        if applied and self.wants_moments() and seen and getattr(src, "norms_only", False):
+            # every rank's local square sums of every layer, in the same table all-reduce
+            norms = src.layer_square_sums()
+            rows = torch.zeros(norms.numel(), 3, dtype=torch.float64, device=norms.device)
+            rows[:, 0] = norms * src.sq_scale
+            seen.append((rows, [Segment(0, 0, i, 0) for i in range(norms.numel())]))
         if applied and self.wants_moments() and seen:
             device = seen[0][0].device
             table = self.layout.table(torch.cat([p.to(device) for p, _ in seen]), [s for _, segs in seen for s in segs])
-            src = self.moments
             step = self.applied_steps + 1
             model, layers = self.noise_scale.update({i: (v, g) for i, (v, g, _) in table.items()}, src.group_count,
                                                     getattr(src, "samples_per_group", None),

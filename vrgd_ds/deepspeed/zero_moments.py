@@ -17,6 +17,11 @@ partition.
   gradient ZeRO-1 keeps anyway); without accumulation the bucket is squared directly.
 - ``gsnr_interval`` N: on the steps that reuse the last GSNR nothing is squared or sent.
 - ``sq_comm_dtype="bf16"`` halves the bytes of the squares on the wire.
+- Measure-only noise scale (``norms_only``): section 7 needs only each layer's sum of the
+  squares, so nothing gradient-sized is sent: every rank adds up, per layer and in float64,
+  the squares of the local gradients it would have sent, and the meter sums these layer
+  totals over the ranks in the one small all-reduce it makes anyway
+  (:meth:`layer_square_sums`). Same numbers, no second gradient reduction.
 
 Scale (the MomentSource contract of :mod:`vrgd_ds.optim.vr`): DeepSpeed divides each
 micro-step loss by the accumulation count a and averages the reduced gradient over the W
@@ -41,8 +46,9 @@ from ..moments.chunked import ChunkedSquares, Transfer
 
 class ZeroMoments:
     def __init__(self, snap: ZeroSnapshot, vr_optimizer, chunk_numel: int, samples_per_group: int | None = None,
-                 accumulation: Callable[[], int] | None = None):
+                 accumulation: Callable[[], int] | None = None, norms_only: bool = False):
         self.snap = snap
+        self.norms_only = norms_only
         self.samples_per_group = samples_per_group
         self.vr = vr_optimizer
         # the engine's current accumulation (DeepSpeed's set_train_batch_size may change it)
@@ -53,13 +59,17 @@ class ZeroMoments:
         self.squares = ChunkedSquares(snap.dp_group, chunk_numel, vr_optimizer.sq_comm_dtype)
         self._multiplier, self._loss_scale = 1.0, 1.0
         self._consumed = False
-        self._sq = {id(g.flat): torch.zeros(g.flat.numel(), dtype=torch.float32, device=g.flat.device)
-                    for g in snap.groups}
+        self._sq = {} if norms_only else {
+            id(g.flat): torch.zeros(g.flat.numel(), dtype=torch.float32, device=g.flat.device) for g in snap.groups}
         self._pieces, self._target = {}, {}  # id(param) -> its pieces / its owner's buffer
+        self._layer = {}  # id(param) -> its layer index (norms_only)
         for g in snap.groups:
-            for p, pieces in zip(g.params, g.pieces):
+            for j, (p, pieces) in enumerate(zip(g.params, g.pieces)):
                 self._pieces[id(p)] = pieces
-                self._target[id(p)] = self._sq[id(g.flat)]
+                self._target[id(p)] = self._sq.get(id(g.flat))
+                self._layer[id(p)] = g.layer_base + j
+        self._norms = torch.zeros(snap.layer_count if norms_only else 0, dtype=torch.float64,
+                                  device=snap.groups[0].flat.device)
 
     @property
     def comm_bytes(self) -> int:
@@ -72,6 +82,7 @@ class ZeroMoments:
         if self._consumed:  # first bucket of a new step: start from zero
             for buf in self._sq.values():
                 buf.zero_()
+            self._norms.zero_()
             self._multiplier, self._consumed = 1.0, False
         if not pairs or not self.vr.wants_moments():
             return
@@ -80,6 +91,12 @@ class ZeroMoments:
                 f"vrgd-ds: ZeRO-1 started without gradient accumulation and now accumulates "
                 f"{self.accumulation()} micro-steps (set_train_batch_size): its per-micro-step squares "
                 "need hooks set up at initialize; use ZeRO stage 2, or start with gradient_accumulation_steps > 1")
+        if self.norms_only:
+            for p, grad in pairs:
+                if id(p) in self._layer:
+                    source = self._local_sq(p) if self.local is not None else grad.detach().reshape(-1)
+                    self._norms[self._layer[id(p)]] += self._square_sum(source, squared=self.local is not None)
+            return
         sends: list[list[Transfer]] = [[] for _ in range(self.snap.dp_world)]
         for p, grad in pairs:
             source = self._local_sq(p) if self.local is not None else grad.detach().reshape(-1)
@@ -88,6 +105,21 @@ class ZeroMoments:
                                                    self._target[id(p)], piece.dst))
         for owner, transfers in enumerate(sends):
             self.squares.reduce_to(owner, transfers, squared=self.local is not None, rank=self.snap.dp_rank)
+
+    def _square_sum(self, flat: Tensor, squared: bool) -> Tensor:
+        """sum flat^2 (or sum flat, when already squared): fp32 elementwise, as the reduced
+        squares would be, summed in float64, a chunk at a time (no gradient-sized temporary)."""
+        total = torch.zeros((), dtype=torch.float64, device=flat.device)
+        step = self.squares.chunk_numel
+        for at in range(0, flat.numel(), step):
+            chunk = flat[at:at + step].float()
+            total += (chunk if squared else chunk * chunk).sum(dtype=torch.float64)
+        return total
+
+    def layer_square_sums(self) -> Tensor:
+        """norms_only: this rank's float64 sum of its local squares per layer ([layer_count]), in
+        the scale of ``sum_sq`` before the ranks are summed (``sq_scale`` applies)."""
+        return self._norms
 
     def _local_sq(self, p: Tensor) -> Tensor:
         try:
@@ -136,6 +168,8 @@ class ZeroMoments:
         return self.accumulation() / self.snap.dp_world * self._multiplier**2
 
     def sum_sq(self, param: Tensor) -> Tensor:
+        if self.norms_only:
+            raise RuntimeError("ZeroMoments(norms_only=True) keeps per-layer sums only (layer_square_sums)")
         try:
             return self._sq[id(param)]
         except KeyError:
