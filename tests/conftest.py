@@ -1,8 +1,7 @@
-"""Shared fixtures and helpers of the test suite."""
+"""Shared fixtures of the test suite, and the test folders on sys.path (helpers: ds_helpers.py)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,11 +21,3 @@ def small_pretraining_data(tmp_path_factory) -> Path:
                              ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt", data,
                              InstanceConfig(dupe_factor=1, max_documents=10, heldout_fraction=0.2))
     return data
-
-
-def run_module(module: str, *args, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` from the repo root; fails the test with its output if it fails."""
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc

@@ -115,6 +115,17 @@ class Reference:
             hp = dict(self.hp, **(hp_per_param[i] if hp_per_param else {}))
             self.theta[i] = self.base(self.theta[i], g, st, **hp)
 
+    def run(self, model, loss_fn, batch, steps, k, hp_per_param=None):
+        """``steps`` steps on ``batch(step)``: each step's k group gradients are computed
+        explicitly at the reference's own weights (copied into ``model`` in fp32)."""
+        for step in range(steps):
+            with torch.no_grad():
+                for p, t in zip(model.parameters(), self.theta):
+                    p.copy_(t.float())
+            x, y = batch(step)
+            self.step(group_grads(model, loss_fn, x, y, k), hp_per_param)
+        return self.theta
+
 
 def max_rel_err(actual, expected):
     """max |a - e| / (max |e| + tiny) over a list of tensors."""

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_module
+from ds_helpers import run_module
 
 
 def test_batch_schedule_quick(tmp_path, small_pretraining_data):

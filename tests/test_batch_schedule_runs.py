@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from ds_helpers import tail
 from test_pretraining import data, launch, phase_config, records  # noqa: F401  (data is a fixture)
 
 
@@ -22,7 +23,7 @@ def gns_config(steps=4, **run):
 def test_gns_schedule_grows_the_batch_and_resumes_exactly(tmp_path, data):  # noqa: F811
     straight, parts = tmp_path / "straight", tmp_path / "parts"
     proc = launch(tmp_path, gns_config(), "--data", data[128], "--output-dir", straight)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     train = records(straight)
     assert [r["batch"] for r in train] == [16, 32, 32, 32]
     assert [r["samples"] for r in train] == [16, 48, 80, 112]
@@ -40,7 +41,7 @@ def test_gns_schedule_grows_the_batch_and_resumes_exactly(tmp_path, data):  # no
                   env_extra={"PRETRAIN_BERT_FAULT": "micro:8"})
     assert proc.returncode != 0
     proc = launch(tmp_path, gns_config(), "--data", data[128], "--output-dir", parts, "--resume")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     resumed = records(parts)
     for key in ("batch", "samples", "loss", "lr"):
         assert [r[key] for r in resumed] == [r[key] for r in train], key
@@ -52,7 +53,7 @@ def test_linear_warmup_stops_at_max_samples_with_measure_only_noise_scale(tmp_pa
     cfg["vrgd_noise_scale"] = {"interval": 2}
     out = tmp_path / "run"
     proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     train = records(out)
     batches = [r["batch"] for r in train]
     assert batches[:-1] == sorted(batches[:-1]) and batches[0] == 16 and max(batches) == 32

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from reference import Reference, group_grads, max_rel_err
+from reference import Reference, max_rel_err
 from spawn_ranks import spawn_ranks, started, startup_abort
 
 from tiny_problem import batch, make_model  # noqa: E402
@@ -290,13 +290,7 @@ def float64_reference(name, k):
     base, hp, beta3 = (("lamb", dict(lr=0.02, weight_decay=0.01), 0.9) if name == "VRLAMB"
                        else ("sgd", dict(lr=0.2, weight_decay=0.01), 0.0))
     ref = Reference(list(model.parameters()), base, gamma=0.1, beta3=beta3, **hp)
-    for step in range(STEPS):
-        with torch.no_grad():
-            for p, t in zip(model.parameters(), ref.theta):
-                p.copy_(t.float())
-        x, y = batch(step)
-        ref.step(group_grads(model, loss_fn, x, y, k))
-    return ref.theta
+    return ref.run(model, loss_fn, batch, STEPS, k)
 
 
 @contextlib.contextmanager

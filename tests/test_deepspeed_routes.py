@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ds_helpers import ROOT, free_port, run_deepspeed
+from ds_helpers import ROOT, free_port, run_deepspeed, tail
 from vrgd_ds.deepspeed.routes import RouteRefused, decide, group_count_advice
 from vrgd_ds.deepspeed.seam import EngineFacts
 
@@ -142,7 +142,7 @@ def test_mixed_dtype_routes_never_abort(tmp_path, repeat):
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     out = tmp_path / "results.pt"
     proc = run_deepspeed("train_tiny.py", None, tmp_path, "--cases", tmp_path / "cases.json", "--out", out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     res = torch.load(out)
     for name in res:
         assert "error" not in res[name], res[name]
@@ -160,4 +160,4 @@ def test_whole_matrix_eight_times_without_an_abort(tmp_path):
     for i in range(8):
         proc = run_deepspeed("train_tiny.py", None, tmp_path, "--cases", tmp_path / "cases.json",
                              "--out", tmp_path / f"r{i}.pt")
-        assert proc.returncode == 0, (i, proc.stdout[-3000:] + proc.stderr[-3000:])
+        assert proc.returncode == 0, (i, tail(proc))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 import torch
 
-from ds_helpers import run_deepspeed
+from ds_helpers import run_deepspeed, tail
 from reference import Reference, group_grads, max_rel_err
 from tiny_problem import batch, make_model
 
@@ -277,7 +277,7 @@ def matrix(tmp_path_factory):
     (tmp_path / "cases.json").write_text(json.dumps(_worker_cases(tmp_path, WORLD)))
     out = tmp_path / "results.pt"
     proc = run_deepspeed("train_tiny.py", None, tmp_path, "--cases", tmp_path / "cases.json", "--out", out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     return torch.load(out), tmp_path, proc.stdout + proc.stderr
 
 
@@ -543,7 +543,7 @@ def matrix4(tmp_path_factory):
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     out = tmp_path / "results.pt"
     proc = run_deepspeed("train_tiny.py", None, tmp_path, "--cases", tmp_path / "cases.json", "--out", out, ranks=4)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     return torch.load(out), tmp_path, proc.stdout + proc.stderr
 
 
@@ -567,7 +567,7 @@ def test_square_temporaries_are_one_chunk_whatever_the_bucket(tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     out = tmp_path / "results.pt"
     proc = run_deepspeed("train_tiny.py", None, tmp_path, "--cases", tmp_path / "cases.json", "--out", out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     res = torch.load(out)
     chunked, whole = res["chunked"]["peak_square_bytes"], res["whole"]["peak_square_bytes"]
     assert chunk * 4 <= chunked <= chunk * 4 + 4096, chunked  # one fp32 chunk (+ bookkeeping)
@@ -592,7 +592,7 @@ def test_checkpoint_resume_is_bitwise(tmp_path, opt, stage, vr, extra):
                  ["--steps", 2, "--save", ckpt, "--out", tmp_path / "half.pt"],
                  ["--steps", 2, "--start", 2, "--load", ckpt, "--out", resumed]):
         proc = run_deepspeed("train_tiny.py", cfg, tmp_path, *args, *case_extra)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, tail(proc)
     for a, b in zip(torch.load(straight), torch.load(resumed)):
         assert torch.equal(a, b)
 
@@ -607,7 +607,7 @@ def test_two_rank_checkpoint_continues_on_one_rank(tmp_path, stage, extra):
     ckpt = tmp_path / "ckpt"
     proc = run_deepspeed("train_tiny.py", Case("VRLAMB", 2).config(), tmp_path, "--steps", 2, "--save", ckpt,
                          "--out", tmp_path / "half.pt", *case_extra)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     merged = save_consolidated(ckpt / "last", tmp_path / "merged.pt")
     assert merged["saved_world_size"] == 2
     frozen = extra.get("frozen", [])
@@ -619,7 +619,7 @@ def test_two_rank_checkpoint_continues_on_one_rank(tmp_path, stage, extra):
     one = Case("VRLAMB", stage, 4, world=1).config()
     proc = run_deepspeed("train_tiny.py", one, tmp_path, "--steps", 2, "--start", 2, "--load-consolidated",
                          tmp_path / "merged.pt", "--out", tmp_path / "one.pt", *case_extra, ranks=1)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     expected = reference(Case("VRLAMB", 2, steps=4, groups=extra.get("groups"), frozen=tuple(frozen)))
     assert max_rel_err(torch.load(tmp_path / "one.pt"), expected) < 2e-5
     with pytest.raises(FileNotFoundError, match="not a DeepSpeed ZeRO-1/2 checkpoint folder"):
@@ -684,7 +684,7 @@ def test_hf_trainer_with_deepspeed_config_uses_our_lamb(tmp_path):
            "zero_optimization": {"stage": 2, "reduce_bucket_size": 2000}}
     out = tmp_path / "hf"
     proc = run_deepspeed("hf_trainer_tiny.py", cfg, tmp_path, "--out", out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     res = json.loads((out / "result.json").read_text())
     assert res["optimizer"] == "LAMB" and res["layout"] == "ZeroLayout"
     assert len(res["losses"]) == 3 and all(math.isfinite(v) for v in res["losses"])
@@ -702,7 +702,7 @@ def test_hf_trainer_measures_the_noise_scale_of_deepspeeds_adamw(tmp_path):
            "vrgd_noise_scale": {"interval": 1, "ema_decay": 0.9}}
     out = tmp_path / "hf"
     proc = run_deepspeed("hf_trainer_tiny.py", cfg, tmp_path, "--out", out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     res = json.loads((out / "result.json").read_text())
     rec = res["telemetry"]
     assert res["optimizer"] == "AdamW" and rec["step"] == 3 and rec["k"] == 2 * 2

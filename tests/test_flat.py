@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from vrgd_ds import LAMB, MicroStepMoments, VRLAMB
+from vrgd_ds import LAMB, MicroStepMoments
 from vrgd_ds.optim import flat
 from vrgd_ds.optim.flat import FlatPlan, Spec, constants, run_pass, segment_table
 

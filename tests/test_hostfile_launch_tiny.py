@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_helpers import ROOT, free_port, remove_shm_buffers, run_deepspeed
+from ds_helpers import ROOT, free_port, remove_shm_buffers, run_deepspeed, tail
 from reference import max_rel_err
 from test_deepspeed_zero import Case
 from loopback.loopback_ssh import loopback_hosts, loopback_sshd, skip_reason
@@ -54,7 +54,7 @@ def test_two_nodes_through_hostfile_and_pdsh_match_local_ranks(sshd, tmp_path):
     start = time.monotonic()
     local = run_deepspeed("train_tiny.py", cfg, tmp_path / "local", "--steps", STEPS, "--out",
                           tmp_path / "local" / "params.pt")
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    assert local.returncode == 0, tail(local)
     local_s = time.monotonic() - start
 
     work = tmp_path / "nodes"

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from ds_helpers import ROOT, free_port
+from ds_helpers import ROOT, free_port, tail
 from loopback.loopback_ssh import loopback_hosts, skip_reason
 
 VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
@@ -49,7 +49,7 @@ def test_two_nodes_through_hostfile_and_pdsh_match_local_ranks(tmp_path, data):
     local_env = dict(os.environ, NGPUS="2", MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu",
                      OMP_NUM_THREADS="1")
     proc = pretrain(tmp_path, data, tmp_path / "local", local_env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     with loopback_hosts(tmp_path) as (hostfile, env, _):
         assert (tmp_path / ".deepspeed_env").read_text().startswith("DS_ACCELERATOR=cpu")
         env.update(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LAUNCHER="pdsh")

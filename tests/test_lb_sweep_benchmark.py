@@ -2,20 +2,16 @@
 then the same sweep again, which must reuse every finished run instead of launching."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from ds_helpers import ROOT, run_module
 
 
 def test_lb_sweep_quick(tmp_path, small_pretraining_data):
     data = small_pretraining_data
-    cmd = [sys.executable, "-m", "benchmarks.lb_sweep", "--quick", "--data", str(data), "--out", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["benchmarks.lb_sweep", "--quick", "--data", data, "--out", tmp_path / "out"]
+    proc = run_module(*args)
     assert proc.stdout.count("4 steps") == 6 and "reusing" not in proc.stdout
     res = json.loads((tmp_path / "out" / "lb_sweep.json").read_text())
     assert set(res["table"]) == {"16", "32"}
@@ -36,8 +32,7 @@ def test_lb_sweep_quick(tmp_path, small_pretraining_data):
     assert row["vrlamb_minus_lamb"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert row["LAMB"]["final_eval_mlm_loss"] == pytest.approx(sum(seeds) / 2)
     # the same sweep again: every finished run is reused, the result is the same
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    again = run_module(*args, timeout=300)
     assert again.stdout.count("reusing") == 6 and "4 steps" not in again.stdout
     assert json.loads((tmp_path / "out" / "lb_sweep.json").read_text())["table"] == res["table"]
     cfg = json.loads((tmp_path / "out" / "runs" / "b32-vrlamb-s0" / "config.json").read_text())
@@ -48,23 +43,21 @@ def test_lb_sweep_quick(tmp_path, small_pretraining_data):
 
 
 def test_lb_sweep_rejects_seed_batches_outside_the_sweep():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.lb_sweep", "--batches", "64", "256", "--seed-batches",
-                           "512"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_module("benchmarks.lb_sweep", "--batches", "64", "256", "--seed-batches", "512", timeout=120,
+                      check=False)
     assert proc.returncode == 2 and "--seed-batches [512] are not in --batches [64, 256]" in proc.stderr
 
 
 def test_lb_sweep_plans_a_bert_large_sweep_without_launching(tmp_path, small_pretraining_data):
     data = small_pretraining_data
-    cmd = [sys.executable, "-m", "benchmarks.lb_sweep", "--config-prefix", str(ROOT / "configs" / "bert_large_64k-32k"),
-           "--ranks", "64", "--micro", "64", "--batches", "8192", "65536", "--seeds", "2", "--seed-batches", "65536",
-           "--lr-ref", "2e-3", "--data", str(data), "--work-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
-           "--dry-run"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_module("benchmarks.lb_sweep", "--config-prefix", ROOT / "configs" / "bert_large_64k-32k",
+                      "--ranks", "64", "--micro", "64", "--batches", "8192", "65536", "--seeds", "2",
+                      "--seed-batches", "65536", "--lr-ref", "2e-3", "--data", data, "--work-dir", tmp_path / "runs",
+                      "--out", tmp_path / "out", "--dry-run", timeout=120)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[lb_sweep]")]
     assert len(lines) == 2 + 4  # one seed at 8192, two at 65536, both optimizers
     assert "batch 65536 VR-LAMB seed 1: 8 steps, micro 64 x accumulation 16 x 64 ranks, lr 0.00565685, model large" \
         in proc.stdout  # LR sqrt-scaled 8x from 8192; k = 1024 groups
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out" / "lb_sweep.json").exists()
-    bad = subprocess.run(cmd[:4] + ["configs/nothing"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = run_module("benchmarks.lb_sweep", "--config-prefix", "configs/nothing", timeout=120, check=False)
     assert bad.returncode == 2 and "--config-prefix 'configs/nothing': no configs/nothing_phase1_lamb.json" in bad.stderr

@@ -2,11 +2,8 @@
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ds_helpers import run_module
 
 
 def finite(v):
@@ -15,9 +12,7 @@ def finite(v):
 
 def test_linreg_quick_outputs(tmp_path):
     out = tmp_path / "linreg"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.linreg", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    run_module("benchmarks.linreg", "--quick", "--out", out, timeout=120)
 
     res = json.loads((out / "linreg.json").read_text())
     for key in ("sgd_final_test_loss", "vrsgd_final_test_loss", "vrsgd_steps_to_sgd_final",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ds_helpers import tail
+
 pytest.importorskip("megatron.core")
 
 ROOT = Path(__file__).parents[1]
@@ -19,7 +21,7 @@ def test_example_trains_on_two_ranks():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "megatron_example_cpu.py"), "--steps", "12"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, tail(out)
     m = re.search(r"vrlamb: loss ([\d.]+) -> ([\d.]+) in 12 steps \(k = 2 ranks x 4 micro-batches\)", out.stdout)
     assert m, out.stdout[-3000:]
     first, last = float(m.group(1)), float(m.group(2))

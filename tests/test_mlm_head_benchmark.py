@@ -2,18 +2,13 @@
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ds_helpers import run_module
 
 
 def test_mlm_head_quick_outputs(tmp_path):
     out = tmp_path / "mlm_head"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.mlm_head", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    run_module("benchmarks.mlm_head", "--quick", "--out", out, timeout=300)
 
     res = json.loads((out / "mlm_head.json").read_text())
     for key in ("steps", "warmup", "vocab", "torch", "device", "threads", "speedup", "cases"):

@@ -128,13 +128,7 @@ def reference_run(spec, steps, dtype=torch.float32, hp_per_param=None, gamma=0.1
                 p.copy_(p.to(dtype).float())
     ref = Reference(list(model.parameters()), spec.base, gamma=gamma if spec.vr else None,
                     beta3=spec.beta3, **spec.ref_hp)
-    for s in range(steps):
-        with torch.no_grad():
-            for p, t in zip(model.parameters(), ref.theta):
-                p.copy_(t.float())
-        x, y = batch(s)
-        ref.step(group_grads(model, loss_fn, x, y, K), hp_per_param)
-    return ref.theta
+    return ref.run(model, loss_fn, batch, steps, K, hp_per_param)
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)

@@ -1,17 +1,12 @@
 """Smoke test of benchmarks/orthogonal.py (the paper's Table 5 analogue on sklearn digits)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ds_helpers import run_module
 
 
 def test_orthogonal_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.orthogonal", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_module("benchmarks.orthogonal", "--quick", "--out", tmp_path, timeout=600)
     res = json.loads((tmp_path / "orthogonal.json").read_text())
     names = {"Momentum", "VR-Momentum", "Adam", "VR-Adam", "LAMB", "VR-LAMB", "LARS", "VR-LARS"}
     assert set(res["summary"]) == names

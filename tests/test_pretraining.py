@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ds_helpers import ROOT, ds_env, free_port, run_local
+from ds_helpers import ROOT, ds_env, free_port, run_local, tail
 
 VOCAB = ROOT / "data" / "vocab" / "bert-base-uncased-vocab.txt"
 CORPUS = ROOT / "data" / "corpus" / "wikitext-2-valid.txt"
@@ -62,7 +62,7 @@ def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
     cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "p1"}
     cfg["optimizer"]["params"]["telemetry_interval"] = 2
     proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", p1)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     train, evals = records(p1), records(p1, "eval_loss")
     assert [r["step"] for r in train] == [1, 2, 3, 4] and [e["step"] for e in evals] == [2, 4]
     assert all(0 <= e["eval_mlm_acc"] <= 1 and "generalization_gap" in e for e in evals)
@@ -84,7 +84,7 @@ def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
     # phase 2: other batch, seq 512, fresh schedule, optimizer state carried from phase 1
     proc = launch(tmp_path, phase_config(2, steps=2), "--data", data[512], "--output-dir", p2,
                   "--init-checkpoint", p1 / "hf", "--carry-optimizer-state")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     p2_train = records(p2)
     assert [r["step"] for r in p2_train] == [1, 2] and p2_train[0]["samples"] == 8
     # a fresh schedule (warm-up 0.25 x 2 steps < 1 step), not phase 1's decayed LR

@@ -14,7 +14,7 @@ import pytest
 from pretrain_bert.squad.data import load_examples
 from pretrain_bert.squad.metric import evaluate, evaluate_files
 from pretrain_bert.tokenization import load_tokenizer
-from ds_helpers import ds_env, local_launch
+from ds_helpers import ds_env, local_launch, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pretrain_bert" / "squad" / "run.py"
@@ -57,7 +57,7 @@ def test_fine_tune_and_evaluate_on_two_ranks(tiny_bert, tmp_path):
     proc, leftover = run_squad(
         tmp_path, "--init-checkpoint", tiny_bert, "--output-dir", out, "--max-train-examples", 64,
         "--max-eval-examples", 40, "--epochs", 2, "--lr", 1e-3, "--eval-batch-size", 8)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail(proc)
     assert not leftover, f"squad/run.py left its /dev/shm buffers: {leftover}"
     results = json.loads((out / "results.json").read_text())
     predictions = json.loads((out / "predictions.json").read_text())

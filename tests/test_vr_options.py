@@ -19,13 +19,7 @@ def reference_interval(spec, steps, interval):
     model = make_model()
     ref = Reference(list(model.parameters()), spec.base, gamma=0.1, beta3=spec.beta3, interval=interval,
                     **spec.ref_hp)
-    for s in range(steps):
-        with torch.no_grad():
-            for p, t in zip(model.parameters(), ref.theta):
-                p.copy_(t.float())
-        x, y = batch(s)
-        ref.step(group_grads(model, loss_fn, x, y, K))
-    return ref.theta
+    return ref.run(model, loss_fn, batch, steps, K)
 
 
 @pytest.mark.parametrize("mode", ["foreach", "loop"])

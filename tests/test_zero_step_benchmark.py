@@ -1,17 +1,12 @@
 """Smoke test of benchmarks/zero_step.py: a real 2-rank ZeRO-2 launch with six engines."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ds_helpers import run_module
 
 
 def test_zero_step_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.zero_step", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_module("benchmarks.zero_step", "--quick", "--out", tmp_path, timeout=600)
     res = json.loads((tmp_path / "zero_step.json").read_text())
     labels = {"LAMB", "VRLAMB", "VRLAMB interval 4", "DeepSpeed AdamW", "LAMB + noise scale",
               "LAMB + noise scale interval 4"}
@@ -19,7 +14,9 @@ def test_zero_step_quick(tmp_path):
     # VR traffic is extra: the squares roughly add a second gradient-sized reduction
     b = res["bytes_per_step_rank0"]
     assert b["VRLAMB"] > b["LAMB"] * 1.3
-    assert b["LAMB + noise scale"] > b["LAMB"] * 1.3 > b["LAMB + noise scale interval 4"]
+    # measure-only under ZeRO-2 sends per-layer sums only: a few hundred bytes per step
+    assert b["LAMB"] < b["LAMB + noise scale"] < b["LAMB"] * 1.001
+    assert b["LAMB"] <= b["LAMB + noise scale interval 4"] <= b["LAMB + noise scale"]
     # the two ranks keep partition-sized VR state: 2 fp32 buffers of their partition
     assert res["vr_kept_bytes_per_rank"] == [2 * 4 * n for n in res["partition_numel_per_rank"]]
     assert (tmp_path / "zero_step.png").stat().st_size > 1000

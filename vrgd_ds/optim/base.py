@@ -88,6 +88,15 @@ def check_betas(betas: Any) -> tuple[float, float]:
     return b1, b2
 
 
+def adam_defaults(lr: float, betas: Any, eps: float, weight_decay: float, **more) -> dict:
+    """The checked hyperparameters of an Adam-style update (Adam, AdamW, LAMB) as
+    param-group defaults, with ``more`` added."""
+    check_lr(lr)
+    check_eps(eps)
+    check_weight_decay(weight_decay)
+    return dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay, **more)
+
+
 def check_momentum(momentum: float) -> None:
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")

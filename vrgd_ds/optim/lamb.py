@@ -21,7 +21,7 @@ import math
 from torch import Tensor
 
 from ..gsnr import scaled_grad
-from .base import BaseOptimizer, GradSource, check_betas, check_eps, check_lr, check_weight_decay
+from .base import BaseOptimizer, GradSource, adam_defaults
 from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
@@ -62,12 +62,8 @@ class LAMB(BaseOptimizer):
         compile: bool | None = None,
         group_defaults: dict | None = None,
     ):
-        check_lr(lr)
-        betas = check_betas(betas)
-        check_eps(eps)
-        check_weight_decay(weight_decay)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, **(group_defaults or {}))
+        defaults = adam_defaults(lr, betas, eps, weight_decay, bias_correction=bias_correction,
+                                 **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:

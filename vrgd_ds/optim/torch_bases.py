@@ -19,15 +19,7 @@ from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from torch.optim.sgd import sgd as torch_sgd
 
 from ..gsnr import scaled_grad
-from .base import (
-    BaseOptimizer,
-    GradSource,
-    check_betas,
-    check_eps,
-    check_lr,
-    check_momentum,
-    check_weight_decay,
-)
+from .base import BaseOptimizer, GradSource, adam_defaults, check_lr, check_momentum, check_weight_decay
 from .flat import Spec
 from .flat_group import GroupBatch
 
@@ -121,12 +113,7 @@ class AdamUpdate(TorchUpdate):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
                  compile: bool | None = None, group_defaults: dict | None = None):
-        check_lr(lr)
-        betas = check_betas(betas)
-        check_eps(eps)
-        check_weight_decay(weight_decay)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, **(group_defaults or {}))
+        defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad=amsgrad, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
