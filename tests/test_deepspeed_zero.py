@@ -498,11 +498,14 @@ def test_measure_only_noise_scale_changes_nothing_and_is_exact(matrix, name):
     assert plain["telemetry"] is None
     rec = measured["telemetry"]
     assert rec["step"] == STEPS and rec["k"] == WORLD * 2 and "b_simple_ema" in rec
+    tensors = len(list(make_model().parameters()))
     for used in measured["bytes"]:
-        # ZeRO-1/2: per-layer sums of the local squares ride in the layer table (nothing
-        # gradient-sized is sent or kept); stage 0 reduces the squares beside the gradients
-        assert (used["squares"] > 0) if MEASURED[name].stage == 0 else used["squares"] == 0, used
-        assert used["layer_stats"] > 0 or MEASURED[name].stage == 0, used
+        # nothing gradient-sized is sent: ZeRO-1/2 add the per-layer sums of the local squares
+        # to the layer table; stage 0 all-reduces one float64 per parameter tensor and step
+        if MEASURED[name].stage == 0:
+            assert used["squares"] == STEPS * 8 * tensors, used
+        else:
+            assert used["squares"] == 0 and used["layer_stats"] > 0, used
         if MEASURED[name].stage == 2:
             assert used["kept"] == 0, used
     first = result(matrix, name + "-gns-first")["telemetry"]

@@ -128,7 +128,8 @@ def attach_to_engine(engine) -> None:
             meter = NoiseMeter(noise["interval"], noise["ema_decay"], LayerLayout())
         stage0 = Stage0Moments(seam.engine_module(engine).parameters(), group, dist.get_world_size(group=group),
                                torch.float32 if measure else opt.sq_comm_dtype,
-                               DEFAULT_CHUNK_NUMEL if measure else opt.sq_chunk_numel, facts.micro_batch)
+                               DEFAULT_CHUNK_NUMEL if measure else opt.sq_chunk_numel, facts.micro_batch,
+                               norms_only=not vr)
         if vr:
             opt.attach_moments(stage0)
         else:

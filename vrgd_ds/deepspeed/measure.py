@@ -8,10 +8,11 @@ other optimizer DeepSpeed runs:
 Every ``interval`` applied steps the squared gradients are formed where a VR optimizer
 forms them. Under ZeRO-1/2 (:mod:`.zero_moments`, ``norms_only``) each rank only adds up
 its local squares per layer in float64: nothing gradient-sized is sent, the layer totals
-ride in the one small table all-reduce below. At stage 0 (:mod:`.stage0_moments`) they are
-reduced beside the gradients as for a VR optimizer. Before the optimizer steps, a pre-step
-hook (torch's ``register_step_pre_hook``) reads the mean gradient (and at stage 0 the
-squares) of each layer; after DeepSpeed's whole step one collective sums them per layer and :class:`vrgd_ds.noise_scale.NoiseScaleTracker` turns
+ride in the one small table all-reduce below. At stage 0 (:mod:`.stage0_moments`,
+``norms_only``) one number per parameter, its sum of local squares, is all-reduced after
+DeepSpeed's gradient all-reduce. Before the optimizer steps, a pre-step hook (torch's
+``register_step_pre_hook``) reads the mean gradient (and at stage 0 those sums) of each
+layer; after DeepSpeed's whole step one collective sums them per layer and :class:`vrgd_ds.noise_scale.NoiseScaleTracker` turns
 them into trace_cov, grad_sq, b_simple and b_simple_ema (docs/algorithm.md section 7). Nothing
 the optimizer or DeepSpeed computes changes: parameters are bitwise those of the run
 without the key (tested). The record goes where a VR optimizer's telemetry goes
@@ -77,21 +78,25 @@ class NoiseMeter:
         src = self.moments
         norms_only = getattr(src, "norms_only", False)
         for group in optimizer.param_groups:
-            grads, sqs, segments = [], [], []
+            grads, sqs, segments, whole = [], [], [], []
             for p in (p for p in group["params"] if p.grad is not None):
                 segs = self.layout.segments(p)
                 grads += segment_views(p.grad, segs)
                 sqs += [None] * len(segs) if norms_only else segment_views(src.sum_sq(p), segs)
                 segments += segs
+                if norms_only and hasattr(src, "square_sum"):  # stage 0: one segment, the whole tensor
+                    whole.append(src.square_sum(p))
             numel = torch.tensor([float(s.numel) for s in segments], dtype=torch.float64)
             partial = gsnr.noise_partials(grads, sqs, src.sq_scale)
+            if whole:
+                partial[:, 0] += torch.tensor(whole, dtype=torch.float64, device=partial.device) * src.sq_scale
             self._seen.append((torch.cat([partial, numel.to(partial.device).unsqueeze(1)], 1), segments))
 
     def finish_step(self, applied: bool) -> None:
         """After the whole step, on every rank: one collective for the layer sums."""
         seen, self._seen = self._seen, []
         src = self.moments
-        if applied and self.wants_moments() and seen and getattr(src, "norms_only", False):
+        if applied and self.wants_moments() and seen and hasattr(src, "layer_square_sums"):
             # every rank's local square sums of every layer, in the same table all-reduce
             norms = src.layer_square_sums()
             rows = torch.zeros(norms.numel(), 3, dtype=torch.float64, device=norms.device)
