@@ -96,13 +96,12 @@ class NoiseMeter:
         """After the whole step, on every rank: one collective for the layer sums."""
         seen, self._seen = self._seen, []
         src = self.moments
-        if applied and self.wants_moments() and seen and hasattr(src, "layer_square_sums"):
-            # every rank's local square sums of every layer, in the same table all-reduce
-            norms = src.layer_square_sums()
-            rows = torch.zeros(norms.numel(), 3, dtype=torch.float64, device=norms.device)
-            rows[:, 0] = norms * src.sq_scale
-            seen.append((rows, [Segment(0, 0, i, 0) for i in range(norms.numel())]))
         if applied and self.wants_moments() and seen:
+            if hasattr(src, "layer_square_sums"):  # ZeRO: every rank's local square sums per layer,
+                norms = src.layer_square_sums()   # summed in the same table all-reduce
+                rows = torch.zeros(norms.numel(), 3, dtype=torch.float64, device=norms.device)
+                rows[:, 0] = norms * src.sq_scale
+                seen.append((rows, [Segment(0, 0, i, 0) for i in range(norms.numel())]))
             device = seen[0][0].device
             table = self.layout.table(torch.cat([p.to(device) for p, _ in seen]), [s for _, segs in seen for s in segs])
             step = self.applied_steps + 1
