@@ -2,17 +2,25 @@
 
     python -m benchmarks.optim_step [--steps 10] [--out results/optim_step] [--device cuda] [--model large]
 
-All optimizers share one set of fp32 parameters and gradients in the real BERT-base
-shapes (each keeps its own state) and are stepped round-robin, so every timing sample
-of every optimizer sees the same machine load; the JSON has the median per optimizer
-and the ratios the README quotes, the PNG the medians. The gradients are separate
-tensors, as autograd makes them (vrgd_ds gathers them into its flat buffer every step);
-the parameters are ordinary ``nn.Parameter``s, which the first vrgd_ds optimizer views as
-one flat buffer at its first step (the others find them flat). The "partition" rows step
-what a ZeRO-1/2 rank steps: one flat fp32 parameter and gradient holding pieces of every
-layer (one rank here, so the layer sums need no communication). VR optimizers read a fixed
-squared-gradient buffer (k = 8) laid out flat like the moment sources', i.e. the cost
-measured is the optimizer step alone, not the moment collection.
+Optimizers are stepped round-robin, so every timing sample of every optimizer sees the
+same machine load; the JSON has the median per optimizer and the ratios the README quotes,
+the PNG the medians. Parameters are fp32 in the real BERT-base shapes.
+
+- Base optimizers (LAMB, torch's AdamW, torch-optimizer's Lamb) share one set of
+  parameters and gradients; the gradients are separate tensors, as autograd makes them
+  (vrgd_ds gathers them into its flat buffer every step).
+- "VRLAMB" and "VRAdamW" are what a single-process user gets: each has its own copy of the
+  parameters and a real ``MicroStepMoments``; before each timed step, 8 real backward passes
+  (micro-step i's gradient is c + s_i d for fixed tensors c, d, so the GSNR varies per
+  element) run through its hooks, which after the first step write the squares and hand the
+  gradient to autograd in the optimizer's flat buffers. "... gathered" rows time the same
+  optimizer after backward passes with ``flat_grads=False``: the gradients are then separate
+  tensors that the step gathers (what DDP and DeepSpeed stage 0 give). The backward passes
+  are timed too ("backward placed" / "backward gathered", 8 micro-steps): the difference is
+  what handing the gradient over moves into the backward pass.
+- "partition" rows step what a ZeRO-1/2 rank steps: one flat fp32 parameter and gradient
+  holding pieces of every layer (one rank here, so the layer sums need no communication),
+  with a fixed squared-gradient buffer (k = 8) laid out flat like the moment sources'.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from vrgd_ds import LAMB, VRAdamW, VRLAMB
+from vrgd_ds import LAMB, MicroStepMoments, VRAdamW, VRLAMB
 from vrgd_ds.optim.layout import LayerLayout, Segment
 
 
@@ -86,12 +94,26 @@ def fused_lamb(params, lr):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+class MicroBackward:
+    """Its own copy of ``params`` with a real MicroStepMoments, and k real backward passes
+    whose micro-step i has the gradient (c + s_i d) / k (c, d: fixed tensors, shared)."""
+
+    def __init__(self, params, c, d, k=8):
+        self.params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        self.moments = MicroStepMoments(self.params)
+        self.c, self.d, self.k = c, d, k
+        self.scales = [1.0 + (i - (k - 1) / 2) / k for i in range(k)]
+
+    def backward(self) -> None:
+        for s in self.scales:
+            loss = sum((p * (c + s * d)).sum() for p, c, d in zip(self.params, self.c, self.d)) / self.k
+            loss.backward()
+
+
 def build_optimizers(params, lr=1e-4, eager=False, partition=True):
     moments = FixedMoments(params)
     opts = {
-        "VRLAMB": VRLAMB(params, lr=lr, moments=moments),
         "LAMB": LAMB(params, lr=lr),
-        "VRAdamW": VRAdamW(params, lr=lr, moments=moments),
         "AdamW foreach": torch.optim.AdamW(params, lr=lr, foreach=True),
         "AdamW fused": torch.optim.AdamW(params, lr=lr, fused=True),
     }
@@ -113,8 +135,42 @@ def build_optimizers(params, lr=1e-4, eager=False, partition=True):
     return opts
 
 
+def build_backward_cases(params, lr=1e-4, k=8):
+    """VRLAMB and VRAdamW, each on its own parameters fed by real backward passes."""
+    c = [p.grad.detach().clone() for p in params]
+    d = [torch.randn_like(p) * 1e-3 for p in params]
+    cases = {}
+    for name, cls in (("VRLAMB", VRLAMB), ("VRAdamW", VRAdamW)):
+        case = MicroBackward(params, c, d, k)
+        cases[name] = (case, cls(case.params, lr=lr, moments=case.moments))
+    return cases
+
+
+def time_backward_cases(cases, samples, timed, sync) -> None:
+    """One round of the backward rows: placed, then gathered (``flat_grads=False``)."""
+    for name, (case, opt) in cases.items():
+        for placed, suffix in ((True, ""), (False, " gathered")):
+            case.moments.flat_grads = placed
+            sync()
+            t0 = time.perf_counter()
+            case.backward()
+            sync()
+            t1 = time.perf_counter()
+            opt.step()
+            sync()
+            t2 = time.perf_counter()
+            opt.zero_grad()
+            if timed:
+                samples.setdefault(f"backward {'placed' if placed else 'gathered'}", []).append(t1 - t0)
+                samples.setdefault(name + suffix, []).append(t2 - t1)
+
+
 PAIRS = {"VRLAMB/AdamW fused": ("VRLAMB", "AdamW fused"), "VRAdamW/AdamW fused": ("VRAdamW", "AdamW fused"),
          "VRLAMB/LAMB": ("VRLAMB", "LAMB"), "LAMB/AdamW fused": ("LAMB", "AdamW fused"),
+         "VRLAMB gathered/AdamW fused": ("VRLAMB gathered", "AdamW fused"),
+         "VRAdamW gathered/AdamW fused": ("VRAdamW gathered", "AdamW fused"),
+         "VRLAMB gathered/LAMB": ("VRLAMB gathered", "LAMB"),
+         "backward placed/backward gathered": ("backward placed", "backward gathered"),
          "torch-optimizer Lamb/LAMB": ("torch-optimizer Lamb", "LAMB"),
          "VRLAMB eager/LAMB eager": ("VRLAMB eager", "LAMB eager"),
          "VRLAMB partition/AdamW fused": ("VRLAMB partition", "AdamW fused"),
@@ -132,6 +188,13 @@ def summarise(samples: dict):
     pairs = {k: v for k, v in PAIRS.items() if v[0] in med and v[1] in med}
     ratios = {k: med[a] / med[b] for k, (a, b) in pairs.items()}
     ratios_of_min = {k: best[a] / best[b] for k, (a, b) in pairs.items()}
+    if "backward placed" in med and "backward gathered" in med:  # what handing p.grad over costs the backward
+        extra = med["backward placed"] - med["backward gathered"]
+        for name in ("VRLAMB", "VRAdamW"):
+            if name in med and "AdamW fused" in med:
+                ratios[f"{name} + backward extra/AdamW fused"] = (med[name] + extra) / med["AdamW fused"]
+                ratios_of_min[f"{name} + backward extra/AdamW fused"] = (
+                    (best[name] + best["backward placed"] - best["backward gathered"]) / best["AdamW fused"])
     targets = {k: v for k, v in TARGETS.items() if k in ratios}
     met = {k: (ratios[k] <= v if kind == "max" else ratios[k] >= v) for k, (kind, v) in targets.items()}
     return med, best, ratios, ratios_of_min, targets, met
@@ -177,6 +240,7 @@ def main(argv=None):
     print(f"{len(params)} tensors, {n / 1e6:.1f}M parameters on {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     opts = build_optimizers(params, eager=args.eager, partition=not args.no_partition)
+    cases = build_backward_cases(params)
     skipped = {}
     if args.fused_lamb:
         opt, why = fused_lamb(params, 1e-4)
@@ -187,6 +251,7 @@ def main(argv=None):
             print(f"DeepSpeed FusedLamb left out: {why}")
     samples = {name: [] for name in opts}
     for i in range(args.warmup + args.steps):
+        time_backward_cases(cases, samples, i >= args.warmup, sync)
         for name, opt in opts.items():
             sync()
             t0 = time.perf_counter()
@@ -219,7 +284,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    med = sorted(result["median_s"].items(), key=lambda kv: kv[1])
+    med = sorted(((k, v) for k, v in result["median_s"].items() if not k.startswith("backward")), key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(med) + 1.2))
     ax.barh([k for k, _ in med], [v * 1e3 for _, v in med], color="C0")
     ax.invert_yaxis()

@@ -157,6 +157,88 @@ def test_state_is_per_parameter_views_of_one_buffer():
     assert all(t.untyped_storage().data_ptr() == m[0].untyped_storage().data_ptr() for t in m)
 
 
+def _same_storage(a, b) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def test_micro_step_moments_write_into_the_optimizers_buffers_after_the_first_step():
+    """After step 1 the squares live in the bucket's flat buffer and p.grad is a view of its
+    gradient buffer (autograd adopts the view), so the step gathers nothing."""
+    spec = BY_NAME["VRLAMB"]
+    model = make_model()
+    opt = train(spec, model, 1)
+    bucket = opt._buckets[0][1][0]
+    train(spec, model, 1, start=1, opt=opt, moments=opt.moments)  # zero_grad: p.grad None again
+    from test_optim_matrix import micro_steps
+    micro_steps(model, 2)
+    for p in model.parameters():
+        assert _same_storage(p.grad, bucket.work["g"]) and not p.grad.requires_grad
+        assert _same_storage(opt.moments.sum_sq(p), bucket.work["sq"])
+    flat_g = bucket.flat
+    assert flat_g is not None
+    from vrgd_ds.optim.flat_group import aliased_flat
+    assert aliased_flat([p.grad for p in model.parameters()], bucket.offsets, bucket.numel) is not None
+
+
+@pytest.mark.parametrize("held", ["none", "one", "all"])
+def test_gradients_the_user_replaced_are_gathered_with_the_same_result(held):
+    """p.grad replaced by the user's own tensor (all of them, or one: the step then gathers
+    into the buffer the others already lie in) gives the same parameters bit for bit."""
+    from test_optim_matrix import micro_steps
+    spec = BY_NAME["VRLAMB"]
+    runs = []
+    for variant in ("none", held):
+        model = make_model()
+        moments = MicroStepMoments(model.parameters())
+        opt = make_opt(spec, model.parameters(), "default", moments)
+        for step in range(4):
+            micro_steps(model, step)
+            params = list(model.parameters())
+            chosen = {"none": [], "one": params[1:2], "all": params}[variant]
+            for p in chosen:
+                p.grad = p.grad.clone()
+            opt.step()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    model = make_model()
+    assert max_rel_err(runs[0], reference_run(spec, 4)) < 2e-5
+
+
+def test_squares_of_a_parameter_no_backward_reached_are_zero():
+    """The first hit of a step writes h^2 without a zeroing pass; a parameter that no backward
+    pass reached on a step reads as zeros (p.grad kept as zeros by set_to_none=False)."""
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    moments = MicroStepMoments([*a.parameters(), *b.parameters()])
+    opt = make_opt(BY_NAME["VRLAMB"], [*a.parameters(), *b.parameters()], "default", moments)
+    x = torch.randn(4, 3)
+    for _ in range(2):
+        for xb in x.chunk(2):
+            (a(xb).sum() + b(xb).sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    hs = []
+    for xb in x.chunk(2):
+        hs.append(torch.ones(2, 1) * xb.sum(0, keepdim=True))  # d sum(a(x)) / d a.weight
+        a(xb).sum().backward()
+    assert torch.equal(moments.sum_sq(b.weight), torch.zeros_like(b.weight))
+    assert torch.allclose(moments.sum_sq(a.weight), hs[0] * hs[0] + hs[1] * hs[1], rtol=1e-6, atol=0)
+    assert moments.group_count == 2
+
+
+def test_create_graph_gradients_keep_their_graph():
+    """With create_graph=True the gradient is left where autograd puts it (it has a graph)."""
+    spec = BY_NAME["VRLAMB"]
+    model = make_model()
+    opt = train(spec, model, 2)
+    x = torch.randn(8, 6)
+    model(x).square().mean().backward(create_graph=True)
+    bucket = opt._buckets[0][1][0]
+    assert all(p.grad.requires_grad and not _same_storage(p.grad, bucket.work["g"]) for p in model.parameters())
+    opt.zero_grad()
+
+
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     spec = BY_NAME["VRLAMB"]
 

@@ -49,7 +49,9 @@ class Stage0Moments(MicroStepMoments):
         if self.norms_only:
             self._allreduce_norms()
             return
-        bufs = [self._sum_sq.setdefault(p, torch.zeros_like(p, dtype=torch.float32)) for p in self.params]
+        for p in self.params:  # every rank sends every parameter's squares, zeros where none reached it
+            self._sum_sq.setdefault(p, torch.empty_like(p, dtype=torch.float32))
+        bufs = [self.local_squares(p) for p in self.params]
         self.squares.allreduce(bufs)
         self.squares.release()
 
@@ -59,11 +61,15 @@ class Stage0Moments(MicroStepMoments):
         import torch.distributed as dist
 
         device = self.params[0].device
-        local = torch.stack([self._sum_sq[p].sum(dtype=torch.float64) if p in self._sum_sq
+        local = torch.stack([self.local_squares(p).sum(dtype=torch.float64) if p in self._sum_sq
                              else torch.zeros((), dtype=torch.float64, device=device) for p in self.params])
         dist.all_reduce(local, group=self.group)
         self._norm_bytes += local.numel() * local.element_size()
         self._norms = {id(p): v for p, v in zip(self.params, local.tolist())}
+
+    def place(self, params, squares, grads) -> None:
+        """Squares only: DeepSpeed owns the gradients at stage 0."""
+        super().place(params, squares, [None] * len(params))
 
     def square_sum(self, param) -> float:
         """norms_only: the sum over all ranks and elements of ``param``'s local squares (the

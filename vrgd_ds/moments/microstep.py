@@ -24,6 +24,19 @@ number of backward passes, not a per-parameter count.
 Clipping ``p.grad`` directly would leave the squares at the old scale and make the GSNR
 wrong; :meth:`clip_grad_norm_` clips the mean gradient and rescales the squares with it,
 so the GSNR stays that of the unclipped moments (section 1).
+
+Memory traffic: the first backward pass of a step writes h_1^2 (no zeroing pass; a buffer a
+step did not reach is zeroed when it is read). After its first step a vrgd_ds optimizer
+calls :meth:`place`: from then on the squares are written straight into its flat buffer,
+and the first micro-step's gradient is copied into its flat gradient buffer while it is still
+in cache and handed to autograd, so ``p.grad`` is a view of that buffer
+(as with DDP's ``gradient_as_bucket_view``) and the later micro-steps accumulate into it in
+place. The optimizer step then reads both where they lie instead of gathering them (one
+read and one write of each fewer per element). ``p.grad`` stays an ordinary tensor the user
+may read, scale, or set to None; a view handed out is overwritten at the next step, so
+keep a ``clone()`` of a gradient you want to keep, or pass ``flat_grads=False`` (the squares
+are still placed). Not with ``create_graph=True`` (the gradient then keeps its graph and is
+left alone).
 """
 
 from __future__ import annotations
@@ -35,30 +48,75 @@ from torch import Tensor
 
 
 class MicroStepMoments:
-    def __init__(self, params: Iterable[Tensor], samples_per_group: int | None = None):
+    def __init__(self, params: Iterable[Tensor], samples_per_group: int | None = None, flat_grads: bool = True):
         if samples_per_group is not None and (isinstance(samples_per_group, bool)
                                               or not isinstance(samples_per_group, int) or samples_per_group < 1):
             raise ValueError(f"samples_per_group must be an integer >= 1 or None, got {samples_per_group!r}")
         self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
+        self.flat_grads = bool(flat_grads)  # False (may be set at any time): p.grad stays where autograd puts it
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
         self._sum_sq: dict[Tensor, Tensor] = {}
+        self._fresh: set[Tensor] = set()  # buffers that hold this step's squares (else stale)
+        self._grad_home: dict[Tensor, Tensor] = {}  # where the optimizer wants p.grad (see place)
         self._hits: dict[Tensor, int] = {}
         self._clip_scale = 1.0
         self._backward_passes = 0
         self._handles = [p.register_hook(self._hook_for(p)) for p in self.params]
 
     def _hook_for(self, p: Tensor):
-        def hook(grad: Tensor) -> None:
+        def hook(grad: Tensor) -> Tensor | None:
             buf = self._sum_sq.get(p)
             if buf is None:
-                buf = self._sum_sq[p] = torch.zeros_like(p, dtype=torch.float32)
-            g = grad.float()
-            buf.addcmul_(g, g)
+                buf = self._sum_sq[p] = torch.empty_like(p, dtype=torch.float32)
+            g = grad.detach().float()  # statistics: no graph, also under create_graph=True
+            if p in self._fresh:
+                buf.addcmul_(g, g)
+            else:  # the step's first h for p: write, no zeroing pass
+                torch.mul(g, g, out=buf)
+                self._fresh.add(p)
             self._hits[p] = self._hits.get(p, 0) + 1
             self._backward_passes = max(self._backward_passes, self._hits[p])
+            home = self._grad_home.get(p) if self.flat_grads else None
+            if (home is not None and p.grad is None and grad.dtype == home.dtype and grad.shape == home.shape
+                    and not torch.is_grad_enabled()):
+                home.copy_(grad)  # still in cache; autograd adopts the view as p.grad (no copy later)
+                return home.view_as(home)
+            return None
         return hook
+
+    def place(self, params: list[Tensor], squares: list[Tensor], grads: list[Tensor | None]) -> None:
+        """Keep the squares of ``params`` in the given fp32 views (e.g. an optimizer's flat
+        buffer), and hand each step's gradient of a parameter to autograd as the view in
+        ``grads`` (None: leave it where autograd puts it). Takes effect now for the squares
+        (their values are copied over) and at the next step for the gradients."""
+        hooked = set(self.params)
+        for p, sq, g in zip(params, squares, grads):
+            if p not in hooked or sq.shape != p.shape or sq.dtype != torch.float32:
+                continue
+            old = self._sum_sq.get(p)
+            if old is not None and p in self._fresh and old.data_ptr() != sq.data_ptr():
+                sq.copy_(old)
+            self._sum_sq[p] = sq
+            if g is not None and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device:
+                self._grad_home[p] = g
+            else:
+                self._grad_home.pop(p, None)
+
+    def local_squares(self, p: Tensor) -> Tensor:
+        """This step's sum of local squares of ``p`` (zeros if no backward pass reached it)."""
+        buf = self._sum_sq.get(p)
+        if buf is None:
+            raise KeyError(
+                f"no squared gradient for a parameter of shape {tuple(p.shape)}: it was not "
+                "among the parameters given to MicroStepMoments, or its gradient did not come "
+                "from backward()"
+            )
+        if p not in self._fresh:
+            buf.zero_()
+            self._fresh.add(p)
+        return buf
 
     @property
     def group_count(self) -> int:
@@ -75,14 +133,7 @@ class MicroStepMoments:
         return self._clip_scale
 
     def sum_sq(self, param: Tensor) -> Tensor:
-        buf = self._sum_sq.get(param)
-        if buf is None:
-            raise KeyError(
-                f"no squared gradient for a parameter of shape {tuple(param.shape)}: it was not "
-                "among the parameters given to MicroStepMoments, or its gradient did not come "
-                "from backward()"
-            )
-        return buf
+        return self.local_squares(param)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip the mean gradient like ``torch.nn.utils.clip_grad_norm_``; keep the GSNR exact."""
@@ -91,8 +142,7 @@ class MicroStepMoments:
         return total
 
     def reset(self) -> None:
-        for buf in self._sum_sq.values():
-            buf.zero_()
+        self._fresh.clear()  # each buffer is written by its next first hit, or zeroed when read
         self._hits.clear()
         self._backward_passes = 0
         self._clip_scale = 1.0

@@ -74,7 +74,9 @@ class FlatBucket:
         self.ptrs = [p.data_ptr() for p in params]
         self.work: dict[str, Tensor] = {}
         self.state_bufs: dict[str, Tensor] = {}
+        self.state_views: dict[str, list[Tensor]] = {}  # per key, the parameter-shaped views of its buffer
         self.plans: dict[tuple, FlatPlan] = {}
+        self.placed_for: object = None  # the moment source whose buffers live in this bucket's (see place)
 
     def _flatten(self) -> Tensor | None:
         if len(self.params) < 2 or not all(_owns_storage(p) for p in self.params):
@@ -115,11 +117,14 @@ class FlatBucket:
             if flat is not None:
                 return flat
         buf = self.buffer(name, dtype)
-        if len(js) == len(self.params) and all(t.dtype == dtype for t in tensors):
+        ptr = buf.untyped_storage().data_ptr()
+        mine = [t.untyped_storage().data_ptr() == ptr for t in tensors]  # already in buf (placed by a moment source)
+        if len(js) == len(self.params) and not any(mine) and all(t.dtype == dtype for t in tensors):
             torch.cat([t.reshape(-1) for t in tensors], out=buf)  # one call (torch's foreach copy is slow on CPU)
         else:
-            for view, t in zip(self.views(buf, js), tensors):
-                view.copy_(t.reshape(view.shape))
+            for view, t, m in zip(self.views(buf, js), tensors, mine):
+                if not (m and t.data_ptr() == view.data_ptr()):
+                    view.copy_(t.reshape(view.shape))
         return buf
 
     def views(self, flat: Tensor, js: Iterable[int]) -> list[Tensor]:
@@ -140,15 +145,17 @@ class FlatBucket:
         if buf is None:
             buf = self.state_bufs[key] = torch.zeros(self.numel, dtype=torch.float32,
                                                      device=self.params[0].device)
-        for j, view in zip(js, self.views(buf, js)):
+            self.state_views[key] = self.views(buf, range(len(self.params)))
+        views = self.state_views[key]
+        for j in js:
             st = state[self.params[j]]
-            t = st.get(key)
+            t, view = st.get(key), views[j]
+            if t is view:  # the usual case: the state is still this buffer's view
+                continue
             if t is None:
                 view.zero_()
             elif t.data_ptr() != view.data_ptr() or t.shape != view.shape or t.dtype != view.dtype:
                 view.copy_(t)
-            else:
-                continue
             st[key] = view
         return buf
 

@@ -151,7 +151,28 @@ class GSNRTransform:
         loss = super().step(closure)
         if self.moments is not None:
             self.moments.reset()
+            self._place_moments()
         return loss
+
+    def _place_moments(self) -> None:
+        """Ask a moment source that can (:meth:`vrgd_ds.moments.MicroStepMoments.place`) to keep
+        its squares, and hand autograd the gradients, in the flat buffers the step reads, so the
+        next steps find them there instead of gathering them. Once per bucket."""
+        place = getattr(self.moments, "place", None)
+        if place is None:
+            return
+        for index, (_, buckets) in self._buckets.items():
+            if index >= len(self.param_groups) or self.param_groups[index]["gamma"] >= 1.0:
+                continue
+            for b in buckets:
+                if b.placed_for is self.moments or len(b.params) < 2:
+                    continue
+                everyone = range(len(b.params))
+                squares = b.views(b.buffer("sq", torch.float32), everyone)
+                grads = (b.views(b.buffer("g", torch.float32), everyone) if b.params[0].dtype == torch.float32
+                         else [None] * len(b.params))
+                place(b.params, squares, grads)
+                b.placed_for = self.moments
 
     # ---- gsnr_interval -----------------------------------------------------------------
 
@@ -233,8 +254,12 @@ class GSNRTransform:
                                   n_terms=1)[:, 0] for i in active]
         segments = [s for i in active for s in batches[i].flat_segments]
         (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
-        grads = {i: [v for bs in batches[i].steps for v in bs.segment_views(bs.grad_flat())] for i in active}
-        sqs = {i: [v for bs in batches[i].steps for v in bs.segment_views(bs.squares_flat(sq_of))] for i in active}
+        def grads(i):  # per-segment views, only for the rare float64 sums and the telemetry
+            return [v for bs in batches[i].steps for v in bs.segment_views(bs.grad_flat())]
+
+        def sqs(i):
+            return [v for bs in batches[i].steps for v in bs.segment_views(bs.squares_flat(sq_of))]
+
         overflow = gsnr.overflowed(sums)
         if any(overflow):
             sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, overflow, sums)
@@ -242,7 +267,7 @@ class GSNRTransform:
             return self._nonfinite(sums, segments)
         all_means = gsnr.layer_means(sums, [seg.layer_numel for seg in segments])
         if telemetry_due(taken, self.telemetry_interval, self.gsnr_interval):
-            views = [(grads[i], sqs[i], self.param_groups[i]["gamma"]) for i in active]
+            views = [(grads(i), sqs(i), self.param_groups[i]["gamma"]) for i in active]
             self._recorder.add(taken + 1, self.layout, src, views, segments, sums, all_means, self.noise_scale)
         at = 0
         for i in active:
@@ -297,7 +322,7 @@ class GSNRTransform:
 
     def _wide_sums(self, active, grads, sqs, sq_scale, segments, overflow, sums):
         """Layer sums redone in float64 for the layers whose fp32 GSNR sum overflowed."""
-        partial = gsnr.wide_partials([g for i in active for g in grads[i]], [q for i in active for q in sqs[i]],
+        partial = gsnr.wide_partials([g for i in active for g in grads(i)], [q for i in active for q in sqs(i)],
                                      sq_scale, overflow)
         (wide,) = layer_totals(self.layout, segments, partial)
         return [w if o else s for w, o, s in zip(wide, overflow, sums)]
