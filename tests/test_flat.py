@@ -11,8 +11,9 @@ import torch
 from vrgd_ds import LAMB, MicroStepMoments
 from vrgd_ds.optim import flat
 from vrgd_ds.optim.flat import FlatPlan, Spec, constants, run_pass, segment_table
+from vrgd_ds.optim.flat_group import aliased_flat
 
-from test_optim_matrix import SPECS, make_model, make_opt, reference_run, train
+from test_optim_matrix import SPECS, make_model, make_opt, micro_steps, reference_run, train
 from reference import max_rel_err
 
 BY_NAME = {s.name: s for s in SPECS}
@@ -169,14 +170,10 @@ def test_micro_step_moments_write_into_the_optimizers_buffers_after_the_first_st
     opt = train(spec, model, 1)
     bucket = opt._buckets[0][1][0]
     train(spec, model, 1, start=1, opt=opt, moments=opt.moments)  # zero_grad: p.grad None again
-    from test_optim_matrix import micro_steps
     micro_steps(model, 2)
     for p in model.parameters():
         assert _same_storage(p.grad, bucket.work["g"]) and not p.grad.requires_grad
         assert _same_storage(opt.moments.sum_sq(p), bucket.work["sq"])
-    flat_g = bucket.flat
-    assert flat_g is not None
-    from vrgd_ds.optim.flat_group import aliased_flat
     assert aliased_flat([p.grad for p in model.parameters()], bucket.offsets, bucket.numel) is not None
 
 
@@ -184,7 +181,6 @@ def test_micro_step_moments_write_into_the_optimizers_buffers_after_the_first_st
 def test_gradients_the_user_replaced_are_gathered_with_the_same_result(held):
     """p.grad replaced by the user's own tensor (all of them, or one: the step then gathers
     into the buffer the others already lie in) gives the same parameters bit for bit."""
-    from test_optim_matrix import micro_steps
     spec = BY_NAME["VRLAMB"]
     runs = []
     for variant in ("none", held):
@@ -202,7 +198,6 @@ def test_gradients_the_user_replaced_are_gathered_with_the_same_result(held):
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    model = make_model()
     assert max_rel_err(runs[0], reference_run(spec, 4)) < 2e-5
 
 
