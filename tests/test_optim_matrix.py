@@ -201,6 +201,87 @@ def test_state_dict_resume_is_bitwise(spec, mode):
         assert torch.equal(pa, pb)
 
 
+ADAMS = [s for s in SPECS if s.base == "adam"]
+
+
+def wrote_g_buffer(opt) -> bool:
+    """Whether a step since the last call wrote g' into a work buffer for torch's update (the
+    torch route); the buffer is dropped, so the next call sees only later steps."""
+    return any([b.work.pop("g_out", None) is not None for _, buckets in opt._buckets.values() for b in buckets])
+
+
+def set_route(opt, mode):
+    for group in opt.param_groups:
+        group.update({"foreach": None, "compile": None, **IMPL[mode]})
+
+
+@pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
+def test_adam_default_route_is_one_flat_pass(spec):
+    """fp32, foreach=None, gamma < 1: no g' buffer (the update is fused into the flat pass);
+    foreach set, bf16 parameters or gamma = 1: torch's kernel (on g' or the gradient)."""
+    opt = train(spec, make_model(), 2, "rows")
+    assert not wrote_g_buffer(opt)
+    assert wrote_g_buffer(train(spec, make_model(), 2, "foreach"))
+    assert wrote_g_buffer(train(spec, make_model(torch.bfloat16), 2, "rows"))
+    assert {"exp_avg", "exp_avg_sq"} <= set(opt._buckets[0][1][0].state_bufs)  # flat state, torch's keys
+    plain = train(spec, make_model(), 2, "rows", gamma=1.0)
+    assert not plain._buckets[0][1][0].state_bufs  # torch's own state tensors
+
+
+@pytest.mark.parametrize("first,then", [("rows", "foreach"), ("foreach", "rows"), ("rows", "loop")])
+@pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
+def test_adam_route_switch_keeps_state(spec, first, then, monkeypatch):
+    """Switching foreach mid-run continues torch's state: the same step tensors and moments."""
+    monkeypatch.setattr(flat, "ROW", 4)
+    model = make_model()
+    opt = train(spec, model, 3, first)
+    p = model[0].weight
+    step, exp_avg = opt.state[p]["step"], opt.state[p]["exp_avg"]
+    assert step.dtype == torch.float32 and step.item() == 3.0
+    assert wrote_g_buffer(opt) == (first != "rows")
+    set_route(opt, then)
+    train(spec, model, 3, start=3, opt=opt, moments=opt.moments)
+    assert wrote_g_buffer(opt) == (then != "rows")
+    assert opt.state[p]["step"] is step and step.item() == 6.0
+    if first == "rows":  # torch's update works in place on the flat state's views
+        assert opt.state[p]["exp_avg"] is exp_avg
+    else:  # the flat route copied torch's moments into its buffer
+        assert opt.state[p]["exp_avg"].data_ptr() != exp_avg.data_ptr()
+    assert max_rel_err(list(model.parameters()), reference_run(spec, 6)) < 2e-5
+
+
+@pytest.mark.parametrize("first,then", [("rows", "foreach"), ("foreach", "rows")])
+@pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
+def test_adam_checkpoint_across_routes(spec, first, then, monkeypatch):
+    monkeypatch.setattr(flat, "ROW", 4)
+    model = make_model()
+    opt = train(spec, model, 3, first)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(saved_model)
+    moments = MicroStepMoments(resumed.parameters())
+    opt2 = make_opt(spec, resumed.parameters(), then, moments)
+    opt2.load_state_dict(saved_opt)
+    set_route(opt2, then)  # the checkpoint's param groups hold the first route's foreach
+    train(spec, resumed, 3, start=3, opt=opt2, moments=moments)
+    assert wrote_g_buffer(opt2) == (then != "rows")
+    assert all(opt2.state[p]["step"].item() == 6.0 for p in resumed.parameters())
+    assert max_rel_err(list(resumed.parameters()), reference_run(spec, 6)) < 2e-5
+
+
+@pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
+def test_adam_amsgrad_flat_route_equals_torch(spec):
+    """amsgrad on the flat route: torch's kernel on g' to float rounding, the running max in use."""
+    flat_run, torch_run = make_model(), make_model()
+    opt = train(spec, flat_run, 5, "rows", amsgrad=True)
+    twin = train(spec, torch_run, 5, "foreach", amsgrad=True)
+    assert not wrote_g_buffer(opt)
+    for pa, pb in zip(flat_run.parameters(), torch_run.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[pa]["max_exp_avg_sq"], twin.state[pb]["max_exp_avg_sq"])
+    assert any((opt.state[p]["max_exp_avg_sq"] > opt.state[p]["exp_avg_sq"]).any() for p in flat_run.parameters())
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_params_without_grad_are_skipped(spec):
     model = make_model()
