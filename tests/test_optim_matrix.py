@@ -120,6 +120,24 @@ def train(spec, model, steps, mode="foreach", start=0, opt=None, moments=None, *
     return opt
 
 
+def set_route(opt, mode):
+    for group in opt.param_groups:
+        group.update({"foreach": None, "compile": None, **IMPL[mode]})
+
+
+def resume(spec, model, opt, steps, mode):
+    """A new model and optimizer in ``mode`` from the state dicts of ``model`` and ``opt``
+    (whose param groups hold their own mode), trained ``steps`` more."""
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(copy.deepcopy(model.state_dict()))
+    moments = MicroStepMoments(resumed.parameters())
+    opt2 = make_opt(spec, resumed.parameters(), mode, moments)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    set_route(opt2, mode)
+    start = int(opt2.param_groups[0]["step"])
+    return resumed, train(spec, resumed, steps, start=start, opt=opt2, moments=moments)
+
+
 def reference_run(spec, steps, dtype=torch.float32, hp_per_param=None, gamma=0.1):
     model = make_model(torch.float32)
     if dtype != torch.float32:  # start from the same (rounded) weights
@@ -189,14 +207,7 @@ def test_state_dict_resume_is_bitwise(spec, mode):
     train(spec, straight, 6, mode)
 
     first = make_model()
-    opt = train(spec, first, 3, mode)
-    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
-    resumed = make_model(seed=123)
-    resumed.load_state_dict(saved_model)
-    moments = MicroStepMoments(resumed.parameters())
-    opt2 = make_opt(spec, resumed.parameters(), mode, moments)
-    opt2.load_state_dict(saved_opt)
-    train(spec, resumed, 3, mode, start=3, opt=opt2, moments=moments)
+    resumed, _ = resume(spec, first, train(spec, first, 3, mode), 3, mode)
     for pa, pb in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(pa, pb)
 
@@ -208,11 +219,6 @@ def wrote_g_buffer(opt) -> bool:
     """Whether a step since the last call wrote g' into a work buffer for torch's update (the
     torch route); the buffer is dropped, so the next call sees only later steps."""
     return any([b.work.pop("g_out", None) is not None for _, buckets in opt._buckets.values() for b in buckets])
-
-
-def set_route(opt, mode):
-    for group in opt.param_groups:
-        group.update({"foreach": None, "compile": None, **IMPL[mode]})
 
 
 @pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
@@ -255,15 +261,7 @@ def test_adam_route_switch_keeps_state(spec, first, then, monkeypatch):
 def test_adam_checkpoint_across_routes(spec, first, then, monkeypatch):
     monkeypatch.setattr(flat, "ROW", 4)
     model = make_model()
-    opt = train(spec, model, 3, first)
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    resumed = make_model(seed=123)
-    resumed.load_state_dict(saved_model)
-    moments = MicroStepMoments(resumed.parameters())
-    opt2 = make_opt(spec, resumed.parameters(), then, moments)
-    opt2.load_state_dict(saved_opt)
-    set_route(opt2, then)  # the checkpoint's param groups hold the first route's foreach
-    train(spec, resumed, 3, start=3, opt=opt2, moments=moments)
+    resumed, opt2 = resume(spec, model, train(spec, model, 3, first), 3, then)
     assert wrote_g_buffer(opt2) == (then != "rows")
     assert all(opt2.state[p]["step"].item() == 6.0 for p in resumed.parameters())
     assert max_rel_err(list(resumed.parameters()), reference_run(spec, 6)) < 2e-5
