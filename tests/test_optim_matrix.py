@@ -120,6 +120,24 @@ def train(spec, model, steps, mode="foreach", start=0, opt=None, moments=None, *
     return opt
 
 
+def set_route(opt, mode):
+    for group in opt.param_groups:
+        group.update({"foreach": None, "compile": None, **IMPL[mode]})
+
+
+def resume(spec, model, opt, steps, mode):
+    """A new model and optimizer in ``mode`` from the state dicts of ``model`` and ``opt``
+    (whose param groups hold their own mode), trained ``steps`` more."""
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(copy.deepcopy(model.state_dict()))
+    moments = MicroStepMoments(resumed.parameters())
+    opt2 = make_opt(spec, resumed.parameters(), mode, moments)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    set_route(opt2, mode)
+    start = int(opt2.param_groups[0]["step"])
+    return resumed, train(spec, resumed, steps, start=start, opt=opt2, moments=moments)
+
+
 def reference_run(spec, steps, dtype=torch.float32, hp_per_param=None, gamma=0.1):
     model = make_model(torch.float32)
     if dtype != torch.float32:  # start from the same (rounded) weights
@@ -189,16 +207,77 @@ def test_state_dict_resume_is_bitwise(spec, mode):
     train(spec, straight, 6, mode)
 
     first = make_model()
-    opt = train(spec, first, 3, mode)
-    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
-    resumed = make_model(seed=123)
-    resumed.load_state_dict(saved_model)
-    moments = MicroStepMoments(resumed.parameters())
-    opt2 = make_opt(spec, resumed.parameters(), mode, moments)
-    opt2.load_state_dict(saved_opt)
-    train(spec, resumed, 3, mode, start=3, opt=opt2, moments=moments)
+    resumed, _ = resume(spec, first, train(spec, first, 3, mode), 3, mode)
     for pa, pb in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(pa, pb)
+
+
+ADAMS = [s for s in SPECS if s.base == "adam"]
+
+
+def wrote_g_buffer(opt) -> bool:
+    """Whether a step since the last call wrote g' into a work buffer for torch's update (the
+    torch route); the buffer is dropped, so the next call sees only later steps."""
+    return any([b.work.pop("g_out", None) is not None for _, buckets in opt._buckets.values() for b in buckets])
+
+
+@pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
+def test_adam_default_route_is_one_flat_pass(spec):
+    """fp32, foreach=None, gamma < 1: no g' buffer (the update is fused into the flat pass);
+    foreach set, bf16 parameters or gamma = 1: torch's kernel (on g' or the gradient)."""
+    opt = train(spec, make_model(), 2, "rows")
+    assert not wrote_g_buffer(opt)
+    assert wrote_g_buffer(train(spec, make_model(), 2, "foreach"))
+    assert wrote_g_buffer(train(spec, make_model(torch.bfloat16), 2, "rows"))
+    assert {"exp_avg", "exp_avg_sq"} <= set(opt._buckets[0][1][0].state_bufs)  # flat state, torch's keys
+    plain = train(spec, make_model(), 2, "rows", gamma=1.0)
+    assert not plain._buckets[0][1][0].state_bufs  # torch's own state tensors
+
+
+@pytest.mark.parametrize("first,then", [("rows", "foreach"), ("foreach", "rows"), ("rows", "loop")])
+@pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
+def test_adam_route_switch_keeps_state(spec, first, then, monkeypatch):
+    """Switching foreach mid-run continues torch's state: the same step tensors and moments."""
+    monkeypatch.setattr(flat, "ROW", 4)
+    model = make_model()
+    opt = train(spec, model, 3, first)
+    p = model[0].weight
+    step, exp_avg = opt.state[p]["step"], opt.state[p]["exp_avg"]
+    assert step.dtype == torch.float32 and step.item() == 3.0
+    assert wrote_g_buffer(opt) == (first != "rows")
+    set_route(opt, then)
+    train(spec, model, 3, start=3, opt=opt, moments=opt.moments)
+    assert wrote_g_buffer(opt) == (then != "rows")
+    assert opt.state[p]["step"] is step and step.item() == 6.0
+    if first == "rows":  # torch's update works in place on the flat state's views
+        assert opt.state[p]["exp_avg"] is exp_avg
+    else:  # the flat route copied torch's moments into its buffer
+        assert opt.state[p]["exp_avg"].data_ptr() != exp_avg.data_ptr()
+    assert max_rel_err(list(model.parameters()), reference_run(spec, 6)) < 2e-5
+
+
+@pytest.mark.parametrize("first,then", [("rows", "foreach"), ("foreach", "rows")])
+@pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
+def test_adam_checkpoint_across_routes(spec, first, then, monkeypatch):
+    monkeypatch.setattr(flat, "ROW", 4)
+    model = make_model()
+    resumed, opt2 = resume(spec, model, train(spec, model, 3, first), 3, then)
+    assert wrote_g_buffer(opt2) == (then != "rows")
+    assert all(opt2.state[p]["step"].item() == 6.0 for p in resumed.parameters())
+    assert max_rel_err(list(resumed.parameters()), reference_run(spec, 6)) < 2e-5
+
+
+@pytest.mark.parametrize("spec", ADAMS, ids=lambda s: s.name)
+def test_adam_amsgrad_flat_route_equals_torch(spec):
+    """amsgrad on the flat route: torch's kernel on g' to float rounding, the running max in use."""
+    flat_run, torch_run = make_model(), make_model()
+    opt = train(spec, flat_run, 5, "rows", amsgrad=True)
+    twin = train(spec, torch_run, 5, "foreach", amsgrad=True)
+    assert not wrote_g_buffer(opt)
+    for pa, pb in zip(flat_run.parameters(), torch_run.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[pa]["max_exp_avg_sq"], twin.state[pb]["max_exp_avg_sq"])
+    assert any((opt.state[p]["max_exp_avg_sq"] > opt.state[p]["exp_avg_sq"]).any() for p in flat_run.parameters())
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch
 from vrgd_ds import MicroStepMoments, VRLAMB, VRSGD
 
 from reference import Reference, group_grads, gsnr_scaled, max_rel_err
-from test_optim_matrix import K, SPECS, VR_SPECS, batch, loss_fn, make_model, make_opt, micro_steps, train
+from test_optim_matrix import (K, SPECS, VR_SPECS, batch, loss_fn, make_model, make_opt, micro_steps, train,
+                               wrote_g_buffer)
+from test_optim_matrix import short_rows  # noqa: F401  (autouse: 4-element rows in mode "rows")
 
 BY_NAME = {s.name: s for s in SPECS}
 
@@ -22,7 +25,7 @@ def reference_interval(spec, steps, interval):
     return ref.run(model, loss_fn, batch, steps, K)
 
 
-@pytest.mark.parametrize("mode", ["foreach", "loop"])
+@pytest.mark.parametrize("mode", ["foreach", "loop", "rows"])
 @pytest.mark.parametrize("name", ["VRSGD", "VRLAMB", "VRAdamW", "VRLARS"])
 @pytest.mark.parametrize("interval", [2, 3])
 def test_gsnr_interval_reuses_the_last_gsnr(name, mode, interval):
@@ -33,6 +36,19 @@ def test_gsnr_interval_reuses_the_last_gsnr(name, mode, interval):
     assert max_rel_err(list(model.parameters()), expected) < 2e-5
     # and it is a different trajectory from computing the GSNR every step
     assert max_rel_err(expected, reference_interval(spec, 7, 1)) > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["foreach", "rows"])
+@pytest.mark.parametrize("interval", [1, 2])
+def test_adamw_without_gsnr_momentum(mode, interval):
+    """beta3 = 0 (the ratio itself; with gsnr_interval kept and reused) on both Adam routes."""
+    spec = dataclasses.replace(BY_NAME["VRAdamW"], beta3=0.0)
+    model = make_model()
+    opt = train(spec, model, 5, mode, beta3=0.0, gsnr_interval=interval)
+    assert wrote_g_buffer(opt) == (mode != "rows")
+    expected = reference_interval(spec, 5, interval)
+    assert max_rel_err(list(model.parameters()), expected) < 2e-5
+    assert max_rel_err(expected, reference_interval(BY_NAME["VRAdamW"], 5, interval)) > 1e-4  # not beta3 = 0.9
 
 
 def test_gsnr_interval_reads_no_moments_between_gsnr_steps():

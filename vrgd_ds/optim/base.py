@@ -108,7 +108,8 @@ class BaseOptimizer(torch.optim.Optimizer):
     ``compile``: the flat kernels are compiled with ``torch.compile`` (None, the default:
     where it works, else eagerly after one warning; True: always, errors raise; False:
     eagerly). ``foreach`` only chooses torch's implementation for the torch-based updates
-    (SGD, Adam, AdamW); the flat kernels have one implementation.
+    (SGD, Adam, AdamW); the flat kernels have one implementation (a VR Adam/AdamW step with
+    ``foreach=None`` runs as one of them, :mod:`.torch_bases`).
     """
 
     def __init__(self, params, defaults: dict, foreach: bool | None = None, compile: bool | None = None):

@@ -5,12 +5,21 @@ These call torch's own functional kernels (``torch.optim.sgd.sgd``,
 optimizer exactly; the state keys are torch's too. Optimizer state follows the
 parameter dtype, as in torch. ``foreach=None`` (default) takes torch's fused kernels
 where torch has them for the parameters' device (one pass over memory, the fastest
-torch update), ``True`` its multi-tensor kernels, ``False`` its per-tensor loop. For the
-VR optimizers the GSNR scaling is one flat pass that writes g' into a work buffer, which
-torch's update then reads per parameter.
+torch update), ``True`` its multi-tensor kernels, ``False`` its per-tensor loop.
+
+The VR optimizers (a step with ``gamma < 1``) take one of two routes. Adam and AdamW with
+``foreach=None`` and fp32 parameters: one flat pass (:mod:`.flat`) computes g'
+(:func:`vrgd_ds.gsnr.scaled_grad`) and applies torch's Adam/AdamW arithmetic to it in the
+same pass (:func:`adam_pass`), writing only the parameters and the state, which keeps
+torch's keys (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` as views of flat fp32
+buffers, ``step`` torch's float32 tensor), so either route continues the other's state.
+Otherwise (SGD, ``foreach`` set, other dtypes) one flat pass writes g' into a work buffer
+that torch's update then reads per parameter.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -28,6 +37,24 @@ def scaled_grad_pass(spec: Spec, x: dict, s: Tensor, c: Tensor):
     """Pass: g' = the gradient source's output, written to a work buffer for torch's update."""
     g, new = scaled_grad(spec, x, s, c)
     new["g_out"] = g
+    return new, ()
+
+
+def adam_pass(spec: Spec, x: dict, s: Tensor, c: Tensor):
+    """Pass: torch's Adam (AdamW with flag "decoupled", the running max of v with "amsgrad")
+    on g' = the gradient source's output, in torch's order of operations."""
+    g, new = scaled_grad(spec, x, s, c)
+    w = x["p"]
+    if spec.has("decoupled"):
+        w = w * spec.c(c, "decay")
+    else:
+        g = g + spec.c(c, "wd") * w
+    m = x["m"] + spec.c(c, "b1w") * (g - x["m"])
+    v = x["v"] * spec.c(c, "b2") + spec.c(c, "b2w") * g * g
+    if spec.has("amsgrad"):
+        new["vmax"] = torch.maximum(x["vmax"], v)
+    denom = new.get("vmax", v).sqrt() / spec.s(s, "bc2s") + spec.c(c, "eps")
+    new.update(p=w - spec.s(s, "step_size") * m / denom, m=m, v=v)
     return new, ()
 
 
@@ -117,6 +144,9 @@ class AdamUpdate(TorchUpdate):
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
+        if source is not None and group["foreach"] is None and all(p.dtype == torch.float32 for p in batch.params):
+            self._flat_update(group, batch, source)
+            return
         params = batch.params
         grads = self._grads(group, batch, source)
         impl = self._impl(group, params)
@@ -141,6 +171,40 @@ class AdamUpdate(TorchUpdate):
             amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=self._weight_decay(group), eps=group["eps"], maximize=False,
         )
+
+    def _flat_update(self, group: dict, batch: GroupBatch, source: GradSource) -> None:
+        """torch's update with the gradient source fused in: one flat pass (:func:`adam_pass`)
+        that writes the parameters and the state, no g' buffer."""
+        beta1, beta2 = group["betas"]
+        lr, wd = float(group["lr"]), self._weight_decay(group)
+        steps = batch.per_view(self._advance_torch_steps(batch.params))
+        cols = {"step_size": [lr / (1.0 - beta1**t) for t in steps],
+                "bc2s": [math.sqrt(1.0 - beta2**t) for t in steps]}
+        consts = {"b1w": 1.0 - beta1, "b2": beta2, "b2w": 1.0 - beta2, "eps": group["eps"], "wd": wd,
+                  "decay": 1.0 - lr * wd}
+        keys = {"m": "exp_avg", "v": "exp_avg_sq", **({"vmax": "max_exp_avg_sq"} if group["amsgrad"] else {})}
+        flags = [f for f, on in (("decoupled", self.decoupled_weight_decay), ("amsgrad", group["amsgrad"])) if on]
+        spec = source.spec(tuple(cols), tuple(consts), *flags)
+
+        def tensors(bs):
+            return {"g": bs.grad_flat(), "p": bs.param_flat(),
+                    **{k: bs.state(self.state, key) for k, key in keys.items()}, **source.tensors(bs)}
+
+        batch.run(adam_pass, spec, tensors, writes=("p", *keys, *source.writes), cols={**cols, **source.cols},
+                  consts={**consts, **source.consts}, compile=group["compile"], wide=source.wide,
+                  wide_spec=source.wide_spec(spec))
+
+    def _advance_torch_steps(self, params: list[Tensor]) -> list[float]:
+        """torch's ``step`` tensor of each parameter, incremented in place; kept on the CPU, where
+        it is read every step (torch's fused route moves it to the parameter's device)."""
+        out = []
+        for p in params:
+            st = self.state[p]
+            t = st.get("step")
+            if t is None or t.device.type != "cpu":
+                t = st["step"] = torch.tensor(0.0, dtype=torch.float32) if t is None else t.cpu()
+            out.append(t.add_(1).item())
+        return out
 
 
 class AdamWUpdate(AdamUpdate):
