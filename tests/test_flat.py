@@ -222,6 +222,48 @@ def test_squares_of_a_parameter_no_backward_reached_are_zero():
     assert moments.group_count == 2
 
 
+def _lamb_u(opt, params, before, wd, eps=1e-6, betas=(0.9, 0.999)):
+    """LAMB's u per parameter from the optimizer's state after the step and the parameters before it."""
+    out = []
+    for p, w in zip(params, before):
+        st = opt.state[p]
+        t = st["step"]
+        m = st["exp_avg"] / (1 - betas[0] ** t)
+        v = st["exp_avg_sq"] / (1 - betas[1] ** t)
+        out.append((m / (v.sqrt() + eps) + wd * w).reshape(-1))
+    return torch.cat(out)
+
+
+def test_lamb_keeps_u_in_an_input_the_step_owns_never_in_the_users_gradient():
+    """LAMB's second pass reads u from the first: written over the gathered gradient copy
+    (plain LAMB), or over the squared gradients in the bucket's buffer (VRLAMB whose moment
+    source placed them there), never over p.grad the user sees."""
+    model = make_model()
+    params = list(model.parameters())
+    opt = LAMB(params, lr=0.01, weight_decay=0.01)
+    micro_steps(model, 0)
+    grads, before = [p.grad.clone() for p in params], [p.detach().clone() for p in params]
+    opt.step()
+    bucket = opt._buckets[0][1][0]
+    assert bucket.copied["g"]
+    assert torch.allclose(bucket.work["g"], _lamb_u(opt, params, before, 0.01), rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # the user's gradient is untouched
+
+    spec = BY_NAME["VRLAMB"]
+    model = make_model()
+    params = list(model.parameters())
+    opt = train(spec, model, 2)
+    micro_steps(model, 2)
+    bucket = opt._buckets[0][1][0]
+    assert _same_storage(params[0].grad, bucket.work["g"])  # placed: the step must not write there
+    grads, before = [p.grad.clone() for p in params], [p.detach().clone() for p in params]
+    opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    assert torch.allclose(bucket.work["sq"], _lamb_u(opt, params, before, 0.01), rtol=1e-5, atol=1e-7)
+    opt.zero_grad()
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
 def test_create_graph_gradients_keep_their_graph():
     """With create_graph=True the gradient is left where autograd puts it (it has a graph)."""
     spec = BY_NAME["VRLAMB"]

@@ -77,6 +77,7 @@ class FlatBucket:
         self.state_views: dict[str, list[Tensor]] = {}  # per key, the parameter-shaped views of its buffer
         self.plans: dict[tuple, FlatPlan] = {}
         self.placed_for: object = None  # the moment source whose buffers live in this bucket's (see place)
+        self.copied: dict[str, bool] = {}  # per work buffer: the last gather copied everything into it
 
     def _flatten(self) -> Tensor | None:
         if len(self.params) < 2 or not all(_owns_storage(p) for p in self.params):
@@ -112,6 +113,7 @@ class FlatBucket:
     def gathered(self, name: str, tensors: Sequence[Tensor], js: Sequence[int], dtype=torch.float32) -> Tensor:
         """Flat tensor holding ``tensors[i]`` at the offset of parameter ``js[i]``: a view where
         they already lie so (in ``dtype``), else a work buffer they are copied into."""
+        self.copied[name] = False
         if tensors[0].dtype == dtype:
             flat = aliased_flat(tensors, [self.offsets[j] for j in js], self.numel)
             if flat is not None:
@@ -125,6 +127,7 @@ class FlatBucket:
             for view, t, m in zip(self.views(buf, js), tensors, mine):
                 if not (m and t.data_ptr() == view.data_ptr()):
                     view.copy_(t.reshape(view.shape))
+        self.copied[name] = not any(mine)
         return buf
 
     def views(self, flat: Tensor, js: Iterable[int]) -> list[Tensor]:
@@ -194,6 +197,20 @@ class BucketStep:
     def state(self, state: dict, key: str) -> Tensor:
         return self.bucket.state(state, key, self.js)
 
+    def scratch(self) -> str | None:
+        """Which flat input ("g" or "sq") the step may overwrite once a pass has read it, or None:
+        the gradient when it was copied into the bucket's own buffer (no one else sees that copy),
+        else the squared gradients when they lie in the bucket's own buffer (copied there, or
+        put there by a moment source, which hands them over to the step: see
+        :meth:`vrgd_ds.moments.MicroStepMoments.place`). Call after ``grad_flat``/``squares_flat``."""
+        b = self.bucket
+        if "g" in self.cache and b.copied.get("g") and self.cache["g"] is b.work.get("g"):
+            return "g"
+        sq, own = self.cache.get("sq"), b.work.get("sq")
+        if sq is not None and own is not None and sq.untyped_storage().data_ptr() == own.untyped_storage().data_ptr():
+            return "sq"
+        return None
+
     def finish(self) -> None:
         """Scatter gathered parameters back (no-op when the bucket aliases them)."""
         if "p" in self.cache:
@@ -213,6 +230,11 @@ class GroupBatch:
     segments: list[list[Segment]]
     flat_segments: list[Segment] = field(default_factory=list)
     steps: list[BucketStep] = field(default_factory=list)
+
+    def scratch(self) -> str | None:
+        """The input every bucket may overwrite (:meth:`BucketStep.scratch`), or None."""
+        names = {bs.scratch() for bs in self.steps}
+        return names.pop() if len(names) == 1 else None
 
     def per_view(self, values: Iterable[Any]) -> list[Any]:
         """Repeat a per-parameter value for each of the parameter's segments."""

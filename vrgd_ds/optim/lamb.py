@@ -68,7 +68,10 @@ class LAMB(BaseOptimizer):
 
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         """Two passes: moments and the two norms (with the gradient source fused in), then the
-        trust-ratio update (recomputing u instead of storing it)."""
+        trust-ratio update. The first pass writes u over an input it has read where the step
+        owns one (:meth:`~.flat_group.BucketStep.scratch`: a gathered gradient, the squared
+        gradients), so the second reads p and u; elsewhere (a ZeRO partition) it recomputes u
+        from p, m and v."""
         source = source or GradSource()
         beta1, beta2 = group["betas"]
         steps = batch.per_view(self._advance_step(batch.params))
@@ -81,18 +84,25 @@ class LAMB(BaseOptimizer):
 
         def tensors(bs):
             return {"g": bs.grad_flat(), "p": bs.param_flat(), "m": bs.state(self.state, "exp_avg"),
-                    "v": bs.state(self.state, "exp_avg_sq")}
+                    "v": bs.state(self.state, "exp_avg_sq"), **source.tensors(bs)}
 
-        spec = source.spec(("bc1", "bc2s"), tuple(consts))
-        sums = batch.run(lamb_moments, spec, lambda bs: {**tensors(bs), **source.tensors(bs)},
-                         writes=("m", "v", *source.writes), cols={**cols, **source.cols},
-                         consts={**consts, **source.consts}, compile=group["compile"], n_terms=2,
-                         wide=source.wide, wide_spec=source.wide_spec(spec))
+        for bs in batch.steps:  # gather first: where u may go depends on what was gathered
+            tensors(bs)
+        scratch = batch.scratch()
+        spec = source.spec(("bc1", "bc2s"), tuple(consts), *((f"u_to_{scratch}",) if scratch else ()))
+        sums = batch.run(lamb_moments, spec, tensors, writes=("m", "v", *source.writes, *((scratch,) if scratch else ())),
+                         cols={**cols, **source.cols}, consts={**consts, **source.consts}, compile=group["compile"],
+                         n_terms=2, wide=source.wide, wide_spec=source.wide_spec(spec))
         w_sq, u_sq = layer_totals(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
-        cols["scale"] = [-group["lr"] * t for t in trust_ratios(w_sq, u_sq)]
+        scale = [-group["lr"] * t for t in trust_ratios(w_sq, u_sq)]
+        if scratch:
+            batch.run(lamb_apply_u, Spec(("ok", "scale"), ()),
+                      lambda bs: {"p": bs.param_flat(), "u": tensors(bs)[scratch]}, writes=("p",),
+                      cols={"scale": scale}, compile=group["compile"])
+            return
         batch.run(lamb_apply, Spec(("ok", "bc1", "bc2s", "scale"), ("eps", "wd")),
-                  lambda bs: {k: v for k, v in tensors(bs).items() if k != "g"}, writes=("p",), cols=cols,
-                  consts=consts, compile=group["compile"])
+                  lambda bs: {k: v for k, v in tensors(bs).items() if k in ("p", "m", "v")}, writes=("p",),
+                  cols={**cols, "scale": scale}, consts=consts, compile=group["compile"])
 
 
 # ---- pass functions (see vrgd_ds.optim.flat) ----------------------------------------------
@@ -111,11 +121,19 @@ def lamb_moments(spec: Spec, x: dict, s: Tensor, c: Tensor):
     v = x["v"] * spec.c(c, "b2") + spec.c(c, "b2w") * g * g
     u = lamb_direction(m, v, w, spec.s(s, "bc1"), spec.s(s, "bc2s"), spec.c(c, "eps"), spec.c(c, "wd"))
     new.update(m=m, v=v)
+    for name in ("g", "sq"):  # u over an input already read (LAMB._update: the step owns it)
+        if spec.has(f"u_to_{name}"):
+            new[name] = u
     return new, (w * w, u * u)
 
 
+def lamb_apply_u(spec: Spec, x: dict, s: Tensor, c: Tensor):
+    """Pass 2 with u kept by pass 1: theta += scale * u, scale = -lr * trust ratio of the layer."""
+    return {"p": x["p"].float() + spec.s(s, "scale") * x["u"]}, ()
+
+
 def lamb_apply(spec: Spec, x: dict, s: Tensor, c: Tensor):
-    """Pass 2: theta += scale * u with scale = -lr * trust ratio of the layer."""
+    """Pass 2 recomputing u from p, m and v: theta += scale * u with scale = -lr * trust ratio."""
     w = x["p"].float()
     u = lamb_direction(x["m"], x["v"], w, spec.s(s, "bc1"), spec.s(s, "bc2s"), spec.c(c, "eps"), spec.c(c, "wd"))
     return {"p": w + spec.s(s, "scale") * u}, ()
