@@ -18,3 +18,17 @@ def test_optim_step_small(tmp_path):
             "backward placed", "backward gathered"} <= set(res["median_s"])
     assert all(v > 0 for v in res["median_s"].values())
     assert (tmp_path / "optim_step.png").stat().st_size > 1000
+
+
+def test_grad_handover_small(tmp_path):
+    run_module("benchmarks.grad_handover", "--tiny", "--rounds", "1", "--micro", "4", "--out", tmp_path, timeout=300)
+    res = json.loads((tmp_path / "grad_handover.json").read_text())
+    assert set(res["median_s"]) == {"placed", "gathered"}
+    assert all(len(res["samples_s"][m]["step"]) == 1 for m in ("placed", "gathered"))
+    assert (tmp_path / "grad_handover.png").stat().st_size > 1000
+
+
+def test_grad_handover_rejects_bad_counts(tmp_path):
+    proc = run_module("benchmarks.grad_handover", "--tiny", "--micro", "0", "--out", tmp_path, timeout=300,
+                      check=False)
+    assert proc.returncode != 0 and "--micro must be >= 1, got 0" in proc.stderr

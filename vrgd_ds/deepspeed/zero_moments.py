@@ -45,6 +45,8 @@ from ..moments.chunked import ChunkedSquares, Transfer
 
 
 class ZeroMoments:
+    squares_consumable = True  # zeroed by the first bucket of the next step before any is reduced
+
     def __init__(self, snap: ZeroSnapshot, vr_optimizer, chunk_numel: int, samples_per_group: int | None = None,
                  accumulation: Callable[[], int] | None = None, norms_only: bool = False):
         self.snap = snap

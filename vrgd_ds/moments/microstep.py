@@ -48,6 +48,8 @@ from torch import Tensor
 
 
 class MicroStepMoments:
+    squares_consumable = True  # rewritten by the next step's first backward pass (or zeroed when read)
+
     def __init__(self, params: Iterable[Tensor], samples_per_group: int | None = None, flat_grads: bool = True):
         if samples_per_group is not None and (isinstance(samples_per_group, bool)
                                               or not isinstance(samples_per_group, int) or samples_per_group < 1):
@@ -90,7 +92,9 @@ class MicroStepMoments:
         """Keep the squares of ``params`` in the given fp32 views (e.g. an optimizer's flat
         buffer), and hand each step's gradient of a parameter to autograd as the view in
         ``grads`` (None: leave it where autograd puts it). Takes effect now for the squares
-        (their values are copied over) and at the next step for the gradients."""
+        (their values are copied over) and at the next step for the gradients. As with
+        every buffer of this source (``squares_consumable``), the step may overwrite the
+        squares once it has read them: they are rewritten before they are read again."""
         hooked = set(self.params)
         for p, sq, g in zip(params, squares, grads):
             if p not in hooked or sq.shape != p.shape or sq.dtype != torch.float32:

@@ -32,7 +32,9 @@ class GradSource:
     g' = phat * g), "store" (beta3 = 0 with a kept ratio: momentum := r), "reuse" (g' from
     the momentum already advanced). ``cols``/``consts``: its per-segment scalars and
     constants; ``tensors``: its flat inputs per bucket; ``wide``: segments whose r_raw needs
-    float64 (their fp32 layer sum overflowed).
+    float64 (their fp32 layer sum overflowed); ``consumable``: the moment source declares
+    (``squares_consumable``) that its squares are rewritten before they are read again, so
+    the step may overwrite them once read.
     """
 
     mode: str = "off"
@@ -40,6 +42,7 @@ class GradSource:
     consts: dict[str, float] = field(default_factory=dict)
     tensors: Callable[[BucketStep], dict] = lambda bs: {}
     wide: list[bool] | None = None
+    consumable: bool = False  # the moment source lets the step overwrite its squares once read
 
     @property
     def writes(self) -> tuple[str, ...]:

@@ -197,17 +197,16 @@ class BucketStep:
     def state(self, state: dict, key: str) -> Tensor:
         return self.bucket.state(state, key, self.js)
 
-    def scratch(self) -> str | None:
+    def scratch(self, squares_consumable: bool = False) -> str | None:
         """Which flat input ("g" or "sq") the step may overwrite once a pass has read it, or None:
         the gradient when it was copied into the bucket's own buffer (no one else sees that copy),
-        else the squared gradients when they lie in the bucket's own buffer (copied there, or
-        put there by a moment source, which hands them over to the step: see
-        :meth:`vrgd_ds.moments.MicroStepMoments.place`). Call after ``grad_flat``/``squares_flat``."""
-        b = self.bucket
-        if "g" in self.cache and b.copied.get("g") and self.cache["g"] is b.work.get("g"):
+        else the squared gradients when they were copied there or their moment source lets the
+        step consume them. Call after ``grad_flat``/``squares_flat``."""
+        copied = self.bucket.copied
+        if "g" in self.cache and copied.get("g") and self.cache["g"] is self.bucket.work.get("g"):
             return "g"
-        sq, own = self.cache.get("sq"), b.work.get("sq")
-        if sq is not None and own is not None and sq.untyped_storage().data_ptr() == own.untyped_storage().data_ptr():
+        sq = self.cache.get("sq")
+        if sq is not None and (squares_consumable or (copied.get("sq") and sq is self.bucket.work.get("sq"))):
             return "sq"
         return None
 
@@ -231,9 +230,9 @@ class GroupBatch:
     flat_segments: list[Segment] = field(default_factory=list)
     steps: list[BucketStep] = field(default_factory=list)
 
-    def scratch(self) -> str | None:
+    def scratch(self, squares_consumable: bool = False) -> str | None:
         """The input every bucket may overwrite (:meth:`BucketStep.scratch`), or None."""
-        names = {bs.scratch() for bs in self.steps}
+        names = {bs.scratch(squares_consumable) for bs in self.steps}
         return names.pop() if len(names) == 1 else None
 
     def per_view(self, values: Iterable[Any]) -> list[Any]:

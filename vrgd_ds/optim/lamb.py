@@ -69,9 +69,9 @@ class LAMB(BaseOptimizer):
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         """Two passes: moments and the two norms (with the gradient source fused in), then the
         trust-ratio update. The first pass writes u over an input it has read where the step
-        owns one (:meth:`~.flat_group.BucketStep.scratch`: a gathered gradient, the squared
-        gradients), so the second reads p and u; elsewhere (a ZeRO partition) it recomputes u
-        from p, m and v."""
+        owns one (:meth:`~.flat_group.BucketStep.scratch`: a gathered gradient copy, squared
+        gradients the moment source lets it consume), so the second reads p and u; else (plain
+        LAMB on a ZeRO partition) it recomputes u from p, m and v."""
         source = source or GradSource()
         beta1, beta2 = group["betas"]
         steps = batch.per_view(self._advance_step(batch.params))
@@ -88,7 +88,7 @@ class LAMB(BaseOptimizer):
 
         for bs in batch.steps:  # gather first: where u may go depends on what was gathered
             tensors(bs)
-        scratch = batch.scratch()
+        scratch = batch.scratch(source.consumable)
         spec = source.spec(("bc1", "bc2s"), tuple(consts), *((f"u_to_{scratch}",) if scratch else ()))
         sums = batch.run(lamb_moments, spec, tensors, writes=("m", "v", *source.writes, *((scratch,) if scratch else ())),
                          cols={**cols, **source.cols}, consts={**consts, **source.consts}, compile=group["compile"],

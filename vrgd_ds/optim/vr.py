@@ -78,6 +78,9 @@ class MomentSource(Protocol):
 
     group_count: int
     sq_scale: float
+    # optional: True when the squares are rewritten before they are read again (after reset()),
+    # so a step may overwrite them once it has read them (LAMB keeps u there)
+    squares_consumable: bool
 
     def sum_sq(self, param: Tensor) -> Tensor: ...
 
@@ -293,7 +296,7 @@ class GSNRTransform:
 
         cols = {**gsnr.ratio_columns(means, group["gamma"]), "bc3": bc3}
         return GradSource(mode, cols, {"sq_scale": src.sq_scale, "b3w": 1.0 - beta3}, tensors,
-                          wide if any(wide) else None)
+                          wide if any(wide) else None, bool(getattr(src, "squares_consumable", False)))
 
     def _reuse_ratios(self, batches, active, out):
         """A step between GSNR computations: g' = phat_last * gbar, no second moment read.
