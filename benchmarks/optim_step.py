@@ -227,6 +227,8 @@ def main(argv=None):
     ap.add_argument("--eager", action="store_true", help="also time compile=False (the fallback)")
     ap.add_argument("--no-partition", action="store_true", help="leave out the flat-partition rows (memory)")
     ap.add_argument("--fused-lamb", action="store_true", help="also DeepSpeed's FusedLamb (CUDA; builds an op)")
+    ap.add_argument("--no-backward", action="store_true",
+                    help="leave out the rows fed by real backward passes (VRLAMB, VRAdamW and their gathered twins)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -242,7 +244,7 @@ def main(argv=None):
     print(f"{len(params)} tensors, {n / 1e6:.1f}M parameters on {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     opts = build_optimizers(params, eager=args.eager, partition=not args.no_partition)
-    cases = build_backward_cases(params)
+    cases = {} if args.no_backward else build_backward_cases(params)
     skipped = {}
     if args.fused_lamb:
         opt, why = fused_lamb(params, 1e-4)
