@@ -13,8 +13,10 @@ mode, in alternating order:
 - ``gathered`` (``flat_grads=False``): ``p.grad`` stays where autograd puts it and the step
   gathers it into the flat buffer.
 
-Forward, backward and the optimizer step are timed separately; the JSON has every sample
-and the medians, the PNG the medians. The first round (compilation, first placement) is
+Forward, backward and the optimizer step are timed separately; the JSON has every sample,
+the medians, and the median over rounds of each placed - gathered difference (the two
+steps of a round share the machine's load, so this is the steadier figure); the PNG the
+medians. The first round (compilation, first placement) is
 not timed, nor the second (the first steps on placed buffers compile their kernels).
 """
 
@@ -87,16 +89,12 @@ def main(argv=None):
             if r >= WARMUP:
                 for k, v in t.items():
                     samples[mode][k].append(v)
-    med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in samples.items()}
-    total = {m: med[m]["backward"] + med[m]["step"] for m in MODES}
     result = {
         "model": "tiny BERT" if args.tiny else "BERT-base", "params": sum(p.numel() for p in params),
         "micro_steps": args.micro, "batch": args.batch, "seq": args.seq, "rounds": args.rounds,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "samples_s": samples, "median_s": med, "backward_plus_step_s": total,
-        "placed_over_gathered": {k: med["placed"][k] / med["gathered"][k] for k in ("backward", "step")}
-        | {"backward+step": total["placed"] / total["gathered"]},
+        "torch": torch.__version__, "threads": torch.get_num_threads(), **summarise(samples),
     }
+    med, total = result["median_s"], result["backward_plus_step_s"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grad_handover.json").write_text(json.dumps(result, indent=2))
@@ -108,8 +106,24 @@ def main(argv=None):
         print(f"{m:<10}{med[m]['forward'] * 1e3:>10.1f}{med[m]['backward'] * 1e3:>10.1f}"
               f"{med[m]['step'] * 1e3:>10.1f}{total[m] * 1e3:>10.1f}")
     print("placed / gathered:", {k: round(v, 3) for k, v in result["placed_over_gathered"].items()})
+    print("placed - gathered, median over rounds (ms):",
+          {k: round(v * 1e3, 1) for k, v in result["paired_difference_s"].items()})
     print(f"wrote {out / 'grad_handover.json'}")
     return result
+
+
+def summarise(samples: dict) -> dict:
+    """Medians per mode, their ratios, and the median over rounds of the placed - gathered
+    difference (each round runs both modes back to back, so the pair shares the load)."""
+    med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in samples.items()}
+    total = {m: med[m]["backward"] + med[m]["step"] for m in MODES}
+    P, G = samples["placed"], samples["gathered"]
+    pairs = {k: [a - b for a, b in zip(P[k], G[k])] for k in ("forward", "backward", "step")}
+    pairs["backward+step"] = [a + b for a, b in zip(pairs["backward"], pairs["step"])]
+    return {"samples_s": samples, "median_s": med, "backward_plus_step_s": total,
+            "placed_over_gathered": {k: med["placed"][k] / med["gathered"][k] for k in ("backward", "step")}
+            | {"backward+step": total["placed"] / total["gathered"]},
+            "paired_difference_s": {k: statistics.median(v) for k, v in pairs.items()}}
 
 
 def plot(result: dict, path: Path) -> None:
