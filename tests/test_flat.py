@@ -263,6 +263,29 @@ def test_lamb_keeps_u_in_an_input_the_step_owns_never_in_the_users_gradient():
     opt.zero_grad()
 
 
+def test_autograd_grad_results_and_existing_gradients_are_left_alone():
+    """Only a p.grad that the backward pass creates is handed over: a torch.autograd.grad
+    result never aliases the optimizer's buffer, and a p.grad that already existed keeps its
+    identity and is accumulated into."""
+    spec = BY_NAME["VRLAMB"]
+    model = make_model()
+    opt = train(spec, model, 2)
+    bucket = opt._buckets[0][1][0]
+    x = torch.randn(8, 6)
+    params = list(model.parameters())
+    got = torch.autograd.grad(model(x).square().mean(), params)
+    kept = [g.clone() for g in got]
+    assert not any(_same_storage(g, bucket.work["g"]) for g in got)
+    opt.moments.reset()
+    mine = torch.ones_like(params[0])
+    params[0].grad = mine
+    model(x).square().mean().backward()
+    assert all(torch.equal(g, k) for g, k in zip(got, kept))
+    assert params[0].grad is mine and not torch.equal(mine, torch.ones_like(mine))
+    assert all(_same_storage(p.grad, bucket.work["g"]) for p in params[1:])
+    opt.zero_grad()
+
+
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
 def test_create_graph_gradients_keep_their_graph():
     """With create_graph=True the gradient is left where autograd puts it (it has a graph)."""

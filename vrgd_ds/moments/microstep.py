@@ -28,15 +28,15 @@ so the GSNR stays that of the unclipped moments (section 1).
 Memory traffic: the first backward pass of a step writes h_1^2 (no zeroing pass; a buffer a
 step did not reach is zeroed when it is read). After its first step a vrgd_ds optimizer
 calls :meth:`place`: from then on the squares are written straight into its flat buffer,
-and the first micro-step's gradient is copied into its flat gradient buffer while it is still
-in cache and handed to autograd, so ``p.grad`` is a view of that buffer
-(as with DDP's ``gradient_as_bucket_view``) and the later micro-steps accumulate into it in
-place. The optimizer step then reads both where they lie instead of gathering them (one
-read and one write of each fewer per element). ``p.grad`` stays an ordinary tensor the user
-may read, scale, or set to None; a view handed out is overwritten at the next step, so
-keep a ``clone()`` of a gradient you want to keep, or pass ``flat_grads=False`` (the squares
-are still placed). Not with ``create_graph=True`` (the gradient then keeps its graph and is
-left alone).
+and right after autograd creates ``p.grad`` on the first micro-step, a post-accumulate hook
+copies it, still in cache, into the optimizer's flat gradient buffer and makes ``p.grad``
+that view (as with DDP's ``gradient_as_bucket_view``); the later micro-steps accumulate
+into it in place. The optimizer step then reads both where they lie instead of gathering
+them. ``p.grad`` stays an ordinary tensor the user may read, scale, or set to None; a view
+handed out is overwritten at the next step, so keep a ``clone()`` of a gradient you want to
+keep, or pass ``flat_grads=False`` (the squares are still placed). Left alone: a ``p.grad``
+that existed before the backward pass, gradients made with ``create_graph=True`` (they keep
+their graph), and ``torch.autograd.grad`` results (nothing is accumulated).
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ class MicroStepMoments:
         self._hits: dict[Tensor, int] = {}
         self._clip_scale = 1.0
         self._backward_passes = 0
+        self._take: set[Tensor] = set()  # parameters whose p.grad was None when this backward pass began
         self._handles = [p.register_hook(self._hook_for(p)) for p in self.params]
+        self._handles += [p.register_post_accumulate_grad_hook(self._hand_over) for p in self.params]
 
     def _hook_for(self, p: Tensor):
         def hook(grad: Tensor) -> Tensor | None:
@@ -80,18 +82,33 @@ class MicroStepMoments:
                 self._fresh.add(p)
             self._hits[p] = self._hits.get(p, 0) + 1
             self._backward_passes = max(self._backward_passes, self._hits[p])
-            home = self._grad_home.get(p) if self.flat_grads else None
-            if (home is not None and p.grad is None and grad.dtype == home.dtype and grad.shape == home.shape
-                    and not torch.is_grad_enabled()):
-                home.copy_(grad)  # still in cache; autograd adopts the view as p.grad (no copy later)
-                return home.view_as(home)
+            if p.grad is None and not torch.is_grad_enabled():  # autograd is about to create p.grad
+                self._take.add(p)
+            else:
+                self._take.discard(p)
             return None
         return hook
+
+    def _hand_over(self, p: Tensor) -> None:
+        """After autograd created p.grad on the step's first backward pass (never for
+        ``torch.autograd.grad``, which accumulates nothing): copy it, still in cache, into the
+        optimizer's flat buffer and make p.grad that view; later passes accumulate into it."""
+        if p not in self._take:
+            return
+        self._take.discard(p)
+        home, grad = self._grad_home.get(p), p.grad
+        if (not self.flat_grads or home is None or grad is None or grad.requires_grad
+                or grad.dtype != home.dtype or grad.shape != home.shape or grad.layout != torch.strided):
+            return
+        home.copy_(grad)
+        p.grad = home.view_as(home)
 
     def place(self, params: list[Tensor], squares: list[Tensor], grads: list[Tensor | None]) -> None:
         """Keep the squares of ``params`` in the given fp32 views (e.g. an optimizer's flat
         buffer), and hand each step's gradient of a parameter to autograd as the view in
-        ``grads`` (None: leave it where autograd puts it). Takes effect now for the squares
+        ``grads`` (None: leave it where autograd puts it): when a backward pass creates a
+        parameter's ``p.grad``, it is copied there and ``p.grad`` becomes that view (a
+        ``p.grad`` that already existed is accumulated into as usual). Takes effect now for the squares
         (their values are copied over) and at the next step for the gradients. As with
         every buffer of this source (``squares_consumable``), the step may overwrite the
         squares once it has read them: they are rewritten before they are read again."""
@@ -147,6 +164,7 @@ class MicroStepMoments:
 
     def reset(self) -> None:
         self._fresh.clear()  # each buffer is written by its next first hit, or zeroed when read
+        self._take.clear()
         self._hits.clear()
         self._backward_passes = 0
         self._clip_scale = 1.0
