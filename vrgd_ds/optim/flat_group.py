@@ -14,8 +14,11 @@ dtype (a *bucket*) are viewed as one flat buffer, once, at the first step:
 - anything else is gathered into a work buffer and scattered back after the update.
 
 Gradients are what autograd (or DDP, DeepSpeed) made: a view where they lie flat at the
-parameters' offsets (a ZeRO partition), otherwise gathered each step (one read and one
-write per element). Squared gradients from a moment source likewise. Optimizer state is
+parameters' offsets (a ZeRO partition, or gradients a moment source handed over in the
+bucket's own buffer: :meth:`vrgd_ds.moments.MicroStepMoments.place`), otherwise gathered
+each step (one read and one write per element). Squared gradients from a moment source
+likewise. A pass may overwrite an input the step owns once it has read it
+(:meth:`BucketStep.scratch`). Optimizer state is
 one flat fp32 buffer per key and ``optimizer.state[p][key]`` the parameter-shaped view of
 it, so ``state_dict`` keeps its per-parameter keys; a state tensor that is not that view
 (a loaded checkpoint) is copied in and replaced by the view.
