@@ -214,8 +214,9 @@ def report(result: dict) -> None:
     for name, r in ratios.items():
         goal = f"  target {'<=' if targets[name][0] == 'max' else '>='} {targets[name][1]}: " \
             f"{'met' if met[name] else 'NOT met'}" if name in targets else ""
+        rounds = result["ratios_per_round"].get(name)
         print(f"{name:<40}{r:>8.2f}{result['ratios_of_min'][name]:>8.2f}"
-              f"{result['ratios_per_round'].get(name, float('nan')):>8.2f}{goal}")
+              f"{'-' if rounds is None else f'{rounds:.2f}':>8}{goal}")
 
 
 def main(argv=None):
