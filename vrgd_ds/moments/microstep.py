@@ -105,13 +105,13 @@ class MicroStepMoments:
 
     def place(self, params: list[Tensor], squares: list[Tensor], grads: list[Tensor | None]) -> None:
         """Keep the squares of ``params`` in the given fp32 views (e.g. an optimizer's flat
-        buffer), and hand each step's gradient of a parameter to autograd as the view in
-        ``grads`` (None: leave it where autograd puts it): when a backward pass creates a
-        parameter's ``p.grad``, it is copied there and ``p.grad`` becomes that view (a
-        ``p.grad`` that already existed is accumulated into as usual). Takes effect now for the squares
-        (their values are copied over) and at the next step for the gradients. As with
-        every buffer of this source (``squares_consumable``), the step may overwrite the
-        squares once it has read them: they are rewritten before they are read again."""
+        buffer), and each step's gradient in the views in ``grads`` (None: leave it where
+        autograd puts it): when a backward pass creates a parameter's ``p.grad``, it is
+        copied there and ``p.grad`` becomes that view (a ``p.grad`` that already existed is
+        accumulated into as usual). Takes effect now for the squares (their values are copied
+        over) and at the next step for the gradients. As with every buffer of this source
+        (``squares_consumable``), the step may overwrite the squares once it has read them:
+        they are rewritten before they are read again."""
         hooked = set(self.params)
         for p, sq, g in zip(params, squares, grads):
             if p not in hooked or sq.shape != p.shape or sq.dtype != torch.float32:
