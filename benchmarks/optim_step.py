@@ -12,8 +12,8 @@ the PNG the medians. Parameters are fp32 in the real BERT-base shapes.
 - "VRLAMB" and "VRAdamW" are what a single-process user gets: each has its own copy of the
   parameters and a real ``MicroStepMoments``; before each timed step, 8 real backward passes
   (micro-step i's gradient is c + s_i d for fixed tensors c, d, so the GSNR varies per
-  element) run through its hooks, which after the first step write the squares and hand the
-  gradient to autograd in the optimizer's flat buffers. "... gathered" rows time the same
+  element) run through its hooks, which after the first step write the squares, and copy
+  the gradient autograd creates, into the optimizer's flat buffers. "... gathered" rows time the same
   optimizer after backward passes with ``flat_grads=False``: the gradients are then separate
   tensors that the step gathers (what DDP and DeepSpeed stage 0 give). The backward passes
   are timed too ("backward placed" / "backward gathered", 8 micro-steps): the difference is

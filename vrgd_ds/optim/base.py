@@ -100,6 +100,20 @@ def adam_defaults(lr: float, betas: Any, eps: float, weight_decay: float, **more
     return dict(lr=lr, betas=check_betas(betas), eps=eps, weight_decay=weight_decay, **more)
 
 
+def adam_consts(betas: tuple[float, float], eps: float, **more: float) -> dict[str, float]:
+    """The constants of an Adam-style flat pass (:func:`adam_moments`), with ``more`` added."""
+    beta1, beta2 = betas
+    return {"b1w": 1.0 - beta1, "b2": beta2, "b2w": 1.0 - beta2, "eps": eps, **more}
+
+
+def adam_moments(spec: Spec, x: dict, c: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Inside a flat pass: Adam's m = lerp(m, g, 1 - beta1) and v = beta2 v + (1 - beta2) g^2
+    from ``x["m"]``, ``x["v"]`` and the constants of :func:`adam_consts`."""
+    m = x["m"] + spec.c(c, "b1w") * (g - x["m"])
+    v = x["v"] * spec.c(c, "b2") + spec.c(c, "b2w") * g * g
+    return m, v
+
+
 def check_momentum(momentum: float) -> None:
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")

@@ -80,7 +80,7 @@ class FlatBucket:
         self.state_views: dict[str, list[Tensor]] = {}  # per key, the parameter-shaped views of its buffer
         self.plans: dict[tuple, FlatPlan] = {}
         self.placed_for: object = None  # the moment source whose buffers live in this bucket's (see place)
-        self.copied: dict[str, bool] = {}  # per work buffer: the last gather copied everything into it
+        self.copied: dict[str, bool] = {}  # per name: the last gather returned its work buffer, all copied in
 
     def _flatten(self) -> Tensor | None:
         if len(self.params) < 2 or not all(_owns_storage(p) for p in self.params):
@@ -206,10 +206,9 @@ class BucketStep:
         else the squared gradients when they were copied there or their moment source lets the
         step consume them. Call after ``grad_flat``/``squares_flat``."""
         copied = self.bucket.copied
-        if "g" in self.cache and copied.get("g") and self.cache["g"] is self.bucket.work.get("g"):
+        if "g" in self.cache and copied.get("g"):
             return "g"
-        sq = self.cache.get("sq")
-        if sq is not None and (squares_consumable or (copied.get("sq") and sq is self.bucket.work.get("sq"))):
+        if "sq" in self.cache and (squares_consumable or copied.get("sq")):
             return "sq"
         return None
 

@@ -21,7 +21,7 @@ import math
 from torch import Tensor
 
 from ..gsnr import scaled_grad
-from .base import BaseOptimizer, GradSource, adam_defaults
+from .base import BaseOptimizer, GradSource, adam_consts, adam_defaults, adam_moments
 from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
@@ -79,15 +79,14 @@ class LAMB(BaseOptimizer):
             cols = {"bc1": [1.0 - beta1**t for t in steps], "bc2s": [math.sqrt(1.0 - beta2**t) for t in steps]}
         else:
             cols = {"bc1": [1.0] * len(steps), "bc2s": [1.0] * len(steps)}
-        consts = {"b1w": 1.0 - beta1, "b2": beta2, "b2w": 1.0 - beta2, "eps": group["eps"],
-                  "wd": self._weight_decay(group)}
+        consts = adam_consts(group["betas"], group["eps"], wd=self._weight_decay(group))
+        # gathered first: where u may go depends on what was gathered
+        inputs = {id(bs): {"g": bs.grad_flat(), "p": bs.param_flat(), "m": bs.state(self.state, "exp_avg"),
+                           "v": bs.state(self.state, "exp_avg_sq"), **source.tensors(bs)} for bs in batch.steps}
 
         def tensors(bs):
-            return {"g": bs.grad_flat(), "p": bs.param_flat(), "m": bs.state(self.state, "exp_avg"),
-                    "v": bs.state(self.state, "exp_avg_sq"), **source.tensors(bs)}
+            return inputs[id(bs)]
 
-        for bs in batch.steps:  # gather first: where u may go depends on what was gathered
-            tensors(bs)
         scratch = batch.scratch(source.consumable)
         spec = source.spec(("bc1", "bc2s"), tuple(consts), *((f"u_to_{scratch}",) if scratch else ()))
         sums = batch.run(lamb_moments, spec, tensors, writes=("m", "v", *source.writes, *((scratch,) if scratch else ())),
@@ -117,8 +116,7 @@ def lamb_moments(spec: Spec, x: dict, s: Tensor, c: Tensor):
     """Pass 1: m and v from the gradient (m = lerp(m, g, 1 - b1)); ||theta||^2 and ||u||^2 terms."""
     g, new = scaled_grad(spec, x, s, c)
     w = x["p"].float()
-    m = x["m"] + spec.c(c, "b1w") * (g - x["m"])
-    v = x["v"] * spec.c(c, "b2") + spec.c(c, "b2w") * g * g
+    m, v = adam_moments(spec, x, c, g)
     u = lamb_direction(m, v, w, spec.s(s, "bc1"), spec.s(s, "bc2s"), spec.c(c, "eps"), spec.c(c, "wd"))
     new.update(m=m, v=v)
     for name in ("g", "sq"):  # u over an input already read (LAMB._update: the step owns it)

@@ -28,7 +28,7 @@ from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from torch.optim.sgd import sgd as torch_sgd
 
 from ..gsnr import scaled_grad
-from .base import BaseOptimizer, GradSource, adam_defaults, check_lr, check_momentum, check_weight_decay
+from .base import BaseOptimizer, GradSource, adam_consts, adam_defaults, adam_moments, check_lr, check_momentum, check_weight_decay
 from .flat import Spec
 from .flat_group import GroupBatch
 
@@ -49,8 +49,7 @@ def adam_pass(spec: Spec, x: dict, s: Tensor, c: Tensor):
         w = w * spec.c(c, "decay")
     else:
         g = g + spec.c(c, "wd") * w
-    m = x["m"] + spec.c(c, "b1w") * (g - x["m"])
-    v = x["v"] * spec.c(c, "b2") + spec.c(c, "b2w") * g * g
+    m, v = adam_moments(spec, x, c, g)
     if spec.has("amsgrad"):
         new["vmax"] = torch.maximum(x["vmax"], v)
     denom = new.get("vmax", v).sqrt() / spec.s(s, "bc2s") + spec.c(c, "eps")
@@ -180,8 +179,7 @@ class AdamUpdate(TorchUpdate):
         steps = batch.per_view(self._advance_torch_steps(batch.params))
         cols = {"step_size": [lr / (1.0 - beta1**t) for t in steps],
                 "bc2s": [math.sqrt(1.0 - beta2**t) for t in steps]}
-        consts = {"b1w": 1.0 - beta1, "b2": beta2, "b2w": 1.0 - beta2, "eps": group["eps"], "wd": wd,
-                  "decay": 1.0 - lr * wd}
+        consts = adam_consts(group["betas"], group["eps"], wd=wd, decay=1.0 - lr * wd)
         keys = {"m": "exp_avg", "v": "exp_avg_sq", **({"vmax": "max_exp_avg_sq"} if group["amsgrad"] else {})}
         flags = [f for f, on in (("decoupled", self.decoupled_weight_decay), ("amsgrad", group["amsgrad"])) if on]
         spec = source.spec(tuple(cols), tuple(consts), *flags)
