@@ -334,3 +334,8 @@ def test_compiled_edge_kernel_matches_the_reference(name, monkeypatch):
     model = make_model()
     train(spec, model, 3, "default")
     assert max_rel_err(list(model.parameters()), reference_run(spec, 3)) < 2e-5
+
+
+def test_micro_step_moments_rejects_a_non_bool_flat_grads():
+    with pytest.raises(ValueError, match="flat_grads must be True or False, got 'yes'"):
+        MicroStepMoments(make_model().parameters(), flat_grads="yes")

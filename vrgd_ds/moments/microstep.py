@@ -55,7 +55,9 @@ class MicroStepMoments:
                                               or not isinstance(samples_per_group, int) or samples_per_group < 1):
             raise ValueError(f"samples_per_group must be an integer >= 1 or None, got {samples_per_group!r}")
         self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
-        self.flat_grads = bool(flat_grads)  # False (may be set at any time): p.grad stays where autograd puts it
+        if not isinstance(flat_grads, bool):
+            raise ValueError(f"flat_grads must be True or False, got {flat_grads!r}")
+        self.flat_grads = flat_grads  # False (may be set at any time): p.grad stays where autograd puts it
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
