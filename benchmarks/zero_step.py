@@ -9,7 +9,7 @@ plain LAMB measuring the gradient noise scale (``vrgd_noise_scale``, every step 
 They are stepped round-robin (one full step each, gradient accumulation 2, so k = 4
 groups), so every engine's samples see the same machine load; the JSON keeps the median
 step time per engine and the ratios. Bytes: every torch.distributed collective is
-counted (payload handed in per rank), split into the gradient reduction DeepSpeed does
+counted (payload handed in per rank; point-to-point sends too), split into the gradient reduction DeepSpeed does
 anyway and the VR adapter's own traffic; plus the bytes the VR adapter keeps per rank.
 """
 
@@ -70,7 +70,7 @@ def worker(args):
 
     counter = Counter()
     for name, which in (("all_reduce", 0), ("reduce", 0), ("broadcast", 0), ("all_gather_into_tensor", 1),
-                        ("reduce_scatter_tensor", 1), ("all_gather", 1)):
+                        ("reduce_scatter_tensor", 1), ("all_gather", 1), ("isend", 0), ("send", 0)):
         counter.wrap(dist, name, which)
     torch.manual_seed(0)
     cfg = bert_config(args.size, vocab_size=args.vocab)

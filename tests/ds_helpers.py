@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from vrgd_ds.deepspeed.launching import free_port, launch_env, local_launch, remove_shm_buffers, run_local  # noqa: F401
@@ -12,8 +13,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def ds_env(**extra) -> dict:
     """The tests' launch environment: CPU ranks with gloo, one thread each, this checkout first
-    on PYTHONPATH, then ``extra``."""
-    return launch_env(dict(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra), pythonpath=ROOT)
+    on PYTHONPATH, Python's fault handler on (a rank killed by a signal prints every thread's
+    stack), then ``extra``."""
+    return launch_env(dict(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **extra),
+                      pythonpath=ROOT)
+
+
+# A rank of a CPU launch now and then dies with SIGABRT and only this line from libstdc++,
+# with no Python error before it (pytorch/gloo#514 is an open report of such aborts in gloo's
+# TCP transport); about 1 launch in a few hundred here. The same line also follows a rank
+# that exits on a Python exception with gloo's threads running: there the traceback comes
+# first, and that is the launch's real result. A collective mismatch, the abort the tests
+# look for, reads differently: "terminate called after throwing an instance of
+# 'gloo::EnforceNotMet'" and "collective mismatch". Only the bare abort is retried, once,
+# with a warning; its output goes to stderr.
+GLOO_ABORT = "terminate called without an active exception"
+NOT_BARE = ("EnforceNotMet", "collective mismatch", "doesn't match expected size", "Traceback (most recent call last)")
+
+
+def gloo_transport_abort(proc) -> bool:
+    text = (proc.stdout or "") + (proc.stderr or "")
+    return proc.returncode != 0 and GLOO_ABORT in text and not any(w in text for w in NOT_BARE)
 
 
 def run_deepspeed(script, config, tmp_path, *args, ranks=2, timeout=600):
@@ -23,8 +43,14 @@ def run_deepspeed(script, config, tmp_path, *args, ranks=2, timeout=600):
         cfg = tmp_path / "ds_config.json"
         cfg.write_text(json.dumps(config))
         cfg_args = ["--config", str(cfg)]
-    return run_local(ROOT / "tests" / "ds_scripts" / script, [*cfg_args, *args], ranks, ds_env(),
-                     cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    for attempt in (1, 2):
+        proc = run_local(ROOT / "tests" / "ds_scripts" / script, [*cfg_args, *args], ranks, ds_env(),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+        if attempt == 2 or not gloo_transport_abort(proc):
+            return proc
+        message = f"a rank of {script} aborted in gloo's transport ({GLOO_ABORT!r}); launching once more"
+        print(f"[run_deepspeed] {message}\n{tail(proc, 6000)}", file=sys.stderr)
+        warnings.warn(message)
 
 
 def tail(proc, n: int = 3000) -> str:

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ds_helpers import ROOT, free_port, run_deepspeed, tail
+from ds_helpers import ROOT, free_port, gloo_transport_abort, run_deepspeed, tail
 from vrgd_ds.deepspeed.routes import RouteRefused, decide, group_count_advice
 from vrgd_ds.deepspeed.seam import EngineFacts
 
@@ -150,6 +150,26 @@ def test_mixed_dtype_routes_never_abort(tmp_path, repeat):
     for name in res:
         for a, b in zip(res[name]["params"], first[name]["params"]):
             assert torch.equal(a, b), name
+
+
+def test_only_the_transport_abort_is_launched_again():
+    """run_deepspeed launches once more only for gloo's bare transport abort; a collective
+    mismatch (gloo's words, as a mismatched all_reduce prints them here) or a rank's Python
+    exception followed by the same abort at exit fails at once."""
+    def done(rc, err):
+        return subprocess.CompletedProcess([], rc, "", err)
+
+    bare = "[launch.py] exits with return code = -6\nterminate called without an active exception\n"
+    mismatch = ("terminate called after throwing an instance of 'gloo::EnforceNotMet'\n  what():  [enforce fail at "
+                "gloo/transport/tcp/pair.cc:456] op.preamble.length <= op.nbytes. 20 vs 12. Received data size "
+                "doesn't match expected size. Is there a distributed collective mismatch in your code?\n")
+    assert gloo_transport_abort(done(250, bare))
+    assert not gloo_transport_abort(done(0, bare))
+    assert not gloo_transport_abort(done(250, mismatch))
+    assert not gloo_transport_abort(done(250, bare + mismatch))
+    assert not gloo_transport_abort(done(1, "RuntimeError: optimizer type 'VRLAMB' with ..."))
+    raised = "Traceback (most recent call last):\n  ...\nValueError: gamma must be in (0, 1], got 1.5\n"
+    assert not gloo_transport_abort(done(250, raised + bare))  # a rank's exception, then gloo at exit
 
 
 @pytest.mark.slow

@@ -418,16 +418,23 @@ def adapter_sent(matrix, name):
 
 
 def test_squares_go_to_their_owner_once(matrix):
-    """ZeRO-2: each rank sends each squared element once per micro-step (a reduce to its
-    owner), 4 bytes in fp32, 2 in bf16; gsnr_interval 2 sends on every other step; chunks
+    """ZeRO-2: each squared element travels once per micro-step, from each rank that does not
+    own it to its owner (gloo: a point-to-point exchange; the owner's own squares stay
+    home), 4 bytes in fp32, 2 in bf16; gsnr_interval 2 sends on every other step; chunks
     of 7 elements send the same bytes."""
     numel = sum(p.numel() for p in make_model().parameters())
-    assert adapter_sent(matrix, "VRLAMB-s2-a2") == [numel * 4 * 2 * STEPS] * WORLD
-    assert adapter_sent(matrix, "VRLAMB-s2-a2-chunk7") == [numel * 4 * 2 * STEPS] * WORLD
-    assert adapter_sent(matrix, "VRLAMB-s2-a2-sqbf16") == [numel * 2 * 2 * STEPS] * WORLD
-    assert adapter_sent(matrix, "VRLAMB-s2-a2-interval2") == [numel * 4 * 2 * INTERVAL_STEPS // 2] * WORLD
+    partition = -(-numel // (2 * WORLD)) * (2 * WORLD) // WORLD
+    owned = [max(0, min(numel, (r + 1) * partition) - r * partition) for r in range(WORLD)]
+
+    def sent(width, times):  # bytes rank r sends: the real elements the other ranks own
+        return [(numel - owned[r]) * width * times for r in range(WORLD)]
+
+    assert adapter_sent(matrix, "VRLAMB-s2-a2") == sent(4, 2 * STEPS)
+    assert adapter_sent(matrix, "VRLAMB-s2-a2-chunk7") == sent(4, 2 * STEPS)
+    assert adapter_sent(matrix, "VRLAMB-s2-a2-sqbf16") == sent(2, 2 * STEPS)
+    assert adapter_sent(matrix, "VRLAMB-s2-a2-interval2") == sent(4, 2 * INTERVAL_STEPS // 2)
     # ZeRO-1 reduces once per step, after accumulation: micro-step squares come from hooks
-    assert adapter_sent(matrix, "VRLAMB-s1-a2") == [numel * 4 * STEPS] * WORLD
+    assert adapter_sent(matrix, "VRLAMB-s1-a2") == sent(4, STEPS)
 
 
 def test_extra_state_is_partition_sized_under_zero2(matrix):

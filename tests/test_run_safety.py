@@ -201,6 +201,27 @@ def test_stale_lock_is_removed_a_held_one_times_out_naming_it(tmp_path):
     launching.wait_for_lock(lock, timeout_s=1, stale_after_s=1)  # no lock: returns at once
 
 
+def test_other_ops_stale_locks_are_cleared_held_ones_left(tmp_path):
+    """A launch killed while DeepSpeed built fused_adam (its CPU AdamW) left that op's lock:
+    the next launch's set-up removes it; a lock a live build holds, and the shm op's own
+    (prepare_shm_op's wait handles it), are left alone."""
+    stale, held, shm = (tmp_path / name / "lock" for name in ("fused_adam", "cpu_adam", "deepspeed_shm_comm"))
+    for lock in (stale, held, shm):
+        lock.parent.mkdir()
+    stale.touch()
+    shm.touch()
+    holder = hold_lock(held)
+    messages = []
+    try:
+        removed = launching.clear_stale_op_locks(tmp_path, stale_after_s=1, log=messages.append)
+        assert removed == [stale] and not stale.exists()
+        assert held.exists() and shm.exists()
+        assert len(messages) == 1 and f"removed stale lock {stale}" in messages[0] and "fused_adam" in messages[0]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_filesystem_type_and_build_dir():
     assert launching.filesystem_type(Path("/proc/self")) == "proc"
     assert launching.shm_op_build_dir({"TORCH_EXTENSIONS_DIR": "/x"}) == Path("/x/deepspeed_shm_comm")

@@ -12,8 +12,9 @@ takes a ``FileBaton``: ``<torch extensions dir>/deepspeed_shm_comm/lock``, creat
 limit or a word, until it disappears; a launch killed while one of its ranks held it leaves
 it forever. The holder keeps the file open from creation to removal, so a lock that no live
 process on this host has open (``/proc/*/fd``) is stale. :func:`prepare_shm_op` (launch side,
-before any rank starts) removes a stale lock and builds/loads the op once in a child process
-with a timeout; :func:`guard_shm_op_lock` (rank side, around ``deepspeed.init_distributed``)
+before any rank starts) removes a stale lock, its own and those of DeepSpeed's other JIT ops
+(``fused_adam``, ``cpu_adam``: the same wait, when an optimizer builds one), and builds/loads
+the op once in a child process with a timeout; :func:`guard_shm_op_lock` (rank side, around ``deepspeed.init_distributed``)
 removes a lock that stays unheld for ``stale_after_s`` and otherwise fails, naming the lock,
 after ``VRGD_SHM_LOCK_TIMEOUT`` seconds. On a file system that may be shared between hosts
 (NFS, Lustre, ...) a holder elsewhere is invisible, so there the lock is never removed: the
@@ -248,7 +249,8 @@ def wait_for_lock(lock: Path, timeout_s: float | None = None, stale_after_s: flo
                 if (again.st_dev, again.st_ino) == key:
                     os.unlink(lock)
                     log(f"[vrgd-ds] removed stale lock {lock}: no process had it open for "
-                        f"{stale_after_s:.0f} s (left by a launch killed while building or loading {SHM_OP})")
+                        f"{stale_after_s:.0f} s (left by a launch killed while building or loading "
+                        f"{lock.parent.name})")
             return
         if now - start >= timeout_s:
             raise LockTimeout(_timeout_message(lock, pids, trusted, now - start))
@@ -289,6 +291,7 @@ def prepare_shm_op(timeout_s: float | None = None, env: dict | None = None, log=
     timeout_s = _env_seconds(LOCK_TIMEOUT_ENV, DEFAULT_TIMEOUT_S) if timeout_s is None else timeout_s
     lock = shm_op_build_dir(env) / "lock"
     start = time.monotonic()
+    clear_stale_op_locks(lock.parent.parent, log=log)
     wait_for_lock(lock, timeout_s, log=log)
     env.setdefault("DS_ACCELERATOR", "cpu")
     proc = subprocess.Popen([launcher_python(), "-c", BUILD_SHM_OP], env=env,
@@ -307,6 +310,28 @@ def prepare_shm_op(timeout_s: float | None = None, env: dict | None = None, log=
         raise RuntimeError(f"building DeepSpeed's {SHM_OP} op in {lock.parent} failed (exit {proc.returncode}):\n"
                            f"{output[-3000:]}")
     return lock.parent
+
+
+def clear_stale_op_locks(root: Path, stale_after_s: float | None = None, log=None) -> list[Path]:
+    """Remove the stale build locks of DeepSpeed's other JIT ops in torch's extensions folder
+    ``root`` (``fused_adam``, which DeepSpeed's own Adam/AdamW builds on CPU, ``cpu_adam``, ...):
+    a launch killed while a rank built one leaves its lock, and the next launch would wait
+    forever when it builds that op. Only locks no process on this host has open, on a local
+    file system, for ``stale_after_s`` are removed; a lock held by a live build is left to it.
+    Returns the removed paths."""
+    stale_after_s = _env_seconds(LOCK_STALE_ENV, DEFAULT_STALE_AFTER_S) if stale_after_s is None else stale_after_s
+    removed = []
+    for lock in sorted(Path(root).glob("*/lock")):
+        if lock.parent.name == SHM_OP:
+            continue  # prepare_shm_op's own wait handles it
+        pids, trusted = lock_holders(lock)
+        if pids or not trusted:
+            continue
+        with contextlib.suppress(LockTimeout):
+            wait_for_lock(lock, stale_after_s + 5.0, stale_after_s, log=log)
+        if not lock.exists():
+            removed.append(lock)
+    return removed
 
 
 @contextlib.contextmanager

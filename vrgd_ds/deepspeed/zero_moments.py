@@ -4,8 +4,8 @@ DeepSpeed reduces gradients in buckets: under ZeRO-2 every micro-step, under ZeR
 per step, at the accumulation boundary. Just before it reduces the pending buckets
 (:mod:`.seam`, patch 2), this adapter squares the buckets' local gradients and sends each
 piece to the rank whose fp32 partition owns it (a ``reduce`` per owner, DeepSpeed's own
-reduce-scatter pattern), in bounded chunks (:mod:`vrgd_ds.moments.chunked`), where it is added to a
-partition-sized fp32 buffer. Every rank ends the step with sum g^2 for exactly its
+reduce-scatter pattern; with gloo a point-to-point exchange), in bounded chunks
+(:mod:`vrgd_ds.moments.chunked`), where it is added to a partition-sized fp32 buffer. Every rank ends the step with sum g^2 for exactly its
 partition.
 
 - ZeRO-2: the bucket holds one micro-step's local gradient, so its squares are the
@@ -34,6 +34,7 @@ patch 3), not re-derived (docs/algorithm.md section 1: clipping scales the mean 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -105,8 +106,7 @@ class ZeroMoments:
             for piece in self._pieces.get(id(p), ()):
                 sends[piece.owner].append(Transfer(source, piece.start, piece.numel,
                                                    self._target[id(p)], piece.dst))
-        for owner, transfers in enumerate(sends):
-            self.squares.reduce_to(owner, transfers, squared=self.local is not None, rank=self.snap.dp_rank)
+        self.squares.reduce_scatter(sends, squared=self.local is not None, rank=self.snap.dp_rank)
 
     def _square_sum(self, flat: Tensor, squared: bool) -> Tensor:
         """sum flat^2 (or sum flat, when already squared): fp32 elementwise, as the reduced
@@ -143,7 +143,9 @@ class ZeroMoments:
         """Whether this rank's reduced squares hold a NaN or inf (a GSNR step only)."""
         if self._consumed or not self.vr.wants_moments():
             return False
-        return any(not bool(torch.isfinite(b).all()) for b in self._sq.values())
+        # min and max propagate NaN and hold any inf: one pass, no mask (a tenth of isfinite().all())
+        return any(not (math.isfinite(float(lo)) and math.isfinite(float(hi)))
+                   for lo, hi in (torch.aminmax(b) for b in self._sq.values() if b.numel()))
 
     def end_step(self) -> None:
         """After DeepSpeed's whole optimizer step (all groups, or a skip)."""

@@ -8,6 +8,15 @@ whatever DeepSpeed's ``reduce_bucket_size``; the README's memory table states th
 Chunk boundaries are a function of the piece lists only, which every rank builds from
 the same (rank-independent) bucket contents: every rank issues the same collectives, in
 the same order, with the same sizes.
+
+Sending each owner its squares (:meth:`ChunkedSquares.reduce_scatter`): with NCCL (and any
+backend but gloo), a ``reduce`` per owner, chunk by chunk. With gloo, whose ``reduce`` is
+about 3x slower than moving the same bytes point to point on one host (4.2 ms against
+12.3 ms for 4M fp32 elements and 2 ranks, ``isend``/``irecv`` against two ``reduce``
+calls), the ranks exchange the squares directly: in rounds, every rank sends each other
+owner one slice of that owner's squares and receives its own slice from every peer, then
+adds the peers' squares and its own into its targets in rank order (a deterministic sum).
+Only the elements a rank does not own travel; the temporaries stay one chunk in all.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 DEFAULT_CHUNK_NUMEL = 1 << 22  # 16 MiB of fp32
+EXCHANGE_TAG = 0x5651  # the squares' point-to-point messages (gloo)
 
 
 def check_chunk_numel(n) -> int:
@@ -48,9 +58,10 @@ class ChunkedSquares:
         self.comm_bytes = 0  # payload this rank put into square collectives so far
         self.peak_chunk_numel = 0
         self._chunk: Tensor | None = None
+        self._p2p: bool | None = None  # exchange point to point (gloo), else reduce per owner
 
-    def _buffer(self, numel: int, device) -> Tensor:
-        n = min(numel, self.chunk_numel)
+    def _buffer(self, numel: int, device, exact: bool = False) -> Tensor:
+        n = numel if exact else min(numel, self.chunk_numel)
         if self._chunk is None or self._chunk.numel() < n or self._chunk.device != torch.device(device):
             self._chunk = torch.empty(n, dtype=torch.float32, device=device)
         self.peak_chunk_numel = max(self.peak_chunk_numel, n)
@@ -67,23 +78,79 @@ class ChunkedSquares:
         if total == 0:
             return
         buf = self._buffer(total, transfers[0].source.device)
-        at, placed = 0, []
-        for t in transfers:
-            done = 0
-            while done < t.numel:
-                n = min(t.numel - done, buf.numel() - at)
+        for placed, n in _slices(transfers, buf.numel()):
+            chunk = buf.narrow(0, 0, n)
+            _fill(chunk, placed, squared)
+            finish(chunk, placed)
+
+    def reduce_scatter(self, sends: Sequence[Sequence[Transfer]], squared: bool, rank: int) -> None:
+        """Sum the squares of ``sends[o]`` over the group into owner ``o``'s targets, for every
+        owner (``sends`` is the same on every rank; see the module docstring for the two ways)."""
+        if self._exchanges():
+            self._exchange(sends, squared, rank)
+        else:
+            for owner, transfers in enumerate(sends):
+                self.reduce_to(owner, transfers, squared, rank)
+
+    def _exchanges(self) -> bool:
+        if self._p2p is None:
+            self._p2p = dist.get_backend(self.group) == "gloo"
+        return self._p2p
+
+    def _exchange(self, sends: Sequence[Sequence[Transfer]], squared: bool, rank: int) -> None:
+        world = len(sends)
+        peers = [q for q in range(world) if q != rank]
+        # a slice per owner and round: with W - 1 slices out and W - 1 in, the round's
+        # temporaries are at most one chunk
+        per = max(1, self.chunk_numel // (2 * len(peers))) if peers else self.chunk_numel
+        slices = [list(_slices(ts, per)) for ts in sends]
+        rounds = max(map(len, slices), default=0)
+        if rounds == 0:
+            return
+
+        def at_round(o, k):
+            return slices[o][k] if k < len(slices[o]) else None
+
+        def need(k):  # elements out and in this round
+            own = at_round(rank, k)
+            return sum(s[1] for o in peers if (s := at_round(o, k))) + (own[1] * len(peers) if own else 0)
+
+        device = next(t.source.device for ts in sends for t in ts)
+        buf = self._buffer(max(map(need, range(rounds))), device, exact=True)
+        wire = self.comm_dtype
+        for k in range(rounds):
+            own = at_round(rank, k)
+            out = [(o, s) for o in peers if (s := at_round(o, k))]
+            works, at, received = [], 0, {}
+            for o, (placed, n) in out:
                 view = buf.narrow(0, at, n)
-                src = t.source.narrow(0, t.start + done, n)
-                view.copy_(src)
-                if not squared:
-                    view.square_()
-                placed.append((t, done, n, at))
-                at, done = at + n, done + n
-                if at == buf.numel():
-                    finish(buf.narrow(0, 0, at), placed)
-                    at, placed = 0, []
-        if at:
-            finish(buf.narrow(0, 0, at), placed)
+                at += n
+                _fill(view, placed, squared)
+                msg = view if wire == torch.float32 else view.to(wire)
+                self.comm_bytes += msg.numel() * msg.element_size()
+                works.append(dist.isend(msg, dist.get_global_rank(self.group, o), group=self.group, tag=EXCHANGE_TAG))
+            if own is not None:
+                for q in peers:
+                    view = buf.narrow(0, at, own[1])
+                    at += own[1]
+                    msg = view if wire == torch.float32 else torch.empty(own[1], dtype=wire, device=view.device)
+                    received[q] = msg
+                    works.append(dist.irecv(msg, dist.get_global_rank(self.group, q), group=self.group,
+                                            tag=EXCHANGE_TAG))
+            for w in works:
+                w.wait()
+            if own is None:
+                continue
+            for q in range(world):  # the ranks' squares, added in rank order
+                for t, done, n, a in own[0]:
+                    target = t.target.narrow(0, t.dst + done, n)
+                    if q != rank:
+                        target.add_(received[q].narrow(0, a, n))
+                    elif squared:
+                        target.add_(t.source.narrow(0, t.start + done, n))
+                    else:
+                        src = t.source.narrow(0, t.start + done, n)
+                        target.addcmul_(src, src)
 
     def reduce_to(self, owner: int, transfers: Sequence[Transfer], squared: bool, rank: int) -> None:
         """Sum the squares of ``transfers`` over the group into rank ``owner``'s targets."""
@@ -113,3 +180,28 @@ class ChunkedSquares:
                 t.target.narrow(0, t.dst + done, n).copy_(received.narrow(0, at, n))
 
         self._chunks(transfers, True, finish)
+
+
+def _slices(transfers: Sequence[Transfer], size: int):
+    """``transfers`` cut into consecutive slices of at most ``size`` elements:
+    (placed, numel), ``placed`` a list of (transfer, start in transfer, numel, at in slice)."""
+    placed, at = [], 0
+    for t in transfers:
+        done = 0
+        while done < t.numel:
+            n = min(t.numel - done, size - at)
+            placed.append((t, done, n, at))
+            at, done = at + n, done + n
+            if at == size:
+                yield placed, at
+                placed, at = [], 0
+    if at:
+        yield placed, at
+
+
+def _fill(view: Tensor, placed, squared: bool) -> None:
+    """The slice's elements into ``view`` (fp32), squared unless ``squared``."""
+    for t, done, n, at in placed:
+        view.narrow(0, at, n).copy_(t.source.narrow(0, t.start + done, n))
+    if not squared:
+        view.square_()
