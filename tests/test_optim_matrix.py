@@ -480,6 +480,52 @@ def test_zero_variance_with_large_gradients_does_not_overflow(mode, k):
         assert (step[ok] >= gamma - 1e-3).all() and (step[ok] <= 1 + 1e-3).all()
 
 
+def _float64_path_step(monkeypatch, chunk):
+    """One VRSGD step on a 1.5M-element layer of identical groups with |gbar| > 2 (the whole
+    layer takes the float64 path); the parameters after it, the largest single allocation
+    during it, and whether the float64 path ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import vrgd_ds.gsnr as gsnr_module
+    import vrgd_ds.optim.flat as flat_module
+    from vrgd_ds.optim.vr import GSNRTransform
+
+    monkeypatch.setattr(gsnr_module, "WIDE_CHUNK", chunk)
+    monkeypatch.setattr(flat_module, "WIDE_CHUNK", chunk)
+    wide = []
+    original = GSNRTransform._wide_sums
+
+    def spy(self, *args):
+        wide.append(sum(args[5]))
+        return original(self, *args)
+
+    monkeypatch.setattr(GSNRTransform, "_wide_sums", spy)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(1500, 1000, generator=gen) * 0.1)
+    g = torch.randn(1500, 1000, generator=gen) * 3
+    opt = VRSGD([w], lr=0.01, moments=MicroStepMoments([w]), compile=False)
+    for _ in range(4):  # identical groups: zero variance
+        ((w * g).sum() / 4).backward()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    monkeypatch.undo()  # the next call wraps the real _wide_sums again
+    return w.detach().clone(), max(e.self_cpu_memory_usage for e in prof.events()), wide
+
+
+def test_float64_path_runs_in_bounded_chunks(monkeypatch):
+    """The float64 path (layers whose fp32 GSNR sum overflowed) works a chunk of
+    gsnr.WIDE_CHUNK elements at a time: no allocation grows with the layer (it used to gather
+    every element of the layer at once, 31 GB for a BERT-base-sized model), and the
+    parameters are those of one pass over the whole layer."""
+    from vrgd_ds.gsnr import WIDE_CHUNK
+
+    chunked, biggest, wide = _float64_path_step(monkeypatch, WIDE_CHUNK)
+    whole, biggest_whole, wide_whole = _float64_path_step(monkeypatch, 1 << 40)
+    assert wide == wide_whole == [1]  # the layer took the float64 path
+    assert biggest <= 32 * WIDE_CHUNK < biggest_whole
+    assert torch.allclose(chunked, whole, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("cls", [LAMB, LARS, VRLAMB, VRSGD])
 def test_unknown_hyperparameter_is_rejected(cls):
     with pytest.raises(TypeError, match="gama"):

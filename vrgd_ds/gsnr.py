@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 TINY = torch.finfo(torch.float32).tiny
+WIDE_CHUNK = 1 << 18  # elements per chunk of the float64 layer sums (wide_partials)
 
 
 def check_gamma(gamma: float) -> float:
@@ -117,8 +118,14 @@ def wide_partials(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: 
                   redo: Sequence[bool]) -> Tensor:
     """Per view: the sum of :func:`raw_gsnr_wide` (float64) where ``redo``, else 0; a float64
     vector to be summed per layer by the caller, like the fp32 pass's partial sums."""
-    return torch.stack([raw_gsnr_wide(g, q, sq_scale).sum() if r
-                        else torch.zeros((), dtype=torch.float64, device=g.device)
+    def wide_sum(g: Tensor, q: Tensor) -> Tensor:  # a chunk at a time: bounded float64 temporaries
+        g, q = g.reshape(-1), q.reshape(-1)
+        total = torch.zeros((), dtype=torch.float64, device=g.device)
+        for a in range(0, g.numel(), WIDE_CHUNK):
+            total += raw_gsnr_wide(g[a:a + WIDE_CHUNK], q[a:a + WIDE_CHUNK], sq_scale).sum()
+        return total
+
+    return torch.stack([wide_sum(g, q) if r else torch.zeros((), dtype=torch.float64, device=g.device)
                         for g, q, r in zip(grads, sum_sqs, redo)])
 
 

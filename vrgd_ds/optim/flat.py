@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..gsnr import WIDE_CHUNK  # the float64 path's chunk (run_on_segments)
+
 ROW = 1024  # elements per row of the bulk kernel: long rows vectorise and leave few row sums,
 # short ones leave few edge elements (at most one row per segment boundary)
 EAGER_ROWS = 1024  # rows per eager chunk: bounds the temporaries of the uncompiled fallback
@@ -140,11 +142,6 @@ class FlatPlan:
         straddling = first[~ok].view(-1, 1) + torch.arange(self.row, dtype=torch.long)
         tail = torch.arange(start + rows * self.row, stop, dtype=torch.long)
         return torch.cat([straddling.view(-1), tail])
-
-    def elements_of(self, seg_ids: Sequence[int]) -> Tensor:
-        """All flat element indices of the given segments."""
-        parts = [torch.arange(self.segments[i][0], self.segments[i][0] + self.segments[i][1]) for i in seg_ids]
-        return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(self.device)
 
 
 def segment_table(spec: Spec, values: dict[str, Sequence[float]], count: int, device,
@@ -267,16 +264,36 @@ def run_pass(fn: Callable, spec: Spec, plan: FlatPlan, flat: dict[str, Tensor], 
     return total[:plan.count] if n_terms else None
 
 
+def _span_kernel(fn: Callable, spec: Spec, flat: dict, writes: tuple, outs: dict, table: Tensor,
+                 start: int, n: int, seg: int, c: Tensor) -> Tensor | None:
+    """Elements [start, start + n) of one segment as an [n, 1] block with that segment's
+    scalars (views, no gather); the sums of its terms ([1, n_terms] float64)."""
+    s = table[seg:seg + 1]
+    ok = s[:, :1] > 0
+    x = {k: t.narrow(0, start, n).unsqueeze(1) for k, t in flat.items()}
+    new, terms = fn(spec, x, s, c)
+    sums = torch.stack([torch.where(ok, t, 0.0).sum(dtype=torch.float64) for t in terms]).view(1, -1) \
+        if terms else None
+    for k in writes:  # after the sums: a term may be an input that is written
+        x[k].copy_(torch.where(ok, new[k], x[k]))
+    for k, t in outs.items():
+        t.narrow(0, start, n).copy_(new[k].squeeze(1))
+    return sums
+
+
 def run_on_segments(fn: Callable, spec: Spec, plan: FlatPlan, seg_ids: Sequence[int], flat: dict[str, Tensor],
                     writes: Sequence[str] = (), outs: dict[str, Tensor] | None = None,
                     table: Tensor | None = None, c: Tensor | None = None, n_terms: int = 0) -> Tensor | None:
-    """Like :func:`run_pass`, but only over the elements of ``seg_ids``, all as edge elements
-    (eagerly): the rare float64 path for layers whose fp32 GSNR overflowed."""
-    idx = plan.elements_of(seg_ids)
-    seg = plan.segment_of(idx.cpu()).to(plan.device)
-    terms = _edge_kernel(fn, spec, flat, tuple(writes), outs or {}, table, idx, seg, c)
-    if not n_terms:
-        return None
-    total = torch.zeros(plan.count + 1, n_terms, dtype=torch.float64, device=plan.device)
-    SegmentSum(seg, plan.count).add_to(total, terms)
-    return total[:plan.count]
+    """Like :func:`run_pass`, but only over the elements of ``seg_ids``, eagerly: the rare
+    float64 path for layers whose fp32 GSNR overflowed. A segment is contiguous in the flat
+    buffer, so it is taken as views, ``WIDE_CHUNK`` elements at a time: the temporaries stay
+    bounded whatever the layers' size."""
+    total = torch.zeros(plan.count + 1, n_terms, dtype=torch.float64, device=plan.device) if n_terms else None
+    for i in seg_ids:
+        off, numel = plan.segments[i]
+        for a in range(off, off + numel, WIDE_CHUNK):
+            sums = _span_kernel(fn, spec, flat, tuple(writes), outs or {}, table, a,
+                                min(WIDE_CHUNK, off + numel - a), i, c)
+            if n_terms:
+                total[i] += sums[0]
+    return total[:plan.count] if n_terms else None
