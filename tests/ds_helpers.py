@@ -31,6 +31,26 @@ GLOO_ABORT = "terminate called without an active exception"
 NOT_BARE = ("EnforceNotMet", "collective mismatch", "doesn't match expected size", "Traceback (most recent call last)")
 
 
+def fault_stack(proc, frames: int = 8) -> str:
+    """The innermost frames Python's fault handler printed for the current thread of a rank
+    killed by a signal, innermost first, or "not printed"."""
+    lines = (proc.stderr or "").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Fatal Python error"):
+            stack, note = [], ""
+            for later in lines[i + 1:]:
+                if later.strip().startswith("File "):
+                    stack.append(later.strip())
+                elif stack:
+                    break
+                elif "<no Python frame>" in later:  # a C++ thread (gloo's): the next thread's stack follows
+                    note = "the aborting thread has no Python frame; another thread: "
+            if not stack and note:  # no thread runs Python: the interpreter had finished the script
+                return "no thread runs Python code: the abort came at interpreter exit, after the script ended"
+            return note + (" <- ".join(stack[:frames]) or "not printed")
+    return "not printed"
+
+
 def gloo_transport_abort(proc) -> bool:
     text = (proc.stdout or "") + (proc.stderr or "")
     return proc.returncode != 0 and GLOO_ABORT in text and not any(w in text for w in NOT_BARE)
@@ -48,7 +68,8 @@ def run_deepspeed(script, config, tmp_path, *args, ranks=2, timeout=600):
                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
         if attempt == 2 or not gloo_transport_abort(proc):
             return proc
-        message = f"a rank of {script} aborted in gloo's transport ({GLOO_ABORT!r}); launching once more"
+        message = (f"a rank of {script} aborted in gloo's transport ({GLOO_ABORT!r}); launching once more. "
+                   f"Where (fault handler): {fault_stack(proc)}")
         print(f"[run_deepspeed] {message}\n{tail(proc, 6000)}", file=sys.stderr)
         warnings.warn(message)
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ds_helpers import ROOT, free_port, gloo_transport_abort, run_deepspeed, tail
+from ds_helpers import ROOT, fault_stack, free_port, gloo_transport_abort, run_deepspeed, tail
 from vrgd_ds.deepspeed.routes import RouteRefused, decide, group_count_advice
 from vrgd_ds.deepspeed.seam import EngineFacts
 
@@ -170,6 +170,17 @@ def test_only_the_transport_abort_is_launched_again():
     assert not gloo_transport_abort(done(1, "RuntimeError: optimizer type 'VRLAMB' with ..."))
     raised = "Traceback (most recent call last):\n  ...\nValueError: gamma must be in (0, 1], got 1.5\n"
     assert not gloo_transport_abort(done(250, raised + bare))  # a rank's exception, then gloo at exit
+    # where it happened, from Python's fault handler (what a real os.abort() prints)
+    handler = ("Fatal Python error: Aborted\n\nCurrent thread 0x00007f (most recent call first):\n"
+               "  <no Python frame>\n\nThread 0x00007e (most recent call first):\n"
+               '  File "train_tiny.py", line 60 in train\n  File "train_tiny.py", line 170 in run_case\n\n'
+               "Extension modules: torch\n")
+    assert fault_stack(done(250, bare + handler)) == (
+        'the aborting thread has no Python frame; another thread: File "train_tiny.py", line 60 in train '
+        '<- File "train_tiny.py", line 170 in run_case')
+    assert fault_stack(done(250, bare)) == "not printed"
+    at_exit = "Fatal Python error: Aborted\n\nThread 0x00007f (most recent call first):\n  <no Python frame>\n\n"
+    assert "at interpreter exit" in fault_stack(done(250, bare + at_exit))
 
 
 @pytest.mark.slow
