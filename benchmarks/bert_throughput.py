@@ -50,6 +50,7 @@ def main(argv=None):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = bert_config(args.size, vocab_size=args.vocab)
     runs = {}
+    start = time.perf_counter()
     for name in ("LAMB", "VRLAMB"):
         torch.manual_seed(0)
         model = BertForPreTrainingMasked(cfg).to(args.device)
@@ -57,6 +58,7 @@ def main(argv=None):
         opt = (VRLAMB(model.parameters(), lr=1e-4, moments=moments) if moments is not None
                else LAMB(model.parameters(), lr=1e-4))
         runs[name] = (model, opt)
+        print(f"{name}: model built ({time.perf_counter() - start:.0f} s)", flush=True)
     gen = torch.Generator().manual_seed(1)
     times = {name: [] for name in runs}
     for step in range(args.warmup + args.steps):
@@ -71,8 +73,10 @@ def main(argv=None):
             opt.step()
             opt.zero_grad()
             sync()
+            took = time.perf_counter() - t0
             if step >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(took)
+            print(f"step {step} {'(warm-up) ' if step < args.warmup else ''}{name}: {took * 1e3:.1f} ms", flush=True)
     seqs = args.micro_batch * args.accum
     med = {n: statistics.median(v) for n, v in times.items()}
     result = {"size": args.size, "params": sum(p.numel() for p in runs["LAMB"][0].parameters()),

@@ -9,7 +9,8 @@
 #   5. optimizer step time, BERT-large shapes (340M)
 #   6. with FUSED_LAMB=1: DeepSpeed's FusedLamb in the step timings (it builds a CUDA op)
 # Each part has its own time limit (T_* variables, seconds) and log; a part that fails or
-# runs out of time does not stop the others. Without CUDA it runs the CPU-capable part
+# runs out of time does not stop the others. PARTS (space-separated part names, as printed
+# after '==') runs only those parts, e.g. to split the checks over two calls of a lease. Without CUDA it runs the CPU-capable part
 # (1, on the CPU) and says what it skipped.
 #
 #   bash benchmarks/gpu_check.sh [OUT]        (OUT defaults to results/gpu)
@@ -23,6 +24,10 @@ failed=()
 part() {  # part NAME LIMIT COMMAND...: run, log to OUT/NAME.log, show the end of the log
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
+    if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then
+        echo "== $name: not in PARTS, skipped"
+        return 0
+    fi
     echo "== $name (limit ${limit}s)"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
@@ -49,6 +54,12 @@ part optim_matrix_cuda_compiled "${T_COMPILED:-90}" $PY -m pytest -q -p no:cache
 unset VRGD_TEST_DEVICE
 fused=()
 [ "${FUSED_LAMB:-0}" = 1 ] && fused=(--fused-lamb)
+# DeepSpeed 0.19.8's op builder reads each TORCH_CUDA_ARCH_LIST entry as int.int and fails on
+# an arch-specific suffix ("9.0a": "invalid literal for int() with base 10: '0a'"), which is
+# how CUDA images for Hopper set it; its FusedLamb builds with the plain entry.
+if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
+fi
 part optim_step_base "${T_BASE:-90}" $PY -m benchmarks.optim_step --device cuda --model base --steps 8 \
     --out "$OUT/optim_step_base" "${fused[@]}"
 part deepspeed_routes "${T_DEEPSPEED:-120}" $PY -m benchmarks.gpu_check --out "$OUT"

@@ -32,3 +32,27 @@ def test_grad_handover_rejects_bad_counts(tmp_path):
     proc = run_module("benchmarks.grad_handover", "--tiny", "--micro", "0", "--out", tmp_path, timeout=300,
                       check=False)
     assert proc.returncode != 0 and "--micro must be >= 1, got 0" in proc.stderr
+
+
+def test_bert_throughput_tiny_on_cpu(tmp_path):
+    proc = run_module("benchmarks.bert_throughput", "--size", "tiny", "--micro-batch", "2", "--accum", "2",
+                      "--steps", "2", "--warmup", "1", "--out", tmp_path, timeout=300)
+    res = json.loads((tmp_path / "bert_throughput_tiny.json").read_text())
+    assert set(res["median_step_s"]) == {"LAMB", "VRLAMB"}
+    assert all(len(v) == 2 for v in res["step_times_s"].values())
+    assert res["sequences_per_s"]["LAMB"] == 4 / res["median_step_s"]["LAMB"]
+    assert "step 0 (warm-up) VRLAMB" in proc.stdout  # progress per step, so a stalled run shows where
+
+
+def test_gpu_check_runs_only_the_named_parts(tmp_path):
+    import subprocess
+    import sys
+
+    from ds_helpers import ROOT
+
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)], cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PARTS": "none"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stdout and "optim_matrix_cpu: not in PARTS, skipped" in proc.stdout
+    assert not (tmp_path / "optim_matrix_cpu.log").exists()

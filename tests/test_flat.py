@@ -13,7 +13,7 @@ from vrgd_ds.optim import flat
 from vrgd_ds.optim.flat import FlatPlan, Spec, constants, run_pass, segment_table
 from vrgd_ds.optim.flat_group import aliased_flat
 
-from test_optim_matrix import SPECS, make_model, make_opt, micro_steps, reference_run, train
+from test_optim_matrix import DEVICE, SPECS, make_model, make_opt, micro_steps, reference_run, train
 from reference import max_rel_err
 
 BY_NAME = {s.name: s for s in SPECS}
@@ -271,7 +271,7 @@ def test_autograd_grad_results_and_existing_gradients_are_left_alone():
     model = make_model()
     opt = train(spec, model, 2)
     bucket = opt._buckets[0][1][0]
-    x = torch.randn(8, 6)
+    x = torch.randn(8, 6, device=DEVICE)
     params = list(model.parameters())
     got = torch.autograd.grad(model(x).square().mean(), params)
     kept = [g.clone() for g in got]
@@ -292,7 +292,7 @@ def test_create_graph_gradients_keep_their_graph():
     spec = BY_NAME["VRLAMB"]
     model = make_model()
     opt = train(spec, model, 2)
-    x = torch.randn(8, 6)
+    x = torch.randn(8, 6, device=DEVICE)
     model(x).square().mean().backward(create_graph=True)
     bucket = opt._buckets[0][1][0]
     assert all(p.grad.requires_grad and not _same_storage(p.grad, bucket.work["g"]) for p in model.parameters())
