@@ -636,6 +636,50 @@ def test_two_rank_checkpoint_continues_on_one_rank(tmp_path, stage, extra):
         consolidate(tmp_path)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_checkpoint_consolidates_and_continues_bitwise(tmp_path, stage):
+    """With bf16 DeepSpeed names its shards bf16_zero_pp_rank_*: consolidation reads them
+    (it used to refuse the folder, which failed every bf16 pretraining run at its HF export),
+    and a run continued from the consolidated file is bitwise the run that never stopped."""
+    from vrgd_ds.deepspeed.checkpoint import save_consolidated
+
+    cfg = Case("VRLAMB", stage, extra=BF16).config()
+    straight, resumed, ckpt = tmp_path / "straight.pt", tmp_path / "resumed.pt", tmp_path / "ckpt"
+    proc = run_deepspeed("train_tiny.py", cfg, tmp_path, "--steps", 4, "--out", straight)
+    assert proc.returncode == 0, tail(proc)
+    proc = run_deepspeed("train_tiny.py", cfg, tmp_path, "--steps", 2, "--save", ckpt, "--out", tmp_path / "half.pt")
+    assert proc.returncode == 0, tail(proc)
+    assert sorted(p.name for p in (ckpt / "last").glob("*optim_states.pt")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(WORLD)]
+    merged = save_consolidated(ckpt / "last", tmp_path / "merged.pt")
+    assert merged["saved_world_size"] == WORLD
+    half = torch.load(tmp_path / "half.pt")
+    assert all(w.dtype == torch.float32 for w in merged["weights"].values())
+    names = [n for n, _ in make_model().named_parameters()]
+    assert len(half) == len(names)
+    for name, p in zip(names, half):  # the run's bf16 parameters (saved as float) are its fp32 masters rounded
+        assert torch.equal(merged["weights"][name].to(torch.bfloat16).float(), p)
+    proc = run_deepspeed("train_tiny.py", cfg, tmp_path, "--steps", 2, "--start", 2, "--load-consolidated",
+                         tmp_path / "merged.pt", "--out", resumed)
+    assert proc.returncode == 0, tail(proc)
+    for a, b in zip(torch.load(straight), torch.load(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_a_folder_with_shards_of_two_kinds_or_a_missing_rank_is_refused(tmp_path):
+    from vrgd_ds.deepspeed.seam import read_zero_checkpoint
+
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"")
+    for name in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="both zero_pp_rank_\\* and bf16_zero_pp_rank_\\*"):
+        read_zero_checkpoint(tmp_path)
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    (tmp_path / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"shards of ranks \[0, 2\]; ranks 0..2 are needed"):
+        read_zero_checkpoint(tmp_path)
+
+
 # ---- config checks ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change,expected", [

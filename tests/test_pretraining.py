@@ -103,6 +103,26 @@ def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
         assert torch.isfinite(m(**batch).loss)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_run_exports_its_fp32_master_weights(tmp_path, data, stage):
+    """bf16 at ZeRO-1/2 (the BERT-large configs' setting): the run ends with its HF folder
+    (the export used to fail on DeepSpeed's bf16_zero_pp_rank_* shard names, after training),
+    holding the fp32 master weights, not the bf16 copies the model computes with."""
+    from transformers import BertForPreTraining
+
+    from vrgd_ds.deepspeed.checkpoint import consolidate
+
+    cfg = phase_config(1, steps=2)
+    cfg["bf16"] = {"enabled": True}
+    cfg["zero_optimization"]["stage"] = stage
+    proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", tmp_path / "run")
+    assert proc.returncode == 0, tail(proc)
+    masters = consolidate(tmp_path / "run" / "checkpoints" / "step2")["weights"]
+    exported = BertForPreTraining.from_pretrained(tmp_path / "run" / "hf").state_dict()
+    assert all(torch.equal(exported[n], w) for n, w in masters.items())
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in masters.values())
+
+
 def test_resume_without_checkpoint_and_bad_configs_fail_clearly(tmp_path, data):
     proc = launch(tmp_path, phase_config(1), "--data", data[128], "--output-dir", tmp_path / "none", "--resume")
     assert proc.returncode != 0 and "no complete checkpoint in" in proc.stderr + proc.stdout

@@ -57,6 +57,7 @@ step or not, overflow, telemetry) are functions of rank-independent values.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -558,13 +559,25 @@ def read_zero_checkpoint(folder) -> CheckpointFiles:
 
     folder = Path(folder)
     model_file = folder / "mp_rank_00_model_states.pt"
-    shard_files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                         key=lambda p: int(p.name.split("_")[3]))
-    if not model_file.exists() or not shard_files:
+    # DeepSpeed names the shards bf16_zero_pp_rank_* when bf16 is enabled (any ZeRO stage)
+    shards_by_kind: dict[str, dict[int, Path]] = {}
+    for path in folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"):
+        m = re.fullmatch(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", path.name)
+        if m:
+            shards_by_kind.setdefault(m.group(1) or "", {})[int(m.group(2))] = path
+    if not model_file.exists() or not shards_by_kind:
         raise FileNotFoundError(
             f"{folder} is not a DeepSpeed ZeRO-1/2 checkpoint folder: it needs "
             "mp_rank_00_model_states.pt and zero_pp_rank_*_mp_rank_00_optim_states.pt "
-            "(pass the tag folder, e.g. checkpoints/global_step100)")
+            "(bf16_zero_pp_rank_* with bf16) (pass the tag folder, e.g. checkpoints/global_step100)")
+    if len(shards_by_kind) > 1:
+        raise ValueError(f"{folder} holds both zero_pp_rank_* and bf16_zero_pp_rank_* optimizer shards: "
+                         "two runs saved into one tag folder; keep the shards of one run")
+    by_rank = next(iter(shards_by_kind.values()))
+    if sorted(by_rank) != list(range(len(by_rank))):
+        raise ValueError(f"{folder}: optimizer shards of ranks {sorted(by_rank)}; ranks 0..{max(by_rank)} "
+                         "are needed (a shard is missing)")
+    shard_files = [by_rank[r] for r in range(len(by_rank))]
     model_states = _torch_load(model_file)
     optim = [_torch_load(s)["optimizer_state_dict"] for s in shard_files]
     saved_by = optim[0]["partition_count"]
