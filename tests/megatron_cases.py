@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass, field
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 from tiny_problem import batch  # noqa: E402
-from spawn_ranks import started  # noqa: E402
+from spawn_ranks import save_results, started  # noqa: E402
 
 WORLD, STEPS, CLIP, BUCKET = 2, 3, 0.05, 100
 # name: (reference base, VROptimizerConfig fields, reference hyperparameters)
@@ -252,16 +251,16 @@ def worker(rank, init_file, out_dir):
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(1, 1)
-    try:
+
+    def compute():
         results = {cid: run_case(rank, case) for cid, case in CASES.items()}
         results["bf16-moments"] = capture_moments(rank, torch.bfloat16)
         results["fp16-moments"] = capture_moments(rank, torch.float16)
         results["fp16-overflow"] = run_fp16_overflow(rank)
         results["refusals"] = run_refusals(rank)
-    except Exception:
-        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
-        raise
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        return results
+
+    save_results(out_dir, rank, compute)
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,18 @@ def started(out_dir, rank: int) -> None:
     failure is a failure, not a start-up abort to retry."""
     dist.barrier()
     (Path(out_dir) / f"rank{rank}.started").touch()
+
+
+def save_results(out_dir, rank: int, compute: Callable[[], dict]) -> None:
+    """Save ``compute()`` as ``rank{rank}.pt``; if it raises, save the traceback as
+    ``{"error": ...}`` (which :func:`spawn_ranks` fails with) and re-raise."""
+    path = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        results = compute()
+    except Exception:
+        torch.save({"error": traceback.format_exc()}, path)
+        raise
+    torch.save(results, path)
 
 
 def startup_abort(err, out_dir) -> bool:

@@ -9,15 +9,13 @@ rank-dependent source values; targets start non-zero (a second micro-step adds t
 
 from __future__ import annotations
 
-import traceback
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from spawn_ranks import spawn_ranks, started
+from spawn_ranks import save_results, spawn_ranks, started
 from vrgd_ds.moments.chunked import ChunkedSquares, Transfer
 
 SIZES = [13, 40, 7, 26]  # the sources (a bucket's local gradients)
@@ -82,12 +80,7 @@ def worker(rank, init_file, out_dir, world):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     started(out_dir, rank)
-    try:
-        results = {name: run_case(rank, world, *case) for name, case in CASES.items()}
-    except Exception:
-        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
-        raise
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    save_results(out_dir, rank, lambda: {name: run_case(rank, world, *case) for name, case in CASES.items()})
     dist.barrier()
     dist.destroy_process_group()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from reference import Reference, max_rel_err
-from spawn_ranks import spawn_ranks, started, startup_abort
+from spawn_ranks import save_results, spawn_ranks, started, startup_abort
 
 from tiny_problem import batch, make_model  # noqa: E402
 
@@ -179,15 +178,15 @@ def worker(rank, init_file, out_dir):
                             world_size=WORLD, timeout=timedelta(seconds=60))
     started(out_dir, rank)  # start-up is over: no retry after this
     torch.set_num_threads(1)
-    try:
+
+    def compute():
         results = {cid: run_config(rank, *cfg) for cid, cfg in CONFIGS.items()}
         for cid, accum in BF16.items():
             results[cid] = run_bf16(rank, cid.split("-")[1], accum)
         results["unequal"] = run_unequal(rank)
-    except Exception:
-        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
-        raise
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        return results
+
+    save_results(out_dir, rank, compute)
     dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
