@@ -5,13 +5,15 @@
 #   2. optimizer step time, BERT-base shapes (110M), against torch fused AdamW
 #   3. DeepSpeed on one CUDA device against the float64 reference (benchmarks/gpu_check.py:
 #      ZeRO-2 / ZeRO-1 / stage 0 fp32, bf16, fp16 with DeepSpeed's loss scaler, autocast)
-#   4. BERT-large phase-1 sequences/s with LAMB and VRLAMB
+#   4. the user's pretraining route (launch/pretrain_bert.sh, 1 rank, bf16 ZeRO-2, phase 1 then
+#      phase 2 with the optimizer state carried; benchmarks/pretrain_route.py), and BERT-large
+#      phase-1 sequences/s with LAMB and VRLAMB
 #   5. optimizer step time, BERT-large shapes (340M)
 #   6. with FUSED_LAMB=1: DeepSpeed's FusedLamb in the step timings (it builds a CUDA op)
 # Each part has its own time limit (T_* variables, seconds) and log; a part that fails or
 # runs out of time does not stop the others. PARTS (space-separated part names, as printed
-# after '==') runs only those parts, e.g. to split the checks over two calls of a lease. Without CUDA it runs the CPU-capable part
-# (1, on the CPU) and says what it skipped.
+# after '==') runs only those parts, e.g. to split the checks over two calls of a lease.
+# Without CUDA it runs the CPU-capable part (1, on the CPU) and says what it skipped.
 #
 #   bash benchmarks/gpu_check.sh [OUT]        (OUT defaults to results/gpu)
 set -u
@@ -63,6 +65,7 @@ fi
 part optim_step_base "${T_BASE:-90}" $PY -m benchmarks.optim_step --device cuda --model base --steps 8 \
     --out "$OUT/optim_step_base" "${fused[@]}"
 part deepspeed_routes "${T_DEEPSPEED:-120}" $PY -m benchmarks.gpu_check --out "$OUT"
+part pretrain_route "${T_PRETRAIN:-240}" $PY -m benchmarks.pretrain_route --precision bf16 --out "$OUT"
 part bert_large "${T_BERT:-60}" $PY -m benchmarks.bert_throughput --device cuda --size large \
     --micro-batch 64 --accum 2 --steps 5 --out "$OUT"
 part optim_step_large "${T_LARGE:-60}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \

@@ -52,7 +52,8 @@ from pretrain_bert.modeling import BertForPreTrainingMasked, bert_config
 from pretrain_bert.pretraining_dataset import collate, load_meta, load_pretraining_data
 from pretrain_bert.batch_schedule import BatchSchedule, SampleStream, lr_multiplier
 from pretrain_bert.runtime import (
-    Batches, deepspeed_run, dropout_seed, fsync_dir, fsync_tree, param_groups, progress_bar, write_json_atomic,
+    Batches, deepspeed_run, dropout_seed, fsync_dir, fsync_tree, on_device, param_groups, progress_bar,
+    sum_over_ranks, write_json_atomic,
 )
 from pretrain_bert.schedule import poly_warmup_scheduler
 from vrgd_ds.deepspeed.telemetry import named_telemetry, noise_scale_source
@@ -100,14 +101,14 @@ def evaluate_heldout(engine, heldout, micro, max_batches):
     n = len(heldout) if not max_batches else min(len(heldout), max_batches * micro * w)
     sums = torch.zeros(6, dtype=torch.float64)  # mlm loss sum, mlm correct, mlm total, nsp loss sum, nsp correct, rows
     for start in range(r * micro, n, w * micro):
-        batch = collate([heldout[i] for i in range(start, min(start + micro, n))])
+        batch = on_device(collate([heldout[i] for i in range(start, min(start + micro, n))]), engine.device)
         out = engine(**batch)
         rows = batch["input_ids"].shape[0]
         sums += torch.tensor([out.mlm_loss.item() * out.mlm_total.item(), out.mlm_correct.item(),
                               out.mlm_total.item(), out.nsp_loss.item() * rows, out.nsp_correct.item(), rows],
                              dtype=torch.float64)
         fault("eval")
-    dist.all_reduce(sums)
+    sums = sum_over_ranks(sums, engine.device)
     engine.train()
     if sums[2] == 0:
         raise RuntimeError(f"held-out evaluation saw {int(sums[5])} rows and no masked tokens; the held-out "
@@ -159,17 +160,17 @@ def save_hf(engine, ckpt_dir, tag, out_dir, meta):
 def train_step(engine, micro_batches, dropout_seed):
     """One optimizer step over this rank's micro-batches; the boundary is set explicitly, so the
     number of micro-batches may change from step to step. Returns the summed losses (all ranks)."""
-    losses = torch.zeros(3, dtype=torch.float64)
+    losses = torch.zeros(3, dtype=torch.float64, device=engine.device)
     torch.manual_seed(dropout_seed)  # dropout: resumable, per rank
     for j, b in enumerate(micro_batches):
         engine.set_gradient_accumulation_boundary(j == len(micro_batches) - 1)
-        o = engine(**b)
+        o = engine(**on_device(b, engine.device))
         engine.backward(o.loss)
         engine.step()
-        losses += torch.tensor([o.loss.item(), o.mlm_loss.item(), o.nsp_loss.item()], dtype=torch.float64)
+        # summed on the device: no host sync per micro-step
+        losses += torch.stack([o.loss.detach(), o.mlm_loss.detach(), o.nsp_loss.detach()]).double()
         fault("micro")
-    dist.all_reduce(losses)
-    return losses
+    return sum_over_ranks(losses, engine.device)
 
 
 def set_lr(engine, scheduler, multiplier):

@@ -121,6 +121,22 @@ class Batches:
 
 # ----------------------------------------------------------------------------- model and training
 
+def on_device(batch: dict, device) -> dict:
+    """A collated batch's tensors on the engine's device (the data loaders make CPU tensors)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def sum_over_ranks(t, device):
+    """All-reduce (sum) of a small tensor on the engine's device, returned on the CPU: NCCL only
+    reduces CUDA tensors (a CPU tensor fails with "No backend type associated with device type
+    cpu"), gloo both."""
+    import torch.distributed as dist
+
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 def param_groups(model) -> list[dict]:
     """No weight decay and no trust ratio for biases and LayerNorm (NVIDIA's recipe)."""
     decay, plain = [], []

@@ -45,7 +45,7 @@ import deepspeed
 import torch.distributed as dist
 
 from pretrain_bert.runtime import (
-    Batches, deepspeed_run, dropout_seed, param_groups, progress_bar, write_json_atomic,
+    Batches, deepspeed_run, dropout_seed, on_device, param_groups, progress_bar, sum_over_ranks, write_json_atomic,
 )
 from pretrain_bert.squad import data as squad_data
 from pretrain_bert.squad.metric import SquadFormatError, evaluate, load_json
@@ -219,14 +219,13 @@ def train(engine, scheduler, batches, total, seed, show_progress):
     for step in range(total):
         lr = scheduler.get_last_lr()[0]
         torch.manual_seed(dropout_seed(seed, step, world, rank))  # dropout, per rank and step
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64, device=engine.device)
         for micro in batches(step):
-            out = engine(**{k: v.to(engine.device) for k, v in micro.items()})
+            out = engine(**on_device(micro, engine.device))
             engine.backward(out.loss)
             engine.step()
-            loss += out.loss.item()
-        dist.all_reduce(loss)
-        loss = float(loss) / (world * gas)
+            loss += out.loss.detach().double()  # summed on the device: no host sync per micro-step
+        loss = float(sum_over_ranks(loss, engine.device)) / (world * gas)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at step {step + 1}")
         losses.append(loss)
@@ -250,7 +249,7 @@ def predict_logits(engine, features, batch_size, show_progress):
     engine.eval()
     for i in range(0, len(mine), batch_size):
         rows = torch.tensor(mine[i:i + batch_size])
-        out = engine(**{k: v[rows].to(engine.device) for k, v in tensors.items()})
+        out = engine(**on_device({k: v[rows] for k, v in tensors.items()}, engine.device))
         starts.append(out.start_logits.float().cpu().numpy())
         ends.append(out.end_logits.float().cpu().numpy())
         if progress is not None:
