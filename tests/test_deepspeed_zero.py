@@ -305,6 +305,9 @@ def test_gsnr_interval_changes_the_trajectory(matrix):
     """The interval cases above are not trivially equal to the every-step reference."""
     assert max_rel_err(result(matrix, "VRLAMB-s2-a2-interval2")["params"],
                        reference(replace(PARITY["VRLAMB-s2-a2-interval2"], vr={}))) > 1e-4
+    # stage 0: the backward hooks square only on GSNR steps (1 and 3 of 4)
+    assert [u["squared_steps"] for u in result(matrix, "VRLAMB-s0-a2-interval2")["bytes"]] == [2] * WORLD
+    assert [u["squared_steps"] for u in result(matrix, "VRLAMB-s0-a2")["bytes"]] == [STEPS] * WORLD
 
 
 @pytest.mark.parametrize("name", list(NONFINITE))
@@ -511,12 +514,15 @@ def test_measure_only_noise_scale_changes_nothing_and_is_exact(matrix, name):
         # to the layer table; stage 0 all-reduces one float64 per parameter tensor and step
         if MEASURED[name].stage == 0:
             assert used["squares"] == STEPS * 8 * tensors, used
+            assert used["squared_steps"] == STEPS, used
         else:
             assert used["squares"] == 0 and used["layer_stats"] > 0, used
-        if MEASURED[name].stage == 2:
+        if MEASURED[name].stage in (0, 2):  # stage 0: one float64 per parameter, no gradient-sized buffer
             assert used["kept"] == 0, used
     first = result(matrix, name + "-gns-first")["telemetry"]
     assert first["step"] == 1
+    if MEASURED[name].stage == 0:  # interval 100: only the first step's backward hooks square anything
+        assert [u["squared_steps"] for u in result(matrix, name + "-gns-first")["bytes"]] == [1] * WORLD
     history = []
     reference(replace(MEASURED[name], opt="NVLAMB", steps=1), history=history)
     names = [n for n, _ in make_model().named_parameters()]

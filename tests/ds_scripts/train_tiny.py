@@ -84,11 +84,13 @@ def adapter_bytes(engine):
         if meter is None:
             return {"squares": 0, "layer_stats": 0, "kept": 0}
         return {"squares": getattr(meter.moments, "comm_bytes", 0), "layer_stats": getattr(meter.layout, "comm_bytes", 0),
-                "kept": meter.moments.extra_bytes() if hasattr(meter.moments, "extra_bytes") else 0}
+                "kept": meter.moments.extra_bytes() if hasattr(meter.moments, "extra_bytes") else 0,
+                "squared_steps": getattr(meter.moments, "squared_steps", None)}
     kept = opt.moments.extra_bytes() if hasattr(opt.moments, "extra_bytes") else 0
     kept += sum(st["gsnr_momentum"].numel() * 4 for st in opt.state.values() if "gsnr_momentum" in st)
     return {"squares": getattr(opt.moments, "comm_bytes", 0),
-            "layer_stats": getattr(opt.layout, "comm_bytes", 0), "kept": kept}
+            "layer_stats": getattr(opt.layout, "comm_bytes", 0), "kept": kept,
+            "squared_steps": getattr(opt.moments, "squared_steps", None)}
 
 
 def param_groups(model, how):

@@ -130,6 +130,7 @@ def attach_to_engine(engine) -> None:
                                torch.float32 if measure else opt.sq_comm_dtype,
                                DEFAULT_CHUNK_NUMEL if measure else opt.sq_chunk_numel, facts.micro_batch,
                                norms_only=not vr)
+        stage0.wants = (meter or opt).wants_moments
         if vr:
             opt.attach_moments(stage0)
         else:

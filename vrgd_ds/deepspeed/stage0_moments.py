@@ -5,8 +5,10 @@ boundary, after summing the micro-steps. Per-micro-step squares therefore come f
 tensor hooks (:class:`~vrgd_ds.moments.MicroStepMoments`, one full-size fp32 buffer, the
 same size as the full gradient stage 0 holds anyway), and are all-reduced in bounded
 chunks right after DeepSpeed all-reduces the gradients (:mod:`.seam`, patch 6).
-Measure-only (``norms_only``): one number per parameter is all-reduced instead, the sum of
-its local squares, which is all the noise scale needs.
+Measure-only (``norms_only``): the hooks keep one float64 number per parameter, the sum of
+its local squares, which is all the noise scale needs; those are all-reduced instead, and no
+gradient-sized buffer exists. On a step that uses no squares (``gsnr_interval``, the noise
+scale's ``interval``) the hooks square nothing.
 
 Scale: DeepSpeed divides each micro-step loss by the accumulation count a and averages the
 reduced gradient over W ranks, so p.grad is the mean of the k = W * a group gradients and
@@ -15,6 +17,8 @@ the mean of squares in its scale is (k / W^2) * sum of local squares, times c^2 
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -32,6 +36,12 @@ class Stage0Moments(MicroStepMoments):
         self.squares = ChunkedSquares(group, chunk_numel, comm_dtype)
         self._norms: dict[int, float] = {}  # norms_only: id(param) -> sum of squares over all ranks
         self._norm_bytes = 0
+        self._local_norms: dict[torch.Tensor, torch.Tensor] = {}  # norms_only: this step's float64 sums
+        # set by the adapter: whether the coming step uses the squares (gsnr_interval, the
+        # noise scale's interval); asked once per step, at its first backward hook
+        self.wants: Callable[[], bool] | None = None
+        self._gate: bool | None = None
+        self.squared_steps = 0  # steps whose backward hooks formed squares (diagnostics, tests)
 
     @property
     def comm_bytes(self) -> int:
@@ -45,7 +55,38 @@ class Stage0Moments(MicroStepMoments):
     def sq_scale(self) -> float:
         return self.group_count / self.world**2 * self._clip_scale**2
 
+    def _measuring(self) -> bool:
+        if self._gate is None:
+            self._gate = True if self.wants is None else bool(self.wants())
+            self.squared_steps += self._gate
+        return self._gate
+
+    def extra_bytes(self) -> int:
+        """Bytes of squared-gradient buffers this source allocated itself (views it was
+        given in an optimizer's flat buffer, :meth:`place`, are the optimizer's)."""
+        return sum(b.numel() * b.element_size() for b in self._sum_sq.values() if b._base is None)
+
+    def _square(self, p, grad) -> None:
+        """Nothing on a step that uses no squares; norms_only: one float64 number per
+        parameter (its sum of squares) instead of a gradient-sized buffer."""
+        if not self._measuring():
+            return
+        if not self.norms_only:
+            super()._square(p, grad)
+            return
+        local = grad.float().square().sum(dtype=torch.float64)
+        self._local_norms[p] = self._local_norms[p] + local if p in self._fresh else local
+        self._fresh.add(p)
+
+    def reset(self) -> None:
+        super().reset()
+        self._gate = None
+
     def allreduce_squares(self) -> None:
+        if self._gate is False:  # the hooks skipped this step's squares: reducing zeros would be wrong
+            raise RuntimeError("vrgd-ds: stage 0 was asked to reduce this step's squared gradients, but its "
+                               "backward hooks were told that the step uses none; the step counters of the "
+                               "optimizer and the moment source disagree (please report this)")
         if self.norms_only:
             self._allreduce_norms()
             return
@@ -61,7 +102,7 @@ class Stage0Moments(MicroStepMoments):
         import torch.distributed as dist
 
         device = self.params[0].device
-        local = torch.stack([self.local_squares(p).sum(dtype=torch.float64) if p in self._sum_sq
+        local = torch.stack([self._local_norms[p] if p in self._fresh
                              else torch.zeros((), dtype=torch.float64, device=device) for p in self.params])
         dist.all_reduce(local, group=self.group)
         self._norm_bytes += local.numel() * local.element_size()

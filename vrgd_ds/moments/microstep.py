@@ -73,15 +73,7 @@ class MicroStepMoments:
 
     def _hook_for(self, p: Tensor):
         def hook(grad: Tensor) -> Tensor | None:
-            buf = self._sum_sq.get(p)
-            if buf is None:
-                buf = self._sum_sq[p] = torch.empty_like(p, dtype=torch.float32)
-            g = grad.detach().float()  # statistics: no graph, also under create_graph=True
-            if p in self._fresh:
-                buf.addcmul_(g, g)
-            else:  # the step's first h for p: write, no zeroing pass
-                torch.mul(g, g, out=buf)
-                self._fresh.add(p)
+            self._square(p, grad.detach())  # statistics: no graph, also under create_graph=True
             self._hits[p] = self._hits.get(p, 0) + 1
             self._backward_passes = max(self._backward_passes, self._hits[p])
             if p.grad is None and not torch.is_grad_enabled():  # autograd is about to create p.grad
@@ -90,6 +82,18 @@ class MicroStepMoments:
                 self._take.discard(p)
             return None
         return hook
+
+    def _square(self, p: Tensor, grad: Tensor) -> None:
+        """Add this micro-step's squared gradient of ``p`` to its buffer."""
+        buf = self._sum_sq.get(p)
+        if buf is None:
+            buf = self._sum_sq[p] = torch.empty_like(p, dtype=torch.float32)
+        g = grad.float()
+        if p in self._fresh:
+            buf.addcmul_(g, g)
+        else:  # the step's first h for p: write, no zeroing pass
+            torch.mul(g, g, out=buf)
+            self._fresh.add(p)
 
     def _hand_over(self, p: Tensor) -> None:
         """After autograd created p.grad on the step's first backward pass (never for
