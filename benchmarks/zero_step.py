@@ -1,6 +1,6 @@
 """End-to-end ZeRO-2 training step on a small BERT, 2 CPU ranks: what VR costs in a real step.
 
-    python -m benchmarks.zero_step [--size mini] [--steps 12] [--out results/zero_step]
+    python -m benchmarks.zero_step [--size mini] [--steps 12] [--out results/zero_step] [--stage 2]
 
 One DeepSpeed launch builds six engines on the same model and data: our plain LAMB
 (``NVLAMB``), ``VRLAMB``, ``VRLAMB`` with ``gsnr_interval`` 4, DeepSpeed's own AdamW, and
@@ -81,7 +81,7 @@ def worker(args):
         opt = {k: v for k, v in spec.items() if k != "vrgd_noise_scale"}
         ds = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 2,
               "gradient_clipping": 1.0, "optimizer": opt, "bf16": {"enabled": args.bf16},
-              "zero_optimization": {"stage": 2, "reduce_bucket_size": args.bucket, "overlap_comm": False}}
+              "zero_optimization": {"stage": args.stage, "reduce_bucket_size": args.bucket, "overlap_comm": False}}
         if "vrgd_noise_scale" in spec:
             ds["vrgd_noise_scale"] = spec["vrgd_noise_scale"]
         engines[label], _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
@@ -115,13 +115,17 @@ def worker(args):
     result = {}
     for label, engine in engines.items():
         opt = vr_optimizer(engine)
-        vr_sent = vr_kept = 0
+        adapter = seam.adapter_of(engine)
+        meter = adapter.meter if adapter is not None else None
+        source = opt.moments if opt is not None else meter.moments if meter is not None else None
+        vr_sent = 0
+        vr_kept = source.extra_bytes() if hasattr(source, "extra_bytes") else 0
         if opt is not None:
-            vr_kept = opt.moments.extra_bytes() + sum(
-                st["gsnr_momentum"].numel() * 4 for st in opt.state.values() if "gsnr_momentum" in st)
+            vr_kept += sum(st["gsnr_momentum"].numel() * 4 for st in opt.state.values() if "gsnr_momentum" in st)
+        partition = (sum(g.flat.numel() for g in seam.snapshot(seam.zero_optimizer(engine)).groups)
+                     if engine.zero_optimization_stage() > 0 else sum(p.numel() for p in engine.module.parameters()))
         result[label] = {"times_s": times[label], "bytes_per_step": step_bytes[label],
-                         "vr_kept_bytes": vr_kept, "vr_sent_bytes_total": vr_sent,
-                         "partition_numel": sum(g.flat.numel() for g in seam.snapshot(seam.zero_optimizer(engine)).groups)}
+                         "vr_kept_bytes": vr_kept, "vr_sent_bytes_total": vr_sent, "partition_numel": partition}
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -139,7 +143,7 @@ def summarise(per_rank, args):
     out = {
         "setup": {"model": f"BERT {args.size} (BertForPreTrainingMasked)", "vocab": args.vocab,
                   "micro_batch": args.micro_batch, "seq": args.seq, "gradient_accumulation_steps": 2,
-                  "ranks": 2, "zero_stage": 2, "bf16": args.bf16, "reduce_bucket_size": args.bucket,
+                  "ranks": 2, "zero_stage": args.stage, "bf16": args.bf16, "reduce_bucket_size": args.bucket,
                   "steps": args.steps, "warmup": args.warmup, "machine": platform.processor() or platform.machine(),
                   "torch": torch.__version__},
         "median_step_s": median,
@@ -186,6 +190,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--bucket", type=int, default=int(5e6))
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--stage", type=int, choices=(0, 1, 2), default=2, help="zero_optimization.stage")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results" / "zero_step"))
@@ -204,7 +209,7 @@ def main(argv=None):
 
     args_ = ["--worker-out", raw, "--size", args.size, "--vocab", args.vocab, "--micro-batch", args.micro_batch,
              "--seq", args.seq, "--bucket", args.bucket, "--steps", args.steps, "--warmup", args.warmup,
-             *(["--bf16"] if args.bf16 else [])]
+             "--stage", args.stage, *(["--bf16"] if args.bf16 else [])]
     env = launch_env(dict(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"), pythonpath=ROOT)
     proc = run_local(Path(__file__).resolve(), args_, 2, env, capture_output=True, text=True)
     if proc.returncode != 0:
