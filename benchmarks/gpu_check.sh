@@ -5,7 +5,7 @@
 #   2. optimizer step time, BERT-base shapes (110M), against torch fused AdamW
 #   3. DeepSpeed on one CUDA device against the float64 reference (benchmarks/gpu_check.py:
 #      ZeRO-2 / ZeRO-1 / stage 0 fp32, bf16, fp16 with DeepSpeed's loss scaler, autocast)
-#   4. the user's pretraining route (launch/pretrain_bert.sh, 1 rank, bf16 ZeRO-2, phase 1 then
+#   4. the user's pretraining route (launch/pretrain_bert.sh, 1 rank, bf16 / fp16 ZeRO-2, phase 1 then
 #      phase 2 with the optimizer state carried; benchmarks/pretrain_route.py), and BERT-large
 #      phase-1 sequences/s with LAMB and VRLAMB
 #   5. optimizer step time, BERT-large shapes (340M)
@@ -66,6 +66,7 @@ part optim_step_base "${T_BASE:-90}" $PY -m benchmarks.optim_step --device cuda 
     --out "$OUT/optim_step_base" "${fused[@]}"
 part deepspeed_routes "${T_DEEPSPEED:-120}" $PY -m benchmarks.gpu_check --out "$OUT"
 part pretrain_route "${T_PRETRAIN:-240}" $PY -m benchmarks.pretrain_route --precision bf16 --out "$OUT"
+part pretrain_route_fp16 "${T_PRETRAIN:-240}" $PY -m benchmarks.pretrain_route --precision fp16 --out "$OUT"
 part bert_large "${T_BERT:-60}" $PY -m benchmarks.bert_throughput --device cuda --size large \
     --micro-batch 64 --accum 2 --steps 5 --out "$OUT"
 part optim_step_large "${T_LARGE:-60}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \
