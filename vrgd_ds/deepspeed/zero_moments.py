@@ -143,9 +143,10 @@ class ZeroMoments:
         """Whether this rank's reduced squares hold a NaN or inf (a GSNR step only)."""
         if self._consumed or not self.vr.wants_moments():
             return False
-        # min and max propagate NaN and hold any inf: one pass, no mask (a tenth of isfinite().all())
-        return any(not (math.isfinite(float(lo)) and math.isfinite(float(hi)))
-                   for lo, hi in (torch.aminmax(b) for b in self._sq.values() if b.numel()))
+        # min and max propagate NaN and hold any inf: one pass, no mask (a tenth of isfinite().all());
+        # all groups' extremes are read back together (one device sync, not one per group)
+        ends = [torch.stack(torch.aminmax(b)) for b in self._sq.values() if b.numel()]
+        return bool(ends) and not all(math.isfinite(v) for v in torch.cat(ends).tolist())
 
     def end_step(self) -> None:
         """After DeepSpeed's whole optimizer step (all groups, or a skip)."""

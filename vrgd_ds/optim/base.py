@@ -134,23 +134,25 @@ class BaseOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.layout = LayerLayout()
         self._buckets: dict[int, tuple] = {}
+        self._batches: dict[int, tuple] = {}  # per group, what _collect keeps between steps
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("layout", LayerLayout())
         self.__dict__.setdefault("_buckets", {})
+        self.__dict__.setdefault("_batches", {})
 
     @staticmethod
     def _weight_decay(group: dict) -> float:
         """Excluded groups (bias, LayerNorm) skip weight decay (docs/algorithm.md section 4)."""
         return 0.0 if group["exclude_from_adaptation"] else group["weight_decay"]
 
-    def _advance_step(self, params: list[Tensor], key: str = "step") -> list[int]:
+    def _advance_step(self, batch: GroupBatch, key: str = "step") -> list[int]:
+        """Add 1 to ``state[p][key]`` of the batch's parameters; their new values."""
         steps = []
-        for p in params:
-            st = self.state[p]
-            st[key] = int(st.get(key, 0)) + 1
-            steps.append(st[key])
+        for st in batch.states(self.state):
+            st[key] = t = int(st.get(key, 0)) + 1
+            steps.append(t)
         return steps
 
     def _group_buckets(self, index: int, group: dict) -> list[FlatBucket]:
@@ -166,17 +168,30 @@ class BaseOptimizer(torch.optim.Optimizer):
         return cached[1]
 
     def _collect(self, index: int, group: dict) -> GroupBatch:
-        have = set()
-        for p in group["params"]:
-            if p.grad is not None:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                have.add(id(p))
-        batch = GroupBatch([], [])
-        if not have:
-            return batch
-        for bucket in self._group_buckets(index, group):
-            js = [j for j, p in enumerate(bucket.params) if id(p) in have]
+        """The group's parameters that have a gradient, bucket by bucket. What depends only on
+        which parameters have one (their layout segments, the flat plans) is kept from the last
+        step while that set, the buckets and the layout stay the same."""
+        have = tuple(p.grad is not None for p in group["params"])
+        for p, h in zip(group["params"], have):
+            if h and p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if not any(have):
+            return GroupBatch([], [])
+        buckets = self._group_buckets(index, group)
+        key = (have, self.layout, buckets)
+        cached = self._batches.get(index)
+        if cached is None or any(a is not b for a, b in zip(cached[0][1:], key[1:])) or cached[0][0] != have:
+            cached = self._batches[index] = (key, self._group_batch(group, have, buckets))
+        skeleton, parts = cached[1]
+        return GroupBatch(skeleton.params, skeleton.segments, skeleton.flat_segments,
+                          [BucketStep(*part) for part in parts])
+
+    def _group_batch(self, group: dict, have: tuple[bool, ...], buckets: list[FlatBucket]):
+        """A GroupBatch without its per-step part, and the arguments of its BucketSteps."""
+        with_grad = {id(p) for p, h in zip(group["params"], have) if h}
+        batch, parts = GroupBatch([], []), []
+        for bucket in buckets:
+            js = [j for j, p in enumerate(bucket.params) if id(p) in with_grad]
             if not js:
                 continue
             segs, flat_segs = [], []
@@ -188,8 +203,8 @@ class BaseOptimizer(torch.optim.Optimizer):
                 segs.extend(mine)
                 flat_segs.extend((bucket.offsets[j] + s.offset, s.numel) for s in mine)
             batch.flat_segments.extend(segs)
-            batch.steps.append(BucketStep(bucket, js, segs, bucket.plan(flat_segs)))
-        return batch
+            parts.append((bucket, js, segs, bucket.plan(flat_segs)))
+        return batch, parts
 
     def _transform(self, batches: list[GroupBatch]) -> list[GradSource | None] | None:
         """Per group, the gradient source of the base update (None: the gradient itself);

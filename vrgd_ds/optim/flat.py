@@ -77,7 +77,8 @@ class SegmentSum:
             return
         if self.order is not None:
             values = values[self.order]
-        total += torch.segment_reduce(values, "sum", lengths=self.lengths, axis=0)
+        # unsafe: the lengths were made from seg here; the check would read them back to the host
+        total += torch.segment_reduce(values, "sum", lengths=self.lengths, axis=0, unsafe=True)
 
 
 @dataclass(frozen=True)
@@ -144,19 +145,41 @@ class FlatPlan:
         return torch.cat([straddling.view(-1), tail])
 
 
-def segment_table(spec: Spec, values: dict[str, Sequence[float]], count: int, device,
+def to_device(host: Tensor, device) -> Tensor:
+    """A tensor made on the host, on ``device`` without waiting for it: a blocking copy from
+    pageable memory makes the host wait until the device has finished all queued work (one
+    stream synchronisation per small table, each step). To CUDA it goes through pinned memory
+    and a queued copy; torch's caching host allocator keeps the pinned block until the copy ran."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def segment_table(spec: Spec, values: dict[str, Sequence[float] | Tensor], count: int, device,
                   dtype=torch.float32) -> Tensor:
     """[count + 1, len(spec.cols)] per-segment scalars in ``spec.cols`` order (a spare last row
-    keeps the table's size dynamic in the compiled kernel even for one segment)."""
+    keeps the table's size dynamic in the compiled kernel even for one segment). A column is a
+    sequence of Python floats or a 1-D tensor on ``device`` (per-layer statistics that stay on
+    the device: LAMB's trust ratios); both are rounded once, from float64, to ``dtype``."""
     table = torch.ones(count + 1, len(spec.cols), dtype=torch.float64)
+    on_device = {}
     for j, name in enumerate(spec.cols):
-        if name in values:  # "ok" (1: the kernel updates the segment) defaults to all ones
-            table[:count, j] = torch.tensor(list(values[name]), dtype=torch.float64)
-    return table.to(device=device, dtype=dtype)
+        col = values.get(name)  # "ok" (1: the kernel updates the segment) defaults to all ones
+        if isinstance(col, Tensor):
+            on_device[j] = col
+        elif col is not None:
+            table[:count, j] = torch.tensor(list(col), dtype=torch.float64)
+    table = to_device(table, device)
+    for j, col in on_device.items():
+        table[:count, j] = col
+    return table.to(dtype)
 
 
 def constants(spec: Spec, values: dict[str, float], device) -> Tensor:
-    return torch.tensor([float(values[name]) for name in spec.consts], dtype=torch.float32, device=device)
+    return to_device(torch.tensor([float(values[name]) for name in spec.consts], dtype=torch.float32), device)
 
 
 # ---- the two evaluators ---------------------------------------------------------------

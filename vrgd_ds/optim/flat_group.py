@@ -137,15 +137,15 @@ class FlatBucket:
         """Parameter-shaped views of ``flat`` for parameters ``js``."""
         return [flat.narrow(0, self.offsets[j], self.params[j].numel()).view_as(self.params[j]) for j in js]
 
-    def state(self, state: dict, key: str, js: Sequence[int]) -> Tensor:
-        """The flat fp32 buffer of state ``key``; ``state[p][key]`` of parameters ``js`` become
-        its views (zero when new, copied in when they were something else)."""
+    def state(self, states: Sequence[dict], key: str, js: Sequence[int]) -> Tensor:
+        """The flat fp32 buffer of state ``key``; ``states[i][key]``, the state of parameter
+        ``js[i]``, become its views (zero when new, copied in when they were something else)."""
         if len(self.params) == 1:  # one tensor (a ZeRO partition): the state tensor is the buffer
-            p = self.params[0]
-            t = state[p].get(key)
+            p, st = self.params[0], states[0]
+            t = st.get(key)
             if t is None or t.dtype != torch.float32 or not t.is_contiguous():
-                t = state[p][key] = (torch.zeros_like(p, dtype=torch.float32) if t is None
-                                     else t.to(torch.float32).contiguous())
+                t = st[key] = (torch.zeros_like(p, dtype=torch.float32) if t is None
+                               else t.to(torch.float32).contiguous())
             return t.view(-1)
         buf = self.state_bufs.get(key)
         if buf is None:
@@ -153,8 +153,7 @@ class FlatBucket:
                                                      device=self.params[0].device)
             self.state_views[key] = self.views(buf, range(len(self.params)))
         views = self.state_views[key]
-        for j in js:
-            st = state[self.params[j]]
+        for j, st in zip(js, states):
             t, view = st.get(key), views[j]
             if t is view:  # the usual case: the state is still this buffer's view
                 continue
@@ -175,10 +174,18 @@ class BucketStep:
     segments: list[Segment]  # layout segments of those parameters, in order
     plan: FlatPlan
     cache: dict[str, Tensor] = field(default_factory=dict)
+    _states: list[dict] | None = field(default=None, repr=False)
 
     @property
     def params(self) -> list[Tensor]:
         return [self.bucket.params[j] for j in self.js]
+
+    def states(self, state: dict) -> list[dict]:
+        """``state[p]`` of each parameter, looked up once per step (a tensor-keyed lookup costs
+        a Python call; a VR step reads several keys of every parameter)."""
+        if self._states is None:
+            self._states = [state[p] for p in self.params]
+        return self._states
 
     def param_flat(self) -> Tensor:
         if self.bucket.flat is not None:
@@ -198,7 +205,7 @@ class BucketStep:
         return self.cache["sq"]
 
     def state(self, state: dict, key: str) -> Tensor:
-        return self.bucket.state(state, key, self.js)
+        return self.bucket.state(self.states(state), key, self.js)
 
     def scratch(self, squares_consumable: bool = False) -> str | None:
         """Which flat input ("g" or "sq") the step may overwrite once a pass has read it, or None:
@@ -232,6 +239,10 @@ class GroupBatch:
     flat_segments: list[Segment] = field(default_factory=list)
     steps: list[BucketStep] = field(default_factory=list)
 
+    def states(self, state: dict) -> list[dict]:
+        """``state[p]`` of each of ``params``, in that order (:meth:`BucketStep.states`)."""
+        return [st for bs in self.steps for st in bs.states(state)]
+
     def scratch(self, squares_consumable: bool = False) -> str | None:
         """The input every bucket may overwrite (:meth:`BucketStep.scratch`), or None."""
         names = {bs.scratch(squares_consumable) for bs in self.steps}
@@ -249,12 +260,13 @@ class GroupBatch:
             consts: dict[str, float] | None = None, compile: bool | None = None, n_terms: int = 0,
             wide: Sequence[bool] | None = None, wide_spec: Spec | None = None) -> Tensor | None:
         """Run one flat pass over every bucket; per-segment sums of its terms ([segments, n_terms]
-        float64, in ``flat_segments`` order) or None. ``cols``: per-segment scalars in that order.
+        float64, in ``flat_segments`` order) or None. ``cols``: per-segment scalars in that order
+        (Python floats, or a tensor on the device: :func:`~.flat.segment_table`).
         ``wide``: segments the pass skips and then runs eagerly under ``wide_spec`` in float64."""
         cols, consts, sums, at = cols or {}, consts or {}, [], 0
         for bs in self.steps:
             n = len(bs.segments)
-            mine = {k: list(v[at:at + n]) for k, v in cols.items()}
+            mine = {k: v[at:at + n] if isinstance(v, Tensor) else list(v[at:at + n]) for k, v in cols.items()}
             skip = [i for i in range(n) if wide is not None and wide[at + i]]
             if skip:
                 mine["ok"] = [0.0 if i in skip else 1.0 for i in range(n)]

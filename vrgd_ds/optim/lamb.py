@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from ..gsnr import scaled_grad
@@ -25,15 +26,19 @@ from .base import BaseOptimizer, GradSource, adam_consts, adam_defaults, adam_mo
 from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
-from .layout import layer_totals
+from .layout import layer_sums
 
 
-def trust_ratios(numer_sq: list[float], denom_sq: list[float]) -> list[float]:
-    """||a|| / ||b|| from squared norms, 1 where either norm is 0."""
-    return [
-        math.sqrt(a) / math.sqrt(b) if a > 0.0 and b > 0.0 else 1.0
-        for a, b in zip(numer_sq, denom_sq)
-    ]
+def trust_ratios(numer_sq: Tensor, denom_sq: Tensor) -> Tensor:
+    """||a|| / ||b|| from squared norms (float64 tensors), 1 where either norm is 0 (or NaN);
+    on the device, so the step never waits for it."""
+    both = (numer_sq > 0.0) & (denom_sq > 0.0)
+    return torch.where(both, numer_sq.sqrt() / denom_sq.sqrt(), 1.0)
+
+
+def scaled_by_lr(values: Tensor, lr) -> Tensor:
+    """``-lr * values`` (float64) for a float lr or a tensor lr (an LR scheduler's)."""
+    return values * (-lr.to(values) if isinstance(lr, Tensor) else -float(lr))
 
 
 @with_args
@@ -74,7 +79,7 @@ class LAMB(BaseOptimizer):
         LAMB on a ZeRO partition) it recomputes u from p, m and v."""
         source = source or GradSource()
         beta1, beta2 = group["betas"]
-        steps = batch.per_view(self._advance_step(batch.params))
+        steps = batch.per_view(self._advance_step(batch))
         if group["bias_correction"]:
             cols = {"bc1": [1.0 - beta1**t for t in steps], "bc2s": [math.sqrt(1.0 - beta2**t) for t in steps]}
         else:
@@ -92,8 +97,8 @@ class LAMB(BaseOptimizer):
         sums = batch.run(lamb_moments, spec, tensors, writes=("m", "v", *source.writes, *((scratch,) if scratch else ())),
                          cols={**cols, **source.cols}, consts={**consts, **source.consts}, compile=group["compile"],
                          n_terms=2, wide=source.wide, wide_spec=source.wide_spec(spec))
-        w_sq, u_sq = layer_totals(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
-        scale = [-group["lr"] * t for t in trust_ratios(w_sq, u_sq)]
+        w_sq, u_sq = layer_sums(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
+        scale = scaled_by_lr(trust_ratios(w_sq, u_sq), group["lr"])  # stays on the device
         if scratch:
             batch.run(lamb_apply_u, Spec(("ok", "scale"), ()),
                       lambda bs: {"p": bs.param_flat(), "u": tensors(bs)[scratch]}, writes=("p",),

@@ -12,8 +12,7 @@ No eps, no trust clipping; fp32 arithmetic and state for any parameter dtype.
 
 from __future__ import annotations
 
-import math
-
+import torch
 from torch import Tensor
 
 from ..gsnr import scaled_grad
@@ -21,15 +20,15 @@ from .base import BaseOptimizer, GradSource, check_lr, check_momentum, check_wei
 from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
-from .layout import layer_totals
+from .lamb import scaled_by_lr
+from .layout import layer_sums
 
 
-def lars_local_lr(w_sq: list[float], g_sq: list[float], eta: float, wd: float) -> list[float]:
-    out = []
-    for a, b in zip(w_sq, g_sq):
-        wn, gn = math.sqrt(a), math.sqrt(b)
-        out.append(eta * wn / (gn + wd * wn) if wn > 0.0 and gn > 0.0 else 1.0)
-    return out
+def lars_local_lr(w_sq: Tensor, g_sq: Tensor, eta: float, wd: float) -> Tensor:
+    """eta ||theta|| / (||g|| + wd ||theta||) from squared norms (float64 tensors), 1 where
+    either norm is 0 (or NaN); on the device, so the step never waits for it."""
+    wn, gn = w_sq.sqrt(), g_sq.sqrt()
+    return torch.where((wn > 0.0) & (gn > 0.0), eta * wn / (gn + wd * wn), 1.0)
 
 
 @with_args
@@ -69,27 +68,26 @@ class LARS(BaseOptimizer):
         (the source again, without advancing it). Excluded groups: the update pass only."""
         source = source or GradSource()
         wd = self._weight_decay(group)
-        self._advance_step(batch.params)
+        self._advance_step(batch)
         n = len(batch.flat_segments)
         consts = {"wd": wd, "mu": group["momentum"]}
 
         def tensors(bs, src):
             return {"g": bs.grad_flat(), "p": bs.param_flat(), **src.tensors(bs)}
 
-        apply_source, local = source, [1.0] * n
+        apply_source, lr_local = source, [group["lr"]] * n
         if not group["exclude_from_adaptation"]:
             spec = source.spec((), ())
             sums = batch.run(lars_norms, spec, lambda bs: tensors(bs, source), writes=source.writes,
                              cols=source.cols, consts=source.consts, compile=group["compile"], n_terms=2,
                              wide=source.wide, wide_spec=source.wide_spec(spec))
-            w_sq, g_sq = layer_totals(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
-            local = lars_local_lr(w_sq, g_sq, group["eta"], wd)
+            w_sq, g_sq = layer_sums(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
+            lr_local = -scaled_by_lr(lars_local_lr(w_sq, g_sq, group["eta"], wd), group["lr"])
             apply_source = source.again()
         spec = apply_source.spec(("lr_local",), tuple(consts))
         batch.run(lars_apply, spec,
                   lambda bs: {**tensors(bs, apply_source), "buf": bs.state(self.state, "momentum_buffer")},
-                  writes=("buf", "p", *apply_source.writes), cols={"lr_local": [group["lr"] * x for x in local],
-                                                                   **apply_source.cols},
+                  writes=("buf", "p", *apply_source.writes), cols={"lr_local": lr_local, **apply_source.cols},
                   consts={**consts, **apply_source.consts}, compile=group["compile"],
                   wide=apply_source.wide, wide_spec=apply_source.wide_spec(spec))
 

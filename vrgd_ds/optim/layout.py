@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .flat import to_device
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -61,7 +63,7 @@ class ReducedLayout(LayerLayout):
     def _summed(self, partial: Tensor, segments: Sequence[Segment]) -> tuple[Tensor, Tensor]:
         import torch.distributed as dist
 
-        index = torch.tensor([s.layer for s in segments], dtype=torch.long, device=partial.device)
+        index = to_device(torch.tensor([s.layer for s in segments], dtype=torch.long), partial.device)
         table = torch.zeros(self.layer_count, partial.shape[1], dtype=partial.dtype, device=partial.device)
         table.index_add_(0, index, partial)
         dist.all_reduce(table, group=self.group)
@@ -93,13 +95,18 @@ def segment_views(tensor: Tensor, segments: Sequence[Segment]) -> list[Tensor]:
     return [flat.narrow(0, s.offset, s.numel) for s in segments]
 
 
-def layer_totals(layout: LayerLayout, segments: Sequence[Segment], *columns: Tensor) -> list[list[float]]:
-    """Reduce per-segment partial sums column by column in one call; return Python floats.
+def layer_sums(layout: LayerLayout, segments: Sequence[Segment], *columns: Tensor) -> list[Tensor]:
+    """Reduce per-segment partial sums column by column in one call; float64 tensors on the
+    device, one value per segment (nothing is read back to the host).
 
     One small collective per call under ZeRO, whatever the number of layers.
     """
+    partial = torch.stack([c.double() for c in columns], dim=1)
+    return list(layout.reduce(partial, segments).t()) if segments else [c.double() for c in columns]
+
+
+def layer_totals(layout: LayerLayout, segments: Sequence[Segment], *columns: Tensor) -> list[list[float]]:
+    """:func:`layer_sums` as Python floats (one read back to the host: a device sync)."""
     if not segments:
         return [[] for _ in columns]
-    partial = torch.stack([c.double() for c in columns], dim=1)
-    total = layout.reduce(partial, segments)
-    return [col.tolist() for col in total.t()]
+    return torch.stack(layer_sums(layout, segments, *columns)).tolist()

@@ -176,7 +176,7 @@ class AdamUpdate(TorchUpdate):
         that writes the parameters and the state, no g' buffer."""
         beta1, beta2 = group["betas"]
         lr, wd = float(group["lr"]), self._weight_decay(group)
-        steps = batch.per_view(self._advance_torch_steps(batch.params))
+        steps = batch.per_view(self._advance_torch_steps(batch.states(self.state)))
         cols = {"step_size": [lr / (1.0 - beta1**t) for t in steps],
                 "bc2s": [math.sqrt(1.0 - beta2**t) for t in steps]}
         consts = adam_consts(group["betas"], group["eps"], wd=wd, decay=1.0 - lr * wd)
@@ -192,17 +192,19 @@ class AdamUpdate(TorchUpdate):
                   consts={**consts, **source.consts}, compile=group["compile"], wide=source.wide,
                   wide_spec=source.wide_spec(spec))
 
-    def _advance_torch_steps(self, params: list[Tensor]) -> list[float]:
+    def _advance_torch_steps(self, states: list[dict]) -> list[float]:
         """torch's ``step`` tensor of each parameter, incremented in place; kept on the CPU, where
         it is read every step (torch's fused route moves it to the parameter's device)."""
-        out = []
-        for p in params:
-            st = self.state[p]
+        steps = []
+        for st in states:
             t = st.get("step")
             if t is None or t.device.type != "cpu":
                 t = st["step"] = torch.tensor(0.0, dtype=torch.float32) if t is None else t.cpu()
-            out.append(t.add_(1).item())
-        return out
+            steps.append(t)
+        # read all at once and fill (a per-tensor add_ and item() cost twice as much host time)
+        for t, old in zip(steps, torch.tensor(steps, dtype=torch.float64).tolist()):
+            t.fill_(old + 1.0)  # = t + 1 rounded to t's dtype, as add_ gives
+        return torch.tensor(steps, dtype=torch.float64).tolist()
 
 
 class AdamWUpdate(AdamUpdate):

@@ -179,17 +179,16 @@ class GSNRTransform:
 
     # ---- gsnr_interval -----------------------------------------------------------------
 
-    def _steps_taken(self, params) -> int:
-        """Applied VR steps so far: the largest count of any parameter in ``params`` (a
-        parameter that had no gradient on some step catches up when it is next stepped)."""
-        return max((int(self.state[p]["vr_step"]) for p in params if "vr_step" in self.state.get(p, {})),
-                   default=0)
+    def _steps_taken(self, states) -> int:
+        """Applied VR steps so far: the largest count in ``states`` (per-parameter state dicts;
+        a parameter that had no gradient on some step catches up when it is next stepped)."""
+        return max((int(st["vr_step"]) for st in states if "vr_step" in st), default=0)
 
     def wants_moments(self) -> bool:
         """Whether the coming step computes the GSNR, so a moment source must reduce the
         squared gradients; with ``gsnr_interval`` N only every N-th step does."""
-        params = [p for g in self.param_groups if g["gamma"] < 1.0 for p in g["params"]]
-        return self._steps_taken(params) % self.gsnr_interval == 0
+        states = [self.state.get(p, {}) for g in self.param_groups if g["gamma"] < 1.0 for p in g["params"]]
+        return self._steps_taken(states) % self.gsnr_interval == 0
 
     def skip_nonfinite_step(self, where: str) -> None:
         """The step is skipped as a whole because a gradient or squared gradient is not
@@ -233,15 +232,15 @@ class GSNRTransform:
         active = [i for i, b in enumerate(batches) if b.params and groups[i]["gamma"] < 1.0]
         if not active:
             return out
-        stepped = [p for i in active for p in batches[i].params]
-        taken = self._steps_taken(stepped)
+        # read without adding entries: a skipped step leaves the state as it was
+        taken = self._steps_taken(self.state.get(p, {}) for i in active for p in batches[i].params)
         if taken % self.gsnr_interval != 0:
             out = self._reuse_ratios(batches, active, out)
         else:
             out = self._compute_ratios(batches, active, out, taken)
         if out is not None:
-            for p in stepped:
-                self.state[p]["vr_step"] = taken + 1
+            for st in (st for i in active for st in batches[i].states(self.state)):
+                st["vr_step"] = taken + 1
         return out
 
     def _compute_ratios(self, batches, active, out, taken):
@@ -287,7 +286,7 @@ class GSNRTransform:
         mode = "mom" if beta3 > 0.0 else "store" if self.gsnr_interval > 1 else "ratio"
         bc3 = [1.0] * len(means)
         if mode != "ratio":
-            bc3 = gsnr.bias_corrections(beta3, batch.per_view(self._advance_step(batch.params, "gsnr_step")))
+            bc3 = gsnr.bias_corrections(beta3, batch.per_view(self._advance_step(batch, "gsnr_step")))
 
         def tensors(bs):
             if mode == "ratio":
