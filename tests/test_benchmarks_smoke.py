@@ -20,6 +20,15 @@ def test_optim_step_small(tmp_path):
     assert (tmp_path / "optim_step.png").stat().st_size > 1000
 
 
+def test_optim_step_host_overhead(tmp_path):
+    run_module("benchmarks.optim_step", "--host", "--steps", "2", "--warmup", "1", "--no-backward", "--out", tmp_path,
+               timeout=600)
+    res = json.loads((tmp_path / "optim_step_host.json").read_text())
+    assert res["host_overhead"] and res["tensors"] == 199 and res["params"] < 100_000
+    assert {"VRLAMB partition", "LAMB", "AdamW fused"} <= set(res["median_s"]) and res["targets"] == {}
+    assert (tmp_path / "optim_step_host.png").stat().st_size > 1000
+
+
 def test_grad_handover_small(tmp_path):
     run_module("benchmarks.grad_handover", "--tiny", "--rounds", "1", "--micro", "4", "--out", tmp_path, timeout=300)
     res = json.loads((tmp_path / "grad_handover.json").read_text())
