@@ -56,6 +56,7 @@ class Case:
     coalesce: bool = False
     world: int = WORLD
     gas_changes: dict = field(default_factory=dict)  # data step -> accumulation from then on
+    count_reads: bool = False  # count the last step's host reads (tests/ds_scripts/host_reads.py)
 
     def gas_at(self, step: int) -> int:
         changed = [s for s in self.gas_changes if s <= step]
@@ -74,7 +75,7 @@ class Case:
 
     def worker_case(self, name, tmp_path):
         out = {"name": name, "config": self.config(tmp_path, name), "steps": self.steps}
-        for key in ("groups", "client", "nan", "coalesce"):
+        for key in ("groups", "client", "nan", "coalesce", "count_reads"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         if self.gas_changes:
@@ -220,6 +221,13 @@ OTHER = {  # not exact by design: checked against the reference with their own t
     **{f"VRLAMB-s{s}-a2-bf16acc32-gsnr": Case("VRLAMB", s, vr={"telemetry_interval": 1}, steps=1, extra={
         **BF16, "communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}) for s in (2,)},
 }
+# host reads (device syncs on a GPU) of one whole step, vrgd_ds's own (tests/ds_scripts/host_reads.py):
+# ZeRO-1/2: the factor DeepSpeed scaled the gradients by (loss scale, clipping) and the GSNR
+# layer sums; stage 0: the layer sums, and with clipping the factor clipping applied; our
+# LAMB under DeepSpeed: none. Nothing per micro-step or per bucket.
+READS = {f"{o}-s{s}-a2{'-clip' if c else ''}-reads": (Case(o, s, clip=c, count_reads=True), n) for o, s, c, n in (
+    ("VRLAMB", 2, 0.0, 2), ("VRLAMB", 1, 0.0, 2), ("VRLAMB", 0, 0.0, 1), ("NVLAMB", 2, 0.0, 0),
+    ("VRLAMB", 2, 0.05, 2), ("VRLAMB", 0, 0.05, 2))}
 # measure-only noise scale (one top-level key) for optimizers that are not VR: parameters
 # bitwise those of the same run without the key, numbers those of the explicit groups
 MEASURED = {f"{o}-s{s}-a2{'-clip' if c else ''}": Case(o, s, clip=c, groups=g) for o, s, c, g in (
@@ -262,7 +270,7 @@ REFUSED = {  # name: (case, words the error must contain)
 
 def _worker_cases(tmp_path, world):
     cases = []
-    for table in (PARITY, NONFINITE, OTHER):
+    for table in (PARITY, NONFINITE, OTHER, {n: c for n, (c, _) in READS.items()}):
         cases += [c.worker_case(n, tmp_path) for n, c in table.items() if c.world == world]
     for n, c in MEASURED.items():
         cases += [c.worker_case(n + "-plain", tmp_path), replace(c, extra=GNS).worker_case(n + "-gns", tmp_path),
@@ -290,6 +298,16 @@ def result(matrix, name):
 @pytest.mark.parametrize("name", list(PARITY))
 def test_zero_matches_single_process(matrix, name):
     assert max_rel_err(result(matrix, name)["params"], reference(PARITY[name])) < 2e-5
+
+
+@pytest.mark.parametrize("name", list(READS))
+def test_a_step_reads_back_only_what_it_must(matrix, name):
+    """What vrgd_ds reads back to the host in one whole step (backward passes and
+    engine.step()): on a GPU each read waits for the device. The counted step is exact too."""
+    res = result(matrix, name)
+    case, expected = READS[name]
+    assert res["reads"]["ours"] == expected, res["reads"]
+    assert max_rel_err(res["params"], reference(case)) < 2e-5
 
 
 def test_frozen_parameters_do_not_move(matrix):

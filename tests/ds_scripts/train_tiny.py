@@ -20,6 +20,8 @@ the error if the case raised (refusals are cases too). Case keys besides name/co
 - width: the hidden width of the MLP (default 5)
 - gas_changes: {"step": accumulation}: engine.set_train_batch_size before that step
 - measure_memory: record the peak bytes the squares' reduction allocated
+- count_reads: count the host reads (CPU) or device syncs (CUDA) of the last step's backward
+  passes and engine.step(), vrgd_ds's and everyone else's (tests/ds_scripts/host_reads.py)
 """
 
 import argparse
@@ -32,6 +34,7 @@ import torch
 import vrgd_ds  # noqa: F401  (registers the optimizers with DeepSpeed)
 import deepspeed
 import torch.distributed as dist
+from host_reads import HostReads
 from tiny_problem import batch, make_model
 from vrgd_ds.deepspeed import DS_NAMES
 from vrgd_ds.deepspeed.telemetry import named_telemetry, vr_optimizer
@@ -170,10 +173,15 @@ def run_case(case):
             record["untouched"].append(all(torch.equal(a, b) for a, b in zip(before[0] + before[1],
                                                                                 after[0] + after[1])))
 
+    reads = HostReads(next(engine.module.parameters()).device) if case.get("count_reads") else None
+    counted = steps[-1:] if reads is not None else []  # the last step, backward passes and engine.step()
     try:
-        train(engine, steps, coalesce=case.get("coalesce", False), on_step=on_step,
+        train(engine, steps[:len(steps) - len(counted)], coalesce=case.get("coalesce", False), on_step=on_step,
               before=(lambda s: setattr(injector, "step", s)) if injector is not None else None,
               gas_changes=case.get("gas_changes"))
+        if counted:
+            with reads:
+                train(engine, counted)
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"}
     per_rank = [None] * dist.get_world_size()
@@ -182,7 +190,8 @@ def run_case(case):
     return {"params": [p.detach().float().cpu().clone() for p in engine.module.parameters()],
             "telemetry": named_telemetry(engine), "bytes": per_rank,
             "skipped_steps": engine.skipped_steps, "vr_skipped": getattr(opt, "skipped_steps", None),
-            "peak_square_bytes": max(peaks, default=None), **record}
+            "peak_square_bytes": max(peaks, default=None), **record,
+            **({"reads": reads.summary()} if reads is not None else {})}
 
 
 def measure_square_allocations(engine):

@@ -44,8 +44,14 @@ class ZeroAdapter:
         if self.moments is not None:
             self.moments.set_multiplier(m, loss_scale)
 
-    def local_nonfinite(self) -> bool:  # measure-only never changes what DeepSpeed decides
-        return self.optimizer is not None and self.moments.nonfinite()
+    def local_nonfinite(self):  # measure-only never changes what DeepSpeed decides
+        """A device bool tensor: this rank's squares hold a NaN or inf; None: nothing to check."""
+        return None if self.optimizer is None else self.moments.nonfinite()
+
+    @property
+    def wants_multiplier(self) -> bool:
+        """Whether the factor DeepSpeed multiplies the gradients by is needed (VR, measure-only)."""
+        return self.moments is not None
 
     def after_step(self, skipped: bool, loss_scaling: bool) -> None:
         if self.moments is None:

@@ -395,7 +395,7 @@ def install(on_configured: Callable, check_config: Callable) -> None:
     def unscale_and_clip_grads(original):
         def run(self, grad_groups_flat, total_norm):
             adapter = adapter_of(self)
-            if adapter is None:
+            if adapter is None or not adapter.wants_multiplier:  # plain LAMB/LARS: no read back
                 return original(self, grad_groups_flat, total_norm)
             probe = torch.ones(1, dtype=grad_groups_flat[0].dtype, device=grad_groups_flat[0].device)
             out = original(self, [*grad_groups_flat, probe], total_norm)
@@ -407,9 +407,9 @@ def install(on_configured: Callable, check_config: Callable) -> None:
         def run(self):
             flag = original(self)
             adapter = adapter_of(self)
-            if adapter is not None and adapter.local_nonfinite():
-                flag = torch.ones_like(flag)
-            return flag
+            ours = adapter.local_nonfinite() if adapter is not None else None
+            # combined on the device: DeepSpeed all-reduces the flag and reads it once
+            return flag if ours is None else flag | ours.to(flag.device)
         return run
 
     def zero_step(original):

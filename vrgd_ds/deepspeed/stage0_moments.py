@@ -125,5 +125,5 @@ class Stage0Moments(MicroStepMoments):
         before = torch.stack([g.float().square().sum() for g in grads]).sum()
         clip()
         after = torch.stack([g.float().square().sum() for g in grads]).sum()
-        if before > 0:
-            self._clip_scale *= float(torch.sqrt(after / before))
+        # one read back (the factor enters sq_scale); 1 where there was no gradient to clip
+        self._clip_scale *= float(torch.where(before > 0, torch.sqrt(after / before), torch.ones_like(before)))

@@ -34,7 +34,6 @@ patch 3), not re-derived (docs/algorithm.md section 1: clipping scales the mean 
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -139,14 +138,15 @@ class ZeroMoments:
         """The factor clipping multiplied the mean gradient by (1: unclipped)."""
         return self._multiplier * self._loss_scale
 
-    def nonfinite(self) -> bool:
-        """Whether this rank's reduced squares hold a NaN or inf (a GSNR step only)."""
+    def nonfinite(self) -> Tensor | None:
+        """Whether this rank's reduced squares hold a NaN or inf, as a bool tensor on their
+        device (nothing is read back: DeepSpeed all-reduces it with its own overflow flag);
+        None when there is nothing to check (not a GSNR step, or no squares on this rank)."""
         if self._consumed or not self.vr.wants_moments():
-            return False
-        # min and max propagate NaN and hold any inf: one pass, no mask (a tenth of isfinite().all());
-        # all groups' extremes are read back together (one device sync, not one per group)
+            return None
+        # min and max propagate NaN and hold any inf: one pass, no mask (a tenth of isfinite().all())
         ends = [torch.stack(torch.aminmax(b)) for b in self._sq.values() if b.numel()]
-        return bool(ends) and not all(math.isfinite(v) for v in torch.cat(ends).tolist())
+        return ~torch.isfinite(torch.cat(ends)).all() if ends else None
 
     def end_step(self) -> None:
         """After DeepSpeed's whole optimizer step (all groups, or a skip)."""
