@@ -361,3 +361,22 @@ def test_a_step_reads_back_at_most_the_gsnr_layer_sums(name):
                 opt.step()
         opt.zero_grad()
     assert reads.ours == (1 if spec.vr else 0), reads.where
+
+
+@pytest.mark.parametrize("name", ["VRLAMB", "VRAdamW"])
+def test_clipping_adds_no_read_back(name):
+    """``moments.clip_grad_norm_`` keeps its factor on the device (it enters the squares' scale
+    there): clipping and a GSNR step read back once in all, and the result is exact (the
+    clipping tests of test_optim_matrix.py compare it with the reference)."""
+    spec = BY_NAME[name]
+    model = make_model()
+    moments = MicroStepMoments(model.parameters())
+    opt = make_opt(spec, model.parameters(), "default", moments)
+    for step in range(3):
+        micro_steps(model, step)
+        with HostReads(DEVICE) as reads:
+            moments.clip_grad_norm_(0.05)
+            opt.step()
+        opt.zero_grad()
+    assert moments.clip_scale == 1.0  # reset with the step
+    assert reads.ours == 1, reads.where

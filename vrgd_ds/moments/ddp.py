@@ -136,7 +136,7 @@ class DDPMoments:
         return count
 
     @property
-    def sq_scale(self) -> float:
+    def sq_scale(self) -> float | Tensor:  # a device tensor after clip_grad_norm_ (see MicroStepMoments)
         # p.grad = (sum of all local contributions h) / W; mean of squares in that scale:
         # micro: k * sum h^2 / W^2 (h = per micro-step grads); rank: sum G_r^2 / W.
         base = 1.0 / self.world if self.local is None else self.group_count / self.world**2
@@ -144,7 +144,7 @@ class DDPMoments:
 
     @property
     def clip_scale(self) -> float:
-        return self._clip_scale
+        return float(self._clip_scale)
 
     def sum_sq(self, param: Tensor) -> Tensor:
         sq = self._reduced.get(param)

@@ -151,13 +151,15 @@ class MicroStepMoments:
         return self._backward_passes
 
     @property
-    def sq_scale(self) -> float:
+    def sq_scale(self) -> float | Tensor:
+        """After :meth:`clip_grad_norm_` a float64 tensor on the gradients' device (the
+        optimizer uses it there; reading it back would wait for the device)."""
         return self._backward_passes * self._clip_scale**2
 
     @property
     def clip_scale(self) -> float:
         """The factor :meth:`clip_grad_norm_` multiplied the mean gradient by (1: unclipped)."""
-        return self._clip_scale
+        return float(self._clip_scale)
 
     def sum_sq(self, param: Tensor) -> Tensor:
         return self.local_squares(param)
@@ -182,12 +184,13 @@ class MicroStepMoments:
         self._handles = []
 
 
-def clip_mean_gradient_(params, max_norm: float, norm_type: float = 2.0) -> tuple[Tensor, float]:
+def clip_mean_gradient_(params, max_norm: float, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
     """``torch.nn.utils.clip_grad_norm_`` on the ``p.grad`` of ``params`` (the mean gradient);
-    returns the total norm and the factor applied, which a moment source keeps so that the
-    squares are scaled by its square and the GSNR stays exact (docs/algorithm.md section 1)."""
+    returns the total norm and the factor applied (float64, on the gradients' device: nothing
+    is read back), which a moment source keeps so that the squares are scaled by its square and
+    the GSNR stays exact (docs/algorithm.md section 1)."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     torch._foreach_mul_(grads, coef)
-    return total, float(coef)
+    return total, coef.double()

@@ -178,8 +178,17 @@ def segment_table(spec: Spec, values: dict[str, Sequence[float] | Tensor], count
     return table.to(dtype)
 
 
-def constants(spec: Spec, values: dict[str, float], device) -> Tensor:
-    return to_device(torch.tensor([float(values[name]) for name in spec.consts], dtype=torch.float32), device)
+def constants(spec: Spec, values: dict[str, float | Tensor], device) -> Tensor:
+    """The pass constants in ``spec.consts`` order, float32. A value may be a 0-d tensor on
+    ``device`` (a moment source's ``sq_scale`` after clipping): it is rounded there, once,
+    from float64, like a Python float is here."""
+    vals = [values[name] for name in spec.consts]
+    c = to_device(torch.tensor([0.0 if isinstance(v, Tensor) else float(v) for v in vals], dtype=torch.float32),
+                  device)
+    for i, v in enumerate(vals):
+        if isinstance(v, Tensor):
+            c[i] = v
+    return c
 
 
 # ---- the two evaluators ---------------------------------------------------------------
