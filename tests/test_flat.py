@@ -342,32 +342,9 @@ def test_micro_step_moments_rejects_a_non_bool_flat_grads():
         MicroStepMoments(make_model().parameters(), flat_grads="yes")
 
 
-@pytest.mark.parametrize("name", [s.name for s in SPECS])
-def test_a_step_reads_back_at_most_the_gsnr_layer_sums(name):
-    """The device never waits for the host inside a step, except once on a GSNR step: the
-    layer sums of r_raw decide, before any state changes, whether the step raises or skips on a
-    non-finite value and which layers take the float64 path. LAMB's and LARS's per-layer
-    ratios, the segment tables and the ZeRO layer index stay on the device or are queued to it."""
-    spec = BY_NAME[name]
-    model = make_model()
-    moments = MicroStepMoments(model.parameters())
-    opt = make_opt(spec, model.parameters(), "default", moments)
-    for step in range(3):
-        micro_steps(model, step)
-        if step < 2:  # the first steps build buckets and plans (host work, once)
-            opt.step()
-        else:
-            with HostReads(DEVICE) as reads:
-                opt.step()
-        opt.zero_grad()
-    assert reads.ours == (1 if spec.vr else 0), reads.where
-
-
-@pytest.mark.parametrize("name", ["VRLAMB", "VRAdamW"])
-def test_clipping_adds_no_read_back(name):
-    """``moments.clip_grad_norm_`` keeps its factor on the device (it enters the squares' scale
-    there): clipping and a GSNR step read back once in all, and the result is exact (the
-    clipping tests of test_optim_matrix.py compare it with the reference)."""
+def reads_of_the_third_step(name, clip=None):
+    """What vrgd_ds reads back in the third step of ``name`` (HostReads), clipping the mean
+    gradient first when ``clip`` is given (the first steps build buckets and plans once)."""
     spec = BY_NAME[name]
     model = make_model()
     moments = MicroStepMoments(model.parameters())
@@ -375,8 +352,28 @@ def test_clipping_adds_no_read_back(name):
     for step in range(3):
         micro_steps(model, step)
         with HostReads(DEVICE) as reads:
-            moments.clip_grad_norm_(0.05)
+            if clip is not None:
+                moments.clip_grad_norm_(clip)
             opt.step()
         opt.zero_grad()
     assert moments.clip_scale == 1.0  # reset with the step
+    return reads
+
+
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_a_step_reads_back_at_most_the_gsnr_layer_sums(name):
+    """The device never waits for the host inside a step, except once on a GSNR step: the
+    layer sums of r_raw decide, before any state changes, whether the step raises or skips on a
+    non-finite value and which layers take the float64 path. LAMB's and LARS's per-layer
+    ratios, the segment tables and the ZeRO layer index stay on the device or are queued to it."""
+    reads = reads_of_the_third_step(name)
+    assert reads.ours == (1 if BY_NAME[name].vr else 0), reads.where
+
+
+@pytest.mark.parametrize("name", ["VRLAMB", "VRAdamW"])
+def test_clipping_adds_no_read_back(name):
+    """``moments.clip_grad_norm_`` keeps its factor on the device (it enters the squares' scale
+    there): clipping and a GSNR step read back once in all, and the result is exact (the
+    clipping tests of test_optim_matrix.py compare it with the reference)."""
+    reads = reads_of_the_third_step(name, clip=0.05)
     assert reads.ours == 1, reads.where
