@@ -40,7 +40,7 @@ class ZeroAdapter:
         if self.moments is not None:
             self.moments.add_buckets(pairs)
 
-    def gradient_multiplier(self, m: float, loss_scale: float) -> None:
+    def gradient_multiplier(self, m, loss_scale: float) -> None:  # m: a float or a device tensor
         if self.moments is not None:
             self.moments.set_multiplier(m, loss_scale)
 

@@ -399,7 +399,8 @@ def install(on_configured: Callable, check_config: Callable) -> None:
                 return original(self, grad_groups_flat, total_norm)
             probe = torch.ones(1, dtype=grad_groups_flat[0].dtype, device=grad_groups_flat[0].device)
             out = original(self, [*grad_groups_flat, probe], total_norm)
-            adapter.gradient_multiplier(float(probe), float(self.loss_scale))
+            # the factor stays on the device (sq_scale there): no read back (loss_scale is a float)
+            adapter.gradient_multiplier(probe[0].double(), float(self.loss_scale))
             return out
         return run
 

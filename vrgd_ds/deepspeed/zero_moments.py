@@ -128,15 +128,16 @@ class ZeroMoments:
         except KeyError:  # no gradient reached this parameter on this rank
             return torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
 
-    def set_multiplier(self, m: float, loss_scale: float = 1.0) -> None:
+    def set_multiplier(self, m: float | Tensor, loss_scale: float = 1.0) -> None:
         """DeepSpeed multiplied the gradient partition by ``m`` = 1 / (loss scale x clip)
-        (seam patch 3)."""
+        (seam patch 3); ``m`` may be a float64 tensor on the device (it then enters
+        ``sq_scale`` there and is read back only when ``clip_scale`` is asked for)."""
         self._multiplier, self._loss_scale = m, loss_scale
 
     @property
     def clip_scale(self) -> float:
         """The factor clipping multiplied the mean gradient by (1: unclipped)."""
-        return self._multiplier * self._loss_scale
+        return float(self._multiplier) * self._loss_scale
 
     def nonfinite(self) -> Tensor | None:
         """Whether this rank's reduced squares hold a NaN or inf, as a bool tensor on their
@@ -169,7 +170,7 @@ class ZeroMoments:
         return self.snap.dp_world * self.accumulation()
 
     @property
-    def sq_scale(self) -> float:
+    def sq_scale(self) -> float | Tensor:  # a device tensor once DeepSpeed's multiplier is one
         return self.accumulation() / self.snap.dp_world * self._multiplier**2
 
     def sum_sq(self, param: Tensor) -> Tensor:
