@@ -126,4 +126,4 @@ class Stage0Moments(MicroStepMoments):
         clip()
         after = torch.stack([g.float().square().sum() for g in grads]).sum()
         # one read back (the factor enters sq_scale); 1 where there was no gradient to clip
-        self._clip_scale *= float(torch.where(before > 0, torch.sqrt(after / before), torch.ones_like(before)))
+        self._clip_scale *= float(torch.where(before > 0, torch.sqrt(after / before), 1.0))

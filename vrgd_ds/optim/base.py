@@ -70,6 +70,12 @@ def check_lr(lr: float) -> None:
         raise ValueError(f"lr must be >= 0, got {lr}")
 
 
+def times_lr(values: Tensor, lr) -> Tensor:
+    """``lr * values`` (per-layer float64 tensors) for a float lr or a tensor lr (an LR
+    scheduler's), on the values' device."""
+    return values * (lr.to(values) if isinstance(lr, Tensor) else float(lr))
+
+
 def check_weight_decay(weight_decay: float) -> None:
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..gsnr import scaled_grad
-from .base import BaseOptimizer, GradSource, adam_consts, adam_defaults, adam_moments
+from .base import BaseOptimizer, GradSource, adam_consts, adam_defaults, adam_moments, times_lr
 from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
@@ -34,11 +34,6 @@ def trust_ratios(numer_sq: Tensor, denom_sq: Tensor) -> Tensor:
     on the device, so the step never waits for it."""
     both = (numer_sq > 0.0) & (denom_sq > 0.0)
     return torch.where(both, numer_sq.sqrt() / denom_sq.sqrt(), 1.0)
-
-
-def scaled_by_lr(values: Tensor, lr) -> Tensor:
-    """``-lr * values`` (float64) for a float lr or a tensor lr (an LR scheduler's)."""
-    return values * (-lr.to(values) if isinstance(lr, Tensor) else -float(lr))
 
 
 @with_args
@@ -98,7 +93,7 @@ class LAMB(BaseOptimizer):
                          cols={**cols, **source.cols}, consts={**consts, **source.consts}, compile=group["compile"],
                          n_terms=2, wide=source.wide, wide_spec=source.wide_spec(spec))
         w_sq, u_sq = layer_sums(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
-        scale = scaled_by_lr(trust_ratios(w_sq, u_sq), group["lr"])  # stays on the device
+        scale = -times_lr(trust_ratios(w_sq, u_sq), group["lr"])  # stays on the device
         if scratch:
             batch.run(lamb_apply_u, Spec(("ok", "scale"), ()),
                       lambda bs: {"p": bs.param_flat(), "u": tensors(bs)[scratch]}, writes=("p",),

@@ -16,11 +16,10 @@ import torch
 from torch import Tensor
 
 from ..gsnr import scaled_grad
-from .base import BaseOptimizer, GradSource, check_lr, check_momentum, check_weight_decay
+from .base import BaseOptimizer, GradSource, check_lr, check_momentum, check_weight_decay, times_lr
 from .docs import with_args
 from .flat import Spec
 from .flat_group import GroupBatch
-from .lamb import scaled_by_lr
 from .layout import layer_sums
 
 
@@ -82,7 +81,7 @@ class LARS(BaseOptimizer):
                              cols=source.cols, consts=source.consts, compile=group["compile"], n_terms=2,
                              wide=source.wide, wide_spec=source.wide_spec(spec))
             w_sq, g_sq = layer_sums(self.layout, batch.flat_segments, sums[:, 0], sums[:, 1])
-            lr_local = -scaled_by_lr(lars_local_lr(w_sq, g_sq, group["eta"], wd), group["lr"])
+            lr_local = times_lr(lars_local_lr(w_sq, g_sq, group["eta"], wd), group["lr"])
             apply_source = source.again()
         spec = apply_source.spec(("lr_local",), tuple(consts))
         batch.run(lars_apply, spec,
