@@ -28,12 +28,20 @@ the PNG the medians. Parameters are fp32 in the real BERT-base shapes.
   with a fixed squared-gradient buffer (k = 8) laid out flat like the moment sources', which
   the step may overwrite once read, as DeepSpeed's ZeRO moment source lets it (LAMB keeps u
   there; the squares are put back before each step, untimed).
+- ``--keep-freed-memory`` tells glibc's malloc to keep freed memory in the process (no mmap,
+  no trimming), as a long training process's heap effectively does. torch-optimizer's Lamb
+  allocates layer-sized temporaries every step; with glibc's defaults each large one is a
+  fresh mmap whose pages fault in on first touch, and in a process without backward passes
+  that page-fault time, not the arithmetic, is most of its step (results/README.md). Our
+  optimizers and torch's AdamW allocate nothing large per step. The JSON records the
+  setting and any ``MALLOC_*`` variables in the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -43,6 +51,22 @@ import torch
 
 from vrgd_ds import LAMB, MicroStepMoments, VRAdamW, VRLAMB
 from vrgd_ds.optim.layout import LayerLayout, Segment
+
+
+def keep_freed_memory() -> str | None:
+    """glibc malloc: never mmap, never give freed heap memory back (``mallopt``); None when
+    set, else why not. Call before the tensors are made."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError) as e:
+        return f"no glibc mallopt here ({e})"
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
+    if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        return "mallopt refused M_MMAP_MAX/M_TRIM_THRESHOLD"
+    return None
 
 
 def bert_base_shapes(vocab=30522, hidden=768, layers=12, inter=3072, positions=512, types=2):
@@ -255,8 +279,19 @@ def main(argv=None):
                          "our kernels compiled as large buffers are by default; writes optim_step_host.json")
     ap.add_argument("--no-backward", action="store_true",
                     help="leave out the rows fed by real backward passes (VRLAMB, VRAdamW and their gathered twins)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc malloc keeps freed memory (no mmap, no trim): no page faults when a step "
+                         "allocates temporaries, as in a long training process")
     args = ap.parse_args(argv)
 
+    allocator = {"keep_freed_memory": False,
+                 "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
+    if args.keep_freed_memory:
+        why = keep_freed_memory()
+        allocator["keep_freed_memory"] = why is None
+        if why:
+            allocator["not_set"] = why
+            print(f"--keep-freed-memory not applied: {why}")
     torch.manual_seed(0)
     layers = max(1, round(12 * args.scale))
     size = {"base": {}, "large": {"hidden": 1024, "inter": 4096}}[args.model]
@@ -302,11 +337,11 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "median_s": med, "min_s": best, "samples_s": samples, "ratios": ratios, "ratios_of_min": ratios_of_min,
         "ratios_per_round": per_round,
-        "targets": targets, "target_met": met, "skipped": skipped,
+        "targets": targets, "target_met": met, "skipped": skipped, "allocator": allocator,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "optim_step_host" if args.host else "optim_step"
+    stem = ("optim_step_host" if args.host else "optim_step") + ("_keep_freed" if allocator["keep_freed_memory"] else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"{stem}.png")
     report(result)
@@ -327,7 +362,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("median step time (ms)")
     what = f"host overhead, {result['tensors']} tiny tensors" if result.get("host_overhead") \
         else f"{result['params'] / 1e6:.1f}M params"
-    ax.set_title(f"optimizer step, {what} ({result['model']}), {result['device']}, {result['threads']} threads")
+    kept = ", freed memory kept" if result.get("allocator", {}).get("keep_freed_memory") else ""
+    ax.set_title(f"optimizer step, {what} ({result['model']}), {result['device']}, {result['threads']} threads{kept}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,6 +20,15 @@ def test_optim_step_small(tmp_path):
     assert (tmp_path / "optim_step.png").stat().st_size > 1000
 
 
+def test_optim_step_keep_freed_memory(tmp_path):
+    run_module("benchmarks.optim_step", "--scale", "0.02", "--steps", "2", "--warmup", "1", "--no-backward",
+               "--no-partition", "--keep-freed-memory", "--out", tmp_path, timeout=300)
+    res = json.loads((tmp_path / "optim_step_keep_freed.json").read_text())
+    assert res["allocator"]["keep_freed_memory"] is True
+    assert {"LAMB", "AdamW fused", "torch-optimizer Lamb"} <= set(res["median_s"])
+    assert not (tmp_path / "optim_step.json").exists()  # never over the default run's file
+
+
 def test_optim_step_host_overhead(tmp_path):
     run_module("benchmarks.optim_step", "--host", "--steps", "2", "--warmup", "1", "--no-backward", "--out", tmp_path,
                timeout=600)
