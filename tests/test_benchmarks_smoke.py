@@ -29,6 +29,19 @@ def test_optim_step_keep_freed_memory(tmp_path):
     assert not (tmp_path / "optim_step.json").exists()  # never over the default run's file
 
 
+def test_first_step_cold_and_warm_cache(tmp_path):
+    """Two fresh processes on one new Inductor cache, each timing its steps (compiled kernels)."""
+    run_module("benchmarks.first_step", "--scale", "0.02", "--steps", "3", "--k", "2", "--compile", "always",
+               "--out", tmp_path, timeout=600)
+    res = json.loads((tmp_path / "first_step.json").read_text())
+    assert set(res["runs"]) == {"cold", "warm"} and res["compile"] == "always" and res["optimizer"] == "VRLAMB"
+    for run in res["runs"].values():
+        assert len(run["steps_s"]) == 3 and all(t > 0 for t in run["steps_s"]) and run["process_s"] > 0
+    assert (tmp_path / "first_step.png").stat().st_size > 1000
+    proc = run_module("benchmarks.first_step", "--k", "1", "--out", tmp_path, timeout=120, check=False)
+    assert proc.returncode != 0 and "--k >= 2, got --steps 3 --k 1" in proc.stderr
+
+
 def test_optim_step_host_overhead(tmp_path):
     run_module("benchmarks.optim_step", "--host", "--steps", "2", "--warmup", "1", "--no-backward", "--out", tmp_path,
                timeout=600)
