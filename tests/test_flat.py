@@ -300,6 +300,33 @@ def test_create_graph_gradients_keep_their_graph():
     opt.zero_grad()
 
 
+def scaled_by_flag(spec, x, s, c):
+    return {"a": x["a"] * float(spec.flags[0])}, ()
+
+
+@torch._dynamo.config.patch(recompile_limit=8)
+def test_more_graphs_than_dynamos_default_limit_stay_compiled():
+    """Each spec is its own graph of the one block kernel; 12 of them exceed dynamo's default
+    recompile limit (8), which must not send a compile=True pass to an error or eager."""
+    segs, total = random_segments(random.Random(11), count=6, numel=(20, 40))
+    plan = FlatPlan(segs, "cpu", row=8)
+    a = torch.randn(total, generator=torch.Generator().manual_seed(5))
+    expect = a.clone()
+    inside = torch.zeros(total, dtype=torch.bool)
+    for off, n in segs:
+        inside[off:off + n] = True
+    code = flat._block_kernel.__code__
+    before = len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code))
+    for i in range(12):
+        spec = Spec(("ok",), (), (1.0 + i / 64,))  # a distinct flag: a distinct graph
+        run_pass(scaled_by_flag, spec, plan, {"a": a}, writes=("a",), table=segment_table(spec, {}, len(segs), "cpu"),
+                 c=constants(spec, {}, "cpu"), compile=True)
+        expect[inside] *= 1.0 + i / 64
+    assert len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)) >= before + 12
+    torch.testing.assert_close(a, expect)
+    assert not flat._FAILED
+
+
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     spec = BY_NAME["VRLAMB"]
 
