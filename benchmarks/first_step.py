@@ -1,6 +1,6 @@
 """What compiling the flat kernels costs a user: the first steps of a fresh process.
 
-    python -m benchmarks.first_step [--optimizer VRLAMB] [--steps 3] [--out results/first_step]
+    python -m benchmarks.first_step [--optimizer VRLAMB] [--steps 3] [--device cuda] [--out results/first_step]
 
 Runs the same short job twice in fresh processes that share one new, empty Inductor cache
 (``TORCHINDUCTOR_CACHE_DIR``): "cold" is a first run on a new machine, "warm" every later
@@ -37,17 +37,20 @@ def child(args) -> list[float]:
     torch.manual_seed(0)
     layers = max(1, round(12 * args.scale))
     shapes = bert_base_shapes(vocab=max(64, int(30522 * args.scale)), layers=layers)
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, device=args.device) * 0.02) for s in shapes]
     c = [torch.randn_like(p) * 1e-3 for p in params]
     d = [torch.randn_like(p) * 1e-3 for p in params]
     case = MicroBackward(params, c, d, args.k)
     extra = {} if args.optimizer == "LAMB" else {"moments": case.moments}
     opt = getattr(vrgd_ds, args.optimizer)(case.params, lr=1e-4, compile=args.compile, **extra)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     times = []
     for _ in range(args.steps):
         case.backward()
+        sync()
         t0 = time.perf_counter()
         opt.step()
+        sync()
         times.append(time.perf_counter() - t0)
         opt.zero_grad()
     return times
@@ -61,11 +64,15 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0, help="shrink the model, e.g. 0.05 for a smoke run")
     ap.add_argument("--compile", choices=("auto", "always"), default="auto",
                     help="auto: the default (compiled for buffers of 256K elements and more); always: compile=True")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with synchronisation)")
     ap.add_argument("--out", default="results/first_step")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps < 1 or args.k < 2:
         ap.error(f"--steps must be >= 1 and --k >= 2, got --steps {args.steps} --k {args.k}")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        ap.error(f"--device must be cpu, or cuda where a CUDA device is available, got {args.device!r}"
+                 f" (CUDA available: {torch.cuda.is_available()})")
     args.compile = None if args.compile == "auto" else True
     if args.child:
         print(json.dumps(child(args)))
@@ -87,6 +94,7 @@ def main(argv=None):
                   + f" s; whole process {runs[name]['process_s']:.1f} s")
     result = {"optimizer": args.optimizer, "k": args.k, "scale": args.scale,
               "compile": "always" if args.compile else "auto", "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "runs": runs}
     out = Path(args.out)
@@ -113,7 +121,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([s + width * (len(names) - 1) / 2 for s in range(steps)], [f"step {s + 1}" for s in range(steps)])
     ax.set_ylabel("seconds")
     ax.set_title(f"{result['optimizer']} step time in a fresh process (scale {result['scale']}, "
-                 f"{result['threads']} threads)")
+                 f"{result.get('device', 'cpu')}, {result['threads']} threads)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -10,6 +10,8 @@
 #      phase-1 sequences/s with LAMB and VRLAMB
 #   5. optimizer step time, BERT-large shapes (340M)
 #   6. with FUSED_LAMB=1: DeepSpeed's FusedLamb in the step timings (it builds a CUDA op)
+#   7. what compiling (Triton) costs a fresh process: VRLAMB's first steps on BERT-base with an
+#      empty and a warm Inductor cache (benchmarks/first_step.py)
 # Each part has its own time limit (T_* variables, seconds) and log; a part that fails or
 # runs out of time does not stop the others. PARTS (space-separated part names, as printed
 # after '==') runs only those parts, e.g. to split the checks over two calls of a lease.
@@ -40,7 +42,7 @@ part() {  # part NAME LIMIT COMMAND...: run, log to OUT/NAME.log, show the end o
 
 if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device: running the optimizer matrix on the CPU."
-    echo "skipped (need CUDA): the CUDA matrix, GPU step timings, DeepSpeed on CUDA, BERT-large throughput"
+    echo "skipped (need CUDA): the CUDA matrix, GPU step timings, DeepSpeed on CUDA, BERT-large throughput, first-step compile times"
     part optim_matrix_cpu "${T_MATRIX:-900}" $PY -m pytest -q -p no:cacheprovider \
         tests/test_optim_matrix.py tests/test_flat.py
     [ ${#failed[@]} -eq 0 ] || { echo "FAILED: ${failed[*]}"; exit 1; }
@@ -71,5 +73,6 @@ part bert_large "${T_BERT:-60}" $PY -m benchmarks.bert_throughput --device cuda 
     --micro-batch 64 --accum 2 --steps 5 --out "$OUT"
 part optim_step_large "${T_LARGE:-60}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \
     --out "$OUT/optim_step_large" "${fused[@]}"
+part first_step "${T_FIRST:-180}" $PY -m benchmarks.first_step --device cuda --out "$OUT/first_step"
 [ ${#failed[@]} -eq 0 ] || { echo "FAILED or out of time: ${failed[*]}"; exit 1; }
 echo "all parts passed"

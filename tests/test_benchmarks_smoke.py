@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from ds_helpers import run_module
 
 
@@ -40,6 +42,9 @@ def test_first_step_cold_and_warm_cache(tmp_path):
     assert (tmp_path / "first_step.png").stat().st_size > 1000
     proc = run_module("benchmarks.first_step", "--k", "1", "--out", tmp_path, timeout=120, check=False)
     assert proc.returncode != 0 and "--k >= 2, got --steps 3 --k 1" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = run_module("benchmarks.first_step", "--device", "cuda", "--out", tmp_path, timeout=120, check=False)
+        assert proc.returncode != 0 and "--device must be cpu, or cuda where" in proc.stderr
 
 
 def test_optim_step_host_overhead(tmp_path):
