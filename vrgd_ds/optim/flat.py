@@ -236,6 +236,10 @@ RECOMPILE_LIMIT = 64
 _REGION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
+def _recompile_limit() -> int:
+    return max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+
+
 def _eager_block(fn, spec, x, writes, outs, table, row_seg, row_ok, c) -> Tensor | None:
     """The block kernel uncompiled, a chunk of rows at a time (bounded temporaries)."""
     rows, parts = row_seg.numel(), []
@@ -252,16 +256,15 @@ def _run(kernel: Callable, eager: Callable, compile: bool | None, device: str, a
     where compilation fails; True: errors raise; False: ``eager`` always)."""
     if compile is False or (compile is None and device in _FAILED) or torch.compiler.is_compiling():
         return eager(*args)
-    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
     if kernel not in _COMPILED:
         _COMPILED[kernel] = torch.compile(kernel, dynamic=False, fullgraph=True,
-                                          **({"recompile_limit": limit} if _REGION_LIMIT else {}))
+                                          **({"recompile_limit": _recompile_limit()} if _REGION_LIMIT else {}))
     for t in dynamic:  # sizes vary by group and model: compile once for all
         torch._dynamo.maybe_mark_dynamic(t, 0)
     try:
         if _REGION_LIMIT:
             return _COMPILED[kernel](*args)
-        with torch._dynamo.config.patch(recompile_limit=limit):
+        with torch._dynamo.config.patch(recompile_limit=_recompile_limit()):
             return _COMPILED[kernel](*args)
     except Exception as e:  # no C++ compiler, unsupported platform...: the same math, eagerly
         if compile is True:
