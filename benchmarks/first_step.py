@@ -65,6 +65,7 @@ def main(argv=None):
     ap.add_argument("--compile", choices=("auto", "always"), default="auto",
                     help="auto: the default (compiled for buffers of 256K elements and more); always: compile=True")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timed with synchronisation)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds each of the two processes may take")
     ap.add_argument("--out", default="results/first_step")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -84,8 +85,13 @@ def main(argv=None):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         for name in ("cold", "warm"):
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.first_step", *forward, "--child"],
-                                  env=env, capture_output=True, text=True)
+            try:
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.first_step", *forward, "--child"],
+                                      env=env, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired as e:
+                err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+                raise SystemExit(f"the {name} run took more than --timeout {args.timeout:g} s and was stopped; "
+                                 f"a silent compile may be waiting on a lock in the Inductor cache:\n{err[-4000:]}")
             if proc.returncode != 0:
                 raise SystemExit(f"the {name} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
             runs[name] = {"steps_s": json.loads(proc.stdout.strip().splitlines()[-1]),

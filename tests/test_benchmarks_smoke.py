@@ -42,6 +42,9 @@ def test_first_step_cold_and_warm_cache(tmp_path):
     assert (tmp_path / "first_step.png").stat().st_size > 1000
     proc = run_module("benchmarks.first_step", "--k", "1", "--out", tmp_path, timeout=120, check=False)
     assert proc.returncode != 0 and "--k >= 2, got --steps 3 --k 1" in proc.stderr
+    proc = run_module("benchmarks.first_step", "--scale", "0.02", "--timeout", "0.5", "--out", tmp_path,
+                      timeout=120, check=False)  # a process that runs too long is stopped, with a message
+    assert proc.returncode != 0 and "the cold run took more than --timeout 0.5 s and was stopped" in proc.stderr
     if not torch.cuda.is_available():
         proc = run_module("benchmarks.first_step", "--device", "cuda", "--out", tmp_path, timeout=120, check=False)
         assert proc.returncode != 0 and "--device must be cpu, or cuda where" in proc.stderr
