@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 14 in one go, on one CUDA device (about 6 minutes on an H200):
+# Every GPU check of issue 14 in one go, on one CUDA device (about 12 minutes on an H100; the
+# correctness parts can run side by side in separate calls with PARTS, see results/gpu/README.md):
 #   1. the optimizer matrix (tests/test_optim_matrix.py, tests/test_flat.py) on CUDA, eagerly,
 #      and a compiled (Triton) subset
 #   2. optimizer step time, BERT-base shapes (110M), against torch fused AdamW
@@ -51,9 +52,9 @@ fi
 
 nvidia-smi >"$OUT/nvidia_smi.txt" 2>&1
 export VRGD_TEST_DEVICE=cuda
-part optim_matrix_cuda "${T_MATRIX:-60}" $PY -m pytest -q -p no:cacheprovider \
+part optim_matrix_cuda "${T_MATRIX:-240}" $PY -m pytest -q -p no:cacheprovider \
     tests/test_optim_matrix.py tests/test_flat.py -k "not compile"
-part optim_matrix_cuda_compiled "${T_COMPILED:-90}" $PY -m pytest -q -p no:cacheprovider \
+part optim_matrix_cuda_compiled "${T_COMPILED:-120}" $PY -m pytest -q -p no:cacheprovider \
     tests/test_optim_matrix.py tests/test_flat.py -k "compile and (VRLAMB or VRAdamW or LAMB or run_pass)"
 unset VRGD_TEST_DEVICE
 fused=()
@@ -64,14 +65,14 @@ fused=()
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 fi
-part optim_step_base "${T_BASE:-90}" $PY -m benchmarks.optim_step --device cuda --model base --steps 8 \
+part optim_step_base "${T_BASE:-150}" $PY -m benchmarks.optim_step --device cuda --model base --steps 8 \
     --out "$OUT/optim_step_base" "${fused[@]}"
-part deepspeed_routes "${T_DEEPSPEED:-120}" $PY -m benchmarks.gpu_check --out "$OUT"
+part deepspeed_routes "${T_DEEPSPEED:-180}" $PY -m benchmarks.gpu_check --out "$OUT"
 part pretrain_route "${T_PRETRAIN:-240}" $PY -m benchmarks.pretrain_route --precision bf16 --out "$OUT"
 part pretrain_route_fp16 "${T_PRETRAIN:-240}" $PY -m benchmarks.pretrain_route --precision fp16 --out "$OUT"
-part bert_large "${T_BERT:-60}" $PY -m benchmarks.bert_throughput --device cuda --size large \
+part bert_large "${T_BERT:-120}" $PY -m benchmarks.bert_throughput --device cuda --size large \
     --micro-batch 64 --accum 2 --steps 5 --out "$OUT"
-part optim_step_large "${T_LARGE:-60}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \
+part optim_step_large "${T_LARGE:-150}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \
     --out "$OUT/optim_step_large" "${fused[@]}"
 part first_step "${T_FIRST:-180}" $PY -m benchmarks.first_step --device cuda --out "$OUT/first_step"
 [ ${#failed[@]} -eq 0 ] || { echo "FAILED or out of time: ${failed[*]}"; exit 1; }
