@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 14 in one go, on one CUDA device (about 12 minutes on an H100; the
-# correctness parts can run side by side in separate calls with PARTS, see results/gpu/README.md):
+# Every GPU check of issue 14 in one go, on one CUDA device (about 8 minutes on an H100, by the
+# part times of session 11: the correctness parts 1, 3 and 4 run side by side, then the timed
+# parts one after another, each alone on the machine):
 #   1. the optimizer matrix (tests/test_optim_matrix.py, tests/test_flat.py) on CUDA, eagerly,
 #      and a compiled (Triton) subset
 #   2. optimizer step time, BERT-base shapes (110M), against torch fused AdamW
 #   3. DeepSpeed on one CUDA device against the float64 reference (benchmarks/gpu_check.py:
 #      ZeRO-2 / ZeRO-1 / stage 0 fp32, bf16, fp16 with DeepSpeed's loss scaler, autocast)
 #   4. the user's pretraining route (launch/pretrain_bert.sh, 1 rank, bf16 / fp16 ZeRO-2, phase 1 then
-#      phase 2 with the optimizer state carried; benchmarks/pretrain_route.py), and BERT-large
+#      phase 2 with the optimizer state carried; benchmarks/pretrain_route.py), then (bf16) SQuAD
+#      fine-tuning and scoring of phase 2's export with launch/run_squad.sh; and BERT-large
 #      phase-1 sequences/s with LAMB and VRLAMB
 #   5. optimizer step time, BERT-large shapes (340M)
 #   6. with FUSED_LAMB=1: DeepSpeed's FusedLamb in the step timings (it builds a CUDA op)
@@ -38,6 +40,7 @@ part() {  # part NAME LIMIT COMMAND...: run, log to OUT/NAME.log, show the end o
     rc=$?
     echo "   exit $rc after $((SECONDS - t0)) s"
     tail -n "${TAIL:-12}" "$OUT/$name.log"
+    [ -z "${PART_RC:-}" ] || echo "$rc" >"$OUT/$name.rc"  # for side's caller: a background part's status
     [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
@@ -51,12 +54,35 @@ if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 
 nvidia-smi >"$OUT/nvidia_smi.txt" 2>&1
-export VRGD_TEST_DEVICE=cuda
-part optim_matrix_cuda "${T_MATRIX:-240}" $PY -m pytest -q -p no:cacheprovider \
+# The correctness parts are small on a GPU and independent: they run side by side (their
+# summaries are printed when all are done; SIDE_BY_SIDE=0 runs them one after another). The
+# timed parts then run alone, one after another.
+side_names=()
+side() {  # side NAME LIMIT COMMAND...: part, in the background unless SIDE_BY_SIDE=0
+    if [ "${SIDE_BY_SIDE:-1}" != 1 ]; then
+        part "$@"
+        return
+    fi
+    rm -f "$OUT/$1.rc"
+    PART_RC=1 part "$@" >"$OUT/$1.summary" 2>&1 &
+    side_names+=("$1")
+}
+side optim_matrix_cuda "${T_MATRIX:-240}" env VRGD_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
     tests/test_optim_matrix.py tests/test_flat.py -k "not compile"
-part optim_matrix_cuda_compiled "${T_COMPILED:-120}" $PY -m pytest -q -p no:cacheprovider \
+side optim_matrix_cuda_compiled "${T_COMPILED:-120}" env VRGD_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
     tests/test_optim_matrix.py tests/test_flat.py -k "compile and (VRLAMB or VRAdamW or LAMB or run_pass)"
-unset VRGD_TEST_DEVICE
+side deepspeed_routes "${T_DEEPSPEED:-180}" $PY -m benchmarks.gpu_check --out "$OUT"
+side pretrain_route "${T_PRETRAIN:-300}" $PY -m benchmarks.pretrain_route --precision bf16 --squad --out "$OUT"
+side pretrain_route_fp16 "${T_PRETRAIN:-300}" $PY -m benchmarks.pretrain_route --precision fp16 --out "$OUT"
+wait
+for name in "${side_names[@]}"; do
+    cat "$OUT/$name.summary"
+    rm -f "$OUT/$name.summary"
+    if [ -f "$OUT/$name.rc" ]; then  # absent: not in PARTS
+        [ "$(cat "$OUT/$name.rc")" = 0 ] || failed+=("$name")
+        rm -f "$OUT/$name.rc"
+    fi
+done
 fused=()
 [ "${FUSED_LAMB:-0}" = 1 ] && fused=(--fused-lamb)
 # DeepSpeed 0.19.8's op builder reads each TORCH_CUDA_ARCH_LIST entry as int.int and fails on
@@ -67,9 +93,6 @@ if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 part optim_step_base "${T_BASE:-150}" $PY -m benchmarks.optim_step --device cuda --model base --steps 8 \
     --out "$OUT/optim_step_base" "${fused[@]}"
-part deepspeed_routes "${T_DEEPSPEED:-180}" $PY -m benchmarks.gpu_check --out "$OUT"
-part pretrain_route "${T_PRETRAIN:-240}" $PY -m benchmarks.pretrain_route --precision bf16 --out "$OUT"
-part pretrain_route_fp16 "${T_PRETRAIN:-240}" $PY -m benchmarks.pretrain_route --precision fp16 --out "$OUT"
 part bert_large "${T_BERT:-120}" $PY -m benchmarks.bert_throughput --device cuda --size large \
     --micro-batch 64 --accum 2 --steps 5 --out "$OUT"
 part optim_step_large "${T_LARGE:-150}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \

@@ -1,6 +1,6 @@
 """The pretraining route a user takes, end to end, on this machine's accelerator.
 
-    python -m benchmarks.pretrain_route [--precision bf16] [--ranks N] [--out results/pretrain_route]
+    python -m benchmarks.pretrain_route [--precision bf16] [--ranks N] [--squad] [--out results/pretrain_route]
 
 Prepares phase-1 and phase-2 data from the shipped corpus, writes the tiny BERT's VRLAMB
 configs with the chosen precision (the global batch of ``configs/bert_tiny_*``, the
@@ -11,7 +11,12 @@ files a user's run goes through. Then it checks what the user gets:
 - both phases exit 0 with the steps asked for and finite losses;
 - each phase's ``hf/`` folder holds exactly the fp32 master weights of its last complete
   checkpoint (consolidated from the ZeRO shards), not the bf16/fp16 copies;
-- the loss plot is written.
+- the loss plot is written;
+- with ``--squad``, the next step of the route: ``launch/run_squad.sh`` fine-tunes phase 2's
+  ``hf/`` export on the same ranks (64 training questions of the shipped subset, one epoch)
+  and scores 40 dev questions with the official metric; it must exit 0 with every question
+  answered and finite scores. The scores of a model pretrained for a few steps mean nothing;
+  this checks that the files, launcher and devices fit together.
 
 On CUDA it runs 1 rank by default (NCCL), on the CPU 2 (gloo). Writes
 ``pretrain_route_<precision>.json`` and exits 1 when a check fails.
@@ -78,6 +83,35 @@ def check_phase(phase_dir: Path, steps: int) -> dict:
             "ok": len(losses) == steps and all(math.isfinite(v) for v in losses) and not mismatched}
 
 
+SQUAD_QUESTIONS = (64, 40)  # fine-tuned on, scored
+
+
+def run_squad(work: Path, out: Path, precision: str, env: dict) -> dict:
+    """``launch/run_squad.sh`` on phase 2's export (same ranks and device); its results."""
+    from vrgd_ds.deepspeed.launching import free_port
+
+    squad_dir = work / "squad"
+    train, evaluate = SQUAD_QUESTIONS
+    cmd = ["bash", str(ROOT / "launch" / "run_squad.sh"), "--init-checkpoint", str(work / "run" / "phase2" / "hf"),
+           "--output-dir", str(squad_dir), "--max-train-examples", str(train), "--max-eval-examples", str(evaluate),
+           "--epochs", "1", "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=dict(env, MASTER_PORT=str(free_port())), cwd=work, capture_output=True,
+                          text=True, timeout=1800)
+    (out / f"squad_route_{precision}.log").write_text(proc.stdout + "\n---- stderr\n" + proc.stderr)
+    result = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1)}
+    if proc.returncode == 0:
+        res = json.loads((squad_dir / "results.json").read_text())
+        result.update({k: res[k] for k in ("f1", "exact_match", "steps", "train_examples", "eval_examples",
+                                            "eval_missing", "world_size", "train_loss_last")})
+    result["ok"] = (proc.returncode == 0 and (result["train_examples"], result["eval_examples"],
+                                              result["eval_missing"]) == (train, evaluate, 0)
+                    and all(math.isfinite(result[k]) for k in ("f1", "exact_match", "train_loss_last")))
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:], file=sys.stderr)
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", choices=sorted(PRECISION), default="bf16")
@@ -85,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=None, help="local ranks (default: 1 on CUDA, 2 on the CPU)")
     ap.add_argument("--phase1-steps", type=int, default=4)
     ap.add_argument("--phase2-steps", type=int, default=2)
+    ap.add_argument("--squad", action="store_true",
+                    help="then fine-tune phase 2's export on SQuAD with launch/run_squad.sh and score it")
     ap.add_argument("--out", default="results/pretrain_route")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -116,13 +152,21 @@ def main(argv=None) -> int:
         result["loss_plot"] = (work / "run" / "loss.png").exists()
     result["ok"] = (proc.returncode == 0 and result["phase1"]["ok"] and result["phase2"]["ok"]
                     and result["loss_plot"])
+    if args.squad and result["ok"]:
+        result["squad"] = run_squad(work, out, args.precision, env)
+        result["ok"] = result["squad"]["ok"]
     (out / f"pretrain_route_{args.precision}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("phase1", "phase2")}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("phase1", "phase2", "squad")}))
     for phase in ("phase1", "phase2"):
         if phase in result:
             r = result[phase]
             print(f"{phase}: {r['steps']} steps, losses {[round(v, 3) for v in r['losses']]}, checkpoint "
                   f"{r['checkpoint']}, hf = fp32 masters: {r['hf_is_the_fp32_masters']}")
+    if "squad" in result:
+        r = result["squad"]
+        print(f"squad: exit {r['returncode']}" + (f", {r['steps']} steps on {r['world_size']} ranks, F1 {r['f1']:.2f}, "
+                                                   f"EM {r['exact_match']:.2f} on {r['eval_examples']} questions"
+                                                   if r["returncode"] == 0 else ""))
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)
     return 0 if result["ok"] else 1

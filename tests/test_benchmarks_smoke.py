@@ -95,3 +95,20 @@ def test_gpu_check_runs_only_the_named_parts(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no CUDA device" in proc.stdout and "optim_matrix_cpu: not in PARTS, skipped" in proc.stdout
     assert not (tmp_path / "optim_matrix_cpu.log").exists()
+
+
+def test_pretrain_route_then_squad_on_two_cpu_ranks(tmp_path):
+    """The user's whole route through the launch scripts, as gpu_check.sh runs it on CUDA: bf16
+    ZeRO-2 phase 1 and phase 2 with the optimizer state carried, then SQuAD on phase 2's export."""
+    proc = run_module("benchmarks.pretrain_route", "--precision", "bf16", "--squad", "--out", tmp_path, timeout=900)
+    res = json.loads((tmp_path / "pretrain_route_bf16.json").read_text())
+    assert res["ok"] and res["ranks"] == 2 and res["device"] == "cpu"
+    for phase, steps in (("phase1", 4), ("phase2", 2)):
+        assert res[phase]["steps"] == steps and res[phase]["hf_is_the_fp32_masters"], res[phase]
+    squad = res["squad"]
+    assert squad["ok"] and squad["returncode"] == 0 and squad["world_size"] == 2
+    # 64 questions, 64 windows, global batch 32 (configs/squad_tiny.json on 2 ranks), one epoch
+    assert (squad["train_examples"], squad["eval_examples"], squad["eval_missing"], squad["steps"]) == (64, 40, 0, 2)
+    assert 0.0 <= squad["exact_match"] <= squad["f1"] <= 100.0
+    assert "squad: exit 0, 2 steps on 2 ranks" in proc.stdout
+    assert "SQuAD v1.1, 40 questions" in (tmp_path / "squad_route_bf16.log").read_text()
