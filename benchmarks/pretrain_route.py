@@ -155,6 +155,8 @@ def main(argv=None) -> int:
     if args.squad and result["ok"]:
         result["squad"] = run_squad(work, out, args.precision, env)
         result["ok"] = result["squad"]["ok"]
+    elif args.squad:
+        result["squad_skipped"] = "the pretraining route failed, so there is no phase 2 export to fine-tune"
     (out / f"pretrain_route_{args.precision}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("phase1", "phase2", "squad")}))
     for phase in ("phase1", "phase2"):
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
             r = result[phase]
             print(f"{phase}: {r['steps']} steps, losses {[round(v, 3) for v in r['losses']]}, checkpoint "
                   f"{r['checkpoint']}, hf = fp32 masters: {r['hf_is_the_fp32_masters']}")
+    if "squad_skipped" in result:
+        print(f"squad: not run: {result['squad_skipped']}")
     if "squad" in result:
         r = result["squad"]
         print(f"squad: exit {r['returncode']}" + (f", {r['steps']} steps on {r['world_size']} ranks, F1 {r['f1']:.2f}, "

@@ -112,3 +112,13 @@ def test_pretrain_route_then_squad_on_two_cpu_ranks(tmp_path):
     assert 0.0 <= squad["exact_match"] <= squad["f1"] <= 100.0
     assert "squad: exit 0, 2 steps on 2 ranks" in proc.stdout
     assert "SQuAD v1.1, 40 questions" in (tmp_path / "squad_route_bf16.log").read_text()
+
+
+def test_pretrain_route_reports_a_failed_launch_and_skips_squad(tmp_path):
+    proc = run_module("benchmarks.pretrain_route", "--precision", "bf16", "--squad", "--phase1-steps", "0",
+                      "--out", tmp_path, timeout=600, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    res = json.loads((tmp_path / "pretrain_route_bf16.json").read_text())
+    assert not res["ok"] and res["returncode"] != 0 and "squad" not in res
+    assert "squad: not run: the pretraining route failed" in proc.stdout
+    assert "pretraining.max_steps must be an integer >= 1, got 0" in proc.stderr  # the launch's own message
