@@ -1,6 +1,6 @@
 """The pretraining route a user takes, end to end, on this machine's accelerator.
 
-    python -m benchmarks.pretrain_route [--precision bf16] [--ranks N] [--squad] [--out results/pretrain_route]
+    python -m benchmarks.pretrain_route [--precision bf16] [--ranks N] [--squad] [--timeout S] [--out results/pretrain_route]
 
 Prepares phase-1 and phase-2 data from the shipped corpus, writes the tiny BERT's VRLAMB
 configs with the chosen precision (the global batch of ``configs/bert_tiny_*``, the
@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -86,7 +87,34 @@ def check_phase(phase_dir: Path, steps: int) -> dict:
 SQUAD_QUESTIONS = (64, 40)  # fine-tuned on, scored
 
 
-def run_squad(work: Path, out: Path, precision: str, env: dict) -> dict:
+def launch(what: str, cmd: list[str], env: dict, cwd: Path, log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a launch script (its own process group) within ``timeout`` seconds; its output goes to
+    ``log``. One that runs over is stopped with all its ranks (SIGTERM, then SIGKILL after 10 s)
+    and ends this run with a message naming it."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+                stdout, stderr = proc.communicate(timeout=grace)
+                break
+            except ProcessLookupError:
+                stdout, stderr = proc.communicate()
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.write_text(stdout + "\n---- stderr\n" + stderr)
+        raise SystemExit(f"{what} took more than --timeout {timeout:g} s and was stopped with its ranks "
+                         f"(output: {log}). If it sat silent, look for a stale 'lock' file in torch's "
+                         f"extensions folder.")
+    log.write_text(stdout + "\n---- stderr\n" + stderr)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def run_squad(work: Path, out: Path, precision: str, env: dict, timeout: float) -> dict:
     """``launch/run_squad.sh`` on phase 2's export (same ranks and device); its results."""
     from vrgd_ds.deepspeed.launching import free_port
 
@@ -96,9 +124,8 @@ def run_squad(work: Path, out: Path, precision: str, env: dict) -> dict:
            "--output-dir", str(squad_dir), "--max-train-examples", str(train), "--max-eval-examples", str(evaluate),
            "--epochs", "1", "--no-progress"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=dict(env, MASTER_PORT=str(free_port())), cwd=work, capture_output=True,
-                          text=True, timeout=1800)
-    (out / f"squad_route_{precision}.log").write_text(proc.stdout + "\n---- stderr\n" + proc.stderr)
+    proc = launch("launch/run_squad.sh", cmd, dict(env, MASTER_PORT=str(free_port())), work,
+                  out / f"squad_route_{precision}.log", timeout)
     result = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1)}
     if proc.returncode == 0:
         res = json.loads((squad_dir / "results.json").read_text())
@@ -121,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--phase2-steps", type=int, default=2)
     ap.add_argument("--squad", action="store_true",
                     help="then fine-tune phase 2's export on SQuAD with launch/run_squad.sh and score it")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds each launch (pretraining, SQuAD) may take")
     ap.add_argument("--out", default="results/pretrain_route")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -141,8 +169,8 @@ def main(argv=None) -> int:
         env["DS_ACCELERATOR"] = "cpu"
     cmd = ["bash", str(ROOT / "launch" / "pretrain_bert.sh"), str(work / "cfg"), "vrlamb", str(data[128]),
            str(data[512]), str(work / "run"), "--no-progress"]
-    proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=1800)
-    (out / f"pretrain_route_{args.precision}.log").write_text(proc.stdout + "\n---- stderr\n" + proc.stderr)
+    proc = launch("launch/pretrain_bert.sh", cmd, env, work, out / f"pretrain_route_{args.precision}.log",
+                  args.timeout)
     result = {"precision": args.precision, "stage": args.stage, "ranks": ranks,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 1)}
@@ -153,7 +181,7 @@ def main(argv=None) -> int:
     result["ok"] = (proc.returncode == 0 and result["phase1"]["ok"] and result["phase2"]["ok"]
                     and result["loss_plot"])
     if args.squad and result["ok"]:
-        result["squad"] = run_squad(work, out, args.precision, env)
+        result["squad"] = run_squad(work, out, args.precision, env, args.timeout)
         result["ok"] = result["squad"]["ok"]
     elif args.squad:
         result["squad_skipped"] = "the pretraining route failed, so there is no phase 2 export to fine-tune"

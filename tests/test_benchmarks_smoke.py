@@ -122,3 +122,17 @@ def test_pretrain_route_reports_a_failed_launch_and_skips_squad(tmp_path):
     assert not res["ok"] and res["returncode"] != 0 and "squad" not in res
     assert "squad: not run: the pretraining route failed" in proc.stdout
     assert "pretraining.max_steps must be an integer >= 1, got 0" in proc.stderr  # the launch's own message
+
+
+def test_pretrain_route_stops_a_launch_that_runs_over_its_timeout(tmp_path):
+    import subprocess
+    import time
+
+    proc = run_module("benchmarks.pretrain_route", "--precision", "bf16", "--timeout", "5", "--out", tmp_path,
+                      timeout=300, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "launch/pretrain_bert.sh took more than --timeout 5 s and was stopped with its ranks" in proc.stderr
+    assert (tmp_path / "pretrain_route_bf16.log").exists()
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the stopped launch are still running: {left}"
