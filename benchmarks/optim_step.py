@@ -28,6 +28,15 @@ the PNG the medians. Parameters are fp32 in the real BERT-base shapes.
   with a fixed squared-gradient buffer (k = 8) laid out flat like the moment sources', which
   the step may overwrite once read, as DeepSpeed's ZeRO moment source lets it (LAMB keeps u
   there; the squares are put back before each step, untimed).
+- On the CPU every step of ours is also taken apart (:func:`vrgd_ds.optim.flat.record_passes`):
+  the time of each flat pass and each gather into a flat buffer, the full-size arrays it
+  streams (an array read and written back in place counts once), and its time per element
+  per array, next to fused AdamW's (one pass over p, g, m, v: 4 arrays). A memory-bound pass
+  costs about its number of arrays times a machine's cost per array, so an optimizer's
+  ``arrays`` over fused AdamW's 4 is its step's ratio to fused AdamW where every pass streams
+  an array as fast as fused AdamW does (results/README.md, session 12). The JSON records the
+  CPU's model and cache sizes: the cost per array, and how it varies between passes, is the
+  machine's.
 - ``--keep-freed-memory`` tells glibc's malloc to keep freed memory in the process (no mmap,
   no trimming), as a long training process's heap effectively does. torch-optimizer's Lamb
   allocates layer-sized temporaries every step; with glibc's defaults each large one is a
@@ -50,6 +59,7 @@ from pathlib import Path
 import torch
 
 from vrgd_ds import LAMB, MicroStepMoments, VRAdamW, VRLAMB
+from vrgd_ds.optim.flat import record_passes
 from vrgd_ds.optim.layout import LayerLayout, Segment
 
 
@@ -67,6 +77,23 @@ def keep_freed_memory() -> str | None:
     if not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         return "mallopt refused M_MMAP_MAX/M_TRIM_THRESHOLD"
     return None
+
+
+def cpu_info() -> dict:
+    """The CPU's model and cache sizes (Linux): ratios of memory-bound steps move with them."""
+    info = {"logical_cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["model"] = line.split(":", 1)[1].strip()
+                break
+        caches = Path("/sys/devices/system/cpu/cpu0/cache")
+        for d in sorted(caches.glob("index*")):
+            level, kind = (d / "level").read_text().strip(), (d / "type").read_text().strip()
+            info[f"L{level} {kind.lower()}"] = (d / "size").read_text().strip()
+    except OSError:
+        pass
+    return info
 
 
 def bert_base_shapes(vocab=30522, hidden=768, layers=12, inter=3072, positions=512, types=2):
@@ -188,8 +215,89 @@ def build_backward_cases(params, lr=1e-4, k=8, compile=None):
     return cases
 
 
-def time_backward_cases(cases, samples, timed, sync) -> None:
+class PassTimes:
+    """Per optimizer and timed step, the flat passes and gathers of its step
+    (:func:`vrgd_ds.optim.flat.record_passes`): where the step's time goes, and what each
+    element of each array read or written costs. CPU only (a CUDA pass returns before its
+    kernels ran)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.steps: dict[str, list[list[dict]]] = {}
+
+    def step(self, name: str, opt, timed: bool) -> None:
+        if not self.enabled:
+            opt.step()
+            return
+        with record_passes() as log:
+            opt.step()
+        if timed:
+            self.steps.setdefault(name, []).append(log)
+
+    def summary(self, med: dict, params: int) -> dict:
+        """Per optimizer: each pass (medians over steps of its per-step total), the time in
+        passes, gathers and the rest, and the full-size arrays its passes stream (fused AdamW: 4)."""
+        out = {}
+        for name, steps in self.steps.items():
+            per_key: dict[tuple, list[tuple[float, int]]] = {}  # per pass: (seconds, elements) of each step
+            first: dict[tuple, dict] = {}
+            for log in steps:
+                totals: dict[tuple, list] = {}
+                for e in log:
+                    key = (e["kind"], e["fn"], tuple(e["flags"]))
+                    first.setdefault(key, e)
+                    t = totals.setdefault(key, [0.0, 0])
+                    t[0] += e["seconds"]
+                    t[1] += e["elements"]
+                for key, (sec, el) in totals.items():
+                    per_key.setdefault(key, []).append((sec, el))
+            if not per_key:  # not one of ours (torch's, torch-optimizer's)
+                continue
+            rows, in_passes, in_gathers, arrays = [], 0.0, 0.0, 0
+            for key, vals in per_key.items():
+                kind, fn, flags = key
+                e, t = first[key], statistics.median(sec for sec, _ in vals)
+                elements = max(el for _, el in vals)
+                rows.append({"kind": kind, "fn": fn, "flags": list(flags), "elements": elements,
+                             "reads": e["reads"], "writes": e["writes"], "arrays": e["arrays"], "ms": t * 1e3,
+                             "ms_per_array": t * 1e3 * params / max(1, elements * e["arrays"])})
+                if kind == "gather":
+                    in_gathers += t
+                else:
+                    in_passes += t
+                if kind != "edge" and elements * 2 > params:  # the bulk: each array once per element
+                    arrays += e["arrays"]
+            out[name] = {"passes": rows, "passes_ms": in_passes * 1e3, "gathers_ms": in_gathers * 1e3,
+                         "rest_ms": (med[name] - in_passes - in_gathers) * 1e3 if name in med else None,
+                         "arrays": arrays, "arrays_vs_fused_adamw": arrays / 4}
+        if "AdamW fused" in med:  # one pass over p, g, m, v
+            out["AdamW fused"] = {"arrays": 4, "ms_per_array": med["AdamW fused"] * 1e3 / 4}
+        return out
+
+
+def report_passes(passes: dict) -> None:
+    if not passes:
+        return
+    print(f"{'flat passes (median ms per step; ms per array of all elements)':<62}{'arrays':>7}{'ms':>8}"
+          f"{'ms/array':>10}")
+    fused = passes.get("AdamW fused")
+    if fused:
+        print(f"{'AdamW fused (its whole step)':<62}{4:>7}{fused['ms_per_array'] * 4:>8.1f}{fused['ms_per_array']:>10.1f}")
+    for name, p in passes.items():
+        if name == "AdamW fused":
+            continue
+        for r in p["passes"]:
+            label = f"{name}: {r['kind']} {r['fn']}" + (f" {','.join(map(str, r['flags']))}" if r["flags"] else "")
+            per_array = "-" if r["kind"] == "edge" else f"{r['ms_per_array']:.1f}"  # a few gathered elements
+            print(f"{label[:61]:<62}{r['arrays']:>7}{r['ms']:>8.1f}{per_array:>10}")
+        rest = "-" if p["rest_ms"] is None else f"{p['rest_ms']:.1f}"
+        print(f"  {name}: passes {p['passes_ms']:.1f} ms, gathers {p['gathers_ms']:.1f} ms, rest {rest} ms; "
+              f"{p['arrays']} arrays streamed, {p['arrays_vs_fused_adamw']:.2f}x fused AdamW's 4")
+
+
+def time_backward_cases(cases, samples, timed, sync, passes: PassTimes | None = None) -> None:
     """One round of the backward rows: placed, then gathered (``flat_grads=False``)."""
+    passes = passes or PassTimes(False)
     for name, (case, opt) in cases.items():
         for placed, suffix in ((True, ""), (False, " gathered")):
             case.moments.flat_grads = placed
@@ -198,7 +306,7 @@ def time_backward_cases(cases, samples, timed, sync) -> None:
             case.backward()
             sync()
             t1 = time.perf_counter()
-            opt.step()
+            passes.step(name + suffix, opt, timed)
             sync()
             t2 = time.perf_counter()
             opt.zero_grad()
@@ -318,13 +426,14 @@ def main(argv=None):
             skipped["DeepSpeed FusedLamb"] = why
             print(f"DeepSpeed FusedLamb left out: {why}")
     samples = {name: [] for name in opts}
+    passes = PassTimes(args.device == "cpu")
     for i in range(args.warmup + args.steps):
-        time_backward_cases(cases, samples, i >= args.warmup, sync)
+        time_backward_cases(cases, samples, i >= args.warmup, sync, passes)
         for name, opt in opts.items():
             getattr(getattr(opt, "moments", None), "refill", lambda: None)()  # untimed
             sync()
             t0 = time.perf_counter()
-            opt.step()
+            passes.step(name, opt, i >= args.warmup)
             sync()
             dt = time.perf_counter() - t0
             if i >= args.warmup:
@@ -338,6 +447,7 @@ def main(argv=None):
         "median_s": med, "min_s": best, "samples_s": samples, "ratios": ratios, "ratios_of_min": ratios_of_min,
         "ratios_per_round": per_round,
         "targets": targets, "target_met": met, "skipped": skipped, "allocator": allocator,
+        "cpu": cpu_info(), "passes": passes.summary(med, n),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -345,6 +455,7 @@ def main(argv=None):
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"{stem}.png")
     report(result)
+    report_passes(result["passes"])
     print(f"wrote {out / f'{stem}.json'}")
     return result
 

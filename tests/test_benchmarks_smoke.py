@@ -20,6 +20,19 @@ def test_optim_step_small(tmp_path):
             "backward placed", "backward gathered"} <= set(res["median_s"])
     assert all(v > 0 for v in res["median_s"].values())
     assert (tmp_path / "optim_step.png").stat().st_size > 1000
+    # where each step's time goes: every flat pass over every element, the arrays it touches
+    passes, n = res["passes"], res["params"]
+    arrays = {"AdamW fused": 4, "LAMB partition": 7, "LAMB": 8, "VRLAMB partition": 10, "VRLAMB": 10,
+              "VRLAMB gathered": 12, "VRAdamW": 8}
+    assert {k: passes[k]["arrays"] for k in arrays} == arrays
+    assert "torch-optimizer Lamb" not in passes and "AdamW foreach" not in passes  # not ours: no passes
+    for name in set(arrays) - {"AdamW fused"}:
+        rows = passes[name]["passes"]
+        for fn in {r["fn"] for r in rows if r["kind"] != "gather"}:
+            # block and edge kernels: every element (the block's straddling rows twice)
+            assert n <= sum(r["elements"] for r in rows if r["fn"] == fn) <= n + 2048 * res["tensors"]
+        assert 0 < passes[name]["passes_ms"] + passes[name]["gathers_ms"] < res["median_s"][name] * 1e3
+    assert res["cpu"]["logical_cpus"] >= 1
 
 
 def test_optim_step_keep_freed_memory(tmp_path):

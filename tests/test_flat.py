@@ -74,6 +74,34 @@ def test_run_pass_updates_segments_only_and_sums_them(compile):
     assert torch.equal(a[~inside], before[~inside])  # padding between segments is never written
 
 
+def test_record_passes_logs_each_kernel_with_its_elements_and_arrays():
+    segs, total = random_segments(random.Random(5), count=12, numel=(1, 60))
+    plan = FlatPlan(segs, "cpu", row=8)
+    a, b = torch.randn(total), torch.randn(total)
+    spec = Spec(("ok", "k"), ("add",))
+    table = segment_table(spec, {"k": [1.0] * len(segs)}, len(segs), "cpu")
+
+    def run():
+        run_pass(double_and_sum, spec, plan, {"a": a, "b": b}, writes=("a",), table=table,
+                 c=constants(spec, {"add": 0.5}, "cpu"), compile=False, n_terms=2)
+
+    run()  # nothing is recorded outside the block
+    with flat.record_passes() as outer:
+        run()
+        with flat.record_passes() as inner:
+            run()
+        assert flat.recording()
+    assert not flat.recording()
+    for log in (outer, inner):
+        assert [e["kind"] for e in log] == ["block"] * len(plan.blocks) + ["edge"]
+        assert all(e["fn"] == "double_and_sum" and e["reads"] == 2 and e["writes"] == 1 and e["arrays"] == 2
+                   and e["seconds"] > 0
+                   for e in log)
+        assert sum(e["elements"] for e in log) == sum(b.rows * 8 for b in plan.blocks) + plan.edge_idx.numel()
+    # the block's rows include those straddling segments, which the edge kernel does over
+    assert sum(n for _, n in segs) <= sum(e["elements"] for e in outer)
+
+
 def test_parameters_are_viewed_as_one_buffer_once():
     model = make_model()
     params = list(model.parameters())

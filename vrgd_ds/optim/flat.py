@@ -26,7 +26,9 @@ warning.
 from __future__ import annotations
 
 import inspect
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -236,6 +238,38 @@ RECOMPILE_LIMIT = 64
 _REGION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
+_LOG: list[dict] | None = None  # set by record_passes()
+
+
+@contextmanager
+def record_passes():
+    """Within the block, every flat pass and every gather into a flat buffer appends a dict to
+    the yielded list: ``kind`` ("block", "edge" or "gather"), ``fn`` (the pass function or the
+    gathered buffer's name), ``flags``, ``elements``, ``reads`` and ``writes`` (arrays of that
+    many elements read, and written), ``arrays`` (distinct arrays: one read and written back in
+    place counts once) and ``seconds`` (host clock). What ``benchmarks.optim_step`` reports as
+    time per array. On CUDA a pass returns before its kernels ran, so the times only mean
+    something on the CPU."""
+    global _LOG
+    outer, _LOG = _LOG, []
+    try:
+        yield _LOG
+    finally:
+        _LOG = outer
+
+
+def recording() -> bool:
+    """Whether a :func:`record_passes` block is active."""
+    return _LOG is not None
+
+
+def log_pass(kind: str, fn: str, flags: tuple, elements: int, reads: int, writes: int, arrays: int,
+             seconds: float) -> None:
+    if _LOG is not None:
+        _LOG.append(dict(kind=kind, fn=fn, flags=list(flags), elements=elements, reads=reads, writes=writes,
+                         arrays=arrays, seconds=seconds))
+
+
 def _recompile_limit() -> int:
     return max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
 
@@ -254,6 +288,20 @@ def _eager_block(fn, spec, x, writes, outs, table, row_seg, row_ok, c) -> Tensor
 def _run(kernel: Callable, eager: Callable, compile: bool | None, device: str, args: tuple, dynamic: list[Tensor]):
     """``kernel(*args)`` compiled (``compile`` None: falling back to ``eager`` with one warning
     where compilation fails; True: errors raise; False: ``eager`` always)."""
+    if _LOG is None:
+        return _run_kernel(kernel, eager, compile, device, args, dynamic)
+    t0 = time.perf_counter()
+    out = _run_kernel(kernel, eager, compile, device, args, dynamic)
+    fn, spec, x, writes, outs = args[:5]
+    block = kernel is _block_kernel
+    elements = next(iter({**x, **outs}.values())).numel() if block else args[6].numel()  # edges: idx
+    log_pass("block" if block else "edge", fn.__name__, spec.flags, elements, len(x), len(writes) + len(outs),
+             len(x) + len(outs), time.perf_counter() - t0)
+    return out
+
+
+def _run_kernel(kernel: Callable, eager: Callable, compile: bool | None, device: str, args: tuple,
+                dynamic: list[Tensor]):
     if compile is False or (compile is None and device in _FAILED) or torch.compiler.is_compiling():
         return eager(*args)
     if kernel not in _COMPILED:

@@ -26,13 +26,15 @@ it, so ``state_dict`` keeps its per-parameter keys; a state tensor that is not t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .flat import FlatPlan, Spec, constants, run_on_segments, run_pass, segment_table
+from .flat import (FlatPlan, Spec, constants, log_pass, recording, run_on_segments, run_pass,
+                   segment_table)
 from .layout import Segment
 
 PLAN_CACHE = 8  # plans kept per bucket (one per set of parameters with a gradient)
@@ -122,6 +124,7 @@ class FlatBucket:
             if flat is not None:
                 return flat
         buf = self.buffer(name, dtype)
+        t0 = time.perf_counter()
         ptr = buf.untyped_storage().data_ptr()
         mine = [t.untyped_storage().data_ptr() == ptr for t in tensors]  # already in buf (placed by a moment source)
         if len(js) == len(self.params) and not any(mine) and all(t.dtype == dtype for t in tensors):
@@ -131,6 +134,9 @@ class FlatBucket:
                 if not (m and t.data_ptr() == view.data_ptr()):
                     view.copy_(t.reshape(view.shape))
         self.copied[name] = not any(mine)
+        if recording():
+            log_pass("gather", name, (), sum(t.numel() for t, m in zip(tensors, mine) if not m), 1, 1, 2,
+                     time.perf_counter() - t0)
         return buf
 
     def views(self, flat: Tensor, js: Iterable[int]) -> list[Tensor]:
