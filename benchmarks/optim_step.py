@@ -30,8 +30,8 @@ the PNG the medians. Parameters are fp32 in the real BERT-base shapes.
   there; the squares are put back before each step, untimed).
 - On the CPU every step of ours is also taken apart (:func:`vrgd_ds.optim.flat.record_passes`):
   the time of each flat pass and each gather into a flat buffer, the full-size arrays it
-  streams (an array read and written back in place counts once), and its time per element
-  per array, next to fused AdamW's (one pass over p, g, m, v: 4 arrays). A memory-bound pass
+  streams (an array read and written back in place counts once), and its time per array
+  (scaled to all of the model's elements), next to fused AdamW's (one pass over p, g, m, v: 4 arrays). A memory-bound pass
   costs about its number of arrays times a machine's cost per array, so an optimizer's
   ``arrays`` over fused AdamW's 4 is its step's ratio to fused AdamW where every pass streams
   an array as fast as fused AdamW does (results/README.md, session 12). The JSON records the
@@ -218,7 +218,7 @@ def build_backward_cases(params, lr=1e-4, k=8, compile=None):
 class PassTimes:
     """Per optimizer and timed step, the flat passes and gathers of its step
     (:func:`vrgd_ds.optim.flat.record_passes`): where the step's time goes, and what each
-    element of each array read or written costs. CPU only (a CUDA pass returns before its
+    array a pass streams costs. CPU only (a CUDA pass returns before its
     kernels ran)."""
 
     def __init__(self, enabled: bool):
