@@ -270,6 +270,12 @@ def log_pass(kind: str, fn: str, flags: tuple, elements: int, reads: int, writes
                          arrays=arrays, seconds=seconds))
 
 
+def _log_kernel(kind: str, fn: Callable, spec: Spec, elements: int, flat: dict, writes: tuple, outs: dict,
+                t0: float) -> None:
+    log_pass(kind, fn.__name__, spec.flags, elements, len(flat), len(writes) + len(outs), len(flat) + len(outs),
+             time.perf_counter() - t0)
+
+
 def _recompile_limit() -> int:
     return max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
 
@@ -288,20 +294,6 @@ def _eager_block(fn, spec, x, writes, outs, table, row_seg, row_ok, c) -> Tensor
 def _run(kernel: Callable, eager: Callable, compile: bool | None, device: str, args: tuple, dynamic: list[Tensor]):
     """``kernel(*args)`` compiled (``compile`` None: falling back to ``eager`` with one warning
     where compilation fails; True: errors raise; False: ``eager`` always)."""
-    if _LOG is None:
-        return _run_kernel(kernel, eager, compile, device, args, dynamic)
-    t0 = time.perf_counter()
-    out = _run_kernel(kernel, eager, compile, device, args, dynamic)
-    fn, spec, x, writes, outs = args[:5]
-    block = kernel is _block_kernel
-    elements = next(iter({**x, **outs}.values())).numel() if block else args[6].numel()  # edges: idx
-    log_pass("block" if block else "edge", fn.__name__, spec.flags, elements, len(x), len(writes) + len(outs),
-             len(x) + len(outs), time.perf_counter() - t0)
-    return out
-
-
-def _run_kernel(kernel: Callable, eager: Callable, compile: bool | None, device: str, args: tuple,
-                dynamic: list[Tensor]):
     if compile is False or (compile is None and device in _FAILED) or torch.compiler.is_compiling():
         return eager(*args)
     if kernel not in _COMPILED:
@@ -338,19 +330,26 @@ def run_pass(fn: Callable, spec: Spec, plan: FlatPlan, flat: dict[str, Tensor], 
     if compile is None and plan.numel < COMPILE_MIN:
         compile = False
     total = torch.zeros(plan.count + 1, n_terms, dtype=torch.float64, device=device)
+    log = recording()
     for b in plan.blocks:
         n = b.rows * plan.row
         x = {k: t.narrow(0, b.start, n).view(b.rows, plan.row) for k, t in flat.items()}
         o = {k: t.narrow(0, b.start, n).view(b.rows, plan.row) for k, t in outs.items()}
         args = (fn, spec, x, writes, o, table, b.row_seg, b.row_ok, c)
+        t0 = time.perf_counter() if log else 0.0
         sums = _run(_block_kernel, _eager_block, compile, device.type, args,
                     [*x.values(), *o.values(), table, b.row_seg, b.row_ok])
+        if log:
+            _log_kernel("block", fn, spec, n, flat, writes, outs, t0)
         if n_terms:
             b.sums.add_to(total, sums)
     if plan.edge_idx.numel():
         args = (fn, spec, flat, writes, outs, table, plan.edge_idx, plan.edge_seg, c)
+        t0 = time.perf_counter() if log else 0.0
         terms = _run(_edge_kernel, _edge_kernel, compile, device.type, args,
                      [*flat.values(), *outs.values(), table, plan.edge_idx, plan.edge_seg])
+        if log:
+            _log_kernel("edge", fn, spec, plan.edge_idx.numel(), flat, writes, outs, t0)
         if n_terms:
             plan.edge_sums.add_to(total, terms)
     return total[:plan.count] if n_terms else None

@@ -124,7 +124,7 @@ class FlatBucket:
             if flat is not None:
                 return flat
         buf = self.buffer(name, dtype)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if recording() else 0.0
         ptr = buf.untyped_storage().data_ptr()
         mine = [t.untyped_storage().data_ptr() == ptr for t in tensors]  # already in buf (placed by a moment source)
         if len(js) == len(self.params) and not any(mine) and all(t.dtype == dtype for t in tensors):
