@@ -526,6 +526,58 @@ def test_float64_path_runs_in_bounded_chunks(monkeypatch):
     assert torch.allclose(chunked, whole, rtol=1e-6, atol=0)
 
 
+class GivenSquares:
+    """A moment source whose squared-gradient sums are given (any MomentSource may supply
+    them: the micro-step sums never reach these layer means, see the test below)."""
+
+    def __init__(self, squares: dict, k: int):
+        self.group_count, self.sq_scale, self._sq = k, 1.0 / k, squares
+
+    def sum_sq(self, p):
+        return self._sq[p]
+
+    def reset(self):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["foreach", "compile"])
+def test_layer_means_whose_inverse_is_not_normal_take_the_float64_path(mode):
+    """The kernels compute r = clamp(r_raw / m, gamma, 1) as r_raw * (1 / m). Where 1 / m is not
+    a normal fp32 number (m under 2.9e-39: it would round to inf and give NaN where r_raw = 0;
+    m over 8.5e37: a denormal that loses bits), the layer's sum and ratios are redone in
+    float64. Each element's ratio is checked against the float64 formula, next to a layer of
+    ordinary size."""
+    from vrgd_ds.gsnr import TINY
+
+    k, lr, gamma, n = 4, 0.2, 0.1, 64
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(n, generator=gen) * 1.8 + 0.2  # r_raw spread over a factor of 81: r between gamma and 1
+    grads = {
+        "tiny": 1e-21 * u,  # gbar^2 ~ 1e-42 (an fp32 denormal) against a variance of 1: m ~ 1e-42
+        "big": 1.0 + 0.4 * u,  # zero variance, r_raw = gbar^2 / tiny ~ 1e38 (no overflow): m over 8.5e37
+        "ordinary": torch.randn(n, generator=gen),
+    }
+    grads["tiny"][0] = grads["ordinary"][0] = 0.0  # r_raw = 0: r = gamma (0 * inf would be NaN)
+    squares = {"tiny": k * (1.0 + grads["tiny"] ** 2), "big": k * grads["big"] ** 2,
+               "ordinary": k * (grads["ordinary"] ** 2 + torch.rand(n, generator=gen))}
+    params = {name: torch.nn.Parameter(torch.zeros(n, device=DEVICE)) for name in grads}
+    moments = GivenSquares({params[name]: squares[name].to(DEVICE) for name in grads}, k)
+    opt = VRSGD(list(params.values()), lr=lr, weight_decay=0.0, gamma=gamma, moments=moments, **IMPL[mode])
+    for name, p in params.items():
+        p.grad = grads[name].to(DEVICE)
+    opt.step()
+    for name, p in params.items():
+        g, q = grads[name], squares[name]
+        var = ((q * (1.0 / k) - g * g).clamp_min(0.0) + TINY).double()  # the kernels' fp32 variance
+        raw = g.double() ** 2 / var
+        want = (raw / raw.mean()).clamp(gamma, 1.0)
+        got = -p.detach().cpu().double() / (lr * g.double())
+        assert torch.isfinite(p).all(), name
+        live = g != 0
+        assert want[live].min() < 0.7 and want.max() == 1.0, name  # the ratios are spread, not all clamped
+        torch.testing.assert_close(got[live], want[live], rtol=2e-6, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("cls", [LAMB, LARS, VRLAMB, VRSGD])
 def test_unknown_hyperparameter_is_rejected(cls):
     with pytest.raises(TypeError, match="gama"):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 TINY = torch.finfo(torch.float32).tiny
+FP32_MAX = float(torch.finfo(torch.float32).max)
 WIDE_CHUNK = 1 << 18  # elements per chunk of the float64 layer sums (wide_partials)
 
 
@@ -80,11 +81,13 @@ def raw_gsnr_wide(g: Tensor, sq: Tensor, sq_scale) -> Tensor:
     return g64 * g64 / var.double()
 
 
-def clamped_ratio(g: Tensor, sq: Tensor, sq_scale, mean, gamma, wide: bool = False) -> Tensor:
-    """r = clamp(r_raw / m, gamma, 1), eq. 8-9, fp32. ``mean`` and ``gamma`` broadcast against
-    ``g`` (per-layer values); a layer whose mean m is 0 passes m = 1 and gamma = 1, so r = 1."""
+def clamped_ratio(g: Tensor, sq: Tensor, sq_scale, inv_mean, gamma, wide: bool = False) -> Tensor:
+    """r = clamp(r_raw / m, gamma, 1), eq. 8-9, fp32, as r_raw times ``inv_mean`` = 1 / m (one
+    division per element fewer: the kernels are bound by their divisions on the CPU). ``inv_mean``
+    and ``gamma`` broadcast against ``g`` (per-layer values); a layer whose mean m is 0 passes
+    1 and gamma = 1, so r = 1."""
     raw = raw_gsnr_wide(g, sq, sq_scale) if wide else raw_gsnr(g, sq, sq_scale)
-    return torch.minimum(torch.maximum(raw / mean, gamma), torch.ones_like(raw)).float()
+    return torch.minimum(torch.maximum(raw * inv_mean, gamma), torch.ones_like(raw)).float()
 
 
 def momentum_update(mom: Tensor, r: Tensor, weight) -> Tensor:
@@ -101,10 +104,20 @@ def layer_means(sums: Sequence[float], layer_numels: Sequence[int]) -> list[floa
 
 
 def ratio_columns(means: Sequence[float], gamma: float) -> dict[str, list[float]]:
-    """Per segment, the ``mean`` and ``gamma`` that :func:`clamped_ratio` reads: the layer mean m
-    and gamma, or 1 and 1 where m = 0 (the layer's gradient is 0), so that r = 1 there."""
-    return {"mean": [m if m > 0.0 else 1.0 for m in means],
+    """Per segment, the ``inv_mean`` and ``gamma`` that :func:`clamped_ratio` reads: 1 / m (in
+    float64, rounded once) for the layer mean m, and gamma; or 1 and 1 where m = 0 (the
+    layer's gradient is 0), so that r = 1 there."""
+    return {"inv_mean": [1.0 / m if m > 0.0 else 1.0 for m in means],
             "gamma": [gamma if m > 0.0 else 1.0 for m in means]}
+
+
+def inverse_not_normal(means: Sequence[float]) -> list[bool]:
+    """The layers whose 1 / m is not a normal fp32 number (m under 2.9e-39 or over 8.5e37): in
+    fp32 it would round to inf (r_raw = 0 then gives 0 * inf = NaN) or lose bits as a denormal.
+    Like the layers of :func:`overflowed`, their sums are redone and their ratios computed in
+    float64 (the :func:`raw_gsnr_wide` path), from 1 / m in float64. Every rank has the same
+    layer means, so every rank takes the same path."""
+    return [m > 0.0 and not TINY <= 1.0 / m <= FP32_MAX for m in means]
 
 
 def overflowed(sums: Sequence[float]) -> list[bool]:
@@ -213,7 +226,7 @@ def scaled_grad(spec, x: dict, s: Tensor, c: Tensor) -> tuple[Tensor, dict]:
         return g, {}
     if spec.has("reuse"):
         return x["mom"] * spec.s(s, "bc3") * g, {}
-    r = clamped_ratio(g, x["sq"], spec.c(c, "sq_scale"), spec.s(s, "mean"), spec.s(s, "gamma"), spec.has("wide"))
+    r = clamped_ratio(g, x["sq"], spec.c(c, "sq_scale"), spec.s(s, "inv_mean"), spec.s(s, "gamma"), spec.has("wide"))
     if spec.has("ratio"):
         return r * g, {}
     mom = r if spec.has("store") else momentum_update(x["mom"], r, spec.c(c, "b3w"))

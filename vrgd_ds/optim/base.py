@@ -20,7 +20,7 @@ from .flat import Spec
 from .flat_group import BucketStep, FlatBucket, GroupBatch
 from .layout import LayerLayout
 
-GSNR_COLS = ("mean", "gamma", "bc3")  # per segment: layer mean of r_raw, clamp floor, 1/(1-beta3^t)
+GSNR_COLS = ("inv_mean", "gamma", "bc3")  # per segment: 1 / layer mean of r_raw, clamp floor, 1/(1-beta3^t)
 GSNR_CONSTS = ("sq_scale", "b3w")  # moment scale, 1 - beta3
 
 
@@ -32,7 +32,7 @@ class GradSource:
     g' = phat * g), "store" (beta3 = 0 with a kept ratio: momentum := r), "reuse" (g' from
     the momentum already advanced). ``cols``/``consts``: its per-segment scalars and
     constants; ``tensors``: its flat inputs per bucket; ``wide``: segments whose r_raw needs
-    float64 (their fp32 layer sum overflowed); ``consumable``: the moment source declares
+    float64 (their fp32 layer sum overflowed, or 1 / m is not a normal fp32 number); ``consumable``: the moment source declares
     (``squares_consumable``) that its squares are rewritten before they are read again, so
     the step may overwrite them once read.
     """

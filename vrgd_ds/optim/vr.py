@@ -262,19 +262,21 @@ class GSNRTransform:
         def sqs(i):
             return [v for bs in batches[i].steps for v in bs.segment_views(bs.squares_flat(sq_of))]
 
-        overflow = gsnr.overflowed(sums)
-        if any(overflow):
-            sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, overflow, sums)
+        numels = [seg.layer_numel for seg in segments]
+        # float64 for the layers whose fp32 sum overflowed or whose 1 / m is not a normal fp32
+        wide = [o or n for o, n in zip(gsnr.overflowed(sums), gsnr.inverse_not_normal(gsnr.layer_means(sums, numels)))]
+        if any(wide):
+            sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, wide, sums)
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
-        all_means = gsnr.layer_means(sums, [seg.layer_numel for seg in segments])
+        all_means = gsnr.layer_means(sums, numels)
         if telemetry_due(taken, self.telemetry_interval, self.gsnr_interval):
             views = [(grads(i), sqs(i), self.param_groups[i]["gamma"]) for i in active]
             self._recorder.add(taken + 1, self.layout, src, views, segments, sums, all_means, self.noise_scale)
         at = 0
         for i in active:
             n = len(batches[i].flat_segments)
-            out[i] = self._gsnr_source(self.param_groups[i], batches[i], all_means[at:at + n], overflow[at:at + n],
+            out[i] = self._gsnr_source(self.param_groups[i], batches[i], all_means[at:at + n], wide[at:at + n],
                                        src, sq_of)
             at += n
         return out
@@ -322,12 +324,12 @@ class GSNRTransform:
             out[i] = GradSource("reuse", {"bc3": bc3}, {}, lambda bs: {"mom": bs.state(self.state, "gsnr_momentum")})
         return out
 
-    def _wide_sums(self, active, grads, sqs, sq_scale, segments, overflow, sums):
-        """Layer sums redone in float64 for the layers whose fp32 GSNR sum overflowed."""
+    def _wide_sums(self, active, grads, sqs, sq_scale, segments, redo, sums):
+        """Layer sums redone in float64 for the layers in ``redo`` (:meth:`_compute_ratios`)."""
         partial = gsnr.wide_partials([g for i in active for g in grads(i)], [q for i in active for q in sqs(i)],
-                                     sq_scale, overflow)
+                                     sq_scale, redo)
         (wide,) = layer_totals(self.layout, segments, partial)
-        return [w if o else s for w, o, s in zip(wide, overflow, sums)]
+        return [w if r else s for w, r, s in zip(wide, redo, sums)]
 
     @staticmethod
     def _sum_sq(src: MomentSource, p: Tensor) -> Tensor:
