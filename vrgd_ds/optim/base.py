@@ -32,9 +32,9 @@ class GradSource:
     g' = phat * g), "store" (beta3 = 0 with a kept ratio: momentum := r), "reuse" (g' from
     the momentum already advanced). ``cols``/``consts``: its per-segment scalars and
     constants; ``tensors``: its flat inputs per bucket; ``wide``: segments whose r_raw needs
-    float64 (their fp32 layer sum overflowed, or 1 / m is not a normal fp32 number); ``consumable``: the moment source declares
-    (``squares_consumable``) that its squares are rewritten before they are read again, so
-    the step may overwrite them once read.
+    float64 (their fp32 layer sum overflowed, or 1 / m is not a normal fp32 number);
+    ``consumable``: the moment source declares (``squares_consumable``) that its squares are
+    rewritten before they are read again, so the step may overwrite them once read.
     """
 
     mode: str = "off"

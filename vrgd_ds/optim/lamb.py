@@ -73,7 +73,6 @@ class LAMB(BaseOptimizer):
         gradients the moment source lets it consume), so the second reads p and u; else (plain
         LAMB on a ZeRO partition) it recomputes u from p, m and v."""
         source = source or GradSource()
-        beta1, beta2 = group["betas"]
         steps = batch.per_view(self._advance_step(batch))
         cols = direction_columns(steps, group["betas"], group["eps"], group["bias_correction"])
         consts = adam_consts(group["betas"], group["eps"], wd=self._weight_decay(group))
