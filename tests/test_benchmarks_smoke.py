@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from ds_helpers import run_module
@@ -32,6 +33,13 @@ def test_optim_step_small(tmp_path):
             # block and edge kernels: every element (the block's straddling rows twice)
             assert n <= sum(r["elements"] for r in rows if r["fn"] == fn) <= n + 2048 * res["tensors"]
         assert 0 < passes[name]["passes_ms"] + passes[name]["gathers_ms"] < res["median_s"][name] * 1e3
+        # each bulk pass's ms per array against fused AdamW's, and the slowest of them
+        bulk = [r for r in rows if r["kind"] != "edge" and r["elements"] * 2 > n]
+        assert bulk and all("per_array_vs_fused_adamw" not in r for r in rows if r not in bulk)
+        fused = passes["AdamW fused"]["ms_per_array"]
+        for r in bulk:
+            assert r["per_array_vs_fused_adamw"] == pytest.approx(r["ms_per_array"] / fused)
+        assert passes[name]["worst_per_array_vs_fused_adamw"] == max(r["per_array_vs_fused_adamw"] for r in bulk) > 0
     assert res["cpu"]["logical_cpus"] >= 1
 
 
