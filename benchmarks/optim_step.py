@@ -237,7 +237,7 @@ class PassTimes:
     def summary(self, med: dict, params: int) -> dict:
         """Per optimizer: each pass (medians over steps of its per-step total), the time in
         passes, gathers and the rest, and the full-size arrays its passes stream (fused AdamW: 4)."""
-        out = {}
+        out, bulk = {}, {}  # bulk: per optimizer, its rows over every element (no edges)
         for name, steps in self.steps.items():
             per_key: dict[tuple, list[tuple[float, int]]] = {}  # per pass: (seconds, elements) of each step
             first: dict[tuple, dict] = {}
@@ -267,16 +267,17 @@ class PassTimes:
                     in_passes += t
                 if kind != "edge" and elements * 2 > params:  # the bulk: each array once per element
                     arrays += e["arrays"]
+                    bulk.setdefault(name, []).append(rows[-1])
             out[name] = {"passes": rows, "passes_ms": in_passes * 1e3, "gathers_ms": in_gathers * 1e3,
                          "rest_ms": (med[name] - in_passes - in_gathers) * 1e3 if name in med else None,
                          "arrays": arrays, "arrays_vs_fused_adamw": arrays / 4}
         if "AdamW fused" in med:  # one pass over p, g, m, v
             fused = med["AdamW fused"] * 1e3 / 4
-            for p in out.values():  # each bulk pass (and gather) against fused AdamW, per array
-                bulk = [r for r in p["passes"] if r["kind"] != "edge" and r["elements"] * 2 > params]
-                for r in bulk:
+            for name, p in out.items():  # each bulk pass (and gather) against fused AdamW, per array
+                for r in bulk.get(name, []):
                     r["per_array_vs_fused_adamw"] = r["ms_per_array"] / fused
-                p["worst_per_array_vs_fused_adamw"] = max((r["per_array_vs_fused_adamw"] for r in bulk), default=None)
+                p["worst_per_array_vs_fused_adamw"] = max((r["per_array_vs_fused_adamw"] for r in bulk.get(name, [])),
+                                                          default=None)
             out["AdamW fused"] = {"arrays": 4, "ms_per_array": fused}
         return out
 
