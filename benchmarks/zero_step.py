@@ -2,13 +2,20 @@
 
     python -m benchmarks.zero_step [--size mini] [--steps 12] [--out results/zero_step] [--stage 2]
 
-One DeepSpeed launch builds six engines on the same model and data: our plain LAMB
-(``NVLAMB``), ``VRLAMB``, ``VRLAMB`` with ``gsnr_interval`` 4, DeepSpeed's own AdamW, and
+One DeepSpeed launch builds seven engines on the same model and data: our plain LAMB
+(``NVLAMB``), ``VRLAMB``, ``VRLAMB`` with ``gsnr_interval`` 4, DeepSpeed's own AdamW,
 plain LAMB measuring the gradient noise scale (``vrgd_noise_scale``, every step and every
-4th step).
+4th step), and a second plain LAMB, identical to the first: its ratio to the first is what
+noise alone does to a ratio in that run.
 They are stepped round-robin (one full step each, gradient accumulation 2, so k = 4
 groups), so every engine's samples see the same machine load; the JSON keeps the median
-step time per engine and the ratios. Bytes: every torch.distributed collective is
+step time per engine, the ratios of the medians and the median of the per-round ratios
+(engine i-th step over the other's i-th step, which ran next to it), and each engine's
+median time in the forward, the backward (DeepSpeed's bucket reductions and the VR squares
+run there) and ``engine.step``, and within them in the VR adapter's squares (formed, sent
+and added; the measure-only layer sums) and in the inner optimizer's ``step``: the parts
+that VR adds to, timed where they run rather than read off the noisy step (their mean per
+step: with ``gsnr_interval`` most steps have no squares). Bytes: every torch.distributed collective is
 counted (payload handed in per rank; point-to-point sends too), split into the gradient reduction DeepSpeed does
 anyway and the VR adapter's own traffic; plus the bytes the VR adapter keeps per rank.
 """
@@ -33,12 +40,28 @@ ENGINES = {
     "VRLAMB interval 4": {"type": "VRLAMB", "params": {"lr": LR, "weight_decay": 0.01, "gamma": 0.1,
                                                        "gsnr_interval": 4}},
     "DeepSpeed AdamW": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
+    "LAMB again": {"type": "NVLAMB", "params": {"lr": LR, "weight_decay": 0.01}},
     # measure-only gradient noise scale on plain LAMB (one top-level config key)
     "LAMB + noise scale": {"type": "NVLAMB", "params": {"lr": LR, "weight_decay": 0.01},
                            "vrgd_noise_scale": {"interval": 1}},
     "LAMB + noise scale interval 4": {"type": "NVLAMB", "params": {"lr": LR, "weight_decay": 0.01},
                                       "vrgd_noise_scale": {"interval": 4}},
 }
+
+# (name, numerator, denominator); "LAMB again / LAMB" compares two identical engines: how far
+# apart noise alone puts two medians in this run
+RATIOS = (("VRLAMB / LAMB", "VRLAMB", "LAMB"), ("VRLAMB interval 4 / LAMB", "VRLAMB interval 4", "LAMB"),
+          ("LAMB / DeepSpeed AdamW", "LAMB", "DeepSpeed AdamW"), ("VRLAMB / DeepSpeed AdamW", "VRLAMB", "DeepSpeed AdamW"),
+          ("LAMB + noise scale / LAMB", "LAMB + noise scale", "LAMB"),
+          ("LAMB + noise scale interval 4 / LAMB", "LAMB + noise scale interval 4", "LAMB"),
+          ("LAMB again / LAMB", "LAMB again", "LAMB"))
+
+# where a step's time goes: the forward, the backward (DeepSpeed's bucket reductions and the
+# VR squares run inside it) and engine.step (the optimizer at the boundary); and, inside
+# those, the time in the VR adapter's squares (formed, sent and added up; the measure-only
+# layer sums) and in the inner optimizer's step
+PHASES = ("forward", "backward", "step")
+PARTS = ("squares", "optimizer")
 
 
 class Counter:
@@ -59,6 +82,26 @@ class Counter:
         setattr(module, name, counted)
 
 
+class Clock:
+    """Seconds spent in wrapped calls by part, while the benchmark runs an engine's step."""
+
+    def __init__(self):
+        self.on, self.spent = False, dict.fromkeys(PARTS, 0.0)
+
+    def wrap(self, owner, name, part):
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.on:
+                    self.spent[part] += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+
 def worker(args):
     import deepspeed
     import torch.distributed as dist
@@ -68,7 +111,12 @@ def worker(args):
     from vrgd_ds.deepspeed import seam
     from vrgd_ds.deepspeed.telemetry import vr_optimizer
 
-    counter = Counter()
+    from vrgd_ds.deepspeed.stage0_moments import Stage0Moments
+    from vrgd_ds.deepspeed.zero_moments import ZeroMoments
+
+    counter, clock = Counter(), Clock()
+    for owner, name in ((ZeroMoments, "add_buckets"), (Stage0Moments, "_square"), (Stage0Moments, "allreduce_squares")):
+        clock.wrap(owner, name, "squares")
     for name, which in (("all_reduce", 0), ("reduce", 0), ("broadcast", 0), ("all_gather_into_tensor", 1),
                         ("reduce_scatter_tensor", 1), ("all_gather", 1), ("isend", 0), ("send", 0)):
         counter.wrap(dist, name, which)
@@ -85,6 +133,7 @@ def worker(args):
         if "vrgd_noise_scale" in spec:
             ds["vrgd_noise_scale"] = spec["vrgd_noise_scale"]
         engines[label], _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        clock.wrap(seam.inner_optimizer(engines[label]), "step", "optimizer")  # this engine's, by instance
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(1 + rank)
     B, S, P = args.micro_batch, args.seq, args.seq * 20 // 128
@@ -97,6 +146,7 @@ def worker(args):
                 "next_sentence_label": torch.randint(0, 2, (B,), generator=gen)}
 
     times = {label: [] for label in engines}
+    phases = {label: {k: [] for k in PHASES + PARTS} for label in engines}
     step_bytes = {label: [] for label in engines}
     for step in range(args.warmup + args.steps):
         for label, engine in engines.items():
@@ -104,13 +154,26 @@ def worker(args):
             dist.barrier()
             counter.label, before = label, counter.bytes.get(label, 0)
             t0 = time.perf_counter()
+            spent = dict.fromkeys(PHASES, 0.0)
+            clock.spent, clock.on = dict.fromkeys(PARTS, 0.0), True
             for b in batches:
-                engine.backward(engine(**b).loss)
+                t_a = time.perf_counter()
+                loss = engine(**b).loss
+                t_b = time.perf_counter()
+                engine.backward(loss)
+                t_c = time.perf_counter()
                 engine.step()
+                t_d = time.perf_counter()
+                spent["forward"] += t_b - t_a
+                spent["backward"] += t_c - t_b
+                spent["step"] += t_d - t_c
             elapsed = time.perf_counter() - t0
-            counter.label = None
+            counter.label, clock.on = None, False
+            spent.update(clock.spent)
             if step >= args.warmup:
                 times[label].append(elapsed)
+                for k, v in spent.items():
+                    phases[label][k].append(v)
                 step_bytes[label].append(counter.bytes.get(label, 0) - before)
     result = {}
     for label, engine in engines.items():
@@ -124,7 +187,7 @@ def worker(args):
             vr_kept += sum(st["gsnr_momentum"].numel() * 4 for st in opt.state.values() if "gsnr_momentum" in st)
         partition = (sum(g.flat.numel() for g in seam.snapshot(seam.zero_optimizer(engine)).groups)
                      if engine.zero_optimization_stage() > 0 else sum(p.numel() for p in engine.module.parameters()))
-        result[label] = {"times_s": times[label], "bytes_per_step": step_bytes[label],
+        result[label] = {"times_s": times[label], "phases_s": phases[label], "bytes_per_step": step_bytes[label],
                          "vr_kept_bytes": vr_kept, "vr_sent_bytes_total": vr_sent, "partition_numel": partition}
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
@@ -140,6 +203,15 @@ def summarise(per_rank, args):
     steps = {l: [max(r[l]["times_s"][i] for r in per_rank) for i in range(len(per_rank[0][l]["times_s"]))]
              for l in labels}
     median = {l: statistics.median(v) for l, v in steps.items()}
+    def per_step(l, k):  # the slowest rank's time in phase or part k, step by step
+        return [max(r[l]["phases_s"][k][i] for r in per_rank) for i in range(len(steps[l]))]
+
+    phases = {l: {k: statistics.median(per_step(l, k)) for k in PHASES} for l in labels}
+    # parts by their mean: with gsnr_interval most steps have none, and the median would hide it
+    parts = {l: {k: statistics.mean(per_step(l, k)) for k in PARTS} for l in labels}
+    pairs = {name: (a, b) for name, a, b in RATIOS}
+    # round-robin: the engines' i-th steps ran back to back, so a ratio of those sees one load
+    per_round = {name: statistics.median(x / y for x, y in zip(steps[a], steps[b])) for name, (a, b) in pairs.items()}
     out = {
         "setup": {"model": f"BERT {args.size} (BertForPreTrainingMasked)", "vocab": args.vocab,
                   "micro_batch": args.micro_batch, "seq": args.seq, "gradient_accumulation_steps": 2,
@@ -147,12 +219,10 @@ def summarise(per_rank, args):
                   "steps": args.steps, "warmup": args.warmup, "machine": platform.processor() or platform.machine(),
                   "torch": torch.__version__},
         "median_step_s": median,
-        "ratios": {"VRLAMB / LAMB": median["VRLAMB"] / median["LAMB"],
-                   "VRLAMB interval 4 / LAMB": median["VRLAMB interval 4"] / median["LAMB"],
-                   "LAMB / DeepSpeed AdamW": median["LAMB"] / median["DeepSpeed AdamW"],
-                   "VRLAMB / DeepSpeed AdamW": median["VRLAMB"] / median["DeepSpeed AdamW"],
-                   "LAMB + noise scale / LAMB": median["LAMB + noise scale"] / median["LAMB"],
-                   "LAMB + noise scale interval 4 / LAMB": median["LAMB + noise scale interval 4"] / median["LAMB"]},
+        "ratios": {name: median[a] / median[b] for name, (a, b) in pairs.items()},
+        "ratios_per_round": per_round,
+        "median_phase_s": phases,
+        "mean_part_s": parts,
         "bytes_per_step_rank0": {l: statistics.mean(per_rank[0][l]["bytes_per_step"]) for l in labels},
         "vr_kept_bytes_per_rank": [r["VRLAMB"]["vr_kept_bytes"] for r in per_rank],
         "partition_numel_per_rank": [r["VRLAMB"]["partition_numel"] for r in per_rank],
@@ -220,8 +290,13 @@ def main(argv=None):
     plot(summary, out / "zero_step.png")
     for label, t in summary["median_step_s"].items():
         print(f"{label:18s} {t * 1e3:8.1f} ms  {summary['bytes_per_step_rank0'][label] / 2**20:8.2f} MiB/step")
+    print(f"{'ms: median phase, mean part':30s} " + " ".join(f"{k:>9s}" for k in PHASES + PARTS))
+    for label, ph in summary["median_phase_s"].items():
+        ph = {**ph, **summary["mean_part_s"][label]}
+        print(f"{label:30s} " + " ".join(f"{ph[k] * 1e3:9.1f}" for k in PHASES + PARTS))
+    print(f"{'ratio':38s} medians  per round")
     for k, v in summary["ratios"].items():
-        print(f"{k:38s} {v:.3f}")
+        print(f"{k:38s} {v:7.3f}  {summary['ratios_per_round'][k]:7.3f}")
     return summary
 
 

@@ -53,7 +53,8 @@ def start_targets(rank):
 
 CASES = {  # name: (exchange, chunk, wire dtype, source dtype, squared)
     "exchange": (True, 1 << 20, torch.float32, torch.float32, False),
-    "exchange-chunk5": (True, 5, torch.float32, torch.float32, False),
+    "exchange-chunk5": (True, 5, torch.float32, torch.float32, False),  # 3 ranks: one round in flight
+    "exchange-chunk16": (True, 16, torch.float32, torch.float32, False),  # two rounds in flight, many rounds
     "exchange-squared": (True, 4, torch.float32, torch.float32, True),
     "exchange-bf16-wire": (True, 6, torch.bfloat16, torch.float32, False),
     "exchange-bf16-grad": (True, 8, torch.float32, torch.bfloat16, False),
@@ -138,3 +139,4 @@ def test_only_other_owners_elements_travel_in_the_exchange(ranks):
         assert out[r]["reduce"]["sent"] == total * 4
         assert out[r]["exchange-chunk5"]["peak"] <= 5
         assert out[r]["reduce-chunk5"]["peak"] <= 5
+        assert out[r]["exchange-chunk16"]["peak"] <= 16

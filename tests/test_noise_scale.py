@@ -11,7 +11,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from vrgd_ds import VRSGD, MicroStepMoments
-from vrgd_ds.gsnr import noise_partials
+from vrgd_ds.gsnr import SQUARE_ROW, noise_partials, square_sum
 from vrgd_ds.noise_scale import NoiseScaleTracker, check_ema_decay, noise_scale
 
 K, B = 6, 5  # groups x samples per group
@@ -139,3 +139,23 @@ def test_estimator_is_unbiased_on_linear_regression():
         se = v.std().item() / math.sqrt(trials)
         assert abs(v.mean().item() - truth[key]) < 4 * se, (key, v.mean().item(), truth[key], se)
         assert se < 0.05 * truth[key]  # the test has power: 4 SE is a tight band
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("squared", [False, True])
+def test_square_sum_matches_float64_across_rows_chunks_and_tail(dtype, squared):
+    """The measure-only routes' sum of squares: fp32 squares in fp32 row sums added in float64,
+    a chunk at a time; against the float64 sum of the same fp32 squares (a row's fp32 sum is
+    within ~eps log2(rows) of it). The sizes put chunk edges inside rows and leave a tail
+    shorter than a row."""
+    gen = torch.Generator().manual_seed(0)
+    for n, chunk in ((5 * SQUARE_ROW + 7, 3 * SQUARE_ROW + 100), (SQUARE_ROW - 1, 1 << 22), (1, 4)):
+        x = (torch.randn(n, generator=gen) * 1e-3).to(dtype)
+        if squared:
+            x = x.float().square()
+        f = x.float()
+        want = (f if squared else f * f).double().sum().item()
+        got = square_sum(x, squared, chunk)
+        assert got.dtype == torch.float64 and got.dim() == 0
+        assert got.item() == pytest.approx(want, rel=1e-6), (n, chunk)
+    assert square_sum(torch.zeros(0), squared).item() == 0.0

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..moments.microstep import MicroStepMoments
 from .seam import ZeroSnapshot
+from ..gsnr import square_sum
 from ..moments.chunked import ChunkedSquares, Transfer
 
 
@@ -97,7 +98,8 @@ class ZeroMoments:
             for p, grad in pairs:
                 if id(p) in self._layer:
                     source = self._local_sq(p) if self.local is not None else grad.detach().reshape(-1)
-                    self._norms[self._layer[id(p)]] += self._square_sum(source, squared=self.local is not None)
+                    self._norms[self._layer[id(p)]] += square_sum(source, self.local is not None,
+                                                                  self.squares.chunk_numel)
             return
         sends: list[list[Transfer]] = [[] for _ in range(self.snap.dp_world)]
         for p, grad in pairs:
@@ -106,16 +108,6 @@ class ZeroMoments:
                 sends[piece.owner].append(Transfer(source, piece.start, piece.numel,
                                                    self._target[id(p)], piece.dst))
         self.squares.reduce_scatter(sends, squared=self.local is not None, rank=self.snap.dp_rank)
-
-    def _square_sum(self, flat: Tensor, squared: bool) -> Tensor:
-        """sum flat^2 (or sum flat, when already squared): fp32 elementwise, as the reduced
-        squares would be, summed in float64, a chunk at a time (no gradient-sized temporary)."""
-        total = torch.zeros((), dtype=torch.float64, device=flat.device)
-        step = self.squares.chunk_numel
-        for at in range(0, flat.numel(), step):
-            chunk = flat[at:at + step].float()
-            total += (chunk if squared else chunk * chunk).sum(dtype=torch.float64)
-        return total
 
     def layer_square_sums(self) -> Tensor:
         """norms_only: this rank's float64 sum of its local squares per layer ([layer_count]), in

@@ -16,7 +16,11 @@ about 3x slower than moving the same bytes point to point on one host (4.2 ms ag
 calls), the ranks exchange the squares directly: in rounds, every rank sends each other
 owner one slice of that owner's squares and receives its own slice from every peer, then
 adds the peers' squares and its own into its targets in rank order (a deterministic sum).
-Only the elements a rank does not own travel; the temporaries stay one chunk in all.
+Two rounds are in flight: the next round's squares are formed and sent while the last
+round's arrive and are added (24.7 against 33.5 ms for 5.5M elements each way, 2 ranks,
+1M-element slices against 2M-element ones one round at a time; and forming the squares in
+one pass, not a copy and an in-place square, 33.5 against 42.3). Only the elements a rank
+does not own travel; the temporaries stay one chunk in all.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 DEFAULT_CHUNK_NUMEL = 1 << 22  # 16 MiB of fp32
-EXCHANGE_TAG = 0x5651  # the squares' point-to-point messages (gloo)
+EXCHANGE_TAG = 0x5650  # the squares' point-to-point messages (gloo): this tag and the next, by round
 
 
 def check_chunk_numel(n) -> int:
@@ -100,9 +104,12 @@ class ChunkedSquares:
     def _exchange(self, sends: Sequence[Sequence[Transfer]], squared: bool, rank: int) -> None:
         world = len(sends)
         peers = [q for q in range(world) if q != rank]
-        # a slice per owner and round: with W - 1 slices out and W - 1 in, the round's
-        # temporaries are at most one chunk
-        per = max(1, self.chunk_numel // (2 * len(peers))) if peers else self.chunk_numel
+        # a slice per owner and round, two rounds in flight (the next round's squares are
+        # formed and sent while the last one's arrive and are added): with W - 1 slices out
+        # and W - 1 in per round, the temporaries are at most one chunk; a chunk too small
+        # for two rounds of one-element slices keeps one round in flight
+        depth = 2 if self.chunk_numel >= 4 * max(1, len(peers)) else 1
+        per = max(1, self.chunk_numel // (2 * depth * len(peers))) if peers else self.chunk_numel
         slices = [list(_slices(ts, per)) for ts in sends]
         rounds = max(map(len, slices), default=0)
         if rounds == 0:
@@ -116,41 +123,62 @@ class ChunkedSquares:
             return sum(s[1] for o in peers if (s := at_round(o, k))) + (own[1] * len(peers) if own else 0)
 
         device = next(t.source.device for ts in sends for t in ts)
-        buf = self._buffer(max(map(need, range(rounds))), device, exact=True)
-        wire = self.comm_dtype
+        most = max(map(need, range(rounds)))
+        buf = self._buffer(depth * most, device, exact=True)
+        pending = None
         for k in range(rounds):
-            own = at_round(rank, k)
-            out = [(o, s) for o in peers if (s := at_round(o, k))]
-            works, at, received = [], 0, {}
-            for o, (placed, n) in out:
-                view = buf.narrow(0, at, n)
-                at += n
-                _fill(view, placed, squared)
-                msg = view if wire == torch.float32 else view.to(wire)
-                self.comm_bytes += msg.numel() * msg.element_size()
-                works.append(dist.isend(msg, dist.get_global_rank(self.group, o), group=self.group, tag=EXCHANGE_TAG))
-            if own is not None:
-                for q in peers:
-                    view = buf.narrow(0, at, own[1])
-                    at += own[1]
-                    msg = view if wire == torch.float32 else torch.empty(own[1], dtype=wire, device=view.device)
-                    received[q] = msg
-                    works.append(dist.irecv(msg, dist.get_global_rank(self.group, q), group=self.group,
-                                            tag=EXCHANGE_TAG))
-            for w in works:
-                w.wait()
-            if own is None:
-                continue
-            for q in range(world):  # the ranks' squares, added in rank order
-                for t, done, n, a in own[0]:
-                    target = t.target.narrow(0, t.dst + done, n)
-                    if q != rank:
-                        target.add_(received[q].narrow(0, a, n))
-                    elif squared:
-                        target.add_(t.source.narrow(0, t.start + done, n))
-                    else:
-                        src = t.source.narrow(0, t.start + done, n)
-                        target.addcmul_(src, src)
+            if depth == 1 and pending is not None:
+                self._finish_round(*pending, squared, rank, world)
+                pending = None
+            # a round's part of the buffer and its tag are used again two rounds later, when
+            # it has completed
+            started = self._start_round(buf.narrow(0, (k % depth) * most, most), at_round(rank, k),
+                                        [(o, s) for o in peers if (s := at_round(o, k))], peers, squared,
+                                        EXCHANGE_TAG + k % 2)
+            if pending is not None:
+                self._finish_round(*pending, squared, rank, world)
+            pending = started
+        self._finish_round(*pending, squared, rank, world)
+
+    def _start_round(self, buf: Tensor, own, out, peers, squared: bool, tag: int):
+        """Form and send this round's slices to their owners, and post the receives of this
+        rank's own slice from every peer: (works, own, received)."""
+        works, at, received = [], 0, {}
+        wire = self.comm_dtype
+        for o, (placed, n) in out:
+            view = buf.narrow(0, at, n)
+            at += n
+            _fill(view, placed, squared)
+            msg = view if wire == torch.float32 else view.to(wire)
+            self.comm_bytes += msg.numel() * msg.element_size()
+            works.append(dist.isend(msg, dist.get_global_rank(self.group, o), group=self.group, tag=tag))
+        if own is not None:
+            for q in peers:
+                view = buf.narrow(0, at, own[1])
+                at += own[1]
+                msg = view if wire == torch.float32 else torch.empty(own[1], dtype=wire, device=view.device)
+                received[q] = msg
+                works.append(dist.irecv(msg, dist.get_global_rank(self.group, q), group=self.group, tag=tag))
+        return works, own, received
+
+    @staticmethod
+    def _finish_round(works, own, received, squared: bool, rank: int, world: int) -> None:
+        """Wait for a round, then add the peers' squares and this rank's own into its targets,
+        in rank order (a deterministic sum)."""
+        for w in works:
+            w.wait()
+        if own is None:
+            return
+        for q in range(world):
+            for t, done, n, a in own[0]:
+                target = t.target.narrow(0, t.dst + done, n)
+                if q != rank:
+                    target.add_(received[q].narrow(0, a, n))
+                elif squared:
+                    target.add_(t.source.narrow(0, t.start + done, n))
+                else:
+                    src = t.source.narrow(0, t.start + done, n)
+                    target.addcmul_(src, src)
 
     def reduce_to(self, owner: int, transfers: Sequence[Transfer], squared: bool, rank: int) -> None:
         """Sum the squares of ``transfers`` over the group into rank ``owner``'s targets."""
@@ -200,8 +228,14 @@ def _slices(transfers: Sequence[Transfer], size: int):
 
 
 def _fill(view: Tensor, placed, squared: bool) -> None:
-    """The slice's elements into ``view`` (fp32), squared unless ``squared``."""
+    """The slice's elements into ``view`` (fp32), squared unless ``squared``: an fp32 source
+    squared in one pass into the view, any other copied to fp32 first and squared there."""
     for t, done, n, at in placed:
-        view.narrow(0, at, n).copy_(t.source.narrow(0, t.start + done, n))
-    if not squared:
-        view.square_()
+        src, dst = t.source.narrow(0, t.start + done, n), view.narrow(0, at, n)
+        if squared:
+            dst.copy_(src)
+        elif src.dtype == torch.float32:
+            torch.mul(src, src, out=dst)
+        else:
+            dst.copy_(src)
+            dst.square_()
