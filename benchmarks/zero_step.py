@@ -15,7 +15,9 @@ median time in the forward, the backward (DeepSpeed's bucket reductions and the 
 run there) and ``engine.step``, and within them in the VR adapter's squares (formed, sent
 and added; the measure-only layer sums) and in the inner optimizer's ``step``: the parts
 that VR adds to, timed where they run rather than read off the noisy step (their mean per
-step: with ``gsnr_interval`` most steps have no squares). Bytes: every torch.distributed collective is
+step: with ``gsnr_interval`` most steps have no squares; the ranks meet in a barrier before
+the squares' collectives, so waiting for the slower rank is not counted), and what those
+parts add to LAMB's median step. Bytes: every torch.distributed collective is
 counted (payload handed in per rank; point-to-point sends too), split into the gradient reduction DeepSpeed does
 anyway and the VR adapter's own traffic; plus the bytes the VR adapter keeps per rank.
 """
@@ -88,10 +90,15 @@ class Clock:
     def __init__(self):
         self.on, self.spent = False, dict.fromkeys(PARTS, 0.0)
 
-    def wrap(self, owner, name, part):
+    def wrap(self, owner, name, part, sync=False):
+        """``sync``: a collective every rank calls alike; the ranks meet in a barrier first, so
+        the time is the call's own, not the wait for the slower rank (which DeepSpeed's
+        reduction, next, would have waited for anyway)."""
         fn = getattr(owner, name)
 
         def timed(*args, **kwargs):
+            if sync and self.on:
+                torch.distributed.barrier()
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -115,8 +122,9 @@ def worker(args):
     from vrgd_ds.deepspeed.zero_moments import ZeroMoments
 
     counter, clock = Counter(), Clock()
-    for owner, name in ((ZeroMoments, "add_buckets"), (Stage0Moments, "_square"), (Stage0Moments, "allreduce_squares")):
-        clock.wrap(owner, name, "squares")
+    for owner, name, sync in ((ZeroMoments, "add_buckets", True), (Stage0Moments, "_square", False),
+                              (Stage0Moments, "allreduce_squares", True)):
+        clock.wrap(owner, name, "squares", sync)
     for name, which in (("all_reduce", 0), ("reduce", 0), ("broadcast", 0), ("all_gather_into_tensor", 1),
                         ("reduce_scatter_tensor", 1), ("all_gather", 1), ("isend", 0), ("send", 0)):
         counter.wrap(dist, name, which)
@@ -223,6 +231,11 @@ def summarise(per_rank, args):
         "ratios_per_round": per_round,
         "median_phase_s": phases,
         "mean_part_s": parts,
+        # what the timed parts add to plain LAMB's step (its squares, and its optimizer step over
+        # LAMB's), over LAMB's median step: a lower bound of the added cost that noise in the
+        # whole step does not hide
+        "parts_added_over_lamb": {l: (parts[l]["squares"] + parts[l]["optimizer"] - parts["LAMB"]["optimizer"])
+                                  / median["LAMB"] for l in labels if l not in ("LAMB", "DeepSpeed AdamW")},
         "bytes_per_step_rank0": {l: statistics.mean(per_rank[0][l]["bytes_per_step"]) for l in labels},
         "vr_kept_bytes_per_rank": [r["VRLAMB"]["vr_kept_bytes"] for r in per_rank],
         "partition_numel_per_rank": [r["VRLAMB"]["partition_numel"] for r in per_rank],
@@ -294,6 +307,8 @@ def main(argv=None):
     for label, ph in summary["median_phase_s"].items():
         ph = {**ph, **summary["mean_part_s"][label]}
         print(f"{label:30s} " + " ".join(f"{ph[k] * 1e3:9.1f}" for k in PHASES + PARTS))
+    print("added by the timed parts, over LAMB's step: "
+          + ", ".join(f"{k} {v:+.3f}" for k, v in summary["parts_added_over_lamb"].items()))
     print(f"{'ratio':38s} medians  per round")
     for k, v in summary["ratios"].items():
         print(f"{k:38s} {v:7.3f}  {summary['ratios_per_round'][k]:7.3f}")

@@ -29,4 +29,6 @@ def test_zero_step_quick(tmp_path):
         assert set(ph) == {"forward", "backward", "step"} and all(v > 0 for v in ph.values()), (label, ph)
         assert set(part) == {"squares", "optimizer"} and 0 < part["optimizer"] < max(res["step_times_s"][label])
         assert (part["squares"] > 0) == (label not in ("LAMB", "LAMB again", "DeepSpeed AdamW")), (label, part)
+    added = res["parts_added_over_lamb"]
+    assert set(added) == labels - {"LAMB", "DeepSpeed AdamW"} and added["VRLAMB"] > 0
     assert (tmp_path / "zero_step.png").stat().st_size > 1000
