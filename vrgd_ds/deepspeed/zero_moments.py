@@ -18,8 +18,9 @@ partition.
 - ``gsnr_interval`` N: on the steps that reuse the last GSNR nothing is squared or sent.
 - ``sq_comm_dtype="bf16"`` halves the bytes of the squares on the wire.
 - Measure-only noise scale (``norms_only``): section 7 needs only each layer's sum of the
-  squares, so nothing gradient-sized is sent: every rank adds up, per layer and in float64,
-  the squares of the local gradients it would have sent, and the meter sums these layer
+  squares, so nothing gradient-sized is sent: every rank adds up, per layer, the squares of
+  the local gradients it would have sent (fp32 row sums added in float64,
+  :func:`vrgd_ds.gsnr.square_sum`), and the meter sums these layer
   totals over the ranks in the one small all-reduce it makes anyway
   (:meth:`layer_square_sums`). Same numbers, no second gradient reduction.
 
