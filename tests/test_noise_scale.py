@@ -159,3 +159,34 @@ def test_square_sum_matches_float64_across_rows_chunks_and_tail(dtype, squared):
         assert got.dtype == torch.float64 and got.dim() == 0
         assert got.item() == pytest.approx(want, rel=1e-6), (n, chunk)
     assert square_sum(torch.zeros(0), squared).item() == 0.0
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_telemetry_sums_in_the_gsnr_pass_match_the_definition(compile):
+    """The telemetry's noise sums ride in the pass that sums r_raw, and its clamped counts take
+    a flat pass of their own, over rows and edge elements (layers of 2400 and 180 elements:
+    two 1024-element rows and a tail, and a layer of edges only); eager and compiled agree with
+    the definition on explicit group gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 60), torch.nn.Tanh(), torch.nn.Linear(60, 3))
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(K * B, 40, generator=gen), torch.randn(K * B, 3, generator=gen)
+    moments = MicroStepMoments(model.parameters(), samples_per_group=B)
+    opt = VRSGD(model.parameters(), lr=0.0, telemetry_interval=1, moments=moments, gamma=0.2, compile=compile)
+    for xb, yb in zip(x.chunk(K), y.chunk(K)):
+        (torch.nn.functional.mse_loss(model(xb), yb) / K).backward()
+    opt.step()
+    rec = opt.telemetry
+    per_sample = per_sample_grads(model, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    for i, n in enumerate(names):
+        groups = per_sample[n].view(K, B, *per_sample[n].shape[1:]).mean(1)
+        want = exact(groups)
+        for key in ("group_var", "grad_sq", "b_simple"):
+            assert_close(rec["layers"][i][key], want[key], (n, key))
+        gbar, sq = groups.mean(0), (groups ** 2).mean(0)
+        r_raw = gbar ** 2 / (sq - gbar ** 2).clamp_min(0)
+        # elements whose r_raw / m sits within rounding of gamma may fall either way
+        assert rec["layers"][i]["clamped_fraction"] == pytest.approx(
+            (r_raw / r_raw.mean() < 0.2).double().mean().item(), abs=2.0 / gbar.numel()), n
+        assert 0.0 < rec["layers"][i]["clamped_fraction"] < 1.0, n

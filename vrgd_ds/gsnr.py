@@ -171,18 +171,6 @@ def bias_corrections(beta3: float, steps: Sequence[int]) -> list[float]:
     return [1.0 / (1.0 - beta3**t) for t in steps]
 
 
-def clamped_counts(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float,
-                   layer_means: Sequence[float], gamma: float) -> Tensor:
-    """Per tensor: how many elements have r_raw / m < gamma, i.e. are clamped up to gamma.
-
-    Telemetry only (one extra pass on the steps that record it); float64 counts.
-    """
-    counts = [(raw_gsnr(g.float(), q, sq_scale) < gamma * m).sum() if m > 0.0
-              else torch.zeros((), dtype=torch.long, device=g.device)
-              for g, q, m in zip(grads, sum_sqs, layer_means)]
-    return torch.stack(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
-
-
 SQUARE_ROW = 2048  # elements per fp32 partial sum of square_sum
 
 
@@ -233,8 +221,22 @@ def noise_partials(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale:
 
 
 def raw_gsnr_terms(spec, x: dict, s: Tensor, c: Tensor):
-    """Pass: r_raw per element, summed per layer for the layer mean m (eq. 8)."""
-    return {}, (raw_gsnr(x["g"].float(), x["sq"], spec.c(c, "sq_scale")),)
+    """Pass: r_raw per element, summed per layer for the layer mean m (eq. 8). With the flag
+    "noise" (a telemetry step) also section 7's s - gbar^2 and gbar^2, fp32 elementwise like
+    :func:`noise_partials`, in the same read of gbar and the squares."""
+    g = x["g"].float()
+    r = raw_gsnr(g, x["sq"], spec.c(c, "sq_scale"))
+    if not spec.has("noise"):
+        return {}, (r,)
+    gsq = g * g
+    return {}, (r, x["sq"] * spec.c(c, "sq_scale") - gsq, gsq)
+
+
+def clamped_count_terms(spec, x: dict, s: Tensor, c: Tensor):
+    """Pass (telemetry): 1 where r_raw < gamma * m (clamped up to gamma), the column
+    ``threshold`` (0 where m = 0: nothing counts), summed per layer."""
+    r = raw_gsnr(x["g"].float(), x["sq"], spec.c(c, "sq_scale"))
+    return {}, ((r < spec.s(s, "threshold")).to(r.dtype),)
 
 
 def abs_grad_terms(spec, x: dict, s: Tensor, c: Tensor):

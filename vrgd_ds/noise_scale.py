@@ -16,8 +16,10 @@ bias corrections cancel in the ratio). grad_sq can be <= 0 on a noisy step: it i
 and b_simple is None then. Without b (samples per group unknown) trace_cov and the
 b_simple values are None; ``group_var`` (S) is always given.
 
-The per-element partial sums come from :func:`vrgd_ds.gsnr.noise_partials`; the caller
-reduces them per layer across partitions (one collective, with the GSNR telemetry's).
+The per-element partial sums come from the VR optimizers' r_raw pass
+(:func:`vrgd_ds.gsnr.raw_gsnr_terms` with the flag "noise") or, for the measure-only meter,
+:func:`vrgd_ds.gsnr.noise_partials`; the caller reduces them per layer across partitions
+(one collective, with the GSNR telemetry's).
 """
 
 from __future__ import annotations

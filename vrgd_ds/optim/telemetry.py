@@ -2,9 +2,9 @@
 
 A VR optimizer records on its first GSNR step in every window of N applied steps
 (:func:`telemetry_due`), from the statistics that step has anyway (the layer sums and means of
-r_raw, the gradient and squares views) plus one extra pass for the clamped counts and the
-noise-scale partial sums (:func:`vrgd_ds.gsnr.clamped_counts`,
-:func:`vrgd_ds.gsnr.noise_partials`). One layer-table collective makes the record complete
+r_raw) plus the noise-scale partial sums, taken in the same flat pass as the r_raw sums
+(:func:`vrgd_ds.gsnr.raw_gsnr_terms` with the flag "noise"), and one extra flat pass for the
+clamped counts (:func:`vrgd_ds.gsnr.clamped_count_terms`). One layer-table collective makes the record complete
 on every rank, also when a layer spans ZeRO partitions or Megatron shards.
 
 The record (``optimizer.telemetry``, a dict)::
@@ -27,7 +27,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .. import gsnr
 from ..noise_scale import NoiseScaleTracker
 from .layout import LayerLayout, Segment
 
@@ -51,27 +50,21 @@ class TelemetryRecorder:
         self.record: dict | None = None
         self._noise_sums: dict = {}  # this step's per-layer [sum (s - gbar^2), sum gbar^2]
 
-    def add(self, step: int, layout: LayerLayout, src, groups: Sequence[tuple[list[Tensor], list[Tensor], float]],
-            segments: Sequence[Segment], sums: Sequence[float], means: Sequence[float],
+    def add(self, step: int, layout: LayerLayout, src, segments: Sequence[Segment], sums: Sequence[float],
+            means: Sequence[float], counts: Tensor, noise: Tensor, gammas: Sequence[float],
             tracker: NoiseScaleTracker) -> dict:
-        """Record the layers of one GSNR step. ``groups``: per param group that stepped, its
-        gradient views, squares views (one per segment, in ``segments`` order) and gamma;
-        ``sums``/``means``: the layer sum and mean of r_raw per segment; ``src`` the moment
-        source (k, sq_scale, samples per group, clip scale)."""
-        at, counts, gammas = 0, [], []
-        for grads, sqs, gamma in groups:
-            counts.append(gsnr.clamped_counts(grads, sqs, src.sq_scale, means[at:at + len(grads)], gamma))
-            gammas += [gamma] * len(grads)
-            at += len(grads)
-        counts = torch.cat(counts)
+        """Record the layers of one GSNR step, per segment (``segments`` order): ``sums`` and
+        ``means``, the layer sum and mean of r_raw; ``counts``, the elements with r_raw below
+        gamma * m; ``noise``, [sum (s - gbar^2), sum gbar^2] (float64 [segments, 2]); the
+        group's ``gamma``. ``src``: the moment source (k, sq_scale, samples per group, clip
+        scale)."""
         # each segment carries its share of the layer total, so the shares add up exactly
         f64 = dict(dtype=torch.float64, device=counts.device)  # the collective's device (NCCL: the GPU)
         share = torch.tensor([s * seg.numel / seg.layer_numel for s, seg in zip(sums, segments)], **f64)
         numel = torch.tensor([float(seg.numel) for seg in segments], **f64)
-        gamma = torch.tensor(gammas, **f64)
-        noise = torch.cat([gsnr.noise_partials(grads, sqs, src.sq_scale).to(counts.device)
-                           for grads, sqs, _ in groups])
-        columns = [share, noise[:, 0], noise[:, 1], counts, numel, gamma * numel]
+        gamma = torch.tensor(list(gammas), **f64)
+        noise = noise.to(**f64)
+        columns = [share, noise[:, 0], noise[:, 1], counts.to(**f64), numel, gamma * numel]
         table = layout.table(torch.stack(columns, 1), segments)
         rec = self.record if self.record and self.record["step"] == step else {"step": step, "layers": {}}
         sums_of = {}

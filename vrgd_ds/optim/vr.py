@@ -249,14 +249,17 @@ class GSNRTransform:
         src = self._moment_source()
         gsnr.check_group_count(src.group_count)
         sq_of = lambda p: self._sum_sq(src, p)  # noqa: E731
-        spec = Spec(("ok",), ("sq_scale",))
-        partial = [batches[i].run(gsnr.raw_gsnr_terms, spec,
-                                  lambda bs: {"g": bs.grad_flat(), "sq": bs.squares_flat(sq_of)},
-                                  consts={"sq_scale": src.sq_scale}, compile=self.param_groups[i]["compile"],
-                                  n_terms=1)[:, 0] for i in active]
+        moments = lambda bs: {"g": bs.grad_flat(), "sq": bs.squares_flat(sq_of)}  # noqa: E731
+        # a telemetry step sums the noise-scale terms in the same pass (section 7)
+        record = telemetry_due(taken, self.telemetry_interval, self.gsnr_interval)
+        spec = Spec(("ok",), ("sq_scale",), ("noise",) if record else ())
+        partial = torch.cat([batches[i].run(gsnr.raw_gsnr_terms, spec, moments, consts={"sq_scale": src.sq_scale},
+                                            compile=self.param_groups[i]["compile"], n_terms=3 if record else 1)
+                             for i in active])
         segments = [s for i in active for s in batches[i].flat_segments]
-        (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
-        def grads(i):  # per-segment views, only for the rare float64 sums and the telemetry
+        (sums,) = layer_totals(self.layout, segments, partial[:, 0])
+
+        def grads(i):  # per-segment views, only for the rare float64 sums
             return [v for bs in batches[i].steps for v in bs.segment_views(bs.grad_flat())]
 
         def sqs(i):
@@ -270,9 +273,11 @@ class GSNRTransform:
         if not all(math.isfinite(s) for s in sums):
             return self._nonfinite(sums, segments)
         all_means = gsnr.layer_means(sums, numels)
-        if telemetry_due(taken, self.telemetry_interval, self.gsnr_interval):
-            views = [(grads(i), sqs(i), self.param_groups[i]["gamma"]) for i in active]
-            self._recorder.add(taken + 1, self.layout, src, views, segments, sums, all_means, self.noise_scale)
+        if record:
+            gammas = [self.param_groups[i]["gamma"] for i in active for _ in batches[i].flat_segments]
+            counts = self._clamped_counts(batches, active, moments, src, all_means, gammas)
+            self._recorder.add(taken + 1, self.layout, src, segments, sums, all_means, counts, partial[:, 1:],
+                               gammas, self.noise_scale)
         at = 0
         for i in active:
             n = len(batches[i].flat_segments)
@@ -280,6 +285,18 @@ class GSNRTransform:
                                        src, sq_of)
             at += n
         return out
+
+    def _clamped_counts(self, batches, active, moments, src, means, gammas) -> Tensor:
+        """Telemetry: per segment, how many elements have r_raw < gamma * m (one flat pass)."""
+        thresholds = [g * m if m > 0.0 else 0.0 for g, m in zip(gammas, means)]
+        spec, out, at = Spec(("ok", "threshold"), ("sq_scale",)), [], 0
+        for i in active:
+            n = len(batches[i].flat_segments)
+            out.append(batches[i].run(gsnr.clamped_count_terms, spec, moments, cols={"threshold": thresholds[at:at + n]},
+                                      consts={"sq_scale": src.sq_scale}, compile=self.param_groups[i]["compile"],
+                                      n_terms=1)[:, 0])
+            at += n
+        return torch.cat(out)
 
     def _gsnr_source(self, group, batch, means, wide, src, sq_of) -> GradSource:
         """r = clamp(r_raw / m, gamma, 1) (r = 1 where m = 0), with GSNR momentum when beta3 > 0
