@@ -27,7 +27,8 @@ the PNG the medians. Parameters are fp32 in the real BERT-base shapes.
   holding pieces of every layer (one rank here, so the layer sums need no communication),
   with a fixed squared-gradient buffer (k = 8) laid out flat like the moment sources', which
   the step may overwrite once read, as DeepSpeed's ZeRO moment source lets it (LAMB keeps u
-  there; the squares are put back before each step, untimed).
+  there; the squares are put back before each step, untimed). "VRLAMB partition telemetry"
+  records its telemetry (noise scale, clamped fractions) on every step: what a record costs.
 - On the CPU every step of ours is also taken apart (:func:`vrgd_ds.optim.flat.record_passes`):
   the time of each flat pass and each gather into a flat buffer, the full-size arrays it
   streams (an array read and written back in place counts once), and its time per array
@@ -194,6 +195,10 @@ def build_optimizers(params, lr=1e-4, eager=False, partition=True, compile=None)
         opts["VRLAMB partition"] = VRLAMB([flat], lr=lr, moments=flat_moments, **ours)
         opts["LAMB partition"] = LAMB([flat], lr=lr, **ours)
         opts["VRLAMB partition"].layout = opts["LAMB partition"].layout = layout
+        # the same with a telemetry record every step (noise scale and clamped fractions)
+        opts["VRLAMB partition telemetry"] = VRLAMB([flat], lr=lr, moments=FixedMoments([flat], consumable=True),
+                                                    telemetry_interval=1, **ours)
+        opts["VRLAMB partition telemetry"].layout = layout
     try:
         import torch_optimizer
 
@@ -334,6 +339,7 @@ PAIRS = {"VRLAMB/AdamW fused": ("VRLAMB", "AdamW fused"), "VRAdamW/AdamW fused":
          "VRLAMB eager/LAMB eager": ("VRLAMB eager", "LAMB eager"),
          "VRLAMB partition/AdamW fused": ("VRLAMB partition", "AdamW fused"),
          "VRLAMB partition/LAMB partition": ("VRLAMB partition", "LAMB partition"),
+         "VRLAMB partition telemetry/VRLAMB partition": ("VRLAMB partition telemetry", "VRLAMB partition"),
          "VRLAMB/DeepSpeed FusedLamb": ("VRLAMB", "DeepSpeed FusedLamb"),
          "DeepSpeed FusedLamb/AdamW fused": ("DeepSpeed FusedLamb", "AdamW fused")}
 TARGETS = {"VRLAMB/AdamW fused": ("max", 2.5), "VRAdamW/AdamW fused": ("max", 2.5),

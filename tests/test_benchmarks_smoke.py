@@ -23,8 +23,10 @@ def test_optim_step_small(tmp_path):
     assert (tmp_path / "optim_step.png").stat().st_size > 1000
     # where each step's time goes: every flat pass over every element, the arrays it touches
     passes, n = res["passes"], res["params"]
+    # a telemetry record adds its noise sums to the r_raw pass and one pass for the clamped
+    # counts (gbar and the squares again)
     arrays = {"AdamW fused": 4, "LAMB partition": 7, "LAMB": 8, "VRLAMB partition": 10, "VRLAMB": 10,
-              "VRLAMB gathered": 12, "VRAdamW": 8}
+              "VRLAMB gathered": 12, "VRAdamW": 8, "VRLAMB partition telemetry": 12}
     assert {k: passes[k]["arrays"] for k in arrays} == arrays
     assert "torch-optimizer Lamb" not in passes and "AdamW foreach" not in passes  # not ours: no passes
     for name in set(arrays) - {"AdamW fused"}:
