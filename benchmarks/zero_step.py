@@ -8,7 +8,8 @@ plain LAMB measuring the gradient noise scale (``vrgd_noise_scale``, every step 
 4th step), and a second plain LAMB, identical to the first: its ratio to the first is what
 noise alone does to a ratio in that run.
 They are stepped round-robin (one full step each, gradient accumulation 2, so k = 4
-groups), so every engine's samples see the same machine load; the JSON keeps the median
+groups; each round starts one engine later than the last), so every engine's samples see
+the same machine load and every position in a round; the JSON keeps the median
 step time per engine, the ratios of the medians and the median of the per-round ratios
 (engine i-th step over the other's i-th step, which ran next to it), and each engine's
 median time in the forward, the backward (DeepSpeed's bucket reductions and the VR squares
@@ -156,8 +157,12 @@ def worker(args):
     times = {label: [] for label in engines}
     phases = {label: {k: [] for k in PHASES + PARTS} for label in engines}
     step_bytes = {label: [] for label in engines}
+    labels = list(engines)
     for step in range(args.warmup + args.steps):
-        for label, engine in engines.items():
+        # each round starts one engine later: no engine always runs first (with a fixed order,
+        # LAMB, first in every round, was slower than its identical twin in 5 runs of 6)
+        for label in labels[step % len(labels):] + labels[:step % len(labels)]:
+            engine = engines[label]
             batches = [micro_batch() for _ in range(2)]
             dist.barrier()
             counter.label, before = label, counter.bytes.get(label, 0)
