@@ -54,7 +54,8 @@ ENGINES = {
 # (name, numerator, denominator); "LAMB again / LAMB" compares two identical engines: how far
 # apart noise alone puts two medians in this run
 RATIOS = (("VRLAMB / LAMB", "VRLAMB", "LAMB"), ("VRLAMB interval 4 / LAMB", "VRLAMB interval 4", "LAMB"),
-          ("LAMB / DeepSpeed AdamW", "LAMB", "DeepSpeed AdamW"), ("VRLAMB / DeepSpeed AdamW", "VRLAMB", "DeepSpeed AdamW"),
+          ("LAMB / DeepSpeed AdamW", "LAMB", "DeepSpeed AdamW"),
+          ("VRLAMB / DeepSpeed AdamW", "VRLAMB", "DeepSpeed AdamW"),
           ("LAMB + noise scale / LAMB", "LAMB + noise scale", "LAMB"),
           ("LAMB + noise scale interval 4 / LAMB", "LAMB + noise scale interval 4", "LAMB"),
           ("LAMB again / LAMB", "LAMB again", "LAMB"))

@@ -4,8 +4,9 @@ A VR optimizer records on its first GSNR step in every window of N applied steps
 (:func:`telemetry_due`), from the statistics that step has anyway (the layer sums and means of
 r_raw) plus the noise-scale partial sums, taken in the same flat pass as the r_raw sums
 (:func:`vrgd_ds.gsnr.raw_gsnr_terms` with the flag "noise"), and one extra flat pass for the
-clamped counts (:func:`vrgd_ds.gsnr.clamped_count_terms`). One layer-table collective makes the record complete
-on every rank, also when a layer spans ZeRO partitions or Megatron shards.
+clamped counts (:func:`vrgd_ds.gsnr.clamped_count_terms`). One layer-table collective makes
+the record complete on every rank, also when a layer spans ZeRO partitions or Megatron
+shards.
 
 The record (``optimizer.telemetry``, a dict)::
 

@@ -292,9 +292,9 @@ class GSNRTransform:
         spec, out, at = Spec(("ok", "threshold"), ("sq_scale",)), [], 0
         for i in active:
             n = len(batches[i].flat_segments)
-            out.append(batches[i].run(gsnr.clamped_count_terms, spec, moments, cols={"threshold": thresholds[at:at + n]},
-                                      consts={"sq_scale": src.sq_scale}, compile=self.param_groups[i]["compile"],
-                                      n_terms=1)[:, 0])
+            out.append(batches[i].run(gsnr.clamped_count_terms, spec, moments,
+                                      cols={"threshold": thresholds[at:at + n]}, consts={"sq_scale": src.sq_scale},
+                                      compile=self.param_groups[i]["compile"], n_terms=1)[:, 0])
             at += n
         return torch.cat(out)
 
