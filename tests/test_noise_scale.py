@@ -11,7 +11,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from vrgd_ds import VRSGD, MicroStepMoments
-from vrgd_ds.gsnr import SQUARE_ROW, noise_partials, square_sum
+from vrgd_ds.gsnr import SQUARE_ROW, grad_square_partials, raw_gsnr_terms, square_sum
+from vrgd_ds.optim.flat import Spec
 from vrgd_ds.noise_scale import NoiseScaleTracker, check_ema_decay, noise_scale
 
 K, B = 6, 5  # groups x samples per group
@@ -126,9 +127,17 @@ def test_estimator_is_unbiased_on_linear_regression():
     per_sample = x * ((x @ delta) - eps).unsqueeze(-1)  # [trials, k, b, d] gradients of the loss
     groups = per_sample.mean(2).float()  # [trials, k, d]: the group gradients
     estimates = {"trace_cov": [], "grad_sq": []}
+    spec, c = Spec(("ok",), ("sq_scale",), ("noise",)), torch.tensor([1.0 / k])
     for g in groups:
         gbar, sq = g.mean(0), (g * g).sum(0)
-        (var_sum, gsq_sum), = noise_partials([gbar], [sq], 1.0 / k).tolist()
+        # the sums a VR telemetry step takes in its r_raw pass (fp32 terms, float64 sums) ...
+        _, (_, var_terms, gsq_terms) = raw_gsnr_terms(spec, {"g": gbar.view(1, -1), "sq": sq.view(1, -1)},
+                                                      torch.ones(1, 1), c)
+        var_sum, gsq_sum = var_terms.sum(dtype=torch.float64).item(), gsq_terms.sum(dtype=torch.float64).item()
+        # ... and the measure-only meter's: sum s per layer from its moment source, sum gbar^2 here
+        (minus_gsq, gsq_meter), = grad_square_partials([gbar]).tolist()
+        assert gsq_meter == pytest.approx(gsq_sum, rel=1e-6)
+        assert square_sum(sq, True).item() / k + minus_gsq == pytest.approx(var_sum, rel=1e-5, abs=1e-9)
         rec = noise_scale(var_sum, gsq_sum, k, b)
         estimates["trace_cov"].append(rec["trace_cov"])
         estimates["grad_sq"].append(rec["grad_sq"])

@@ -199,19 +199,15 @@ def square_sum(flat: Tensor, squared: bool, chunk_numel: int = 1 << 22) -> Tenso
     return total
 
 
-def noise_partials(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale: float) -> Tensor:
-    """Per view: [sum (s - gbar^2), sum gbar^2] as a float64 [n, 2] tensor (section 7), the
-    elementwise terms in fp32, their sums in float64; to be summed per layer by the caller.
-    A ``None`` in ``sum_sqs``: [-sum gbar^2, sum gbar^2], the caller adds sum s per layer."""
+def grad_square_partials(grads: Sequence[Tensor]) -> Tensor:
+    """Per view: [-sum gbar^2, sum gbar^2] as a float64 [n, 2] tensor (section 7; the
+    measure-only meter, whose moment source sums the squares s per layer on its own, adds
+    ``sq_scale`` times that sum to the first column): fp32 squares, fp32 row sums added in
+    float64 (:func:`square_sum`)."""
     rows = []
-    for g, q in zip(grads, sum_sqs):
-        if q is None:  # the squares' sum is added per layer elsewhere (measure-only under ZeRO)
-            total = square_sum(g.reshape(-1), False)
-            rows.append(torch.stack([-total, total]))
-            continue
-        g = g.float()
-        gsq = g * g
-        rows.append(torch.stack([(q * sq_scale - gsq).sum(dtype=torch.float64), gsq.sum(dtype=torch.float64)]))
+    for g in grads:
+        total = square_sum(g.reshape(-1), False)
+        rows.append(torch.stack([-total, total]))
     if not rows:
         return torch.zeros(0, 2, dtype=torch.float64)
     return torch.stack(rows)
@@ -222,8 +218,8 @@ def noise_partials(grads: Sequence[Tensor], sum_sqs: Sequence[Tensor], sq_scale:
 
 def raw_gsnr_terms(spec, x: dict, s: Tensor, c: Tensor):
     """Pass: r_raw per element, summed per layer for the layer mean m (eq. 8). With the flag
-    "noise" (a telemetry step) also section 7's s - gbar^2 and gbar^2, fp32 elementwise like
-    :func:`noise_partials`, in the same read of gbar and the squares."""
+    "noise" (a telemetry step) also section 7's s - gbar^2 and gbar^2 per element (fp32), in
+    the same read of gbar and the squares."""
     g = x["g"].float()
     r = raw_gsnr(g, x["sq"], spec.c(c, "sq_scale"))
     if not spec.has("noise"):

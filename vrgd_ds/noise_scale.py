@@ -18,8 +18,8 @@ b_simple values are None; ``group_var`` (S) is always given.
 
 The per-element partial sums come from the VR optimizers' r_raw pass
 (:func:`vrgd_ds.gsnr.raw_gsnr_terms` with the flag "noise") or, for the measure-only meter,
-:func:`vrgd_ds.gsnr.noise_partials`; the caller reduces them per layer across partitions
-(one collective, with the GSNR telemetry's).
+from :func:`vrgd_ds.gsnr.grad_square_partials` and its moment source's sums of squares; the
+caller reduces them per layer across partitions (one collective, with the GSNR telemetry's).
 """
 
 from __future__ import annotations

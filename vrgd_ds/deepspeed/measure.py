@@ -76,18 +76,18 @@ class NoiseMeter:
         if not self.wants_moments():
             return
         src = self.moments
-        norms_only = getattr(src, "norms_only", False)
+        if not getattr(src, "norms_only", False):
+            raise RuntimeError("NoiseMeter needs a measure-only moment source (norms_only=True)")
         for group in optimizer.param_groups:
-            grads, sqs, segments, whole = [], [], [], []
+            grads, segments, whole = [], [], []
             for p in (p for p in group["params"] if p.grad is not None):
                 segs = self.layout.segments(p)
                 grads += segment_views(p.grad, segs)
-                sqs += [None] * len(segs) if norms_only else segment_views(src.sum_sq(p), segs)
                 segments += segs
-                if norms_only and hasattr(src, "square_sum"):  # stage 0: one segment, the whole tensor
+                if hasattr(src, "square_sum"):  # stage 0: one segment, the whole tensor
                     whole.append(src.square_sum(p))
             numel = torch.tensor([float(s.numel) for s in segments], dtype=torch.float64)
-            partial = gsnr.noise_partials(grads, sqs, src.sq_scale)
+            partial = gsnr.grad_square_partials(grads)
             if whole:
                 partial[:, 0] += torch.tensor(whole, dtype=torch.float64, device=partial.device) * src.sq_scale
             self._seen.append((torch.cat([partial, numel.to(partial.device).unsqueeze(1)], 1), segments))
