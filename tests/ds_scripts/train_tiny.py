@@ -190,6 +190,7 @@ def run_case(case):
     return {"params": [p.detach().float().cpu().clone() for p in engine.module.parameters()],
             "telemetry": named_telemetry(engine), "bytes": per_rank,
             "skipped_steps": engine.skipped_steps, "vr_skipped": getattr(opt, "skipped_steps", None),
+            "grads_checked_finite": getattr(opt, "grads_checked_finite", None),
             "peak_square_bytes": max(peaks, default=None), **record,
             **({"reads": reads.summary()} if reads is not None else {})}
 

@@ -126,7 +126,8 @@ def attach_to_engine(engine) -> None:
                                   facts.micro_batch, seam.accumulation_of(engine), norms_only=not vr)
         if vr:
             opt.attach_moments(moments)
-            seam.force_overflow_check(zero)
+            seam.force_overflow_check(zero)  # every step, every rank: no inf/NaN reaches the optimizer
+            opt.grads_checked_finite = True  # so a gsnr_interval reuse step skips its own check
         seam.attach(zero, ZeroAdapter(opt if vr else None, moments, meter))
     elif vr or measure:
         group = seam.data_parallel_group(engine)

@@ -116,6 +116,9 @@ class GSNRTransform:
         self.sq_chunk_numel = check_chunk_numel(sq_chunk_numel)
         self.overflow = False  # DeepSpeed's engine reads it: True when the last step was skipped
         self.defer_nonfinite = False
+        # set by the DeepSpeed ZeRO-1/2 adapter: DeepSpeed checks every gradient of the step for
+        # inf/NaN (its overflow check, forced on) and skips the step on every rank if one is
+        self.grads_checked_finite = False
         self.pending_nonfinite: str | None = None
         self.on_nonfinite = on_nonfinite
         self.gsnr_interval = gsnr_interval
@@ -320,15 +323,17 @@ class GSNRTransform:
         """A step between GSNR computations: g' = phat_last * gbar, no second moment read.
 
         The non-finite check stays: one layer-summed |gbar| per tensor (same collective as a
-        GSNR step, so every rank skips or raises together)."""
+        GSNR step, so every rank skips or raises together), unless DeepSpeed has checked every
+        gradient of the step already (``grads_checked_finite``: ZeRO-1/2)."""
         groups = self.param_groups
-        spec = Spec(("ok",), ())
-        partial = [batches[i].run(gsnr.abs_grad_terms, spec, lambda bs: {"g": bs.grad_flat()},
-                                  compile=groups[i]["compile"], n_terms=1)[:, 0] for i in active]
-        segments = [s for i in active for s in batches[i].flat_segments]
-        (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
-        if not all(math.isfinite(s) for s in sums):
-            return self._nonfinite(sums, segments)
+        if not self.grads_checked_finite:
+            spec = Spec(("ok",), ())
+            partial = [batches[i].run(gsnr.abs_grad_terms, spec, lambda bs: {"g": bs.grad_flat()},
+                                      compile=groups[i]["compile"], n_terms=1)[:, 0] for i in active]
+            segments = [s for i in active for s in batches[i].flat_segments]
+            (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
+            if not all(math.isfinite(s) for s in sums):
+                return self._nonfinite(sums, segments)
         for i in active:
             b, group = batches[i], groups[i]
             missing = [p for p in b.params if "gsnr_momentum" not in self.state[p]]
