@@ -159,3 +159,18 @@ def test_pretrain_route_stops_a_launch_that_runs_over_its_timeout(tmp_path):
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the stopped launch are still running: {left}"
+
+
+def test_reuse_step_small(tmp_path):
+    """A gsnr_interval reuse step makes its own |gbar| check except where DeepSpeed checked."""
+    run_module("benchmarks.reuse_step", "--scale", "0.02", "--steps", "2", "--warmup", "1", "--out", tmp_path,
+               timeout=300)
+    res = json.loads((tmp_path / "reuse_step.json").read_text())
+    fns = {name: {e["fn"] for e in log} for name, log in res["passes_last_step"].items()}
+    assert "raw_gsnr_terms" in fns["VRLAMB GSNR step"] and "abs_grad_terms" not in fns["VRLAMB GSNR step"]
+    assert "abs_grad_terms" in fns["VRLAMB reuse step, own check"]
+    assert fns["VRLAMB reuse step, DeepSpeed checked"] == fns["LAMB"] == {"lamb_moments", "lamb_apply"}
+    assert all(v > 0 for v in res["median_s"].values()) and len(res["ratios"]) == 4
+    assert (tmp_path / "reuse_step.png").stat().st_size > 1000
+    proc = run_module("benchmarks.reuse_step", "--steps", "0", "--out", tmp_path, timeout=120, check=False)
+    assert proc.returncode != 0 and "--steps must be >= 1, got 0" in proc.stderr
