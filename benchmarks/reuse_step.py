@@ -67,6 +67,8 @@ def main(argv=None):
             ap.error(f"{flag} must be >= 1, got {v}")
     if not 0.0 < args.scale <= 1.0:
         ap.error(f"--scale must be in (0, 1], got {args.scale}")
+    if not (args.device == "cpu" or (args.device.startswith("cuda") and torch.cuda.is_available())):
+        ap.error(f"--device must be cpu, or cuda where a CUDA device is present, got {args.device!r}")
     torch.manual_seed(0)
     flat, opts = build(args.scale, args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)

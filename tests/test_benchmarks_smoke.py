@@ -174,3 +174,6 @@ def test_reuse_step_small(tmp_path):
     assert (tmp_path / "reuse_step.png").stat().st_size > 1000
     proc = run_module("benchmarks.reuse_step", "--steps", "0", "--out", tmp_path, timeout=120, check=False)
     assert proc.returncode != 0 and "--steps must be >= 1, got 0" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = run_module("benchmarks.reuse_step", "--device", "cuda", "--out", tmp_path, timeout=120, check=False)
+        assert proc.returncode != 0 and "--device must be cpu, or cuda where a CUDA device is present" in proc.stderr
