@@ -4,7 +4,8 @@
 # parts one after another, each alone on the machine):
 #   1. the optimizer matrix (tests/test_optim_matrix.py, tests/test_flat.py) on CUDA, eagerly,
 #      and a compiled (Triton) subset
-#   2. optimizer step time, BERT-base shapes (110M), against torch fused AdamW
+#   2. optimizer step time, BERT-base shapes (110M), against torch fused AdamW; then (--passes)
+#      each flat pass timed between two waits for the device: what a pass costs per array
 #   3. DeepSpeed on one CUDA device against the float64 reference (benchmarks/gpu_check.py:
 #      ZeRO-2 / ZeRO-1 / stage 0 fp32, bf16, fp16 with DeepSpeed's loss scaler, autocast)
 #   4. the user's pretraining route (launch/pretrain_bert.sh, 1 rank, bf16 / fp16 ZeRO-2, phase 1 then
@@ -92,11 +93,11 @@ if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     export TORCH_CUDA_ARCH_LIST=$(echo "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 fi
 part optim_step_base "${T_BASE:-150}" $PY -m benchmarks.optim_step --device cuda --model base --steps 8 \
-    --out "$OUT/optim_step_base" "${fused[@]}"
+    --passes --out "$OUT/optim_step_base" "${fused[@]}"
 part bert_large "${T_BERT:-120}" $PY -m benchmarks.bert_throughput --device cuda --size large \
     --micro-batch 64 --accum 2 --steps 5 --out "$OUT"
 part optim_step_large "${T_LARGE:-150}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \
-    --out "$OUT/optim_step_large" "${fused[@]}"
+    --passes --out "$OUT/optim_step_large" "${fused[@]}"
 part first_step "${T_FIRST:-180}" $PY -m benchmarks.first_step --device cuda --out "$OUT/first_step"
 [ ${#failed[@]} -eq 0 ] || { echo "FAILED or out of time: ${failed[*]}"; exit 1; }
 echo "all parts passed"

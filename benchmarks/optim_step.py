@@ -1,6 +1,6 @@
 """Optimizer step time on a BERT-base-sized parameter set (about 110M parameters).
 
-    python -m benchmarks.optim_step [--steps 10] [--out results/optim_step] [--device cuda] [--model large]
+    python -m benchmarks.optim_step [--steps 10] [--out results/optim_step] [--device cuda [--passes]] [--model large]
 
 Optimizers are stepped round-robin, so every timing sample of every optimizer sees the
 same machine load; the JSON has the median per optimizer and the ratios the README quotes,
@@ -37,7 +37,9 @@ the PNG the medians. Parameters are fp32 in the real BERT-base shapes.
   ``arrays`` over fused AdamW's 4 is its step's ratio to fused AdamW where every pass streams
   an array as fast as fused AdamW does (results/README.md, session 12). The JSON records the
   CPU's model and cache sizes: the cost per array, and how it varies between passes, is the
-  machine's.
+  machine's. On CUDA, ``--passes`` does the same in ``--steps`` extra rounds after the timed
+  ones, each pass timed between two waits for the device (``record_passes(sync=True)``): does
+  a GPU pass also cost by arrays, or by values read and written (``reads``, ``writes``)?
 - ``--keep-freed-memory`` tells glibc's malloc to keep freed memory in the process (no mmap,
   no trimming), as a long training process's heap effectively does. torch-optimizer's Lamb
   allocates layer-sized temporaries every step; with glibc's defaults each large one is a
@@ -223,18 +225,19 @@ def build_backward_cases(params, lr=1e-4, k=8, compile=None):
 class PassTimes:
     """Per optimizer and timed step, the flat passes and gathers of its step
     (:func:`vrgd_ds.optim.flat.record_passes`): where the step's time goes, and what each
-    array a pass streams costs. CPU only (a CUDA pass returns before its
-    kernels ran)."""
+    array a pass streams costs. On CUDA (``sync``) each pass is timed between two waits for
+    the device, in steps of their own: such a step loses its overlap of host and device work,
+    so its total is not the timed step's, and no "rest" is derived."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, sync: bool = False):
+        self.enabled, self.sync = enabled, sync
         self.steps: dict[str, list[list[dict]]] = {}
 
     def step(self, name: str, opt, timed: bool) -> None:
         if not self.enabled:
             opt.step()
             return
-        with record_passes() as log:
+        with record_passes(sync=self.sync) as log:
             opt.step()
         if timed:
             self.steps.setdefault(name, []).append(log)
@@ -274,7 +277,8 @@ class PassTimes:
                     arrays += e["arrays"]
                     bulk.setdefault(name, []).append(rows[-1])
             out[name] = {"passes": rows, "passes_ms": in_passes * 1e3, "gathers_ms": in_gathers * 1e3,
-                         "rest_ms": (med[name] - in_passes - in_gathers) * 1e3 if name in med else None,
+                         "rest_ms": (med[name] - in_passes - in_gathers) * 1e3
+                         if name in med and not self.sync else None,
                          "arrays": arrays, "arrays_vs_fused_adamw": arrays / 4}
         if "AdamW fused" in med:  # one pass over p, g, m, v
             fused = med["AdamW fused"] * 1e3 / 4
@@ -405,7 +409,13 @@ def main(argv=None):
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="glibc malloc keeps freed memory (no mmap, no trim): no page faults when a step "
                          "allocates temporaries, as in a long training process")
+    ap.add_argument("--passes", action="store_true",
+                    help="CUDA: after the timed steps, --steps more rounds that time each flat pass between two "
+                         "waits for the device (on the CPU every timed step is taken apart anyway)")
     args = ap.parse_args(argv)
+    if args.passes and not args.device.startswith("cuda"):
+        ap.error(f"--passes is for --device cuda (got --device {args.device}): on the CPU the passes of every "
+                 "timed step are recorded anyway")
 
     allocator = {"keep_freed_memory": False,
                  "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
@@ -453,6 +463,13 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 samples[name].append(dt)
+    if args.passes:  # rounds of their own: a synchronised pass would slow the timed step
+        passes = PassTimes(True, sync=True)
+        for _ in range(args.steps):
+            time_backward_cases(cases, {}, True, sync, passes)
+            for name, opt in opts.items():
+                getattr(getattr(opt, "moments", None), "refill", lambda: None)()
+                passes.step(name, opt, True)
     med, best, ratios, ratios_of_min, per_round, targets, met = summarise(samples, {} if args.host else TARGETS)
     result = {
         "params": n, "tensors": len(params), "steps": args.steps, "warmup": args.warmup,
@@ -462,7 +479,7 @@ def main(argv=None):
         "median_s": med, "min_s": best, "samples_s": samples, "ratios": ratios, "ratios_of_min": ratios_of_min,
         "ratios_per_round": per_round,
         "targets": targets, "target_met": met, "skipped": skipped, "allocator": allocator,
-        "cpu": cpu_info(), "passes": passes.summary(med, n),
+        "cpu": cpu_info(), "passes": passes.summary(med, n), "passes_synchronised": passes.sync,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ def test_optim_step_small(tmp_path):
             "backward placed", "backward gathered"} <= set(res["median_s"])
     assert all(v > 0 for v in res["median_s"].values())
     assert (tmp_path / "optim_step.png").stat().st_size > 1000
+    assert res["passes_synchronised"] is False  # the CPU's timed steps themselves are taken apart
     # where each step's time goes: every flat pass over every element, the arrays it touches
     passes, n = res["passes"], res["params"]
     # a telemetry record adds its noise sums to the r_raw pass and one pass for the clamped
@@ -159,6 +160,12 @@ def test_pretrain_route_stops_a_launch_that_runs_over_its_timeout(tmp_path):
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the stopped launch are still running: {left}"
+
+
+def test_optim_step_passes_flag_is_for_cuda(tmp_path):
+    proc = run_module("benchmarks.optim_step", "--passes", "--out", tmp_path, timeout=120, check=False)
+    assert proc.returncode != 0 and "--passes is for --device cuda (got --device cpu)" in proc.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_reuse_step_small(tmp_path):

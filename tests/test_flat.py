@@ -76,21 +76,24 @@ def test_run_pass_updates_segments_only_and_sums_them(compile):
 
 def test_record_passes_logs_each_kernel_with_its_elements_and_arrays():
     segs, total = random_segments(random.Random(5), count=12, numel=(1, 60))
-    plan = FlatPlan(segs, "cpu", row=8)
-    a, b = torch.randn(total), torch.randn(total)
+    plan = FlatPlan(segs, DEVICE, row=8)
+    a, b = torch.randn(total, device=DEVICE), torch.randn(total, device=DEVICE)
     spec = Spec(("ok", "k"), ("add",))
-    table = segment_table(spec, {"k": [1.0] * len(segs)}, len(segs), "cpu")
+    table = segment_table(spec, {"k": [1.0] * len(segs)}, len(segs), DEVICE)
 
     def run():
         run_pass(double_and_sum, spec, plan, {"a": a, "b": b}, writes=("a",), table=table,
-                 c=constants(spec, {"add": 0.5}, "cpu"), compile=False, n_terms=2)
+                 c=constants(spec, {"add": 0.5}, DEVICE), compile=False, n_terms=2)
 
     run()  # nothing is recorded outside the block
     with flat.record_passes() as outer:
         run()
-        with flat.record_passes() as inner:
+        # a synchronised block (waits for the device around each pass, where there is CUDA)
+        # inside a plain one: each ends as it began
+        with flat.record_passes(sync=True) as inner:
             run()
-        assert flat.recording()
+            assert flat._SYNC == torch.cuda.is_available()
+        assert flat.recording() and not flat._SYNC
     assert not flat.recording()
     for log in (outer, inner):
         assert [e["kind"] for e in log] == ["block"] * len(plan.blocks) + ["edge"]

@@ -239,28 +239,39 @@ _REGION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
 _LOG: list[dict] | None = None  # set by record_passes()
+_SYNC = False  # record_passes(sync=True) on a machine with CUDA
 
 
 @contextmanager
-def record_passes():
+def record_passes(sync: bool = False):
     """Within the block, every flat pass and every gather into a flat buffer appends a dict to
     the yielded list: ``kind`` ("block", "edge" or "gather"), ``fn`` (the pass function or the
     gathered buffer's name), ``flags``, ``elements``, ``reads`` and ``writes`` (arrays of that
     many elements read, and written), ``arrays`` (distinct arrays: one read and written back in
     place counts once) and ``seconds`` (host clock). What ``benchmarks.optim_step`` reports as
-    time per array. On CUDA a pass returns before its kernels ran, so the times only mean
-    something on the CPU."""
-    global _LOG
-    outer, _LOG = _LOG, []
+    time per array. On CUDA a pass returns before its kernels ran: there the times mean
+    something only with ``sync`` True, which waits for the device before each pass starts and
+    ends (so a step recorded that way loses its overlap of host and device work)."""
+    global _LOG, _SYNC
+    outer, _LOG = (_LOG, _SYNC), []
+    _SYNC = sync and torch.cuda.is_available()
     try:
         yield _LOG
     finally:
-        _LOG = outer
+        _LOG, _SYNC = outer
 
 
 def recording() -> bool:
     """Whether a :func:`record_passes` block is active."""
     return _LOG is not None
+
+
+def pass_clock() -> float:
+    """The host clock for a recorded pass; under ``record_passes(sync=True)`` read once the
+    device has finished its queued work."""
+    if _SYNC:
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def log_pass(kind: str, fn: str, flags: tuple, elements: int, reads: int, writes: int, arrays: int,
@@ -273,7 +284,7 @@ def log_pass(kind: str, fn: str, flags: tuple, elements: int, reads: int, writes
 def _log_kernel(kind: str, fn: Callable, spec: Spec, elements: int, flat: dict, writes: tuple, outs: dict,
                 t0: float) -> None:
     log_pass(kind, fn.__name__, spec.flags, elements, len(flat), len(writes) + len(outs), len(flat) + len(outs),
-             time.perf_counter() - t0)
+             pass_clock() - t0)
 
 
 def _recompile_limit() -> int:
@@ -336,7 +347,7 @@ def run_pass(fn: Callable, spec: Spec, plan: FlatPlan, flat: dict[str, Tensor], 
         x = {k: t.narrow(0, b.start, n).view(b.rows, plan.row) for k, t in flat.items()}
         o = {k: t.narrow(0, b.start, n).view(b.rows, plan.row) for k, t in outs.items()}
         args = (fn, spec, x, writes, o, table, b.row_seg, b.row_ok, c)
-        t0 = time.perf_counter() if log else 0.0
+        t0 = pass_clock() if log else 0.0
         sums = _run(_block_kernel, _eager_block, compile, device.type, args,
                     [*x.values(), *o.values(), table, b.row_seg, b.row_ok])
         if log:
@@ -345,7 +356,7 @@ def run_pass(fn: Callable, spec: Spec, plan: FlatPlan, flat: dict[str, Tensor], 
             b.sums.add_to(total, sums)
     if plan.edge_idx.numel():
         args = (fn, spec, flat, writes, outs, table, plan.edge_idx, plan.edge_seg, c)
-        t0 = time.perf_counter() if log else 0.0
+        t0 = pass_clock() if log else 0.0
         terms = _run(_edge_kernel, _edge_kernel, compile, device.type, args,
                      [*flat.values(), *outs.values(), table, plan.edge_idx, plan.edge_seg])
         if log:

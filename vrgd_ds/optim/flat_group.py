@@ -26,14 +26,13 @@ it, so ``state_dict`` keeps its per-parameter keys; a state tensor that is not t
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .flat import (FlatPlan, Spec, constants, log_pass, recording, run_on_segments, run_pass,
+from .flat import (FlatPlan, Spec, constants, log_pass, pass_clock, recording, run_on_segments, run_pass,
                    segment_table)
 from .layout import Segment
 
@@ -124,7 +123,7 @@ class FlatBucket:
             if flat is not None:
                 return flat
         buf = self.buffer(name, dtype)
-        t0 = time.perf_counter() if recording() else 0.0
+        t0 = pass_clock() if recording() else 0.0
         ptr = buf.untyped_storage().data_ptr()
         mine = [t.untyped_storage().data_ptr() == ptr for t in tensors]  # already in buf (placed by a moment source)
         if len(js) == len(self.params) and not any(mine) and all(t.dtype == dtype for t in tensors):
@@ -136,7 +135,7 @@ class FlatBucket:
         self.copied[name] = not any(mine)
         if recording():
             log_pass("gather", name, (), sum(t.numel() for t, m in zip(tensors, mine) if not m), 1, 1, 2,
-                     time.perf_counter() - t0)
+                     pass_clock() - t0)
         return buf
 
     def views(self, flat: Tensor, js: Iterable[int]) -> list[Tensor]:
