@@ -1,7 +1,9 @@
 """DeepSpeed routes on one CUDA device (NCCL, 1 rank, 4 micro-batches), against the
 float64 reference: parameters for fp32 routes, the per-layer GSNR for bf16 / fp16 (real
 loss scaler) / bf16 autocast routes, computed from group gradients made with the same
-CUDA kernels and the route's own rounding of the mean gradient.
+CUDA kernels and the route's own rounding of the mean gradient; the gradient noise scale
+(ALGORITHM.md section 7, model and per layer) of our LAMB measured at stages 0-2 (the
+``vrgd_noise_scale`` key) and of VRLAMB's telemetry, against the same groups' float64 values.
 
     python -m benchmarks.gpu_check --out results/gpu
 
@@ -16,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "ds_scripts")]
 
 
 def cases():
-    from test_deepspeed_zero import AUTOCAST, BF16, FP16, Case
+    from test_deepspeed_zero import AUTOCAST, BF16, FP16, GNS_FIRST, Case
 
     parity = {f"{o}-s{s}-a4": Case(o, s, 4, world=1) for o, s in (
         ("VRLAMB", 2), ("VRLAMB", 1), ("VRLAMB", 0), ("NVLAMB", 2), ("VRSGD", 2))}
@@ -37,17 +40,35 @@ def cases():
                                                  extra=extra, steps=1)
             for s, route, extra in ((2, "fp32", {}), (2, "bf16", BF16), (1, "bf16", BF16), (2, "fp16", FP16),
                                     (2, "autocast", AUTOCAST), (0, "autocast", AUTOCAST))}
-    return parity, gsnr
+    # measure-only noise scale of a non-VR optimizer, measured on the first step
+    noise = {f"NVLAMB-s{s}-a4-noise": Case("NVLAMB", s, 4, world=1, extra=GNS_FIRST) for s in (2, 1, 0)}
+    return parity, gsnr, noise
+
+
+def noise_rel_err(rec: dict, groups: list, b: int, names: list[str]) -> float:
+    """Largest relative error of the noise record (model and per layer) against section 7 on
+    the explicit group gradients; inf where one side has a value and the other none."""
+    from test_deepspeed_zero import exact_noise
+
+    model, layers = exact_noise(groups, b)
+    worst = 0.0
+    for got, want in [(rec, model), *((rec["layers"][n], w) for n, w in zip(names, layers))]:
+        for key, v in want.items():
+            if (v is None) != (got[key] is None):
+                return float("inf")
+            if v is not None:
+                worst = max(worst, abs(got[key] / v - 1))
+    return worst
 
 
 def run(out: Path, device: str) -> dict:
     from reference import max_rel_err
-    from test_deepspeed_zero import GSNR_ROUTES, expected_gsnr_means, reference
+    from test_deepspeed_zero import GSNR_ROUTES, expected_gsnr_means, make_model, reference
 
-    parity, gsnr = cases()
+    parity, gsnr, noise = cases()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    specs = [c.worker_case(n, work) for n, c in {**parity, **gsnr}.items()]
+    specs = [c.worker_case(n, work) for n, c in {**parity, **gsnr, **noise}.items()]
     (work / "cases.json").write_text(json.dumps(specs))
     env = dict(os.environ, DS_ACCELERATOR=device, PYTHONPATH=os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -78,6 +99,19 @@ def run(out: Path, device: str) -> dict:
         rel = {n: r["telemetry"]["layers"][n]["gsnr_mean"] / v - 1 for n, v in expected.items()}
         worst = max(abs(x) for x in rel.values())
         report[name] = {"gsnr_rel_err": rel, "bound": 2e-5, "ok": worst < 2e-5}
+        if name == "VRLAMB-s2-a4-fp32-gsnr":
+            noise[name + "-noise"] = case  # the noise scale in the same record
+    names = [n for n, _ in make_model().named_parameters()]
+    for name, case in noise.items():
+        r = res[name.removesuffix("-noise")] if name.endswith("gsnr-noise") else res[name]
+        if "error" in r:
+            report[name] = {"error": r["error"], "ok": False}
+            continue
+        history = []  # the first step's group gradients, made with the engine's device kernels
+        reference(replace(case, steps=1), history=history, device=device)
+        err = noise_rel_err(r["telemetry"], history[0], b=48 // case.gas, names=names)
+        report[name] = {"noise_rel_err": err, "b_simple": r["telemetry"]["b_simple"], "bound": 2e-5,
+                        "ok": err < 2e-5}
     return report
 
 
@@ -101,7 +135,7 @@ def main(argv=None) -> int:
         print(f"gpu_check: the DeepSpeed launch failed (see {out / 'deepspeed_gpu.log'})")
         return 1
     for name, r in report["cases"].items():
-        worst = r.get("max_rel_err", max(map(abs, r.get("gsnr_rel_err", {0: 0}).values())))
+        worst = r.get("max_rel_err", r.get("noise_rel_err", max(map(abs, r.get("gsnr_rel_err", {0: 0}).values()))))
         print(f"{name:<34} {'ok  ' if r['ok'] else 'FAIL'} {r.get('error', f'{worst:.2e}')}")
     return 0 if all(r["ok"] for r in report["cases"].values()) else 1
 
