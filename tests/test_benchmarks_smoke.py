@@ -121,6 +121,43 @@ def test_gpu_check_runs_only_the_named_parts(tmp_path):
     assert not (tmp_path / "optim_matrix_cpu.log").exists()
 
 
+def test_gpu_check_noise_cases_on_the_cpu(tmp_path):
+    """gpu_check.py's noise-scale cases (its CPU trial, 1 rank): each record against section 7
+    on the float64 groups. The full set of its cases runs on CUDA in gpu_check.sh."""
+    run_module("benchmarks.gpu_check", "--device", "cpu", "--only", "NVLAMB-s2-a4-noise", "--out", tmp_path,
+               timeout=600)
+    res = json.loads((tmp_path / "deepspeed_gpu.json").read_text())["cases"]
+    assert list(res) == ["NVLAMB-s2-a4-noise"]
+    r = res["NVLAMB-s2-a4-noise"]
+    assert r["ok"] and r["noise_rel_err"] < r["bound"] and r["b_simple"] > 0
+    proc = run_module("benchmarks.gpu_check", "--device", "cpu", "--only", "nothing", "--out", tmp_path,
+                      timeout=120, check=False)
+    assert proc.returncode != 0 and "--only 'nothing' matches no case" in proc.stderr
+
+
+def test_noise_rel_err_sees_a_wrong_record():
+    """The check can fail: a record off by a factor, or with a value where section 7 has none."""
+    import sys
+
+    from ds_helpers import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_check import noise_rel_err
+    from test_deepspeed_zero import exact_noise
+
+    gen = torch.Generator().manual_seed(0)
+    groups = [torch.randn(4, 3, 5, generator=gen, dtype=torch.float64) + 1.0,
+              torch.randn(4, 7, generator=gen, dtype=torch.float64)]
+    model, layers = exact_noise(groups, b=12)
+    rec = {**model, "layers": {"a": dict(layers[0]), "b": dict(layers[1])}}
+    assert noise_rel_err(rec, groups, 12, ["a", "b"]) == 0.0
+    rec["layers"]["b"]["trace_cov"] *= 1.001
+    assert noise_rel_err(rec, groups, 12, ["a", "b"]) == pytest.approx(1e-3)
+    assert noise_rel_err(rec, groups, 13, ["a", "b"]) > 0.07  # the wrong b
+    rec["layers"]["b"]["b_simple"] = None if layers[1]["b_simple"] is not None else 1.0
+    assert noise_rel_err(rec, groups, 12, ["a", "b"]) == float("inf")
+
+
 def test_pretrain_route_then_squad_on_two_cpu_ranks(tmp_path):
     """The user's whole route through the launch scripts, as gpu_check.sh runs it on CUDA: bf16
     ZeRO-2 phase 1 and phase 2 with the optimizer state carried, then SQuAD on phase 2's export."""
