@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 14 in one go, on one CUDA device (8 minutes on an H100 in session 16
-# without part 7, which took about 80 s in session 11: the correctness parts 1, 3 and 4 run
-# side by side, then the timed parts one after another, each alone on the machine):
+# Every GPU check of issue 14 in one go, on one CUDA device (8 minutes on an H100 in session 16:
+# the correctness parts 1, 3 and 4 run side by side, then the timed parts one after another,
+# each alone on the machine):
 #   1. the optimizer matrix (tests/test_optim_matrix.py, tests/test_flat.py) on CUDA, eagerly,
 #      and a compiled (Triton) subset
 #   2. optimizer step time, BERT-base shapes (110M), against torch fused AdamW; then (--passes)
@@ -16,7 +16,8 @@
 #   6. DeepSpeed's FusedLamb in the step timings (it builds a CUDA op, about a minute on an H100;
 #      FUSED_LAMB=0 leaves it out)
 #   7. what compiling (Triton) costs a fresh process: VRLAMB's first steps on BERT-base with an
-#      empty and a warm Inductor cache (benchmarks/first_step.py)
+#      empty and a warm Inductor cache (benchmarks/first_step.py); only with FIRST_STEP=1 or
+#      PARTS naming it (measured in session 11; about 80 s)
 # Each part has its own time limit (T_* variables, seconds) and log; a part that fails or
 # runs out of time does not stop the others. PARTS (space-separated part names, as printed
 # after '==') runs only those parts, e.g. to split the checks over two calls of a lease.
@@ -99,6 +100,10 @@ part bert_large "${T_BERT:-120}" $PY -m benchmarks.bert_throughput --device cuda
     --micro-batch 64 --accum 2 --steps 5 --out "$OUT"
 part optim_step_large "${T_LARGE:-150}" $PY -m benchmarks.optim_step --device cuda --model large --steps 5 \
     --passes --out "$OUT/optim_step_large" "${fused[@]}"
-part first_step "${T_FIRST:-180}" $PY -m benchmarks.first_step --device cuda --out "$OUT/first_step"
+if [ "${FIRST_STEP:-0}" = 1 ] || [[ " ${PARTS:-} " == *" first_step "* ]]; then
+    part first_step "${T_FIRST:-180}" $PY -m benchmarks.first_step --device cuda --out "$OUT/first_step"
+else
+    echo "== first_step: left out (FIRST_STEP=1 or PARTS=first_step runs it, about 80 s on an H100)"
+fi
 [ ${#failed[@]} -eq 0 ] || { echo "FAILED or out of time: ${failed[*]}"; exit 1; }
 echo "all parts passed"
