@@ -24,6 +24,8 @@
 # Without CUDA it runs the CPU-capable part (1, on the CPU) and says what it skipped.
 #
 #   bash benchmarks/gpu_check.sh [OUT]        (OUT defaults to results/gpu)
+#
+# On a lent machine without DeepSpeed, carry the wheels benchmarks/gpu_wheels.sh makes.
 set -u
 OUT=${1:-results/gpu}
 PY=${PYTHON:-python3}
