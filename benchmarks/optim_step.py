@@ -333,6 +333,11 @@ def time_backward_cases(cases, samples, timed, sync, passes: PassTimes | None = 
                 samples.setdefault(name + suffix, []).append(t2 - t1)
 
 
+def refill(opt) -> None:
+    """Put a partition row's squares back before its next step (:meth:`FixedMoments.refill`)."""
+    getattr(getattr(opt, "moments", None), "refill", lambda: None)()
+
+
 PAIRS = {"VRLAMB/AdamW fused": ("VRLAMB", "AdamW fused"), "VRAdamW/AdamW fused": ("VRAdamW", "AdamW fused"),
          "VRLAMB/LAMB": ("VRLAMB", "LAMB"), "LAMB/AdamW fused": ("LAMB", "AdamW fused"),
          "VRLAMB gathered/AdamW fused": ("VRLAMB gathered", "AdamW fused"),
@@ -455,7 +460,7 @@ def main(argv=None):
     for i in range(args.warmup + args.steps):
         time_backward_cases(cases, samples, i >= args.warmup, sync, passes)
         for name, opt in opts.items():
-            getattr(getattr(opt, "moments", None), "refill", lambda: None)()  # untimed
+            refill(opt)  # untimed
             sync()
             t0 = time.perf_counter()
             passes.step(name, opt, i >= args.warmup)
@@ -468,7 +473,7 @@ def main(argv=None):
         for _ in range(args.steps):
             time_backward_cases(cases, {}, True, sync, passes)
             for name, opt in opts.items():
-                getattr(getattr(opt, "moments", None), "refill", lambda: None)()
+                refill(opt)
                 passes.step(name, opt, True)
     med, best, ratios, ratios_of_min, per_round, targets, met = summarise(samples, {} if args.host else TARGETS)
     result = {
