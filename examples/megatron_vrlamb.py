@@ -10,6 +10,14 @@ The one vrgd_ds line is ``get_megatron_optimizer(VROptimizerConfig(...), [model]
 of Megatron's ``get_megatron_optimizer(OptimizerConfig(...), [model])``. k = data-parallel
 ranks x micro-batches gradient groups per step (keep k >= 4).
 
+Checkpointing: ``--save DIR`` writes the optimizer (with the model's fp32 weights), the
+iteration and the scheduler to ``DIR/optimizer.pt`` at the end (or at ``--stop-after N``)
+through ``vrgd_ds.megatron.save_optimizer``; ``--resume DIR`` continues from it, with the
+same data, as if the run had not stopped:
+
+    torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --stop-after 20 --save ckpt
+    torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --resume ckpt
+
 Runs on GPUs with NCCL. (megatron-core 0.16 itself assumes CUDA; the test suite runs this
 script on 2 CPU ranks through tests/megatron_example_cpu.py, which redirects that.)
 """
@@ -35,7 +43,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument("--bf16", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after step N of --steps (the schedule still spans --steps)")
+    p.add_argument("--save", metavar="DIR", help="save optimizer, iteration and scheduler to DIR/optimizer.pt")
+    p.add_argument("--resume", metavar="DIR", help="continue from DIR/optimizer.pt")
+    args = p.parse_args(argv)
+    if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
+        p.error(f"--stop-after must be between 1 and --steps ({args.steps}), got {args.stop_after}")
+    return args
 
 
 class MLP(torch.nn.Sequential):
@@ -113,11 +128,23 @@ def main(argv=None) -> list[float]:
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     parallel_state.initialize_model_parallel(1, 1)
+    from vrgd_ds.megatron import load_optimizer, save_optimizer
+
     model, optimizer, scheduler = build(args, device)
     data = batches(dist.get_rank(), args.micro_batch_size, device, torch.bfloat16 if args.bf16 else torch.float32)
+    start = 0
+    if args.resume:
+        saved = load_optimizer(optimizer, model, os.path.join(args.resume, "optimizer.pt"))
+        start = saved["iteration"]
+        scheduler.load_state_dict(saved["scheduler"])
+        for _ in range(start * args.micro_batches):  # the micro-batches the saved steps used
+            next(data)
+        if dist.get_rank() == 0:
+            print(f"resumed from {args.resume} at step {start}", flush=True)
+    stop = args.steps if args.stop_after is None else args.stop_after
     forward_backward = get_forward_backward_func()
     losses = []
-    for step in range(args.steps):
+    for step in range(start, stop):
         model.zero_grad_buffer()
         optimizer.zero_grad()
         stats = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
@@ -128,10 +155,13 @@ def main(argv=None) -> list[float]:
         loss = torch.stack([s["loss"] for s in stats]).mean()
         dist.all_reduce(loss)
         losses.append(loss.item() / dist.get_world_size())
-        if dist.get_rank() == 0 and (step % 10 == 0 or step == args.steps - 1):
-            print(f"step {step:4d}  loss {losses[-1]:.4f}  grad norm {grad_norm:.3f}  applied {ok}", flush=True)
-    if dist.get_rank() == 0:
-        print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps "
+        if dist.get_rank() == 0 and (step % 10 == 0 or step == stop - 1):
+            print(f"step {step:4d}  loss {losses[-1]:.6f}  grad norm {grad_norm:.3f}  applied {ok}", flush=True)
+    if args.save:
+        save_optimizer(optimizer, model, os.path.join(args.save, "optimizer.pt"),
+                       user_state={"iteration": stop, "scheduler": scheduler.state_dict()})
+    if dist.get_rank() == 0 and losses:
+        print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps "
               f"(k = {dist.get_world_size()} ranks x {args.micro_batches} micro-batches)", flush=True)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

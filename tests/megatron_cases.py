@@ -233,6 +233,125 @@ def float64_reference(name, groups, clip, gamma=None):
     return ref.theta
 
 
+RESUME_CASES = ("vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-bf16", "vrlamb-do0-ov1-a2-bf16",
+                "vrlamb-do1-ov1-a2-fp16", "lars-do1-ov1-a2")
+
+
+def _params(ddp):
+    return [p.detach().float().clone() for p in ddp.module.parameters()]
+
+
+def _dtype(extra):
+    return torch.bfloat16 if extra.get("bf16") else torch.float16 if extra.get("fp16") else torch.float32
+
+
+def run_resume(rank, out_dir):
+    """Per case: 3 steps, save_optimizer, 2 more steps ("a"); then a new model and optimizer,
+    its weights moved off (+1), load_optimizer, the same 2 steps ("b"): a == b bitwise.
+    "cross": the distributed optimizer's file loaded without the distributed optimizer."""
+    from vrgd_ds.megatron import load_optimizer, save_optimizer
+
+    out, first, rest = {}, [(s, 1.0) for s in range(3)], [(3, 1.0), (4, 1.0)]
+    for cid in RESUME_CASES:
+        case = CASES[cid]
+        dtype, path = _dtype(case.extra), Path(out_dir) / f"{cid}.optimizer.pt"
+        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, schedule=first)
+        save_optimizer(opt, ddp, path)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, schedule=rest)
+        a = _params(ddp)
+        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra)
+        with torch.no_grad():
+            for p in ddp.module.parameters():
+                p.add_(1.0)
+        load_optimizer(opt, ddp, path)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, schedule=rest)
+        out[cid] = {"a": a, "b": _params(ddp)}
+    case = CASES["vrlamb-do0-ov1-a2"]
+    ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra)
+    load_optimizer(opt, ddp, Path(out_dir) / "vrlamb-do1-ov1-a2.optimizer.pt")
+    train(rank, ddp, opt, scheduler, case.accum, schedule=rest)
+    out["cross"] = _params(ddp)
+    out["files"] = sorted(f.name for f in Path(out_dir).iterdir() if "optimizer" in f.name)
+    return out
+
+
+def run_checkpoint_refusals(rank, out_dir):
+    """Bad checkpoints and a failed save: every rank raises, naming what is wrong."""
+    from vrgd_ds.megatron import load_optimizer, save_optimizer
+
+    def error(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the message is what is tested
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    good = Path(out_dir) / "vrlamb-do1-ov1-a2.optimizer.pt"
+    ddp, opt, _ = build("lamb", True, True, 0.0, {})
+    lamb_file = Path(out_dir) / "lamb.optimizer.pt"
+    save_optimizer(opt, ddp, lamb_file)
+    other = Path(out_dir) / "other.pt"
+    if rank == 0:
+        torch.save({"weights": {}}, other)
+    dist.barrier()
+    wide = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 4))
+    blocker = Path(out_dir) / "a-file"
+    blocker.touch()
+    out = {}
+    ddp, opt, _ = build("vrlamb", True, True, 0.0, {})
+    out["optimizer"] = error(lambda: load_optimizer(opt, ddp, lamb_file))
+    out["format"] = error(lambda: load_optimizer(opt, ddp, other))
+    out["one rank"] = error(lambda: load_optimizer(opt, ddp, good if rank == 0 else Path(out_dir) / "missing.pt"))
+    out["save"] = error(lambda: save_optimizer(opt, ddp, blocker / "optimizer.pt"))
+    kept = Path(out_dir) / "kept.optimizer.pt"
+    if rank == 0:
+        kept.write_bytes(good.read_bytes())
+    dist.barrier()
+    out["user state"] = error(lambda: save_optimizer(opt, ddp, kept, user_state={"loader": object()}))
+    out["kept intact"] = kept.read_bytes() == good.read_bytes()
+    ddp, opt, _ = build("vrlamb", True, True, 0.0, {}, model=wide)
+    out["shape"] = error(lambda: load_optimizer(opt, ddp, good))
+    return out
+
+
+def one_rank_worker(rank, init_file, out_dir):
+    """1 rank: load the 2-rank distributed optimizer's file, report what each main tensor and
+    its state hold, then train the 2 remaining steps with 4 micro-batches."""
+    from megatron_cpu import redirect_cuda_to_cpu
+
+    redirect_cuda_to_cpu()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=120))
+    started(out_dir, rank)
+    from megatron.core import parallel_state
+
+    from vrgd_ds.megatron import load_optimizer, seam
+
+    parallel_state.initialize_model_parallel(1, 1)
+
+    def compute():
+        ddp, opt, scheduler = build("vrlamb", True, True, 0.0, {})
+        load_optimizer(opt, ddp, Path(out_dir).parent / "vrlamb-do1-ov1-a2.optimizer.pt")
+        inner = seam.inner_optimizers(opt)[0]
+        names = {id(p): n for n, p in ddp.module.named_parameters()}
+        loaded = {}
+        for group in seam.main_params(inner):
+            for m in group:
+                state = inner.optimizer.state[m.tensor]
+                loaded[names[id(m.model_param)]] = {
+                    "fp32": m.tensor.detach().clone().view(m.model_param.shape),
+                    **{k: v.detach().clone().view(m.model_param.shape) for k, v in state.items()
+                       if torch.is_tensor(v) and v.dim() > 0}}
+        train(rank, ddp, opt, scheduler, 4, schedule=[(3, 1.0), (4, 1.0)])
+        return {"loaded": loaded, "params": _params(ddp)}
+
+    save_results(out_dir, rank, compute)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def run_refusals(rank):
     """Each unsupported setting, set on a real config, must be refused with its message."""
     from megatron_refusals import REFUSALS, try_refusal
@@ -258,6 +377,8 @@ def worker(rank, init_file, out_dir):
         results["fp16-moments"] = capture_moments(rank, torch.float16)
         results["fp16-overflow"] = run_fp16_overflow(rank)
         results["refusals"] = run_refusals(rank)
+        results["resume"] = run_resume(rank, out_dir)
+        results["checkpoint refusals"] = run_checkpoint_refusals(rank, out_dir)
         return results
 
     save_results(out_dir, rank, compute)

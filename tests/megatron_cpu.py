@@ -6,12 +6,13 @@ megatron-core assumes a CUDA device in a few places on the DDP / optimizer path:
 - tensors created with ``device="cuda"`` (found-inf flag, unit loss scale, grad-norm and
   clipping scratch tensors);
 - ``Tensor.type()`` compared with ``"torch.cuda.FloatTensor"`` (and the Half/BFloat16
-  names) to sort parameters by dtype in the (distributed) optimizer and in clipping.
+  names) to sort parameters by dtype in the (distributed) optimizer and in clipping;
+- ``Tensor.cuda(torch.cuda.current_device())`` in the loss scaler's ``load_state_dict``.
 
 :func:`redirect_cuda_to_cpu` patches exactly these in the calling process: the device
 becomes "cpu", ``device="cuda"`` becomes ``device="cpu"`` in ``torch.tensor`` and
-``torch.zeros``, and ``Tensor.type()`` without arguments names a CPU tensor as its CUDA
-twin. Nothing of Megatron or torch.distributed is mocked; vrgd_ds itself never needs this.
+``torch.zeros``, ``Tensor.type()`` without arguments names a CPU tensor as its CUDA
+twin, and ``Tensor.cuda("cpu")`` (the redirected current device) stays on the CPU. Nothing of Megatron or torch.distributed is mocked; vrgd_ds itself never needs this.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def _cuda_type_name(original):
     return type_
 
 
+def _cuda_to_cpu(original):
+    @functools.wraps(original)
+    def cuda(self, device=None, *args, **kwargs):
+        if device == "cpu":  # torch.cuda.current_device() above
+            return self.to("cpu")
+        return original(self, device, *args, **kwargs)
+    return cuda
+
+
 def redirect_cuda_to_cpu() -> None:
     """Patch this process so megatron-core's DDP and optimizers run on CPU (idempotent)."""
     global _done
@@ -55,4 +65,5 @@ def redirect_cuda_to_cpu() -> None:
     torch.tensor = _redirect_factory(torch.tensor)
     torch.zeros = _redirect_factory(torch.zeros)
     torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
+    torch.Tensor.cuda = _cuda_to_cpu(torch.Tensor.cuda)
     _done = True

@@ -29,7 +29,7 @@ REFUSALS = {
     "tensor_model_parallel_size": ("tp2", None, None, "tensor_model_parallel_size=2"),
     "expert_parallel_buffers": ("expert", None, None, "expert-parallel gradient buffers=1"),
     "model_chunks": ("chunks", None, None, "one model chunk, got 2"),
-    "checkpoint": ("checkpoint", None, None, "checkpointing the optimizer state"),
+    "checkpoint": ("checkpoint", None, None, "use vrgd_ds.megatron.save_optimizer"),
 }
 
 

@@ -25,10 +25,15 @@ from tiny_problem import batch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def megatron_results(tmp_path_factory):
+def megatron_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("megatron")
+
+
+@pytest.fixture(scope="module")
+def megatron_results(megatron_dir):
     from megatron_cases import worker
 
-    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("megatron"))
+    return spawn_ranks(worker, WORLD, megatron_dir)
 
 
 FP32 = [cid for cid, case in CASES.items() if not (case.low_precision or "gamma1" in cid)]
@@ -113,6 +118,59 @@ def test_unsupported_settings_refused(megatron_results, cid):
         assert words in msg, msg
         if REFUSALS[cid][1] is not None:
             assert REFUSALS[cid][1] in msg, msg
+
+
+@pytest.mark.parametrize("cid", ["vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-bf16",
+                                 "vrlamb-do0-ov1-a2-bf16", "vrlamb-do1-ov1-a2-fp16", "lars-do1-ov1-a2"])
+def test_save_and_load_optimizer_resume_bitwise(megatron_results, cid):
+    """3 steps, save_optimizer, 2 steps; against: a new run (weights moved off), load_optimizer,
+    the same 2 steps. Equal bit for bit on both ranks: no state key, scalar or weight is lost."""
+    for r in megatron_results:
+        got = r["resume"][cid]
+        torch.testing.assert_close(got["b"], got["a"], rtol=0, atol=0)
+
+
+def test_optimizer_checkpoint_is_layout_free(megatron_results):
+    """The distributed optimizer's file (shards gathered into whole tensors) continues without
+    the distributed optimizer: the same run up to the reduction order."""
+    for r in megatron_results:
+        assert max_rel_err(r["resume"]["cross"], r["resume"]["vrlamb-do1-ov1-a2"]["a"]) < 2e-5
+        assert not [f for f in r["resume"]["files"] if f.startswith(".")]  # no temporary file left
+
+
+def test_optimizer_checkpoint_loads_at_another_world_size(megatron_results, megatron_dir):
+    """The 2-rank distributed optimizer's file into 1 rank with 4 micro-batches (the same k = 4
+    gradient groups): every main weight and state tensor is the file's, and the next 2 steps
+    are the 2-rank run's up to the reduction order."""
+    from megatron_cases import one_rank_worker
+
+    out = megatron_dir / "one-rank"
+    out.mkdir()
+    (got,) = spawn_ranks(one_rank_worker, 1, out)
+    saved = torch.load(megatron_dir / "vrlamb-do1-ov1-a2.optimizer.pt", weights_only=True)
+    for name, tensors in got["loaded"].items():
+        torch.testing.assert_close(tensors.pop("fp32"), saved["weights"][name], rtol=0, atol=0)
+        assert set(tensors) == {k for k, v in saved["state"][name].items() if torch.is_tensor(v) and v.dim() > 0}
+        for key, t in tensors.items():
+            torch.testing.assert_close(t, saved["state"][name][key], rtol=0, atol=0)
+    assert len(got["loaded"]) == 6
+    assert max_rel_err(got["params"], megatron_results[0]["resume"]["vrlamb-do1-ov1-a2"]["a"]) < 2e-5
+
+
+def test_bad_optimizer_checkpoints_refused_on_every_rank(megatron_results):
+    expected = {
+        "optimizer": "holds the state of LAMB, this run's optimizer is VRLAMB",
+        "format": "is not a vrgd-ds Megatron optimizer checkpoint",
+        "one rank": "rank 1 of the data-parallel group failed: FileNotFoundError",
+        "save": "rank 0 of the data-parallel group failed",
+        "shape": "parameter '4.weight' has shape (3, 16) there, (4, 16) in this model",
+        "user state": "user_state must be a dict of numbers",
+    }
+    for r in megatron_results:
+        got = r["checkpoint refusals"]
+        assert got["kept intact"] is True  # the refused save left the file it would replace alone
+        for key, words in expected.items():
+            assert got[key] is not None and words in got[key], (key, got[key])
 
 
 def test_version_and_internals_checks():

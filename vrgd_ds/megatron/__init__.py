@@ -8,7 +8,8 @@
 
 Everything else in the training loop stays Megatron's (``zero_grad_buffer``, the
 forward/backward schedule with ``no_sync``, ``finish_grad_sync``, ``optimizer.step()``,
-``OptimizerParamScheduler``). :mod:`.optimizer` builds the optimizer and states how layer
+``OptimizerParamScheduler``); :func:`save_optimizer` / :func:`load_optimizer` checkpoint the
+optimizer (:mod:`.checkpoint`). :mod:`.optimizer` builds the optimizer and states how layer
 statistics stay exact across distributed-optimizer shards, :mod:`.squares` how the
 squared micro-batch gradients travel beside Megatron's gradient buckets, :mod:`.support`
 what is refused, :mod:`.seam` which Megatron internals are used (tested: megatron-core
@@ -20,7 +21,9 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("vrgd_ds.megatron needs megatron-core: pip install 'vrgd-ds[megatron]'") from e
 
+from .checkpoint import load_optimizer, save_optimizer
 from .optimizer import OPTIMIZERS, VROptimizerConfig, get_megatron_optimizer
 from .seam import TESTED as TESTED_MEGATRON_CORE
 
-__all__ = ["VROptimizerConfig", "get_megatron_optimizer", "OPTIMIZERS", "TESTED_MEGATRON_CORE"]
+__all__ = ["VROptimizerConfig", "get_megatron_optimizer", "save_optimizer", "load_optimizer", "OPTIMIZERS",
+           "TESTED_MEGATRON_CORE"]

@@ -31,8 +31,10 @@ Every rank issues every collective, in the same order and with the same sizes:
 - the backward-pass count check is one all-reduce at the first GSNR read of a step, which
   every rank reaches because the param groups (and their gamma) are the same everywhere.
 
-Checkpointing of the VR/LAMB/LARS state through Megatron's (distributed) optimizer is not
-implemented: ``state_dict``, ``sharded_state_dict`` and friends raise NotImplementedError.
+Megatron's own optimizer checkpoints know Adam's state keys only, so ``state_dict``,
+``sharded_state_dict`` and friends raise NotImplementedError naming
+:func:`vrgd_ds.megatron.save_optimizer` / :func:`~vrgd_ds.megatron.load_optimizer`
+(:mod:`.checkpoint`), which save and resume every key.
 """
 
 from __future__ import annotations
@@ -173,9 +175,10 @@ def _install(config, ddp, inner) -> None:
 def _refuse_checkpointing(obj) -> None:
     def refuse(*_args, **_kwargs):
         raise NotImplementedError(
-            "vrgd_ds.megatron: checkpointing the optimizer state through Megatron's optimizer "
-            "wrappers is not implemented for the vrgd_ds optimizers; the model parameters can be "
-            "saved as usual")
+            "vrgd_ds.megatron: Megatron's optimizer checkpoints (state_dict, sharded_state_dict, "
+            "save_parameter_state) know Adam's exp_avg/exp_avg_sq only and would lose the VR state; "
+            "use vrgd_ds.megatron.save_optimizer(optimizer, ddp_model, path) and "
+            "load_optimizer(optimizer, ddp_model, path)")
     for name in CHECKPOINT_METHODS:
         if hasattr(obj, name):
             setattr(obj, name, refuse)

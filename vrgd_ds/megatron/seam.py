@@ -9,7 +9,8 @@ Internals used (megatron-core 0.16):
 
 - ``DistributedDataParallel``: ``buffers``, ``expert_parallel_buffers``, ``bucket_groups``,
   ``ddp_config``, ``config`` (the TransformerConfig), ``tp_group``, ``pp_group``,
-  ``dp_group``, ``dp_cp_group``, and its method ``zero_grad_buffer``.
+  ``dp_group``, ``dp_cp_group``, ``module`` (the wrapped model, whose parameter names a
+  checkpoint uses), and its method ``zero_grad_buffer``.
 - ``_ParamAndGradBuffer``: ``params``, ``param_index_map`` (param -> (start, end,
   bucket id) in the buffer), ``numel``, ``grad_data``, ``buckets``.
 - ``_ParamAndGradBucket``: ``offset``, ``grad_data``, ``gradient_scaling_factor``.
@@ -19,7 +20,7 @@ Internals used (megatron-core 0.16):
   ``finish_grad_sync``, which this module wraps per instance.
 - ``ChainedOptimizer.chained_optimizers``; ``MegatronOptimizer.optimizer`` (the inner
   torch optimizer), ``is_stub_optimizer``, ``prepare_grads`` (wrapped per instance) and
-  ``get_loss_scale``.
+  ``get_loss_scale``, ``grad_scaler`` (None without fp16 loss scaling).
 - ``DistributedOptimizer``: ``model_float16_groups``, ``model_fp32_groups``,
   ``shard_fp32_from_float16_groups``, ``shard_fp32_groups``, ``data_parallel_group`` and
   ``_get_model_param_range_map(param)["param"]`` (the element range of a model parameter
@@ -42,7 +43,7 @@ SUPPORTED_MINOR = (0, 16)
 __doc__ = __doc__.replace("|TESTED|", TESTED)
 
 _DDP_ATTRS = ("buffers", "expert_parallel_buffers", "bucket_groups", "ddp_config", "config",
-              "tp_group", "pp_group", "dp_group", "dp_cp_group", "zero_grad_buffer")
+              "tp_group", "pp_group", "dp_group", "dp_cp_group", "module", "zero_grad_buffer")
 _BUFFER_ATTRS = ("params", "param_index_map", "numel", "grad_data", "buckets")
 _BUCKET_ATTRS = ("offset", "grad_data", "gradient_scaling_factor")
 _GROUP_ATTRS = ("buckets", "ddp_config", "start_grad_sync", "finish_grad_sync")
@@ -196,10 +197,11 @@ def parallel_sizes(ddp) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class MainParam:
-    """An inner-optimizer tensor and the model parameter elements [start, end) it holds."""
+    """An inner-optimizer tensor and the model parameter elements [start, end) it holds
+    (``model_param`` None: a zero-element placeholder of :mod:`vrgd_ds.megatron.optimizer`)."""
 
     tensor: Tensor
-    model_param: Tensor
+    model_param: Tensor | None
     start: int
     end: int
 
@@ -239,13 +241,30 @@ def main_params(inner) -> list[list[MainParam]]:
         row = []
         for t in group["params"]:
             model = model_of.get(id(t), t)  # fp32 parameters outside the distributed optimizer
-            if kind == "distributed":
+            if kind == "distributed" and id(t) not in model_of:  # a placeholder (vrgd_ds.megatron.optimizer)
+                row.append(MainParam(t, None, 0, 0))
+            elif kind == "distributed":
                 r = inner._get_model_param_range_map(model)["param"]
                 row.append(MainParam(t, model, r.start, r.end))
             else:
                 row.append(MainParam(t, model, 0, model.numel()))
         out.append(row)
     return out
+
+
+def module_of(ddp) -> torch.nn.Module:
+    """The model inside Megatron's DDP wrapper."""
+    return ddp.module
+
+
+def data_parallel_group(ddp):
+    """The data-parallel process group of a DDP chunk (the only parallelism supported)."""
+    return ddp.dp_group
+
+
+def grad_scaler(inner):
+    """The inner Megatron optimizer's loss scaler, or None."""
+    return getattr(inner, "grad_scaler", None)
 
 
 def shard_group(inner):
