@@ -18,6 +18,8 @@
 #   7. what compiling (Triton) costs a fresh process: VRLAMB's first steps on BERT-base with an
 #      empty and a warm Inductor cache (benchmarks/first_step.py); only with FIRST_STEP=1 or
 #      PARTS naming it (measured in session 11; about 80 s)
+#   8. (part megatron_cuda) the Megatron-core parity and optimizer save/resume on one device with
+#      NCCL (tests/test_megatron_gpu.py), where megatron-core is installed
 # Each part has its own time limit (T_* variables, seconds) and log; a part that fails or
 # runs out of time does not stop the others. PARTS (space-separated part names, as printed
 # after '==') runs only those parts, e.g. to split the checks over two calls of a lease.
@@ -79,6 +81,11 @@ side optim_matrix_cuda_compiled "${T_COMPILED:-120}" env VRGD_TEST_DEVICE=cuda $
 side deepspeed_routes "${T_DEEPSPEED:-180}" $PY -m benchmarks.gpu_check --out "$OUT"
 side pretrain_route "${T_PRETRAIN:-300}" $PY -m benchmarks.pretrain_route --precision bf16 --squad --out "$OUT"
 side pretrain_route_fp16 "${T_PRETRAIN:-300}" $PY -m benchmarks.pretrain_route --precision fp16 --out "$OUT"
+if $PY -c "import megatron.core" >/dev/null 2>&1; then
+    side megatron_cuda "${T_MEGATRON:-240}" $PY -m pytest -q -p no:cacheprovider -rs tests/test_megatron_gpu.py
+else
+    echo "== megatron_cuda: skipped, megatron-core is not installed (benchmarks/gpu_wheels.sh brings it)"
+fi
 wait
 for name in "${side_names[@]}"; do
     cat "$OUT/$name.summary"

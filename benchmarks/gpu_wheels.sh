@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The wheels a lent GPU machine needs for gpu_check.sh, into DIR (default .whl; ignore it in
+# The wheels a lent GPU machine needs for gpu_check.sh (megatron-core for its megatron part), into DIR (default .whl; ignore it in
 # git: echo /.whl/ >> .git/info/exclude). The machine's image has torch, transformers,
 # Triton and most of their needs, but not DeepSpeed, and it cannot reach a package registry,
 # so these travel with the call (carry [".whl"]). Run here, where pip reaches the registry:
@@ -19,7 +19,7 @@ PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$DIR"
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 pins=()
-for name in hjson pydantic pydantic_core annotated_types typing_inspection datasets dill multiprocess; do
+for name in hjson pydantic pydantic_core annotated_types typing_inspection datasets dill multiprocess megatron_core; do
     pins+=("$name==$(version "$name")")
 done
 platforms=()

@@ -238,42 +238,51 @@ RESUME_CASES = ("vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-bf1
 
 
 def _params(ddp):
-    return [p.detach().float().clone() for p in ddp.module.parameters()]
+    return [p.detach().float().cpu().clone() for p in ddp.module.parameters()]
 
 
 def _dtype(extra):
     return torch.bfloat16 if extra.get("bf16") else torch.float16 if extra.get("fp16") else torch.float32
 
 
-def run_resume(rank, out_dir):
+FIRST, REST = [(s, 1.0) for s in range(3)], [(3, 1.0), (4, 1.0)]
+
+
+def run_resume(rank, out_dir, cases: dict, device="cpu"):
     """Per case: 3 steps, save_optimizer, 2 more steps ("a"); then a new model and optimizer,
-    its weights moved off (+1), load_optimizer, the same 2 steps ("b"): a == b bitwise.
-    "cross": the distributed optimizer's file loaded without the distributed optimizer."""
+    its weights moved off (+1), load_optimizer, the same 2 steps ("b"): a == b bitwise."""
     from vrgd_ds.megatron import load_optimizer, save_optimizer
 
-    out, first, rest = {}, [(s, 1.0) for s in range(3)], [(3, 1.0), (4, 1.0)]
-    for cid in RESUME_CASES:
-        case = CASES[cid]
+    out = {}
+    for cid, case in cases.items():
         dtype, path = _dtype(case.extra), Path(out_dir) / f"{cid}.optimizer.pt"
-        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra)
-        train(rank, ddp, opt, scheduler, case.accum, dtype, schedule=first)
+        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
+                                    device=device)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=FIRST)
         save_optimizer(opt, ddp, path)
-        train(rank, ddp, opt, scheduler, case.accum, dtype, schedule=rest)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST)
         a = _params(ddp)
-        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra)
+        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
+                                    device=device)
         with torch.no_grad():
             for p in ddp.module.parameters():
                 p.add_(1.0)
         load_optimizer(opt, ddp, path)
-        train(rank, ddp, opt, scheduler, case.accum, dtype, schedule=rest)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST)
         out[cid] = {"a": a, "b": _params(ddp)}
+    return out
+
+
+def run_cross(rank, out_dir):
+    """The distributed optimizer's file (run_resume) loaded without the distributed optimizer."""
+    from vrgd_ds.megatron import load_optimizer
+
     case = CASES["vrlamb-do0-ov1-a2"]
     ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra)
     load_optimizer(opt, ddp, Path(out_dir) / "vrlamb-do1-ov1-a2.optimizer.pt")
-    train(rank, ddp, opt, scheduler, case.accum, schedule=rest)
-    out["cross"] = _params(ddp)
-    out["files"] = sorted(f.name for f in Path(out_dir).iterdir() if "optimizer" in f.name)
-    return out
+    train(rank, ddp, opt, scheduler, case.accum, schedule=REST)
+    return {"params": _params(ddp),
+            "files": sorted(f.name for f in Path(out_dir).iterdir() if "optimizer" in f.name)}
 
 
 def run_checkpoint_refusals(rank, out_dir):
@@ -344,7 +353,7 @@ def one_rank_worker(rank, init_file, out_dir):
                     "fp32": m.tensor.detach().clone().view(m.model_param.shape),
                     **{k: v.detach().clone().view(m.model_param.shape) for k, v in state.items()
                        if torch.is_tensor(v) and v.dim() > 0}}
-        train(rank, ddp, opt, scheduler, 4, schedule=[(3, 1.0), (4, 1.0)])
+        train(rank, ddp, opt, scheduler, 4, schedule=REST)
         return {"loaded": loaded, "params": _params(ddp)}
 
     save_results(out_dir, rank, compute)
@@ -377,7 +386,8 @@ def worker(rank, init_file, out_dir):
         results["fp16-moments"] = capture_moments(rank, torch.float16)
         results["fp16-overflow"] = run_fp16_overflow(rank)
         results["refusals"] = run_refusals(rank)
-        results["resume"] = run_resume(rank, out_dir)
+        results["resume"] = run_resume(rank, out_dir, {cid: CASES[cid] for cid in RESUME_CASES})
+        results["cross"] = run_cross(rank, out_dir)
         results["checkpoint refusals"] = run_checkpoint_refusals(rank, out_dir)
         return results
 

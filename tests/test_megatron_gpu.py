@@ -17,7 +17,7 @@ import torch.distributed as dist
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-from megatron_cases import MCase, float64_reference, run_case  # noqa: E402
+from megatron_cases import MCase, float64_reference, run_case, run_resume  # noqa: E402
 from reference import max_rel_err  # noqa: E402
 from spawn_ranks import spawn_ranks  # noqa: E402
 
@@ -39,6 +39,9 @@ GPU_CASES = {
 }
 
 
+RESUME_GPU = ("vrlamb-do1-ov1", "vrlamb-do0-ov1", "vrlamb-do1-ov1-bf16", "vrlamb-do1-ov1-fp16")
+
+
 def worker(rank, init_file, out_dir):
     from pathlib import Path
     import traceback
@@ -51,6 +54,7 @@ def worker(rank, init_file, out_dir):
     parallel_state.initialize_model_parallel(1, 1)
     try:
         results = {cid: run_case(0, case, device="cuda") for cid, case in GPU_CASES.items()}
+        results["resume"] = run_resume(0, out_dir, {cid: GPU_CASES[cid] for cid in RESUME_GPU}, device="cuda")
         results["device"] = torch.cuda.get_device_name(0)
     except Exception:
         torch.save({"error": traceback.format_exc()}, Path(out_dir) / "rank0.pt")
@@ -76,3 +80,11 @@ def test_gpu_matches_float64_reference(gpu_results, cid):
     assert err < (3e-2 if case.low_precision else 2e-5), f"{cid}: {err:.2e}"
     if case.optimizer.startswith("vr"):
         assert gpu_results[cid]["k"] == case.accum
+
+
+@pytest.mark.parametrize("cid", RESUME_GPU)
+def test_gpu_save_and_load_optimizer_resume_bitwise(gpu_results, cid):
+    """save_optimizer / load_optimizer on the device (NCCL, the real loss scaler's CUDA state):
+    the resumed run's 2 steps equal the uninterrupted run's, bit for bit."""
+    got = gpu_results["resume"][cid]
+    torch.testing.assert_close(got["b"], got["a"], rtol=0, atol=0)
