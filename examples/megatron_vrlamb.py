@@ -45,22 +45,27 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after step N of --steps (the schedule still spans --steps)")
-    p.add_argument("--save", metavar="DIR", help="save optimizer, iteration and scheduler to DIR/optimizer.pt")
+    p.add_argument("--hidden", type=int, default=HIDDEN, help="width of the hidden layer")
+    p.add_argument("--save", metavar="DIR", help="save optimizer, iteration and scheduler to DIR/optimizer.pt "
+                                                 "at the end (and every --save-every steps)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="with --save: also every N steps")
     p.add_argument("--resume", metavar="DIR", help="continue from DIR/optimizer.pt")
     args = p.parse_args(argv)
     if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
         p.error(f"--stop-after must be between 1 and --steps ({args.steps}), got {args.stop_after}")
+    if args.save_every < 0 or (args.save_every and not args.save):
+        p.error(f"--save-every needs --save and a positive N, got {args.save_every}")
     return args
 
 
 class MLP(torch.nn.Sequential):
     """A plain module with the two attributes Megatron's schedules ask for."""
 
-    def __init__(self):
+    def __init__(self, hidden=HIDDEN):
         from megatron.core.enums import ModelType
 
         torch.manual_seed(0)
-        super().__init__(torch.nn.Linear(IN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT))
+        super().__init__(torch.nn.Linear(IN, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, OUT))
         self.model_type = ModelType.encoder_or_decoder
 
     def set_input_tensor(self, tensor):  # pipeline stages hand activations over here; one stage: none
@@ -102,7 +107,7 @@ def build(args, device):
                                params_dtype=dtype)
     ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True, use_distributed_optimizer=distributed,
                                                grad_reduce_in_fp32=True, bucket_size=1000)
-    model = DistributedDataParallel(config, ddp_config, MLP().to(device, dtype))
+    model = DistributedDataParallel(config, ddp_config, MLP(args.hidden).to(device, dtype))
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     opt_config = VROptimizerConfig(optimizer=args.optimizer, lr=args.lr, min_lr=0.0, weight_decay=0.01,
@@ -157,9 +162,9 @@ def main(argv=None) -> list[float]:
         losses.append(loss.item() / dist.get_world_size())
         if dist.get_rank() == 0 and (step % 10 == 0 or step == stop - 1):
             print(f"step {step:4d}  loss {losses[-1]:.6f}  grad norm {grad_norm:.3f}  applied {ok}", flush=True)
-    if args.save:
-        save_optimizer(optimizer, model, os.path.join(args.save, "optimizer.pt"),
-                       user_state={"iteration": stop, "scheduler": scheduler.state_dict()})
+        if args.save and (step + 1 == stop or (args.save_every and (step + 1) % args.save_every == 0)):
+            save_optimizer(optimizer, model, os.path.join(args.save, "optimizer.pt"),
+                           user_state={"iteration": step + 1, "scheduler": scheduler.state_dict()})
     if dist.get_rank() == 0 and losses:
         print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps "
               f"(k = {dist.get_world_size()} ranks x {args.micro_batches} micro-batches)", flush=True)

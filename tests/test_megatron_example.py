@@ -1,12 +1,17 @@
 """examples/megatron_vrlamb.py trains on 2 CPU ranks, launched by torchrun as a user would."""
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 
 from ds_helpers import tail
 
@@ -15,12 +20,16 @@ pytest.importorskip("megatron.core")
 ROOT = Path(__file__).parents[1]
 
 
+ENV = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+
+
+def example_cmd(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            str(ROOT / "tests" / "megatron_example_cpu.py"), *map(str, args)]
+
+
 def run_example(*args):
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "megatron_example_cpu.py"), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    out = subprocess.run(example_cmd(*args), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert out.returncode == 0, tail(out)
     return out
 
@@ -49,3 +58,41 @@ def test_example_stops_saves_and_resumes_as_if_it_had_not_stopped(tmp_path):
     second = run_example("--steps", "12", "--optimizer", "vradam", "--resume", str(tmp_path))
     assert "resumed from" in second.stdout and "at step 5" in second.stdout
     assert last_step(second, 11) == last_step(whole, 11)
+
+
+def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path):
+    """A run saving every step is SIGKILLed (launcher and ranks) while a save is being written:
+    the checkpoint file is the previous complete one, --resume continues from it, its next save
+    removes the killed save's temporary file, and the resumed steps are the uninterrupted run's."""
+    ckpt = tmp_path / "ckpt"
+    run = ["--steps", 400, "--optimizer", "vrlamb", "--hidden", 65536, "--micro-batches", 2]
+    proc = subprocess.Popen(example_cmd(*run, "--save", ckpt, "--save-every", 1), env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writing = lambda: [f for f in ckpt.glob(".optimizer.pt.tmp.*")]  # noqa: E731
+    job = []  # torchrun and its ranks (each rank in a session of its own: one killpg is not enough)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if not job and (ckpt / "optimizer.pt").exists():
+                launcher = psutil.Process(proc.pid)
+                job = [launcher, *launcher.children(recursive=True)]
+            if job and writing():
+                for p in job:  # kill -9 of the whole job while a save is being written
+                    p.kill()
+                break
+            time.sleep(0.0005)
+    finally:
+        for p in job or [psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        proc.wait()
+        psutil.wait_procs(job, timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before a save could be caught midway"
+    assert writing(), "the kill did not land while a save was being written"
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)  # complete, or this raises
+    n = saved["user_state"]["iteration"]
+    resumed = run_example(*run, "--resume", ckpt, "--stop-after", n + 2, "--save", ckpt)
+    assert f"at step {n}" in resumed.stdout
+    assert not writing()
+    whole = run_example(*run, "--stop-after", n + 2)
+    assert last_step(resumed, n + 1) == last_step(whole, n + 1)

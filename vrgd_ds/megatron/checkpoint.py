@@ -26,12 +26,15 @@ parameters and optimizer state and the whole weights, in the model's dtype, into
 model parameters; the training then continues as if it had not stopped (tested bitwise
 on 2 ranks). Every rank reads the whole file (CPU memory: about 4 bytes per parameter per
 state key, plus the weights). The file is written to a temporary name, flushed, and
-renamed, so an existing checkpoint is only ever replaced by a complete one.
+renamed, so an existing checkpoint is only ever replaced by a complete one (a save killed
+midway leaves a temporary file, which the next save on that host removes).
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -146,9 +149,28 @@ def _storable(v) -> bool:
     return torch.is_tensor(v) or _plain(v)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _write(obj: dict, path: Path) -> None:
+    """``path`` replaced only by a complete file: a temporary name in the same folder, fsync,
+    rename, fsync of the folder. Temporary files of this name that a killed save of this
+    host left (their process is gone) are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    host = socket.gethostname()
+    prefix = f".{path.name}.tmp.{host}."
+    for old in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = old.name[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+    tmp = path.with_name(f"{prefix}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
