@@ -33,6 +33,7 @@ midway leaves a temporary file, which the next save on that host removes).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import socket
 from pathlib import Path
@@ -113,13 +114,11 @@ def _consolidate(all_pieces: list[dict], group_count: int) -> tuple[dict, dict, 
     for name, (parts, scalars, shape, gi) in merged.items():
         groups[gi].append(name)
         parts.sort(key=lambda p: p[0])
-        numel = 1
-        for d in shape:
-            numel *= d
-        at = 0
+        numel, at = math.prod(shape), 0
         for start, end, _ in parts:  # the shards must tile the parameter exactly once
             if start != at:
-                raise RuntimeError(f"vrgd_ds.megatron: the shards of {name} do not cover elements {at}..{start}")
+                raise RuntimeError(f"vrgd_ds.megatron: the shards of {name} overlap or leave a gap at element {at} "
+                                   f"(a shard starts at {start})")
             at = end
         if at != numel:
             raise RuntimeError(f"vrgd_ds.megatron: the shards of {name} cover {at} of its {numel} elements")
