@@ -11,9 +11,10 @@ of Megatron's ``get_megatron_optimizer(OptimizerConfig(...), [model])``. k = dat
 ranks x micro-batches gradient groups per step (keep k >= 4).
 
 Checkpointing: ``--save DIR`` writes the optimizer (with the model's fp32 weights), the
-iteration and the scheduler to ``DIR/optimizer.pt`` at the end (or at ``--stop-after N``)
-through ``vrgd_ds.megatron.save_optimizer``; ``--resume DIR`` continues from it, with the
-same data, as if the run had not stopped:
+iteration and the scheduler to ``DIR/optimizer.pt`` through
+``vrgd_ds.megatron.save_optimizer``, at the end (or at ``--stop-after N``) and every
+``--save-every`` steps; ``--resume DIR`` continues from it, with the same data, as if the
+run had not stopped (the same ``--steps`` and ``--micro-batches``; others are refused):
 
     torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --stop-after 20 --save ckpt
     torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --resume ckpt
@@ -140,6 +141,10 @@ def main(argv=None) -> list[float]:
     start = 0
     if args.resume:
         saved = load_optimizer(optimizer, model, os.path.join(args.resume, "optimizer.pt"))
+        for key in ("steps", "micro_batches"):  # what the data and the schedule depend on
+            if saved[key] != getattr(args, key):
+                raise SystemExit(f"--resume {args.resume}: saved with --{key.replace('_', '-')} {saved[key]}, "
+                                 f"this run has {getattr(args, key)}; resume with the same value")
         start = saved["iteration"]
         scheduler.load_state_dict(saved["scheduler"])
         for _ in range(start * args.micro_batches):  # the micro-batches the saved steps used
@@ -164,7 +169,8 @@ def main(argv=None) -> list[float]:
             print(f"step {step:4d}  loss {losses[-1]:.6f}  grad norm {grad_norm:.3f}  applied {ok}", flush=True)
         if args.save and (step + 1 == stop or (args.save_every and (step + 1) % args.save_every == 0)):
             save_optimizer(optimizer, model, os.path.join(args.save, "optimizer.pt"),
-                           user_state={"iteration": step + 1, "scheduler": scheduler.state_dict()})
+                           user_state={"iteration": step + 1, "scheduler": scheduler.state_dict(),
+                                       "steps": args.steps, "micro_batches": args.micro_batches})
     if dist.get_rank() == 0 and losses:
         print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps "
               f"(k = {dist.get_world_size()} ranks x {args.micro_batches} micro-batches)", flush=True)

@@ -12,7 +12,8 @@ megatron-core assumes a CUDA device in a few places on the DDP / optimizer path:
 :func:`redirect_cuda_to_cpu` patches exactly these in the calling process: the device
 becomes "cpu", ``device="cuda"`` becomes ``device="cpu"`` in ``torch.tensor`` and
 ``torch.zeros``, ``Tensor.type()`` without arguments names a CPU tensor as its CUDA
-twin, and ``Tensor.cuda("cpu")`` (the redirected current device) stays on the CPU. Nothing of Megatron or torch.distributed is mocked; vrgd_ds itself never needs this.
+twin, and ``Tensor.cuda("cpu")`` (the redirected current device) stays on the CPU.
+Nothing of Megatron or torch.distributed is mocked; vrgd_ds itself never needs this.
 """
 
 from __future__ import annotations

@@ -58,6 +58,11 @@ def test_example_stops_saves_and_resumes_as_if_it_had_not_stopped(tmp_path):
     second = run_example("--steps", "12", "--optimizer", "vradam", "--resume", str(tmp_path))
     assert "resumed from" in second.stdout and "at step 5" in second.stdout
     assert last_step(second, 11) == last_step(whole, 11)
+    other = subprocess.run(example_cmd("--steps", "12", "--optimizer", "vradam", "--micro-batches", "2",
+                                       "--resume", tmp_path), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                           timeout=300)
+    assert other.returncode != 0
+    assert "saved with --micro-batches 4, this run has 2; resume with the same value" in other.stdout + other.stderr
 
 
 def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path):
