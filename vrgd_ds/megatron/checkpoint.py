@@ -269,7 +269,8 @@ def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | N
     rank that cannot read the file makes all of them raise). The param groups' saved
     hyperparameters replace the built ones, as torch's ``load_state_dict`` does (Megatron's
     scheduler sets lr and weight decay again at its next step). Returns the ``user_state``
-    saved with it (None if none was)."""
+    saved with it (None if none was). After an error, build the model and optimizer anew
+    before trying again: the ranks that could read the file have loaded it."""
     inner = _inner(megatron_optimizer)
     opt = inner.optimizer
     group = seam.data_parallel_group(ddp)
