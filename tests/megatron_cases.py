@@ -256,14 +256,14 @@ def run_resume(rank, out_dir, cases: dict, device="cpu"):
     out = {}
     for cid, case in cases.items():
         dtype, path = _dtype(case.extra), Path(out_dir) / f"{cid}.optimizer.pt"
-        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
-                                    device=device)
+        new_run = lambda: build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,  # noqa: E731
+                                device=device)
+        ddp, opt, scheduler = new_run()
         train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=FIRST)
         save_optimizer(opt, ddp, path)
         train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST)
         a = _params(ddp)
-        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
-                                    device=device)
+        ddp, opt, scheduler = new_run()
         with torch.no_grad():
             for p in ddp.module.parameters():
                 p.add_(1.0)

@@ -199,14 +199,14 @@ def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state:
     opt = inner.optimizer
     group = seam.data_parallel_group(ddp)
     names = _names(ddp)
+    first = dist.get_rank(group) == 0
     sharded = seam.optimizer_kind(inner) == "distributed"  # else every rank holds the whole state
     error, pieces = None, None
     try:
-        if sharded or dist.get_rank(group) == 0:
+        if sharded or first:
             pieces = _pieces(inner, names)
     except Exception as e:  # reported to every rank below
         error = f"{type(e).__name__}: {e}"
-    first = dist.get_rank(group) == 0
     gathered: list | None = [None] * dist.get_world_size(group) if first else None
     dist.gather_object((error, pieces), gathered, dst=dist.get_global_rank(group, 0), group=group)
     if first:
@@ -274,19 +274,19 @@ def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | N
     inner = _inner(megatron_optimizer)
     opt = inner.optimizer
     group = seam.data_parallel_group(ddp)
-    names = _names(ddp)
     try:
-        user_state = _load_here(inner, opt, ddp, names, Path(path))
+        user_state = _load_here(inner, opt, ddp, Path(path))
     except Exception as e:
         _group_ok(group, f"{type(e).__name__}: {e}")  # raises on every rank
     _group_ok(group, None)
     return user_state
 
 
-def _load_here(inner, opt, ddp, names, path: Path) -> dict | None:
+def _load_here(inner, opt, ddp, path: Path) -> dict | None:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     mains = seam.main_params(inner)
-    model_params = {name: p for name, p in seam.module_of(ddp).named_parameters()}
+    model_params = dict(seam.module_of(ddp).named_parameters())
+    names = {id(p): name for name, p in model_params.items()}
     mine = [[m for m in g if m.model_param is not None] for g in mains]  # no placeholders
     # every model parameter the optimizer trains on some rank: all of them with a gradient
     wanted = {n: p.shape for n, p in model_params.items() if p.requires_grad}
