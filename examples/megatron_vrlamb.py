@@ -141,6 +141,10 @@ def main(argv=None) -> list[float]:
     start = 0
     if args.resume:
         saved = load_optimizer(optimizer, model, os.path.join(args.resume, "optimizer.pt"))
+        missing = [k for k in ("iteration", "scheduler", "steps", "micro_batches") if k not in (saved or {})]
+        if missing:
+            raise SystemExit(f"--resume {args.resume}: its optimizer.pt was not saved by this script "
+                             f"(no {', '.join(missing)} in its user_state)")
         for key in ("steps", "micro_batches"):  # what the data and the schedule depend on
             if saved[key] != getattr(args, key):
                 raise SystemExit(f"--resume {args.resume}: saved with --{key.replace('_', '-')} {saved[key]}, "
