@@ -13,8 +13,10 @@ ranks x micro-batches gradient groups per step (keep k >= 4).
 Checkpointing: ``--save DIR`` writes the optimizer (with the model's fp32 weights), the
 iteration and the scheduler to ``DIR/optimizer.pt`` through
 ``vrgd_ds.megatron.save_optimizer``, at the end (or at ``--stop-after N``) and every
-``--save-every`` steps; ``--resume DIR`` continues from it, with the same data, as if the
-run had not stopped (the same ``--steps`` and ``--micro-batches``; others are refused):
+``--save-every`` steps; with ``--sharded``, each rank writes its own shard into the folder
+``DIR/optimizer`` instead (no gather to one rank). ``--resume DIR`` continues from whichever
+of the two DIR holds, with the same data, as if the run had not stopped (the same
+``--steps`` and ``--micro-batches``; others are refused):
 
     torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --stop-after 20 --save ckpt
     torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --resume ckpt
@@ -50,12 +52,16 @@ def parse_args(argv=None):
     p.add_argument("--save", metavar="DIR", help="save optimizer, iteration and scheduler to DIR/optimizer.pt "
                                                  "at the end (and every --save-every steps)")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="with --save: also every N steps")
-    p.add_argument("--resume", metavar="DIR", help="continue from DIR/optimizer.pt")
+    p.add_argument("--sharded", action="store_true",
+                   help="with --save: every rank writes its shard, into the folder DIR/optimizer")
+    p.add_argument("--resume", metavar="DIR", help="continue from DIR/optimizer.pt or DIR/optimizer (sharded)")
     args = p.parse_args(argv)
     if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
         p.error(f"--stop-after must be between 1 and --steps ({args.steps}), got {args.stop_after}")
     if args.save_every < 0 or (args.save_every and not args.save):
         p.error(f"--save-every needs --save and a positive N, got {args.save_every}")
+    if args.sharded and not args.save:
+        p.error("--sharded needs --save")
     return args
 
 
@@ -140,10 +146,14 @@ def main(argv=None) -> list[float]:
     data = batches(dist.get_rank(), args.micro_batch_size, device, torch.bfloat16 if args.bf16 else torch.float32)
     start = 0
     if args.resume:
-        saved = load_optimizer(optimizer, model, os.path.join(args.resume, "optimizer.pt"))
+        found = [p for p in (os.path.join(args.resume, n) for n in ("optimizer.pt", "optimizer")) if os.path.exists(p)]
+        if len(found) != 1:
+            raise SystemExit(f"--resume {args.resume}: expected one checkpoint there, optimizer.pt or the sharded "
+                             f"folder optimizer; found {len(found)}")
+        saved = load_optimizer(optimizer, model, found[0])
         missing = [k for k in ("iteration", "scheduler", "steps", "micro_batches") if k not in (saved or {})]
         if missing:
-            raise SystemExit(f"--resume {args.resume}: its optimizer.pt was not saved by this script "
+            raise SystemExit(f"--resume {args.resume}: its {os.path.basename(found[0])} was not saved by this script "
                              f"(no {', '.join(missing)} in its user_state)")
         for key in ("steps", "micro_batches"):  # what the data and the schedule depend on
             if saved[key] != getattr(args, key):
@@ -172,9 +182,10 @@ def main(argv=None) -> list[float]:
         if dist.get_rank() == 0 and (step % 10 == 0 or step == stop - 1):
             print(f"step {step:4d}  loss {losses[-1]:.6f}  grad norm {grad_norm:.3f}  applied {ok}", flush=True)
         if args.save and (step + 1 == stop or (args.save_every and (step + 1) % args.save_every == 0)):
-            save_optimizer(optimizer, model, os.path.join(args.save, "optimizer.pt"),
+            save_optimizer(optimizer, model, os.path.join(args.save, "optimizer" if args.sharded else "optimizer.pt"),
                            user_state={"iteration": step + 1, "scheduler": scheduler.state_dict(),
-                                       "steps": args.steps, "micro_batches": args.micro_batches})
+                                       "steps": args.steps, "micro_batches": args.micro_batches},
+                           sharded=args.sharded)
     if dist.get_rank() == 0 and losses:
         print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps "
               f"(k = {dist.get_world_size()} ranks x {args.micro_batches} micro-batches)", flush=True)

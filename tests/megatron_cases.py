@@ -235,6 +235,7 @@ def float64_reference(name, groups, clip, gamma=None):
 
 RESUME_CASES = ("vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-bf16", "vrlamb-do0-ov1-a2-bf16",
                 "vrlamb-do1-ov1-a2-fp16", "lars-do1-ov1-a2")
+SHARDED_RESUME_CASES = ("vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-fp16")
 
 
 def _params(ddp):
@@ -248,19 +249,23 @@ def _dtype(extra):
 FIRST, REST = [(s, 1.0) for s in range(3)], [(3, 1.0), (4, 1.0)]
 
 
-def run_resume(rank, out_dir, cases: dict, device="cpu"):
+def run_resume(rank, out_dir, cases: dict, device="cpu", sharded=False):
     """Per case: 3 steps, save_optimizer, 2 more steps ("a"); then a new model and optimizer,
-    its weights moved off (+1), load_optimizer, the same 2 steps ("b"): a == b bitwise."""
+    its weights moved off (+1), load_optimizer, the same 2 steps ("b"): a == b bitwise.
+    ``sharded``: into a folder, saved twice (the second save replaces the first version)."""
     from vrgd_ds.megatron import load_optimizer, save_optimizer
 
     out = {}
     for cid, case in cases.items():
-        dtype, path = _dtype(case.extra), Path(out_dir) / f"{cid}.optimizer.pt"
+        dtype = _dtype(case.extra)
+        path = Path(out_dir) / (f"{cid}.optimizer" if sharded else f"{cid}.optimizer.pt")
         new_run = lambda: build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,  # noqa: E731
                                 device=device)
         ddp, opt, scheduler = new_run()
         train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=FIRST)
-        save_optimizer(opt, ddp, path)
+        for _ in range(2 if sharded else 1):
+            save_optimizer(opt, ddp, path, sharded=sharded)
+        listing = sorted(f.name for f in path.iterdir()) if sharded else None
         train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST)
         a = _params(ddp)
         ddp, opt, scheduler = new_run()
@@ -269,7 +274,7 @@ def run_resume(rank, out_dir, cases: dict, device="cpu"):
                 p.add_(1.0)
         load_optimizer(opt, ddp, path)
         train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST)
-        out[cid] = {"a": a, "b": _params(ddp)}
+        out[cid] = {"a": a, "b": _params(ddp), "listing": listing}
     return out
 
 
@@ -322,6 +327,37 @@ def run_checkpoint_refusals(rank, out_dir):
     out["kept intact"] = kept.read_bytes() == good.read_bytes()
     ddp, opt, _ = build("vrlamb", True, True, 0.0, {}, model=wide)
     out["shape"] = error(lambda: load_optimizer(opt, ddp, good))
+    out.update(sharded_refusals(rank, out_dir, error, good))
+    return out
+
+
+def sharded_refusals(rank, out_dir, error, a_file):
+    """A refused sharded save leaves the folder's complete version (and removes its own);
+    folders and files that are not a sharded checkpoint are refused, naming why."""
+    from vrgd_ds.megatron import load_optimizer, save_optimizer
+
+    ddp, opt, _ = build("vrlamb", True, True, 0.0, {})
+    folder = Path(out_dir) / "sharded-kept"
+    save_optimizer(opt, ddp, folder, sharded=True)
+    listing = lambda: (sorted(f.name for f in folder.iterdir()), (folder / "latest").read_text())  # noqa: E731
+    before = listing()
+    out = {"sharded user state": error(lambda: save_optimizer(opt, ddp, folder, user_state={"x": object()},
+                                                              sharded=True))}
+    out["sharded loads"] = error(lambda: load_optimizer(opt, ddp, folder))
+    ddp, opt, _ = build("vrlamb", True, True, 0.0, {})  # rank 0 loads, rank 1 fails: their states differ
+    stepped = Path(out_dir) / "vrlamb-do1-ov1-a2.optimizer"  # run_resume's, after 3 steps
+    error(lambda: load_optimizer(opt, ddp, stepped if rank == 0 else Path(out_dir) / "missing"))
+    out["sharded mixed"] = error(lambda: save_optimizer(opt, ddp, folder, sharded=True))  # after the shards
+    out["sharded kept"] = listing() == before == (["latest", "v000001"], "v000001\n")
+    foreign = Path(out_dir) / "foreign"
+    if rank == 0:
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+    dist.barrier()
+    out["sharded foreign"] = error(lambda: save_optimizer(opt, ddp, foreign, sharded=True))
+    out["sharded file"] = error(lambda: save_optimizer(opt, ddp, a_file, sharded=True))
+    out["no latest"] = error(lambda: load_optimizer(opt, ddp, foreign))
+    out["foreign kept"] = sorted(f.name for f in foreign.iterdir()) == ["notes.txt"]
     return out
 
 
@@ -340,9 +376,9 @@ def one_rank_worker(rank, init_file, out_dir):
 
     parallel_state.initialize_model_parallel(1, 1)
 
-    def compute():
+    def load(name):
         ddp, opt, scheduler = build("vrlamb", True, True, 0.0, {})
-        load_optimizer(opt, ddp, Path(out_dir).parent / "vrlamb-do1-ov1-a2.optimizer.pt")
+        load_optimizer(opt, ddp, Path(out_dir).parent / name)
         inner = seam.inner_optimizers(opt)[0]
         names = {id(p): n for n, p in ddp.module.named_parameters()}
         loaded = {}
@@ -353,8 +389,13 @@ def one_rank_worker(rank, init_file, out_dir):
                     "fp32": m.tensor.detach().clone().view(m.model_param.shape),
                     **{k: v.detach().clone().view(m.model_param.shape) for k, v in state.items()
                        if torch.is_tensor(v) and v.dim() > 0}}
+        return ddp, opt, scheduler, loaded
+
+    def compute():
+        *_, from_shards = load("vrlamb-do1-ov1-a2.optimizer")  # the sharded folder of the same run
+        ddp, opt, scheduler, loaded = load("vrlamb-do1-ov1-a2.optimizer.pt")
         train(rank, ddp, opt, scheduler, 4, schedule=REST)
-        return {"loaded": loaded, "params": _params(ddp)}
+        return {"loaded": loaded, "loaded from shards": from_shards, "params": _params(ddp)}
 
     save_results(out_dir, rank, compute)
     parallel_state.destroy_model_parallel()
@@ -387,6 +428,8 @@ def worker(rank, init_file, out_dir):
         results["fp16-overflow"] = run_fp16_overflow(rank)
         results["refusals"] = run_refusals(rank)
         results["resume"] = run_resume(rank, out_dir, {cid: CASES[cid] for cid in RESUME_CASES})
+        results["resume sharded"] = run_resume(rank, out_dir, {cid: CASES[cid] for cid in SHARDED_RESUME_CASES},
+                                               sharded=True)
         results["cross"] = run_cross(rank, out_dir)
         results["checkpoint refusals"] = run_checkpoint_refusals(rank, out_dir)
         return results

@@ -130,6 +130,18 @@ def test_save_and_load_optimizer_resume_bitwise(megatron_results, cid):
         torch.testing.assert_close(got["b"], got["a"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cid", ["vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-fp16"])
+def test_sharded_save_and_load_resume_bitwise(megatron_results, cid):
+    """The same with save_optimizer(..., sharded=True) (each rank writes its own shard; without
+    the distributed optimizer rank 0 writes the one shard), saved twice: the folder holds the
+    second version only, and the run resumes from it bit for bit."""
+    for r in megatron_results:
+        got = r["resume sharded"][cid]
+        assert got["listing"] == ["latest", "v000002"]
+        torch.testing.assert_close(got["b"], got["a"], rtol=0, atol=0)
+        torch.testing.assert_close(got["a"], r["resume"][cid]["a"], rtol=0, atol=0)  # the same run
+
+
 def test_optimizer_checkpoint_is_layout_free(megatron_results):
     """The distributed optimizer's file (shards gathered into whole tensors) continues without
     the distributed optimizer: the same run up to the reduction order."""
@@ -141,19 +153,23 @@ def test_optimizer_checkpoint_is_layout_free(megatron_results):
 def test_optimizer_checkpoint_loads_at_another_world_size(megatron_results, megatron_dir):
     """The 2-rank distributed optimizer's file into 1 rank with 4 micro-batches (the same k = 4
     gradient groups): every main weight and state tensor is the file's, and the next 2 steps
-    are the 2-rank run's up to the reduction order."""
+    are the 2-rank run's up to the reduction order. The sharded folder of the same run loads
+    the same tensors (each 1-rank tensor read from the 2 ranks' shard files)."""
     from megatron_cases import one_rank_worker
 
     out = megatron_dir / "one-rank"
     out.mkdir()
     (got,) = spawn_ranks(one_rank_worker, 1, out)
     saved = torch.load(megatron_dir / "vrlamb-do1-ov1-a2.optimizer.pt", weights_only=True)
-    for name, tensors in got["loaded"].items():
-        torch.testing.assert_close(tensors.pop("fp32"), saved["weights"][name], rtol=0, atol=0)
-        assert set(tensors) == {k for k, v in saved["state"][name].items() if torch.is_tensor(v) and v.dim() > 0}
-        for key, t in tensors.items():
-            torch.testing.assert_close(t, saved["state"][name][key], rtol=0, atol=0)
-    assert len(got["loaded"]) == 6
+    for loaded in (got["loaded"], got["loaded from shards"]):
+        assert len(loaded) == 6
+        for name, tensors in loaded.items():
+            tensors = dict(tensors)
+            torch.testing.assert_close(tensors.pop("fp32"), saved["weights"][name], rtol=0, atol=0)
+            assert set(tensors) == {k for k, v in saved["state"][name].items()
+                                    if torch.is_tensor(v) and v.dim() > 0}
+            for key, t in tensors.items():
+                torch.testing.assert_close(t, saved["state"][name][key], rtol=0, atol=0)
     assert max_rel_err(got["params"], megatron_results[0]["resume"]["vrlamb-do1-ov1-a2"]["a"]) < 2e-5
 
 
@@ -165,10 +181,19 @@ def test_bad_optimizer_checkpoints_refused_on_every_rank(megatron_results):
         "save": "rank 0 of the data-parallel group failed",
         "shape": "parameter '4.weight' has shape (3, 16) there, (4, 16) in this model",
         "user state": "user_state must be a dict of numbers",
+        "sharded user state": "rank 0 of the data-parallel group failed: ValueError: user_state must be",
+        "sharded mixed": "rank 0 of the data-parallel group failed: RuntimeError: vrgd_ds.megatron: the shards "
+                         "of 2.weight hold different optimizer state keys",
+        "sharded foreign": "holds files that are not part of a sharded optimizer checkpoint (['notes.txt'])",
+        "sharded file": "is a file; save_optimizer(..., sharded=True) writes a folder",
+        "no latest": "is a folder without a 'latest' file: not a sharded optimizer checkpoint",
     }
     for r in megatron_results:
         got = r["checkpoint refusals"]
         assert got["kept intact"] is True  # the refused save left the file it would replace alone
+        assert got["sharded kept"] is True  # ... and the folder's complete version (the refused saves'
+        # versions removed)
+        assert got["sharded loads"] is None and got["foreign kept"] is True
         for key, words in expected.items():
             assert got[key] is not None and words in got[key], (key, got[key])
 

@@ -63,25 +63,57 @@ def test_example_stops_saves_and_resumes_as_if_it_had_not_stopped(tmp_path):
                            timeout=300)
     assert other.returncode != 0
     assert "saved with --micro-batches 4, this run has 2; resume with the same value" in other.stdout + other.stderr
+    (tmp_path / "optimizer").mkdir()  # a sharded folder beside the file: which one is meant?
+    both = subprocess.run(example_cmd("--steps", "12", "--optimizer", "vradam", "--resume", tmp_path),
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert both.returncode != 0
+    assert "expected one checkpoint there, optimizer.pt or the sharded folder optimizer; found 2" in (
+        both.stdout + both.stderr)
 
 
-def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path):
+def _in_progress(ckpt: Path, sharded: bool) -> list[Path]:
+    """What a save being written leaves: a temporary file beside optimizer.pt, or (sharded) a
+    version folder that ``latest`` does not name."""
+    if not sharded:
+        return list(ckpt.glob(".optimizer.pt.tmp.*"))
+    try:
+        latest = (ckpt / "optimizer" / "latest").read_text().strip()
+    except FileNotFoundError:
+        return []
+    return [d for d in (ckpt / "optimizer").glob("v*") if d.name != latest]
+
+
+def _saved_iteration(ckpt: Path, sharded: bool) -> int:
+    """The complete checkpoint's iteration: every file of it loads (a partial file raises)."""
+    if not sharded:
+        return torch.load(ckpt / "optimizer.pt", weights_only=True)["user_state"]["iteration"]
+    version = ckpt / "optimizer" / (ckpt / "optimizer" / "latest").read_text().strip()
+    shards = sorted(version.glob("shard-*.pt"))
+    assert [f.name for f in shards] == ["shard-00000-of-00002.pt", "shard-00001-of-00002.pt"]
+    for f in shards:
+        torch.load(f, weights_only=True)
+    return torch.load(version / "meta.pt", weights_only=True)["user_state"]["iteration"]
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path, sharded):
     """A run saving every step is SIGKILLed (launcher and ranks) while a save is being written:
-    the checkpoint file is the previous complete one, --resume continues from it, its next save
-    removes the killed save's temporary file, and the resumed steps are the uninterrupted run's."""
+    the checkpoint is the previous complete one, --resume continues from it, its next save
+    removes what the killed save left, and the resumed steps are the uninterrupted run's."""
     ckpt = tmp_path / "ckpt"
     run = ["--steps", 400, "--optimizer", "vrlamb", "--hidden", 65536, "--micro-batches", 2]
-    proc = subprocess.Popen(example_cmd(*run, "--save", ckpt, "--save-every", 1), env=ENV, cwd=ROOT,
+    save = ["--save", ckpt, *(["--sharded"] if sharded else [])]
+    complete = ckpt / ("optimizer" if sharded else "optimizer.pt") / ("latest" if sharded else "")
+    proc = subprocess.Popen(example_cmd(*run, *save, "--save-every", 1), env=ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    writing = lambda: [f for f in ckpt.glob(".optimizer.pt.tmp.*")]  # noqa: E731
     job = []  # torchrun and its ranks (each rank in a session of its own: one killpg is not enough)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            if not job and (ckpt / "optimizer.pt").exists():
+            if not job and complete.exists():
                 launcher = psutil.Process(proc.pid)
                 job = [launcher, *launcher.children(recursive=True)]
-            if job and writing():
+            if job and _in_progress(ckpt, sharded):
                 for p in job:  # kill -9 of the whole job while a save is being written
                     p.kill()
                 break
@@ -93,11 +125,12 @@ def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(t
         proc.wait()
         psutil.wait_procs(job, timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run ended before a save could be caught midway"
-    assert writing(), "the kill did not land while a save was being written"
-    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)  # complete, or this raises
-    n = saved["user_state"]["iteration"]
-    resumed = run_example(*run, "--resume", ckpt, "--stop-after", n + 2, "--save", ckpt)
+    assert _in_progress(ckpt, sharded), "the kill did not land while a save was being written"
+    n = _saved_iteration(ckpt, sharded)
+    resumed = run_example(*run, "--resume", ckpt, "--stop-after", n + 2, *save)
     assert f"at step {n}" in resumed.stdout
-    assert not writing()
+    assert not _in_progress(ckpt, sharded)
+    if sharded:
+        assert len(list((ckpt / "optimizer").glob("v*"))) == 1
     whole = run_example(*run, "--stop-after", n + 2)
     assert last_step(resumed, n + 1) == last_step(whole, n + 1)

@@ -55,6 +55,8 @@ def worker(rank, init_file, out_dir):
     try:
         results = {cid: run_case(0, case, device="cuda") for cid, case in GPU_CASES.items()}
         results["resume"] = run_resume(0, out_dir, {cid: GPU_CASES[cid] for cid in RESUME_GPU}, device="cuda")
+        results["resume sharded"] = run_resume(0, out_dir, {cid: GPU_CASES[cid] for cid in RESUME_GPU},
+                                               device="cuda", sharded=True)
         results["device"] = torch.cuda.get_device_name(0)
     except Exception:
         torch.save({"error": traceback.format_exc()}, Path(out_dir) / "rank0.pt")
@@ -84,7 +86,9 @@ def test_gpu_matches_float64_reference(gpu_results, cid):
 
 @pytest.mark.parametrize("cid", RESUME_GPU)
 def test_gpu_save_and_load_optimizer_resume_bitwise(gpu_results, cid):
-    """save_optimizer / load_optimizer on the device (NCCL, the real loss scaler's CUDA state):
+    """save_optimizer / load_optimizer (one file, and sharded) on the device (NCCL, the real loss
+    scaler's CUDA state):
     the resumed run's 2 steps equal the uninterrupted run's, bit for bit."""
-    got = gpu_results["resume"][cid]
-    torch.testing.assert_close(got["b"], got["a"], rtol=0, atol=0)
+    for kind in ("resume", "resume sharded"):  # one file; a sharded folder
+        got = gpu_results[kind][cid]
+        torch.testing.assert_close(got["b"], got["a"], rtol=0, atol=0)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import torch_save_atomic
 from . import seam
 
 FORMAT = "vrgd-ds consolidated checkpoint v1"
@@ -62,12 +63,11 @@ def consolidate(checkpoint_dir: str | os.PathLike) -> dict:
 
 
 def save_consolidated(checkpoint_dir, out_path) -> dict:
-    """consolidate() and write the result atomically (a temp file, then rename)."""
+    """consolidate() and write the result atomically (a temporary file, fsync, rename, fsync
+    of the folder: :func:`vrgd_ds.files.save_atomic`); an existing ``out_path`` is only ever
+    replaced by a complete file."""
     result = consolidate(checkpoint_dir)
-    out = Path(out_path)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(result, tmp)
-    os.replace(tmp, out)
+    torch_save_atomic(result, out_path)
     return result
 
 

@@ -1,4 +1,4 @@
-"""Save and resume the optimizer of a Megatron-core run: one consolidated file, any layout.
+"""Save and resume the optimizer of a Megatron-core run: one file, or one shard per rank.
 
 Megatron's own optimizer checkpoints (``state_dict`` with ``save_parameter_state``, or
 ``sharded_state_dict`` for distributed checkpointing) know Adam's ``exp_avg`` and
@@ -10,41 +10,61 @@ so :func:`vrgd_ds.megatron.get_megatron_optimizer` refuses them. Instead::
     # every data-parallel rank calls it; user_state: the iteration, the scheduler, ...
     save_optimizer(optimizer, ddp_model, "ckpt/optimizer.pt",
                    user_state={"iteration": it, "scheduler": scheduler.state_dict()})
+    save_optimizer(optimizer, ddp_model, "ckpt/optimizer", user_state=..., sharded=True)  # or
     ...
     optimizer = get_megatron_optimizer(config, [ddp_model])   # a new run, same model
     saved = load_optimizer(optimizer, ddp_model, "ckpt/optimizer.pt")  # every rank, before a step
     scheduler.load_state_dict(saved["scheduler"])
 
-The file holds, per model parameter name: the fp32 main weight and every per-element
-optimizer state tensor, whole (the distributed optimizer's shards are gathered to the
-group's first rank, which writes the file); each parameter's scalar state (step counts);
-each param group's hyperparameters and parameter names; the loss scaler; the VR
-optimizer's noise-scale averages; and ``user_state``, so that what the training loop needs
-to resume always matches the optimizer state. It loads with the distributed optimizer on
-or off and at any data-parallel size. Loading puts this rank's elements into its main
-parameters and optimizer state and the whole weights, in the model's dtype, into the
-model parameters; the training then continues as if it had not stopped (tested bitwise
-on 2 ranks). Every rank reads the whole file (CPU memory: about 4 bytes per parameter per
-state key, plus the weights). The file is written to a temporary name, flushed, and
-renamed, so an existing checkpoint is only ever replaced by a complete one (a save killed
-midway leaves a temporary file, which the next save on that host removes).
+What is kept, per model parameter name: the fp32 main weight and every per-element
+optimizer state tensor; each parameter's scalar state (step counts); each param group's
+hyperparameters and parameter names; the loss scaler; the VR optimizer's noise-scale
+averages; and ``user_state``, so that what the training loop needs to resume always
+matches the optimizer state. Both formats load with the distributed optimizer on or off
+and at any data-parallel size: loading puts this rank's elements into its main parameters
+and optimizer state and the whole weights, in the model's dtype, into the model
+parameters; the training then continues as if it had not stopped (tested bitwise on 2
+ranks).
+
+One file (``sharded=False``): the distributed optimizer's shards are gathered (as pickled
+objects, through the data-parallel group) to the group's first rank, which writes whole
+tensors; every rank then reads the whole file (CPU memory: about 4 bytes per parameter per
+state key, plus the weights). For small and mid-sized models, and for a file to inspect.
+
+Sharded (``sharded=True``): ``path`` is a folder of this module's own. Each save writes a
+new version folder ``vNNNNNN`` in it: every rank its own ``shard-RRRRR-of-WWWWW.pt`` (its
+elements, no tensor travels between ranks; without the distributed optimizer the state is
+the same on every rank and rank 0 writes the one shard), then the first rank
+``meta.pt`` (which rank holds which element range of each parameter, and everything but
+the tensors), then the file ``latest``, which names the version; older versions are
+removed after that. A rank loading it memory-maps the shard files and reads the element
+ranges its main parameters hold (any data-parallel size), plus the fp32 weights.
+
+Every file is written to a temporary name, fsynced and renamed (:mod:`vrgd_ds.files`), so
+a checkpoint is only ever replaced by a complete one: a save killed midway leaves a
+temporary file (or an unnamed version folder), which the next save removes.
 """
 
 from __future__ import annotations
 
-import glob
 import math
 import os
-import socket
+import re
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..files import fsync_dir, save_atomic, torch_save_atomic
 from ..optim.base import BaseOptimizer
 from . import seam
 
 FORMAT = "vrgd-ds megatron optimizer checkpoint v1"
+SHARDED_FORMAT = "vrgd-ds megatron sharded optimizer checkpoint v1"
+SHARD_FORMAT = "vrgd-ds megatron optimizer shard v1"
+LATEST, META = "latest", "meta.pt"
+VERSION = re.compile(r"v\d{6,}")
 
 
 def _inner(megatron_optimizer):
@@ -100,9 +120,10 @@ def _pieces(inner, names: dict[int, str]) -> dict:
     return out
 
 
-def _consolidate(all_pieces: list[dict], group_count: int) -> tuple[dict, dict, list[list[str]]]:
-    """Whole weights and state per name, and the names in each param group (model order)."""
-    weights, state = {}, {}
+def _merge(all_pieces: list[dict], group_count: int) -> tuple[dict, list[list[str]]]:
+    """Every rank's pieces per name, in element order, checked to tile each parameter exactly
+    once with the same state keys: {name: (parts, scalars, shape)}, and the names in each
+    param group (model order). A part is (start, end, {key: payload})."""
     merged: dict = {}
     for pieces in all_pieces:
         for name, (parts, scalars, shape, gi) in pieces.items():
@@ -111,6 +132,7 @@ def _consolidate(all_pieces: list[dict], group_count: int) -> tuple[dict, dict, 
                 raise RuntimeError(f"vrgd_ds.megatron: ranks put {name} in param groups {entry[3]} and {gi}")
             entry[0].extend(parts)
     groups: list[list[str]] = [[] for _ in range(group_count)]
+    out = {}
     for name, (parts, scalars, shape, gi) in merged.items():
         groups[gi].append(name)
         parts.sort(key=lambda p: p[0])
@@ -125,7 +147,16 @@ def _consolidate(all_pieces: list[dict], group_count: int) -> tuple[dict, dict, 
         keys = set(parts[0][2])
         if any(set(p[2]) != keys for p in parts):
             raise RuntimeError(f"vrgd_ds.megatron: the shards of {name} hold different optimizer state keys")
-        whole = {k: torch.cat([p[2][k] for p in parts]).view(shape) for k in sorted(keys)}
+        out[name] = (parts, scalars, shape)
+    return out, groups
+
+
+def _consolidate(all_pieces: list[dict], group_count: int) -> tuple[dict, dict, list[list[str]]]:
+    """Whole weights and state per name, and the names in each param group (model order)."""
+    weights, state = {}, {}
+    merged, groups = _merge(all_pieces, group_count)
+    for name, (parts, scalars, shape) in merged.items():
+        whole = {k: torch.cat([p[2][k] for p in parts]).view(shape) for k in sorted(parts[0][2])}
         weights[name] = whole.pop("fp32")
         state[name] = {**whole, **scalars}
     return weights, state, groups
@@ -148,104 +179,162 @@ def _storable(v) -> bool:
     return torch.is_tensor(v) or _plain(v)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+def _check_user_state(user_state) -> None:
+    if user_state is not None and not _storable(user_state):
+        raise ValueError("user_state must be a dict of numbers, strings, None, tensors and "
+                         f"lists/tuples/dicts of them, got {user_state!r:.200}")
 
 
-def _write(obj: dict, path: Path) -> None:
-    """``path`` replaced only by a complete file: a temporary name in the same folder, fsync,
-    rename, fsync of the folder. Temporary files of this name that a killed save of this
-    host left (their process is gone) are removed first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    prefix = f".{path.name}.tmp.{host}."
-    for old in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = old.name[len(prefix):]
-        if pid.isdigit() and not _alive(int(pid)):
-            old.unlink(missing_ok=True)
-    tmp = path.with_name(f"{prefix}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _header(inner, opt, group, members: list[list[str]], user_state) -> dict:
+    """What both formats keep besides the tensors: the optimizer, its param groups (plain
+    hyperparameters and parameter names), the loss scaler, the noise-scale averages, the
+    skipped-step count and ``user_state``."""
+    groups = [{"hyperparameters": {k: v for k, v in g.items() if k != "params" and _plain(v)},
+               "params": names_in} for g, names_in in zip(opt.param_groups, members)]
+    scaler = seam.grad_scaler(inner)
+    extra = {k: getattr(opt, k) for k in ("skipped_steps",) if hasattr(opt, k)}
+    if hasattr(opt, "noise_scale"):
+        extra["noise_scale"] = opt.noise_scale.state_dict()
+    return {"optimizer": type(opt).__name__, "kind": seam.optimizer_kind(inner),
+            "saved_world_size": dist.get_world_size(group), "param_groups": groups,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None, "extra": extra,
+            "user_state": user_state}
 
 
-def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state: dict | None = None) -> None:
-    """Write the optimizer's state to ``path`` (one file; see the module docstring).
+def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state: dict | None = None, *,
+                   sharded: bool = False) -> None:
+    """Write the optimizer's state to ``path`` (see the module docstring).
 
-    A collective over the data-parallel group: every rank calls it; the group's first rank
-    writes. Returns on every rank only once the file is complete, or raises on every rank.
-    ``user_state``: the data-parallel group's first rank's dict of numbers, strings, tensors
-    and containers of them (the iteration, the ``OptimizerParamScheduler``'s ``state_dict``),
-    kept in the same file, so that it always matches the optimizer state;
-    :func:`load_optimizer` returns it."""
+    A collective over the data-parallel group: every rank calls it. Returns on every rank
+    only once the checkpoint is complete, or raises on every rank. ``user_state``: the
+    data-parallel group's first rank's dict of numbers, strings, tensors and containers of
+    them (the iteration, the ``OptimizerParamScheduler``'s ``state_dict``), kept with the
+    optimizer state, so that it always matches it; :func:`load_optimizer` returns it.
+
+    ``sharded=False``: one file; the group's first rank gathers the distributed optimizer's
+    shards and writes it. ``sharded=True``: ``path`` is a folder of this function's own;
+    every rank writes its own shard into a new version folder in it, no tensor travels
+    between ranks, and a ``latest`` file, replaced last, names the complete version."""
     inner = _inner(megatron_optimizer)
-    opt = inner.optimizer
     group = seam.data_parallel_group(ddp)
+    if sharded:
+        _save_sharded(inner, ddp, group, Path(path), user_state)
+    else:
+        _save_consolidated(inner, ddp, group, Path(path), user_state)
+
+
+def _save_consolidated(inner, ddp, group, path: Path, user_state) -> None:
+    opt = inner.optimizer
     names = _names(ddp)
     first = dist.get_rank(group) == 0
-    sharded = seam.optimizer_kind(inner) == "distributed"  # else every rank holds the whole state
+    distributed = seam.optimizer_kind(inner) == "distributed"  # else every rank holds the whole state
     error, pieces = None, None
     try:
-        if sharded or first:
+        if distributed or first:
             pieces = _pieces(inner, names)
     except Exception as e:  # reported to every rank below
         error = f"{type(e).__name__}: {e}"
     gathered: list | None = [None] * dist.get_world_size(group) if first else None
     dist.gather_object((error, pieces), gathered, dst=dist.get_global_rank(group, 0), group=group)
     if first:
-        failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
-        if failed:
-            error = f"rank {failed[0][0]} could not collect its optimizer state: {failed[0][1]}"
+        error = _first_error(gathered, "could not collect its optimizer state")
     if first and error is None:
         try:
-            if user_state is not None and not _storable(user_state):
-                raise ValueError("user_state must be a dict of numbers, strings, None, tensors and "
-                                 f"lists/tuples/dicts of them, got {user_state!r:.200}")
+            _check_user_state(user_state)
             weights, state, members = _consolidate([p for _, p in gathered if p is not None],
                                                    len(opt.param_groups))
-            groups = [{"hyperparameters": {k: v for k, v in g.items() if k != "params" and _plain(v)},
-                       "params": names_in} for g, names_in in zip(opt.param_groups, members)]
-            scaler = seam.grad_scaler(inner)
-            extra = {k: getattr(opt, k) for k in ("skipped_steps",) if hasattr(opt, k)}
-            if hasattr(opt, "noise_scale"):
-                extra["noise_scale"] = opt.noise_scale.state_dict()
-            _write({"format": FORMAT, "optimizer": type(opt).__name__, "kind": seam.optimizer_kind(inner),
-                    "saved_world_size": dist.get_world_size(group), "weights": weights, "state": state,
-                    "param_groups": groups, "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                    "extra": extra, "user_state": user_state}, Path(path))
+            header = _header(inner, opt, group, members, user_state)
+            torch_save_atomic({"format": FORMAT, **header, "weights": weights, "state": state}, path)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
     _group_ok(group, error)
 
 
-def _check(ckpt, path, opt, names_in_model: dict[str, torch.Size], groups: list[set[str]]) -> None:
-    """Everything a load needs, before anything is written: the format, the optimizer class,
-    the same parameter names and shapes, and this rank's parameters in the same groups."""
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a vrgd-ds Megatron optimizer checkpoint (format "
-                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, "
-                         f"expected {FORMAT!r}); write one with vrgd_ds.megatron.save_optimizer")
-    if ckpt["optimizer"] != type(opt).__name__:
-        raise ValueError(f"{path} holds the state of {ckpt['optimizer']}, this run's optimizer is "
+def _first_error(gathered: list, what: str) -> str | None:
+    failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
+    return f"rank {failed[0][0]} {what}: {failed[0][1]}" if failed else None
+
+
+def _new_version(folder: Path) -> str:
+    """A new, empty version folder in ``folder``, which must be this module's own."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file; save_optimizer(..., sharded=True) writes a folder "
+                                 "(a sharded checkpoint): give a folder path")
+    folder.mkdir(parents=True, exist_ok=True)
+    versions, foreign = [], []
+    for entry in folder.iterdir():
+        if VERSION.fullmatch(entry.name) and entry.is_dir():
+            versions.append(int(entry.name[1:]))
+        elif entry.name != LATEST and not entry.name.startswith(f".{LATEST}.tmp."):
+            foreign.append(entry.name)
+    if foreign:
+        raise FileExistsError(f"{folder} holds files that are not part of a sharded optimizer checkpoint "
+                              f"({sorted(foreign)[:3]}); save_optimizer(..., sharded=True) writes into a "
+                              "folder of its own")
+    name = f"v{max(versions, default=0) + 1:06d}"
+    (folder / name).mkdir()
+    return name
+
+
+def _save_sharded(inner, ddp, group, folder: Path, user_state) -> None:
+    opt = inner.optimizer
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    first = rank == 0
+    error = version = None
+    if first:
+        try:
+            _check_user_state(user_state)
+            version = _new_version(folder)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+    box = [(error, version)]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    if box[0][0] is not None:
+        _group_ok(group, error)  # raises on every rank, naming rank 0's error
+    version = box[0][1]
+    error, index = None, None
+    try:
+        if seam.optimizer_kind(inner) == "distributed" or first:  # else rank 0 holds the whole state
+            pieces = _pieces(inner, _names(ddp))
+            file = f"shard-{rank:05d}-of-{world:05d}.pt"
+            torch_save_atomic({"format": SHARD_FORMAT, "pieces": {n: {s: t for s, _, t in parts}
+                                                                  for n, (parts, *_) in pieces.items()}},
+                              folder / version / file)
+            index = {n: ([(s, e, dict.fromkeys(t, file)) for s, e, t in parts], *rest)
+                     for n, (parts, *rest) in pieces.items()}
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    gathered: list | None = [None] * world if first else None
+    dist.gather_object((error, index), gathered, dst=dist.get_global_rank(group, 0), group=group)
+    if first:
+        error = _first_error(gathered, "could not write its shard")
+        published = False
+        try:
+            if error is None:
+                merged, members = _merge([i for _, i in gathered if i is not None], len(opt.param_groups))
+                params = {name: {"shape": shape, "scalars": scalars, "keys": sorted(set(parts[0][2]) - {"fp32"}),
+                                 "pieces": [(s, e, next(iter(t.values()))) for s, e, t in parts]}
+                          for name, (parts, scalars, shape) in merged.items()}
+                header = _header(inner, opt, group, members, user_state)
+                torch_save_atomic({"format": SHARDED_FORMAT, **header, "params": params}, folder / version / META)
+                fsync_dir(folder / version)
+                save_atomic(lambda f: f.write(f"{version}\n".encode()), folder / LATEST)
+                published = True
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        for entry in folder.iterdir():  # older versions once published, else this incomplete one
+            if VERSION.fullmatch(entry.name) and (entry.name != version) == published:
+                shutil.rmtree(entry, ignore_errors=True)
+    _group_ok(group, error)
+
+
+def _check(src, path, opt, names_in_model: dict[str, torch.Size], groups: list[set[str]]) -> None:
+    """Everything a load needs, before anything is written: the optimizer class, the same
+    parameter names and shapes, and this rank's parameters in the same groups."""
+    if src.meta["optimizer"] != type(opt).__name__:
+        raise ValueError(f"{path} holds the state of {src.meta['optimizer']}, this run's optimizer is "
                          f"{type(opt).__name__}; build the run with the optimizer that was saved")
-    saved = {n: tuple(w.shape) for n, w in ckpt["weights"].items()}
+    saved = src.shapes
     for name, shape in names_in_model.items():
         if name not in saved:
             raise ValueError(f"{path} has no parameter {name!r} of this model (it has {len(saved)} "
@@ -256,21 +345,98 @@ def _check(ckpt, path, opt, names_in_model: dict[str, torch.Size], groups: list[
     extra = sorted(set(saved) - set(names_in_model))
     if extra:
         raise ValueError(f"{path} has parameters this model does not train: {extra[:3]}")
-    saved_groups = [set(g["params"]) for g in ckpt["param_groups"]]
+    saved_groups = [set(g["params"]) for g in src.meta["param_groups"]]
     if len(saved_groups) != len(groups) or any(not mine <= saved for mine, saved in zip(groups, saved_groups)):
         raise ValueError(f"{path}: its {len(saved_groups)} param groups do not hold the same parameters as "
                          f"this optimizer's {len(groups)}; build the optimizer with the same config")
 
 
+def _not_ours(path, found) -> ValueError:
+    return ValueError(f"{path} is not a vrgd-ds Megatron optimizer checkpoint (format {found!r}, expected "
+                      f"{FORMAT!r} or, in a folder, {SHARDED_FORMAT!r}); write one with "
+                      "vrgd_ds.megatron.save_optimizer")
+
+
+class _Consolidated:
+    """A file of :func:`_save_consolidated`: whole tensors per name."""
+
+    def __init__(self, path: Path):
+        self.meta = torch.load(path, map_location="cpu", weights_only=True)
+        found = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
+        if found != FORMAT:
+            raise _not_ours(path, found)
+        self.shapes = {n: tuple(w.shape) for n, w in self.meta["weights"].items()}
+
+    def keys(self, name) -> list[str]:
+        return [k for k, v in self.meta["state"][name].items() if torch.is_tensor(v) and v.dim() > 0]
+
+    def scalars(self, name) -> dict:
+        return {k: v for k, v in self.meta["state"][name].items() if not (torch.is_tensor(v) and v.dim() > 0)}
+
+    def read(self, name, key, start, end):
+        t = self.meta["weights"][name] if key == "fp32" else self.meta["state"][name][key]
+        return t.reshape(-1)[start:end]
+
+
+class _Sharded:
+    """A folder of :func:`_save_sharded`: the version its ``latest`` names; each shard file is
+    memory-mapped when first read, so a rank reads the elements it needs."""
+
+    def __init__(self, folder: Path):
+        latest = folder / LATEST
+        if not latest.is_file():
+            raise FileNotFoundError(f"{folder} is a folder without a {LATEST!r} file: not a sharded optimizer "
+                                    "checkpoint, or its first save_optimizer(..., sharded=True) never completed")
+        version = latest.read_text().strip()
+        if not VERSION.fullmatch(version):
+            raise ValueError(f"{latest} names {version[:40]!r}, not a version folder (v000001, ...)")
+        self.folder = folder / version
+        self.meta = torch.load(self.folder / META, map_location="cpu", weights_only=True)
+        found = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
+        if found != SHARDED_FORMAT:
+            raise _not_ours(self.folder / META, found)
+        self.params = self.meta["params"]
+        self.shapes = {n: tuple(p["shape"]) for n, p in self.params.items()}
+        self._files: dict[str, dict] = {}
+
+    def keys(self, name) -> list[str]:
+        return self.params[name]["keys"]
+
+    def scalars(self, name) -> dict:
+        return self.params[name]["scalars"]
+
+    def _shard(self, file: str) -> dict:
+        if file not in self._files:
+            shard = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
+                raise ValueError(f"{self.folder / file} is not a shard of this checkpoint")
+            self._files[file] = shard["pieces"]
+        return self._files[file]
+
+    def read(self, name, key, start, end):
+        parts = [self._shard(file)[name][s][key].reshape(-1)[max(start, s) - s:min(end, e) - s]
+                 for s, e, file in self.params[name]["pieces"] if s < end and e > start]
+        if not parts:
+            raise RuntimeError(f"vrgd_ds.megatron: {self.folder} holds no element {start}..{end} of {name}")
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _open(path: Path):
+    if path.is_dir():
+        return _Sharded(path)
+    return _Consolidated(path)
+
+
 def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | None:
-    """Put a file written by :func:`save_optimizer` into a freshly built optimizer and model.
+    """Put a checkpoint written by :func:`save_optimizer` (a file, or a sharded folder) into a
+    freshly built optimizer and model.
 
     Every data-parallel rank calls it (it ends with one check that all ranks loaded, so a
-    rank that cannot read the file makes all of them raise). The param groups' saved
+    rank that cannot read the checkpoint makes all of them raise). The param groups' saved
     hyperparameters replace the built ones, as torch's ``load_state_dict`` does (Megatron's
     scheduler sets lr and weight decay again at its next step). Returns the ``user_state``
     saved with it (None if none was). After an error, build the model and optimizer anew
-    before trying again: the ranks that could read the file have loaded it."""
+    before trying again: the ranks that could read the checkpoint have loaded it."""
     inner = _inner(megatron_optimizer)
     opt = inner.optimizer
     group = seam.data_parallel_group(ddp)
@@ -283,39 +449,36 @@ def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | N
 
 
 def _load_here(inner, opt, ddp, path: Path) -> dict | None:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    src = _open(path)
     mains = seam.main_params(inner)
     model_params = dict(seam.module_of(ddp).named_parameters())
     names = {id(p): name for name, p in model_params.items()}
     mine = [[m for m in g if m.model_param is not None] for g in mains]  # no placeholders
     # every model parameter the optimizer trains on some rank: all of them with a gradient
     wanted = {n: p.shape for n, p in model_params.items() if p.requires_grad}
-    _check(ckpt, path, opt, wanted, [{names[id(m.model_param)] for m in g} for g in mine])
+    _check(src, path, opt, wanted, [{names[id(m.model_param)] for m in g} for g in mine])
     with torch.no_grad():
         for name, p in model_params.items():
-            if name in ckpt["weights"]:
-                p.copy_(ckpt["weights"][name].to(p.dtype))
+            if name in src.shapes:
+                p.copy_(src.read(name, "fp32", 0, p.numel()).view(p.shape).to(p.dtype))
         for g in mine:
             for m in g:
                 name = names[id(m.model_param)]
-                whole, state = ckpt["weights"][name].reshape(-1), ckpt["state"][name]
-                m.tensor.copy_(whole[m.start:m.end].view_as(m.tensor))
-                new = {}
-                for k, v in state.items():
-                    if torch.is_tensor(v) and v.dim() > 0:
-                        new[k] = v.reshape(-1)[m.start:m.end].view(m.tensor.shape).to(m.tensor.device).clone()
-                    else:
-                        new[k] = v.clone() if torch.is_tensor(v) else v
+                m.tensor.copy_(src.read(name, "fp32", m.start, m.end).view_as(m.tensor))
+                new = {k: src.read(name, k, m.start, m.end).view(m.tensor.shape).to(m.tensor.device).clone()
+                       for k in src.keys(name)}
+                for k, v in src.scalars(name).items():
+                    new[k] = v.clone() if torch.is_tensor(v) else v
                 opt.state[m.tensor] = new
-    for g, saved in zip(opt.param_groups, ckpt["param_groups"]):
+    meta = src.meta
+    for g, saved in zip(opt.param_groups, meta["param_groups"]):
         g.update({k: v for k, v in saved["hyperparameters"].items() if k in g})
     scaler = seam.grad_scaler(inner)
-    if scaler is not None and ckpt["grad_scaler"] is not None:
-        scaler.load_state_dict(ckpt["grad_scaler"])
-    extra = ckpt.get("extra", {})
+    if scaler is not None and meta["grad_scaler"] is not None:
+        scaler.load_state_dict(meta["grad_scaler"])
+    extra = meta.get("extra", {})
     if "noise_scale" in extra and hasattr(opt, "noise_scale"):
         opt.noise_scale.load_state_dict(extra["noise_scale"])
     if "skipped_steps" in extra and hasattr(opt, "skipped_steps"):
         opt.skipped_steps = extra["skipped_steps"]
-    return ckpt.get("user_state")
-
+    return meta.get("user_state")
