@@ -372,7 +372,7 @@ def one_rank_worker(rank, init_file, out_dir):
     started(out_dir, rank)
     from megatron.core import parallel_state
 
-    from vrgd_ds.megatron import load_optimizer, seam
+    from vrgd_ds.megatron import load_optimizer, save_optimizer, seam
 
     parallel_state.initialize_model_parallel(1, 1)
 
@@ -395,9 +395,53 @@ def one_rank_worker(rank, init_file, out_dir):
         *_, from_shards = load("vrlamb-do1-ov1-a2.optimizer")  # the sharded folder of the same run
         ddp, opt, scheduler, loaded = load("vrlamb-do1-ov1-a2.optimizer.pt")
         train(rank, ddp, opt, scheduler, 4, schedule=REST)
+        save_optimizer(opt, ddp, Path(out_dir) / "one-rank.optimizer", sharded=True)  # for 1 -> 2 ranks
         return {"loaded": loaded, "loaded from shards": from_shards, "params": _params(ddp)}
 
     save_results(out_dir, rank, compute)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def main_state(opt, ddp) -> dict:
+    """{name: [(start, end, {"fp32": main weight, key: state tensor})]} of this rank's shard."""
+    from vrgd_ds.megatron import seam
+
+    inner = seam.inner_optimizers(opt)[0]
+    names = {id(p): n for n, p in ddp.module.named_parameters()}
+    out: dict = {}
+    for group in seam.main_params(inner):
+        for m in group:
+            if m.model_param is not None:
+                state = inner.optimizer.state[m.tensor]
+                out.setdefault(names[id(m.model_param)], []).append((m.start, m.end, {
+                    "fp32": m.tensor.detach().clone().reshape(-1),
+                    **{k: v.detach().clone().reshape(-1) for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}}))
+    return out
+
+
+def two_rank_load_worker(rank, init_file, out_dir):
+    """2 ranks with the distributed optimizer load the 1-rank sharded folder (one_rank_worker's):
+    what each rank's shard and model hold."""
+    from megatron_cpu import redirect_cuda_to_cpu
+
+    redirect_cuda_to_cpu()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
+    started(out_dir, rank)
+    from megatron.core import parallel_state
+
+    from vrgd_ds.megatron import load_optimizer
+
+    parallel_state.initialize_model_parallel(1, 1)
+
+    def compute():
+        ddp, opt, _ = build("vrlamb", True, True, 0.0, {})
+        load_optimizer(opt, ddp, Path(out_dir).parent / "one-rank" / "one-rank.optimizer")
+        return {"mains": main_state(opt, ddp), "params": _params(ddp)}
+
+    save_results(out_dir, rank, compute)
+    dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

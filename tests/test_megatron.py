@@ -150,16 +150,24 @@ def test_optimizer_checkpoint_is_layout_free(megatron_results):
         assert not [f for f in r["cross"]["files"] if f.startswith(".")]  # no temporary file left
 
 
-def test_optimizer_checkpoint_loads_at_another_world_size(megatron_results, megatron_dir):
-    """The 2-rank distributed optimizer's file into 1 rank with 4 micro-batches (the same k = 4
-    gradient groups): every main weight and state tensor is the file's, and the next 2 steps
-    are the 2-rank run's up to the reduction order. The sharded folder of the same run loads
-    the same tensors (each 1-rank tensor read from the 2 ranks' shard files)."""
+@pytest.fixture(scope="module")
+def one_rank_results(megatron_results, megatron_dir):
+    """1 rank, 4 micro-batches: loads run_resume's 2-rank checkpoints (one file and sharded),
+    trains 2 steps, saves a sharded folder ("one-rank/one-rank.optimizer")."""
     from megatron_cases import one_rank_worker
 
     out = megatron_dir / "one-rank"
     out.mkdir()
     (got,) = spawn_ranks(one_rank_worker, 1, out)
+    return got
+
+
+def test_optimizer_checkpoint_loads_at_another_world_size(megatron_results, one_rank_results, megatron_dir):
+    """The 2-rank distributed optimizer's file into 1 rank with 4 micro-batches (the same k = 4
+    gradient groups): every main weight and state tensor is the file's, and the next 2 steps
+    are the 2-rank run's up to the reduction order. The sharded folder of the same run loads
+    the same tensors (each 1-rank tensor read from the 2 ranks' shard files)."""
+    got = one_rank_results
     saved = torch.load(megatron_dir / "vrlamb-do1-ov1-a2.optimizer.pt", weights_only=True)
     for loaded in (got["loaded"], got["loaded from shards"]):
         assert len(loaded) == 6
@@ -171,6 +179,33 @@ def test_optimizer_checkpoint_loads_at_another_world_size(megatron_results, mega
             for key, t in tensors.items():
                 torch.testing.assert_close(t, saved["state"][name][key], rtol=0, atol=0)
     assert max_rel_err(got["params"], megatron_results[0]["resume"]["vrlamb-do1-ov1-a2"]["a"]) < 2e-5
+
+
+def test_sharded_checkpoint_loads_at_a_larger_world_size(one_rank_results, megatron_dir):
+    """1 -> 2 ranks: the 1-rank run's sharded folder (saved after its 2 steps) into 2 ranks with
+    the distributed optimizer: the two ranks' main shards and state tile every parameter and
+    equal the 1-rank shard's elements, and both models hold the saved weights."""
+    from megatron_cases import two_rank_load_worker
+
+    out = megatron_dir / "two-ranks"
+    out.mkdir()
+    got = spawn_ranks(two_rank_load_worker, WORLD, out)
+    folder = megatron_dir / "one-rank" / "one-rank.optimizer"
+    version = folder / (folder / "latest").read_text().strip()
+    pieces = torch.load(version / "shard-00000-of-00001.pt", weights_only=True)["pieces"]
+    assert len(pieces) == 6
+    for name, by_start in pieces.items():
+        (whole,) = by_start.values()  # 1 rank: one piece per parameter, from element 0
+        parts = sorted((p for r in got for p in r["mains"].get(name, [])), key=lambda p: p[0])
+        assert [(s, e) for s, e, _ in parts][0][0] == 0 and parts[-1][1] == whole["fp32"].numel()
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        for key, t in whole.items():
+            torch.testing.assert_close(torch.cat([p[2][key] for p in parts]), t, rtol=0, atol=0)
+    assert sum(len(r["mains"]) > 0 for r in got) == WORLD  # both ranks hold elements
+    names = [n for n, _ in make_model().named_parameters()]
+    for r in got:
+        for p, name in zip(r["params"], names, strict=True):
+            torch.testing.assert_close(p.reshape(-1), pieces[name][0]["fp32"], rtol=0, atol=0)
 
 
 def test_bad_optimizer_checkpoints_refused_on_every_rank(megatron_results):
