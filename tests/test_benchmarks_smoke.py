@@ -221,3 +221,17 @@ def test_reuse_step_small(tmp_path):
     if not torch.cuda.is_available():
         proc = run_module("benchmarks.reuse_step", "--device", "cuda", "--out", tmp_path, timeout=120, check=False)
         assert proc.returncode != 0 and "--device must be cpu, or cuda where a CUDA device is present" in proc.stderr
+
+
+def test_megatron_checkpoint_small(tmp_path):
+    pytest.importorskip("megatron.core")
+    from benchmarks.megatron_checkpoint import main
+
+    result = main(["--hidden", "256", "--repeats", "2", "--out", str(tmp_path)])
+    assert result["params"] == 41 * 256 + 8 and result["state_keys"] == ["exp_avg", "exp_avg_sq", "fp32",
+                                                                          "gsnr_momentum"]
+    assert len(result["medians"]) == 8 and all(m["seconds"] > 0 for m in result["medians"].values())
+    assert all(len(samples) == 2 * 2 * 2 for samples in result["samples"])  # repeats x formats x save/load
+    assert (tmp_path / "megatron_checkpoint.json").exists() and (tmp_path / "megatron_checkpoint.png").exists()
+    with pytest.raises(SystemExit):
+        main(["--repeats", "0", "--out", str(tmp_path)])
