@@ -7,8 +7,9 @@ Two gloo CPU ranks (megatron-core on CPU through the tests' CUDA redirection) bu
 parameters) with VR-LAMB and the distributed optimizer, train one step, then, ``--repeats``
 times and in alternating order, save the optimizer as one file and as a sharded folder and
 load each into a freshly built model and optimizer. Per rank and call: the wall time and
-the peak growth of the process's resident memory (RSS sampled every millisecond, minus
-its value at the call's start). The loaded state is checked against the saved one.
+the peak growth of the process's private resident memory (RSS minus file-backed pages,
+so memory-mapped checkpoint pages do not count; sampled every millisecond, minus its value
+at the call's start). The loaded state is checked against the saved one.
 Output: ``megatron_checkpoint.json`` (every sample, medians) and ``.png``.
 """
 
@@ -33,27 +34,35 @@ FORMATS = ("one file", "sharded")
 WORLD = 2
 
 
+def _private(proc) -> int:
+    """Resident memory that is not file-backed (Linux: RSS minus shared pages): what a rank's
+    memory limit counts. Memory-mapped checkpoint pages are page cache and stay out."""
+    info = proc.memory_info()
+    return info.rss - getattr(info, "shared", 0)
+
+
 class PeakRSS:
-    """The peak growth of this process's RSS while the ``with`` block runs (sampled every ms)."""
+    """The peak growth of this process's private resident memory (:func:`_private`) while
+    the ``with`` block runs (sampled every ms)."""
 
     def __enter__(self):
         import psutil
 
         self._proc, self._stop = psutil.Process(), threading.Event()
-        self.base = self.peak = self._proc.memory_info().rss
+        self.base = self.peak = _private(self._proc)
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self.peak = max(self.peak, _private(self._proc))
             time.sleep(0.001)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.peak = max(self.peak, _private(self._proc))
         self.growth_mb = (self.peak - self.base) / 2**20
 
 
@@ -152,7 +161,7 @@ def plot(result: dict, path: Path) -> None:
     for ax, what, unit in ((axes[0], "seconds", "s"), (axes[1], "rss_mb", "MiB")):
         ax.barh(labels, [result["medians"][k][what] for k in labels],
                 color=["tab:blue" if "one file" in k else "tab:orange" for k in labels])
-        ax.set_xlabel(f"median {what.replace('_mb', ' growth')} ({unit})")
+        ax.set_xlabel(f"median {'private memory growth' if what == 'rss_mb' else what} ({unit})")
         ax.invert_yaxis()
     axes[1].set_yticklabels([])
     fig.suptitle(f"Megatron optimizer checkpoint, {result['params'] / 1e6:.1f}M params, VR-LAMB "

@@ -234,11 +234,13 @@ def float64_reference(name, groups, clip, gamma=None):
 
 
 RESUME_CASES = ("vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-bf16", "vrlamb-do0-ov1-a2-bf16",
-                "vrlamb-do1-ov1-a2-fp16", "lars-do1-ov1-a2")
+                "vrlamb-do1-ov1-a2-fp16", "lars-do1-ov1-a2", "vrlamb-do1-ov1-a2-pg")
 SHARDED_RESUME_CASES = ("vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-fp16")
 
 
 def _params(ddp):
+    if ddp.ddp_config.overlap_param_gather:
+        ddp.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
     return [p.detach().float().cpu().clone() for p in ddp.module.parameters()]
 
 

@@ -121,7 +121,8 @@ def test_unsupported_settings_refused(megatron_results, cid):
 
 
 @pytest.mark.parametrize("cid", ["vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-bf16",
-                                 "vrlamb-do0-ov1-a2-bf16", "vrlamb-do1-ov1-a2-fp16", "lars-do1-ov1-a2"])
+                                 "vrlamb-do0-ov1-a2-bf16", "vrlamb-do1-ov1-a2-fp16", "lars-do1-ov1-a2",
+                                 "vrlamb-do1-ov1-a2-pg"])
 def test_save_and_load_optimizer_resume_bitwise(megatron_results, cid):
     """3 steps, save_optimizer, 2 steps; against: a new run (weights moved off), load_optimizer,
     the same 2 steps. Equal bit for bit on both ranks: no state key, scalar or weight is lost."""

@@ -22,14 +22,16 @@ hyperparameters and parameter names; the loss scaler; the VR optimizer's noise-s
 averages; and ``user_state``, so that what the training loop needs to resume always
 matches the optimizer state. Both formats load with the distributed optimizer on or off
 and at any data-parallel size: loading puts this rank's elements into its main parameters
-and optimizer state and the whole weights, in the model's dtype, into the model
-parameters; the training then continues as if it had not stopped (tested bitwise on 2
-ranks).
+and optimizer state, then sets the model's weights from the main parameters as Megatron's
+step does (cast to the model's dtype; with the distributed optimizer, its all-gather of the
+parameters); the training then continues as if it had not stopped (tested bitwise on 2
+ranks). A loading rank memory-maps the files and reads the element ranges it holds: with
+the distributed optimizer, about 1/W of the checkpoint on each of W ranks.
 
 One file (``sharded=False``): the distributed optimizer's shards are gathered (as pickled
 objects, through the data-parallel group) to the group's first rank, which writes whole
-tensors; every rank then reads the whole file (CPU memory: about 4 bytes per parameter per
-state key, plus the weights). For small and mid-sized models, and for a file to inspect.
+tensors (its memory: about 4x the whole state, measured by
+``benchmarks/megatron_checkpoint.py``). For small models, and for a file to inspect.
 
 Sharded (``sharded=True``): ``path`` is a folder of this module's own. Each save writes a
 new version folder ``vNNNNNN`` in it: every rank its own ``shard-RRRRR-of-WWWWW.pt`` (its
@@ -37,8 +39,7 @@ elements, no tensor travels between ranks; without the distributed optimizer the
 the same on every rank and rank 0 writes the one shard), then the first rank
 ``meta.pt`` (which rank holds which element range of each parameter, and everything but
 the tensors), then the file ``latest``, which names the version; older versions are
-removed after that. A rank loading it memory-maps the shard files and reads the element
-ranges its main parameters hold (any data-parallel size), plus the fp32 weights.
+removed after that.
 
 Every file is written to a temporary name, fsynced and renamed (:mod:`vrgd_ds.files`), so
 a checkpoint is only ever replaced by a complete one: a save killed midway leaves a
@@ -361,7 +362,7 @@ class _Consolidated:
     """A file of :func:`_save_consolidated`: whole tensors per name."""
 
     def __init__(self, path: Path):
-        self.meta = torch.load(path, map_location="cpu", weights_only=True)
+        self.meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         found = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
         if found != FORMAT:
             raise _not_ours(path, found)
@@ -445,6 +446,8 @@ def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | N
     except Exception as e:
         _group_ok(group, f"{type(e).__name__}: {e}")  # raises on every rank
     _group_ok(group, None)
+    with torch.no_grad():
+        seam.main_to_model_params(inner, ddp)  # every rank loaded: the all-gather is safe
     return user_state
 
 
@@ -458,9 +461,6 @@ def _load_here(inner, opt, ddp, path: Path) -> dict | None:
     wanted = {n: p.shape for n, p in model_params.items() if p.requires_grad}
     _check(src, path, opt, wanted, [{names[id(m.model_param)] for m in g} for g in mine])
     with torch.no_grad():
-        for name, p in model_params.items():
-            if name in src.shapes:
-                p.copy_(src.read(name, "fp32", 0, p.numel()).view(p.shape).to(p.dtype))
         for g in mine:
             for m in g:
                 name = names[id(m.model_param)]

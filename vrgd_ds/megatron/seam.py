@@ -10,7 +10,8 @@ Internals used (megatron-core 0.16):
 - ``DistributedDataParallel``: ``buffers``, ``expert_parallel_buffers``, ``bucket_groups``,
   ``ddp_config``, ``config`` (the TransformerConfig), ``tp_group``, ``pp_group``,
   ``dp_group``, ``dp_cp_group``, ``module`` (the wrapped model, whose parameter names a
-  checkpoint uses), and its method ``zero_grad_buffer``.
+  checkpoint uses), and its methods ``zero_grad_buffer`` and ``start_param_sync``
+  (``force_sync=True``: the distributed optimizer's all-gather of the parameters).
 - ``_ParamAndGradBuffer``: ``params``, ``param_index_map`` (param -> (start, end,
   bucket id) in the buffer), ``numel``, ``grad_data``, ``buckets``.
 - ``_ParamAndGradBucket``: ``offset``, ``grad_data``, ``gradient_scaling_factor``.
@@ -24,9 +25,11 @@ Internals used (megatron-core 0.16):
 - ``DistributedOptimizer``: ``model_float16_groups``, ``model_fp32_groups``,
   ``shard_fp32_from_float16_groups``, ``shard_fp32_groups``, ``data_parallel_group`` and
   ``_get_model_param_range_map(param)["param"]`` (the element range of a model parameter
-  that this rank's shard holds).
+  that this rank's shard holds), ``_copy_main_params_to_model_params`` (this rank's main
+  shards into the parameter buffer, what its step does before the all-gather).
 - ``Float16OptimizerWithFloat16Params``: ``float16_groups``, ``fp32_from_float16_groups``,
-  ``fp32_from_fp32_groups``; ``FP32Optimizer``: its inner parameters are the model's.
+  ``fp32_from_fp32_groups``, ``_copy_main_params_to_model_params``; ``FP32Optimizer``: its
+  inner parameters are the model's.
 """
 
 from __future__ import annotations
@@ -43,13 +46,16 @@ SUPPORTED_MINOR = (0, 16)
 __doc__ = __doc__.replace("|TESTED|", TESTED)
 
 _DDP_ATTRS = ("buffers", "expert_parallel_buffers", "bucket_groups", "ddp_config", "config",
-              "tp_group", "pp_group", "dp_group", "dp_cp_group", "module", "zero_grad_buffer")
+              "tp_group", "pp_group", "dp_group", "dp_cp_group", "module", "zero_grad_buffer",
+              "start_param_sync")
 _BUFFER_ATTRS = ("params", "param_index_map", "numel", "grad_data", "buckets")
 _BUCKET_ATTRS = ("offset", "grad_data", "gradient_scaling_factor")
 _GROUP_ATTRS = ("buckets", "ddp_config", "start_grad_sync", "finish_grad_sync")
 _DISTOPT_ATTRS = ("model_float16_groups", "model_fp32_groups", "shard_fp32_from_float16_groups",
-                  "shard_fp32_groups", "data_parallel_group", "_get_model_param_range_map")
-_FLOAT16_ATTRS = ("float16_groups", "fp32_from_float16_groups", "fp32_from_fp32_groups")
+                  "shard_fp32_groups", "data_parallel_group", "_get_model_param_range_map",
+                  "_copy_main_params_to_model_params")
+_FLOAT16_ATTRS = ("float16_groups", "fp32_from_float16_groups", "fp32_from_fp32_groups",
+                  "_copy_main_params_to_model_params")
 
 
 def megatron_version() -> str:
@@ -250,6 +256,19 @@ def main_params(inner) -> list[list[MainParam]]:
                 row.append(MainParam(t, model, 0, model.numel()))
         out.append(row)
     return out
+
+
+def main_to_model_params(inner, ddp) -> None:
+    """The model's weights from the main parameters, as Megatron's step sets them: each
+    rank's main tensors (cast to the model's dtype) into the model parameters, then, with the
+    distributed optimizer, the all-gather of the parameter buffers (a collective over the
+    data-parallel group, synchronous). FP32Optimizer's main parameters are the model's."""
+    kind = optimizer_kind(inner)
+    if kind == "fp32":
+        return
+    inner._copy_main_params_to_model_params()
+    if kind == "distributed":
+        ddp.start_param_sync(force_sync=True)
 
 
 def module_of(ddp) -> torch.nn.Module:
