@@ -418,7 +418,8 @@ def main_state(opt, ddp) -> dict:
                 state = inner.optimizer.state[m.tensor]
                 out.setdefault(names[id(m.model_param)], []).append((m.start, m.end, {
                     "fp32": m.tensor.detach().clone().reshape(-1),
-                    **{k: v.detach().clone().reshape(-1) for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}}))
+                    **{k: v.detach().clone().reshape(-1) for k, v in state.items()
+                       if torch.is_tensor(v) and v.dim() > 0}}))
     return out
 
 
