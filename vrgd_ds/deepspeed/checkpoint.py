@@ -32,8 +32,9 @@ FORMAT = "vrgd-ds consolidated checkpoint v1"
 
 
 def _load(path: Path) -> dict:
-    # our own file holds only tensors and plain containers
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # our own file holds only tensors and plain containers; memory-mapped, so that a rank
+    # reads the pieces its partitions hold, not the whole state
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def consolidate(checkpoint_dir: str | os.PathLike) -> dict:
