@@ -162,15 +162,40 @@ def truncate_metrics(path: str | Path, step: int) -> str | None:
     return note
 
 
-def carry_optimizer_state(engine, init_checkpoint: str | Path) -> None:
+def carry_optimizer_state(engine, init_checkpoint: str | Path, work_dir: str | Path) -> None:
     """Phase 1's final optimizer state (any world size) into this engine; fresh LR schedule.
 
     ``init_checkpoint`` is phase 1's ``hf/`` folder; its newest complete checkpoint is read from
-    the ``checkpoints/`` folder beside it (``--carry-optimizer-state``)."""
-    from vrgd_ds.deepspeed.checkpoint import consolidate, load_consolidated
+    the ``checkpoints/`` folder beside it (``--carry-optimizer-state``). Rank 0 consolidates it
+    into ``work_dir/.carried_optimizer.pt``; every rank then loads that file memory-mapped,
+    reading only the pieces its partitions hold (not a whole consolidation each), and the file
+    is removed once all ranks have loaded. Every rank raises if any rank failed."""
+    import torch.distributed as dist
+
+    from vrgd_ds.deepspeed.checkpoint import load_consolidated, save_consolidated
 
     ckpt_dir = Path(init_checkpoint).parent / "checkpoints"
-    found = latest_complete(ckpt_dir)
-    if found is None:
-        raise FileNotFoundError(f"--carry-optimizer-state: no complete checkpoint in {ckpt_dir}")
-    load_consolidated(engine, consolidate(ckpt_dir / found["tag"]), engine_state=False, hyperparameters=False)
+    path = Path(work_dir) / ".carried_optimizer.pt"
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            found = latest_complete(ckpt_dir)
+            if found is None:
+                raise FileNotFoundError(f"--carry-optimizer-state: no complete checkpoint in {ckpt_dir}")
+            save_consolidated(ckpt_dir / found["tag"], path)
+        except Exception as e:  # noqa: BLE001 - every rank raises it below
+            error = f"rank 0: {type(e).__name__}: {e}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        try:
+            load_consolidated(engine, path, engine_state=False, hyperparameters=False)
+        except Exception as e:  # noqa: BLE001
+            error = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, box[0] or error)
+    if dist.get_rank() == 0:
+        path.unlink(missing_ok=True)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise RuntimeError(f"--carry-optimizer-state failed on {failed[0]}")

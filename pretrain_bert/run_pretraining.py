@@ -228,7 +228,7 @@ def start_step(engine, args, found, ckpt_dir):
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=found["tag"])
         return client["step"], client
     if args.init_checkpoint and args.carry_optimizer_state:
-        checkpointing.carry_optimizer_state(engine, args.init_checkpoint)
+        checkpointing.carry_optimizer_state(engine, args.init_checkpoint, ckpt_dir.parent)
     return 0, None
 
 

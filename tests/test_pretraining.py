@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,6 +88,7 @@ def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
     assert proc.returncode == 0, tail(proc)
     p2_train = records(p2)
     assert [r["step"] for r in p2_train] == [1, 2] and p2_train[0]["samples"] == 8
+    assert not (p2 / ".carried_optimizer.pt").exists()  # the consolidated state, removed once loaded
     # a fresh schedule (warm-up 0.25 x 2 steps < 1 step), not phase 1's decayed LR
     assert [r["lr"] for r in p2_train] == pytest.approx([4e-3, 4e-3 * 0.5 ** 0.5])
     start = BertForPreTraining.from_pretrained(p1 / "hf").state_dict()
@@ -101,6 +103,13 @@ def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
     batch = collate([load_pretraining_data(data[512], "heldout")[i] for i in range(2)])
     with torch.no_grad():
         assert torch.isfinite(m(**batch).loss)
+    # an exported model without the checkpoints beside it: every rank stops, naming the folder
+    shutil.copytree(p1 / "hf", tmp_path / "alone" / "hf")
+    proc = launch(tmp_path, phase_config(2, steps=2), "--data", data[512], "--output-dir", tmp_path / "p2b",
+                  "--init-checkpoint", tmp_path / "alone" / "hf", "--carry-optimizer-state")
+    assert proc.returncode != 0
+    assert (f"--carry-optimizer-state failed on rank 0: FileNotFoundError: --carry-optimizer-state: no complete "
+            f"checkpoint in {tmp_path / 'alone' / 'checkpoints'}") in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("stage", [1, 2])
