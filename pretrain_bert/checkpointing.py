@@ -162,6 +162,9 @@ def truncate_metrics(path: str | Path, step: int) -> str | None:
     return note
 
 
+CARRIED = ".carried_optimizer.pt"  # in the run folder while --carry-optimizer-state loads it
+
+
 def carry_optimizer_state(engine, init_checkpoint: str | Path, work_dir: str | Path) -> None:
     """Phase 1's final optimizer state (any world size) into this engine; fresh LR schedule.
 
@@ -175,7 +178,7 @@ def carry_optimizer_state(engine, init_checkpoint: str | Path, work_dir: str | P
     from vrgd_ds.deepspeed.checkpoint import load_consolidated, save_consolidated
 
     ckpt_dir = Path(init_checkpoint).parent / "checkpoints"
-    path = Path(work_dir) / ".carried_optimizer.pt"
+    path = Path(work_dir) / CARRIED
     error = None
     if dist.get_rank() == 0:
         try:

@@ -233,10 +233,15 @@ def start_step(engine, args, found, ckpt_dir):
 
 
 def prepare_output(out, args, run, config, start, world):
-    """Rank 0: metrics.jsonl cut back to the checkpoint, debris of killed saves removed, run.json."""
+    """Rank 0: metrics.jsonl cut back to the checkpoint, debris of killed saves removed, run.json.
+    (Runs after start_step: a carried optimizer state is loaded by then.)"""
     note = checkpointing.truncate_metrics(out / "metrics.jsonl", start)
     if note:
         print(f"[run_pretraining] {note}", flush=True)
+    carried = out / checkpointing.CARRIED
+    if carried.exists():  # a --carry-optimizer-state killed before it removed its file
+        carried.unlink()
+        print(f"[run_pretraining] removed {carried}: left by a killed --carry-optimizer-state", flush=True)
     for folder in checkpointing.remove_unlisted(out / "checkpoints") if args.resume else []:
         print(f"[run_pretraining] removed {folder}: not a complete checkpoint (a save was killed)", flush=True)
     write_json_atomic(out / "run.json", {"config": args.config, "run": run.as_dict(), "data": str(args.data),

@@ -145,8 +145,10 @@ def test_bf16_run_killed_mid_step_resumes_to_the_same_curve(tmp_path, data):
     proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", killed,
                   env_extra={"PRETRAIN_BERT_FAULT": "micro:7"})
     assert proc.returncode != 0 and not (killed / "hf").exists()
+    (killed / ".carried_optimizer.pt").write_bytes(b"left by a killed --carry-optimizer-state")
     proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", killed, "--resume")
     assert proc.returncode == 0, tail(proc)
+    assert not (killed / ".carried_optimizer.pt").exists()
     same = [[{k: v for k, v in r.items() if k != "samples_per_s"} for r in records(d)] for d in (straight, killed)]
     assert [r["step"] for r in same[0]] == [1, 2, 3, 4] and same[0] == same[1]
     a, b = (BertForPreTraining.from_pretrained(d / "hf").state_dict() for d in (straight, killed))
