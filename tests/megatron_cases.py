@@ -374,23 +374,16 @@ def one_rank_worker(rank, init_file, out_dir):
     started(out_dir, rank)
     from megatron.core import parallel_state
 
-    from vrgd_ds.megatron import load_optimizer, save_optimizer, seam
+    from vrgd_ds.megatron import load_optimizer, save_optimizer
 
     parallel_state.initialize_model_parallel(1, 1)
 
     def load(name):
         ddp, opt, scheduler = build("vrlamb", True, True, 0.0, {})
         load_optimizer(opt, ddp, Path(out_dir).parent / name)
-        inner = seam.inner_optimizers(opt)[0]
-        names = {id(p): n for n, p in ddp.module.named_parameters()}
-        loaded = {}
-        for group in seam.main_params(inner):
-            for m in group:
-                state = inner.optimizer.state[m.tensor]
-                loaded[names[id(m.model_param)]] = {
-                    "fp32": m.tensor.detach().clone().view(m.model_param.shape),
-                    **{k: v.detach().clone().view(m.model_param.shape) for k, v in state.items()
-                       if torch.is_tensor(v) and v.dim() > 0}}
+        shapes = {n: p.shape for n, p in ddp.module.named_parameters()}
+        loaded = {n: {k: t.view(shapes[n]) for k, t in whole.items()}  # 1 rank: one piece, the whole
+                  for n, [(_, _, whole)] in main_state(opt, ddp).items()}
         return ddp, opt, scheduler, loaded
 
     def compute():
