@@ -319,6 +319,11 @@ def run_checkpoint_refusals(rank, out_dir):
     ddp, opt, _ = build("vrlamb", True, True, 0.0, {})
     out["optimizer"] = error(lambda: load_optimizer(opt, ddp, lamb_file))
     out["format"] = error(lambda: load_optimizer(opt, ddp, other))
+    damaged = Path(out_dir) / "damaged.pt"
+    if rank == 0:
+        damaged.write_bytes(good.read_bytes()[:1000])  # a file cut short
+    dist.barrier()
+    out["damaged"] = error(lambda: load_optimizer(opt, ddp, damaged))
     out["one rank"] = error(lambda: load_optimizer(opt, ddp, good if rank == 0 else Path(out_dir) / "missing.pt"))
     out["save"] = error(lambda: save_optimizer(opt, ddp, blocker / "optimizer.pt"))
     kept = Path(out_dir) / "kept.optimizer.pt"

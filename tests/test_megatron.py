@@ -213,6 +213,7 @@ def test_bad_optimizer_checkpoints_refused_on_every_rank(megatron_results):
     expected = {
         "optimizer": "holds the state of LAMB, this run's optimizer is VRLAMB",
         "format": "is not a vrgd-ds Megatron optimizer checkpoint",
+        "damaged": "damaged.pt cannot be read as a checkpoint file (",
         "one rank": "rank 1 of the data-parallel group failed: FileNotFoundError",
         "save": "rank 0 of the data-parallel group failed",
         "shape": "parameter '4.weight' has shape (3, 16) there, (4, 16) in this model",

@@ -383,11 +383,23 @@ def _not_ours(path, found) -> ValueError:
                       "vrgd_ds.megatron.save_optimizer")
 
 
+def _torch_load(path: Path, mmap: bool = True):
+    """``torch.load`` of one of our files, weights only; a file torch cannot read (truncated,
+    not a torch file) is named. A missing file stays a FileNotFoundError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read as a checkpoint file ({type(e).__name__}: {str(e)[:200]}); "
+                         "it is damaged or was not written by vrgd_ds.megatron.save_optimizer") from e
+
+
 class _Consolidated:
     """A file of :func:`_save_consolidated`: whole tensors per name."""
 
     def __init__(self, path: Path):
-        self.meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        self.meta = _torch_load(path)
         found = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
         if found != FORMAT:
             raise _not_ours(path, found)
@@ -417,7 +429,7 @@ class _Sharded:
         if not VERSION.fullmatch(version):
             raise ValueError(f"{latest} names {version[:40]!r}, not a version folder (v000001, ...)")
         self.folder = folder / version
-        self.meta = torch.load(self.folder / META, map_location="cpu", weights_only=True)
+        self.meta = _torch_load(self.folder / META, mmap=False)
         found = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
         if found != SHARDED_FORMAT:
             raise _not_ours(self.folder / META, found)
@@ -433,7 +445,7 @@ class _Sharded:
 
     def _shard(self, file: str) -> dict:
         if file not in self._files:
-            shard = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
+            shard = _torch_load(self.folder / file)
             if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
                 raise ValueError(f"{self.folder / file} is not a shard of this checkpoint")
             self._files[file] = shard["pieces"]
