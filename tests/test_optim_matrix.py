@@ -128,7 +128,7 @@ def set_route(opt, mode):
 def resume(spec, model, opt, steps, mode):
     """A new model and optimizer in ``mode`` from the state dicts of ``model`` and ``opt``
     (whose param groups hold their own mode), trained ``steps`` more."""
-    resumed = make_model(seed=123)
+    resumed = make_model(next(model.parameters()).dtype, seed=123)
     resumed.load_state_dict(copy.deepcopy(model.state_dict()))
     moments = MicroStepMoments(resumed.parameters())
     opt2 = make_opt(spec, resumed.parameters(), mode, moments)
@@ -208,6 +208,29 @@ def test_state_dict_resume_is_bitwise(spec, mode):
 
     first = make_model()
     resumed, _ = resume(spec, first, train(spec, first, 3, mode), 3, mode)
+    for pa, pb in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_state_dict_resume_is_bitwise_on_low_precision_params(spec, dtype):
+    """torch's load_state_dict casts floating state to the parameter's dtype; the fp32 state
+    of our flat updates (LAMB/LARS moments, the GSNR momentum) must come back as fp32, or the
+    resumed run leaves the saved one. torch's own updates keep their state in the parameters'
+    dtype, and so does their resume."""
+    straight = make_model(dtype)
+    train(spec, straight, 5, "rows")
+
+    first = make_model(dtype)
+    opt = train(spec, first, 3, "rows")
+    loaded = make_opt(spec, make_model(dtype, seed=5).parameters(), "rows")
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p, q in zip(first.parameters(), loaded.param_groups[0]["params"]):
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value) and value.dim():  # the same dtype, the same values
+                assert loaded.state[q][key].dtype == value.dtype and torch.equal(loaded.state[q][key], value), key
+    resumed, _ = resume(spec, first, opt, 2, "rows")
     for pa, pb in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(pa, pb)
 

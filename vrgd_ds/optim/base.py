@@ -142,6 +142,24 @@ class BaseOptimizer(torch.optim.Optimizer):
         self._buckets: dict[int, tuple] = {}
         self._batches: dict[int, tuple] = {}  # per group, what _collect keeps between steps
 
+    # state keys this optimizer keeps in fp32 whatever the parameters' dtype (its flat buffers);
+    # torch's own updates keep theirs in the parameters' dtype (:mod:`.torch_bases`)
+    FP32_STATE: frozenset[str] = frozenset()
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch's ``load_state_dict``, except that the state in :attr:`FP32_STATE` is loaded as
+        fp32: torch casts every floating-point state tensor to its parameter's dtype, which on a
+        bf16 or fp16 model would round the fp32 moments (and the GSNR momentum) and make a
+        resumed run differ from the one that was saved. Copied, never aliased."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for key, value in saved.get(i, {}).items():
+                if key in self.FP32_STATE and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("layout", LayerLayout())

@@ -49,6 +49,8 @@ class LAMB(BaseOptimizer):
     arithmetic for any parameter dtype.
     """
 
+    FP32_STATE = frozenset({"exp_avg", "exp_avg_sq"})
+
     def __init__(
         self,
         params,

@@ -42,6 +42,8 @@ class LARS(BaseOptimizer):
     clipping; fp32 state and arithmetic for any parameter dtype.
     """
 
+    FP32_STATE = frozenset({"momentum_buffer"})
+
     def __init__(
         self,
         params,

@@ -421,6 +421,8 @@ def _declare(cls: type, beta3: float, hyper: Sequence[str] | None, defaults: dic
     __init__.__module__ = cls.__module__
     __init__.__doc__ = f"See :class:`{cls.__name__}` for the arguments."
     cls.__init__ = __init__
+    # the GSNR momentum is fp32 for any parameter dtype, like the flat bases' own state
+    cls.FP32_STATE = next(vars(k)["FP32_STATE"] for k in cls.__mro__[1:] if "FP32_STATE" in vars(k)) | {"gsnr_momentum"}
     with_args(cls, GSNR_UPDATE)
 
 
