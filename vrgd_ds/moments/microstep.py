@@ -37,6 +37,14 @@ handed out is overwritten at the next step, so keep a ``clone()`` of a gradient 
 keep, or pass ``flat_grads=False`` (the squares are still placed). Left alone: a ``p.grad``
 that existed before the backward pass, gradients made with ``create_graph=True`` (they keep
 their graph), and ``torch.autograd.grad`` results (nothing is accumulated).
+
+Mixed precision with ``torch.amp.GradScaler`` (``scaler.scale(loss).backward()`` for each
+micro-batch, then ``scaler.step(opt)``, ``scaler.update()``): the VR optimizers take the
+scale from the scaler's step, unscale the gradient and divide the squares by S^2, and skip a
+step in which the scaler found an inf or NaN; the result equals an unscaled run bit for bit
+(S is a power of 2). To clip, call ``scaler.unscale_(opt)`` and then :meth:`clip_grad_norm_`,
+and pass ``grad_scaler=scaler`` here: the scaler unscales ``p.grad`` but not the squares,
+and the step reads S from it (without it that step raises).
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ from torch import Tensor
 class MicroStepMoments:
     squares_consumable = True  # rewritten by the next step's first backward pass (or zeroed when read)
 
-    def __init__(self, params: Iterable[Tensor], samples_per_group: int | None = None, flat_grads: bool = True):
+    def __init__(self, params: Iterable[Tensor], samples_per_group: int | None = None, flat_grads: bool = True,
+                 grad_scaler=None):
         if samples_per_group is not None and (isinstance(samples_per_group, bool)
                                               or not isinstance(samples_per_group, int) or samples_per_group < 1):
             raise ValueError(f"samples_per_group must be an integer >= 1 or None, got {samples_per_group!r}")
@@ -58,6 +67,9 @@ class MicroStepMoments:
         if not isinstance(flat_grads, bool):
             raise ValueError(f"flat_grads must be True or False, got {flat_grads!r}")
         self.flat_grads = flat_grads  # False (may be set at any time): p.grad stays where autograd puts it
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        self.grad_scaler = grad_scaler  # its scale S is in the squares (see the module docstring)
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")

@@ -87,6 +87,26 @@ class MomentSource(Protocol):
     def reset(self) -> None: ...
 
 
+class LossScaled:
+    """A moment source whose micro-batch gradients were multiplied by a loss scale S
+    (``torch.amp.GradScaler``) while the gradient the step reads is unscaled: its squares are
+    S^2 too large, so ``sq_scale`` is divided by S^2 (a float64 tensor; exact for the scaler's
+    powers of 2). Everything else is the source's own."""
+
+    def __init__(self, source: MomentSource, scale: Tensor):
+        self._source = source
+        self._inv_sq = scale.double().reciprocal().square()
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    @property
+    def sq_scale(self) -> Tensor:
+        sq_scale = self._source.sq_scale
+        inv = self._inv_sq.to(sq_scale.device) if isinstance(sq_scale, Tensor) else self._inv_sq
+        return sq_scale * inv
+
+
 class GSNRTransform:
     """Mixin: scale the gradient by its clamped, layer-normalised GSNR before the base update.
 
@@ -152,13 +172,51 @@ class GSNRTransform:
         if self.moments is not None:
             self.moments.reset()
 
+    # torch.amp.GradScaler.step hands such an optimizer its loss scale and found-inf flag
+    # (attributes ``grad_scale`` and ``found_inf``, for that call) instead of unscaling the
+    # gradients and skipping the step itself: the squares must be unscaled with them (_amp)
+    _step_supports_amp_scaling = True
+
     def step(self, closure=None):
         self.overflow = False
-        loss = super().step(closure)
+        self._loss_scale = None
+        if getattr(self, "found_inf", None) is not None and self._amp():
+            loss = None  # the scaler found an inf/NaN: skipped, nothing changed (it lowers the scale)
+            self.overflow = True
+        else:
+            loss = super().step(closure)
         if self.moments is not None:
             self.moments.reset()
             self._place_moments()
         return loss
+
+    def _amp(self) -> bool:
+        """A step driven by ``torch.amp.GradScaler.step``: True to skip it (an inf/NaN found).
+        Else the gradients are brought to the unscaled mean, as the scaler would do for another
+        optimizer, and the loss scale S is kept: the squares of the scaled micro-batch
+        gradients are S^2 too large (:class:`LossScaled`). With ``scaler.unscale_(optimizer)``
+        before (to clip) the scaler has unscaled ``p.grad`` already and does not pass S; the
+        moment source must then know the scaler (``MicroStepMoments(..., grad_scaler=scaler)``)."""
+        if bool(self.found_inf.sum() > 0):
+            return True
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:  # the gradients are still scaled: unscale them (exact for powers of 2)
+            inv = scale.double().reciprocal().float()
+            with torch.no_grad():
+                for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
+                    p.grad.mul_(inv.to(p.grad.device))
+            self._loss_scale = scale
+            return False
+        scaler = getattr(self.moments, "grad_scaler", None)
+        if scaler is not None:
+            self._loss_scale = torch.tensor(float(scaler.get_scale()), dtype=torch.float64)
+            return False
+        if any(g["gamma"] < 1.0 for g in self.param_groups) and self.wants_moments():
+            raise RuntimeError(
+                f"{type(self).__name__}: scaler.unscale_(optimizer) was called before scaler.step(optimizer); "
+                "it unscaled p.grad but not the squared gradients the GSNR needs. Give the moment source "
+                "the scaler (MicroStepMoments(..., grad_scaler=scaler)), or do not call unscale_")
+        return False
 
     def _place_moments(self) -> None:
         """Ask a moment source that can (:meth:`vrgd_ds.moments.MicroStepMoments.place`) to keep
@@ -217,6 +275,8 @@ class GSNRTransform:
             raise FloatingPointError(msg)
 
     def _moment_source(self) -> MomentSource:
+        if self.moments is not None and getattr(self, "_loss_scale", None) is not None:
+            return LossScaled(self.moments, self._loss_scale)
         if self.moments is None:
             from ..deepspeed import registration_problem
 

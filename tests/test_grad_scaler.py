@@ -1,0 +1,107 @@
+"""torch.amp.GradScaler driving a VR optimizer: the scaled micro-batch gradients put S^2 into
+the squares; the step must unscale both, and skip the steps the scaler finds inf/NaN in.
+Against the same run without a scaler (S is a power of 2: equal bit for bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vrgd_ds import MicroStepMoments
+
+from test_optim_matrix import K, SPECS, batch, loss_fn, make_model, make_opt
+
+VR = [s for s in SPECS if s.vr and s.name in ("VRLAMB", "VRAdamW", "VRLARS", "VRMomentum")]
+CLIP = 0.5
+
+
+def scaler(init=2.0**10):
+    return torch.amp.GradScaler("cpu", init_scale=init, growth_interval=2)
+
+
+def run(spec, steps, amp=None, unscale=False, clip=False, poison=None):
+    """``amp``: a GradScaler (None: plain). ``unscale``: scaler.unscale_ before the step (the
+    moment source is given the scaler). ``poison``: a step whose first micro-batch is inf."""
+    model = make_model()
+    moments = MicroStepMoments(model.parameters(), grad_scaler=amp if unscale else None)
+    opt = make_opt(spec, model.parameters(), "rows", moments)
+    scales = []
+    for s in range(steps):
+        x, y = batch(s)
+        if s == poison:
+            x = x.clone()
+            x[0] = float("inf")
+        for i, (xb, yb) in enumerate(zip(x.chunk(K), y.chunk(K))):
+            loss = loss_fn(model(xb), yb) / K
+            (amp.scale(loss) if amp else loss).backward()
+        if amp is not None:
+            scales.append(amp.get_scale())
+            if unscale:
+                amp.unscale_(opt)
+            if clip:
+                moments.clip_grad_norm_(CLIP)
+            amp.step(opt)
+            amp.update()
+        else:
+            if clip:
+                moments.clip_grad_norm_(CLIP)
+            opt.step()
+        opt.zero_grad()
+    return model, opt, scales
+
+
+@pytest.mark.parametrize("spec", VR, ids=lambda s: s.name)
+def test_scaled_steps_equal_the_unscaled_run_bitwise(spec):
+    plain, _, _ = run(spec, 4)
+    amp = scaler()
+    scaled, opt, scales = run(spec, 4, amp)
+    assert len(set(scales)) > 1  # the scale grew during the run
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", VR[:2], ids=lambda s: s.name)
+def test_unscale_then_clip_equals_the_unscaled_run_bitwise(spec):
+    plain, _, _ = run(spec, 4, clip=True)
+    scaled, _, _ = run(spec, 4, scaler(), unscale=True, clip=True)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_unscale_without_telling_the_moment_source_raises():
+    model = make_model()
+    moments = MicroStepMoments(model.parameters())
+    spec = VR[0]
+    opt = make_opt(spec, model.parameters(), "rows", moments)
+    amp = scaler()
+    x, y = batch(0)
+    for xb, yb in zip(x.chunk(K), y.chunk(K)):
+        amp.scale(loss_fn(model(xb), yb) / K).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    amp.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"grad_scaler=scaler"):
+        amp.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="grad_scaler must be a torch.amp.GradScaler"):
+        MicroStepMoments(model.parameters(), grad_scaler=2.0**10)
+
+
+def test_a_step_with_inf_is_skipped_and_the_run_goes_on():
+    spec = VR[0]
+    amp = scaler()
+    model, opt, scales = run(spec, 2, amp, poison=1)
+    ref, ref_opt, _ = run(spec, 1)  # step 1 skipped: the weights and state after step 0
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(ref.parameters(), model.parameters()):
+        assert {k: v for k, v in ref_opt.state[p].items() if not torch.is_tensor(v)} == \
+            {k: v for k, v in opt.state[q].items() if not torch.is_tensor(v)}
+    assert opt.overflow and amp.get_scale() == scales[1] / 2  # the scaler backed off
+    x, y = batch(2)  # and the next step trains
+    for xb, yb in zip(x.chunk(K), y.chunk(K)):
+        amp.scale(loss_fn(model(xb), yb) / K).backward()
+    amp.step(opt)
+    amp.update()
+    assert not opt.overflow
+    assert any(not torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
