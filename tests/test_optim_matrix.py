@@ -461,23 +461,61 @@ def test_unknown_nonfinite_policy():
         VRSGD(make_model().parameters(), on_nonfinite="ignore")
 
 
+def clip(how, model, moments, max_norm=0.05):
+    """Clip the mean gradient: through the moment source, with torch's clip_grad_norm_ on
+    p.grad (what HF Trainer and Accelerate do), or by multiplying every p.grad by hand."""
+    if how == "moments":
+        total = moments.clip_grad_norm_(max_norm)
+    elif how == "torch":
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        for p in model.parameters():
+            p.grad.mul_(max_norm / (total + 1e-6))
+    return total
+
+
+@pytest.mark.parametrize("how", ["moments", "torch", "by hand"])
 @pytest.mark.parametrize("mode", MODES)
-def test_clipping_scales_the_mean_only(mode):
-    """GSNR from the unclipped moments, update from the clipped mean (docs/algorithm.md sec. 1)."""
+def test_clipping_scales_the_mean_only(mode, how):
+    """GSNR from the unclipped moments, update from the clipped mean (docs/algorithm.md sec. 1),
+    however the mean gradient was clipped (the moment source probes p.grad for it)."""
     spec = next(s for s in SPECS if s.name == "VRSGD")
     model = make_model()
     ref_model = copy.deepcopy(model)
     moments = MicroStepMoments(model.parameters())
     opt = make_opt(spec, model.parameters(), mode, moments, weight_decay=0.0)
     micro_steps(model, 0)
-    total = moments.clip_grad_norm_(0.05)
+    total = clip(how, model, moments)
     assert total > 0.05
     coef = 0.05 / (total.item() + 1e-6)
+    assert abs(moments.clip_scale / coef - 1) < 1e-6  # what the telemetry divides out
     opt.step()
     x, y = batch(0)
     ref = Reference(list(ref_model.parameters()), "sgd", gamma=0.1, lr=spec.kwargs["lr"])
     ref.step([g * coef for g in group_grads(ref_model, loss_fn, x, y, K)])
     assert max_rel_err(list(model.parameters()), ref.theta) < 2e-5
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.name in ("VRLAMB", "VRAdamW")], ids=lambda s: s.name)
+def test_clipping_p_grad_directly_is_followed(spec):
+    """Four steps clipped with torch's clip_grad_norm_ on p.grad equal those clipped through the
+    moment source (to the probe's rounding); without the probe they do not."""
+    def run(how, follow=True):
+        model = make_model()
+        moments = MicroStepMoments(model.parameters())
+        moments.follow_rescaling = follow
+        opt = make_opt(spec, model.parameters(), "rows", moments)
+        for s in range(4):
+            micro_steps(model, s)
+            clip(how, model, moments, 0.02)
+            opt.step()
+            opt.zero_grad()
+        return list(model.parameters())
+
+    through_moments = run("moments")
+    assert max_rel_err(run("torch"), through_moments) < 1e-6
+    assert max_rel_err(run("torch", follow=False), through_moments) > 1e-4
 
 
 @pytest.mark.parametrize("mode", [*MODES, "rows", "compile"])

@@ -60,6 +60,7 @@ class ZeroMoments:
         self.local = None
         if not snap.partition_gradients and snap.accumulation > 1:
             self.local = MicroStepMoments(snap.all_params())
+            self.local.follow_rescaling = False  # DeepSpeed's own gradients: only its squares are used
         self.squares = ChunkedSquares(snap.dp_group, chunk_numel, vr_optimizer.sq_comm_dtype)
         self._multiplier, self._loss_scale = 1.0, 1.0
         self._consumed = False

@@ -76,6 +76,8 @@ class DDPMoments:
         self.params = [p for n, p in ddp_model.module.named_parameters()
                        if p.requires_grad and n not in ignored]
         self.local = MicroStepMoments(self.params) if mode == "micro" else None
+        if self.local is not None:  # its p.grad is the all-reduced one: nothing to follow
+            self.local.follow_rescaling = False
         self._reduced: dict[Tensor, Tensor] = {}
         self._count: Tensor | None = None  # sum over ranks of local backward passes
         self._clip_scale = 1.0

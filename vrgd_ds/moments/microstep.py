@@ -21,9 +21,17 @@ of squared group gradients in p.grad's scale is ``k * sum_i h_i^2``; ``sq_scale`
 A parameter that a micro-batch does not reach has h_i = 0 for that group, so k is the
 number of backward passes, not a per-parameter count.
 
-Clipping ``p.grad`` directly would leave the squares at the old scale and make the GSNR
-wrong; :meth:`clip_grad_norm_` clips the mean gradient and rescales the squares with it,
-so the GSNR stays that of the unclipped moments (section 1).
+Clipping: :meth:`clip_grad_norm_` clips the mean gradient and rescales the squares with it,
+so the GSNR stays that of the unclipped moments (section 1). A gradient rescaled any other
+way after the backward passes (``torch.nn.utils.clip_grad_norm_`` on ``p.grad``, as Hugging
+Face's Trainer and Accelerate do, or ``p.grad.mul_(c)`` for every parameter) is followed too:
+after each backward pass the source keeps the sum of squares of the first
+``PROBE_NUMEL`` gradient elements of a few parameters (the first ``PROBES`` whose gradient is
+accumulated; a few small reductions, nothing read back to the host), and the step compares
+them with the gradient it finds. An unexplained factor common to all of them is taken as a
+clipping factor c (squares times c^2, and the telemetry's clip scale). What it cannot follow:
+a change that is not one factor for all parameters (``clip_grad_value_``, clipping per
+parameter); ``follow_rescaling = False`` turns the probe off.
 
 Memory traffic: the first backward pass of a step writes h_1^2 (no zeroing pass; a buffer a
 step did not reach is zeroed when it is read). After its first step a vrgd_ds optimizer
@@ -49,10 +57,20 @@ and the step reads S from it (without it that step raises).
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 from torch import Tensor
+
+
+PROBES = 4  # parameters whose gradient is probed for rescaling after the backward passes
+PROBE_NUMEL = 4096  # elements probed per parameter
+RESCALE_TOL = 1e-6  # a probed factor this close to the explained one is the explained one
+
+
+def _probe_sum(grad: Tensor) -> Tensor:
+    return grad.detach().reshape(-1)[:PROBE_NUMEL].double().square().sum()
 
 
 class MicroStepMoments:
@@ -70,6 +88,9 @@ class MicroStepMoments:
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         self.grad_scaler = grad_scaler  # its scale S is in the squares (see the module docstring)
+        self.follow_rescaling = True  # probe p.grad for rescaling after the backward passes (see above)
+        self._probes: dict[Tensor, Tensor] = {}  # param -> _probe_sum of its gradient after the last pass
+        self._loss_scale: Tensor | None = None  # S, noted by the optimizer's GradScaler step
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
@@ -111,15 +132,39 @@ class MicroStepMoments:
         """After autograd created p.grad on the step's first backward pass (never for
         ``torch.autograd.grad``, which accumulates nothing): copy it, still in cache, into the
         optimizer's flat buffer and make p.grad that view; later passes accumulate into it."""
-        if p not in self._take:
-            return
-        self._take.discard(p)
-        home, grad = self._grad_home.get(p), p.grad
-        if (not self.flat_grads or home is None or grad is None or grad.requires_grad
-                or grad.dtype != home.dtype or grad.shape != home.shape or grad.layout != torch.strided):
-            return
-        home.copy_(grad)
-        p.grad = home.view_as(home)
+        if p in self._take:
+            self._take.discard(p)
+            home, grad = self._grad_home.get(p), p.grad
+            if (self.flat_grads and home is not None and grad is not None and not grad.requires_grad
+                    and grad.dtype == home.dtype and grad.shape == home.shape and grad.layout == torch.strided):
+                home.copy_(grad)
+                p.grad = home.view_as(home)
+        if self.follow_rescaling and (p in self._probes or len(self._probes) < PROBES):
+            grad = p.grad
+            if grad is not None and not grad.requires_grad and grad.layout == torch.strided:
+                self._probes[p] = _probe_sum(grad)
+
+    def note_loss_scale(self, scale: Tensor) -> None:
+        """The optimizer's ``torch.amp.GradScaler`` step: ``p.grad`` is (or is being) divided
+        by the loss scale S that the backward passes' gradients, and so the squares, carry."""
+        self._loss_scale = scale.double()
+
+    def _factor(self) -> Tensor | float:
+        """What the squares must be multiplied by for the gradient the step reads: c^2 / S^2
+        (c: :meth:`clip_grad_norm_`'s factor, S: a noted loss scale), or, where the probes
+        measured another common factor of p.grad since the backward passes, that one."""
+        explained = self._clip_scale**2
+        if self._loss_scale is not None:
+            explained = explained / self._loss_scale.square()
+        then = [(t, p.grad) for p, t in self._probes.items() if p.grad is not None]
+        if not then:
+            return explained
+        before = torch.stack([t for t, _ in then])
+        now = torch.stack([_probe_sum(g).to(before.device) for _, g in then])
+        i = torch.argmax(before)
+        measured = torch.where(before[i] > 0.0, now[i] / before[i], 1.0)
+        e = torch.as_tensor(explained, dtype=torch.float64).to(measured.device)
+        return torch.where((measured / e - 1.0).abs() <= RESCALE_TOL, e, measured)
 
     def place(self, params: list[Tensor], squares: list[Tensor], grads: list[Tensor | None]) -> None:
         """Keep the squares of ``params`` in the given fp32 views (e.g. an optimizer's flat
@@ -166,12 +211,16 @@ class MicroStepMoments:
     def sq_scale(self) -> float | Tensor:
         """After :meth:`clip_grad_norm_` a float64 tensor on the gradients' device (the
         optimizer uses it there; reading it back would wait for the device)."""
-        return self._backward_passes * self._clip_scale**2
+        return self._backward_passes * self._factor()
 
     @property
     def clip_scale(self) -> float:
-        """The factor :meth:`clip_grad_norm_` multiplied the mean gradient by (1: unclipped)."""
-        return float(self._clip_scale)
+        """The factor clipping multiplied the mean gradient by (1: unclipped): that of
+        :meth:`clip_grad_norm_`, or one measured by the probes (see the module docstring)."""
+        factor = self._factor()
+        if self._loss_scale is not None:
+            factor = factor * self._loss_scale.square()
+        return math.sqrt(float(factor))
 
     def sum_sq(self, param: Tensor) -> Tensor:
         return self.local_squares(param)
@@ -188,6 +237,8 @@ class MicroStepMoments:
         self._hits.clear()
         self._backward_passes = 0
         self._clip_scale = 1.0
+        self._probes.clear()
+        self._loss_scale = None
 
     def remove(self) -> None:
         """Detach the hooks (the moments stop updating)."""

@@ -205,11 +205,11 @@ class GSNRTransform:
             with torch.no_grad():
                 for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
                     p.grad.mul_(inv.to(p.grad.device))
-            self._loss_scale = scale
+            self._note_loss_scale(scale)
             return False
         scaler = getattr(self.moments, "grad_scaler", None)
         if scaler is not None:
-            self._loss_scale = torch.tensor(float(scaler.get_scale()), dtype=torch.float64)
+            self._note_loss_scale(torch.tensor(float(scaler.get_scale()), dtype=torch.float64))
             return False
         if any(g["gamma"] < 1.0 for g in self.param_groups) and self.wants_moments():
             raise RuntimeError(
@@ -273,6 +273,15 @@ class GSNRTransform:
         msg, self.pending_nonfinite = self.pending_nonfinite, None
         if msg is not None:
             raise FloatingPointError(msg)
+
+    def _note_loss_scale(self, scale: Tensor) -> None:
+        """S for this step: a source that follows p.grad takes it (it also sees p.grad's
+        unscaling); any other is read through :class:`LossScaled`."""
+        note = getattr(self.moments, "note_loss_scale", None)
+        if note is not None:
+            note(scale)
+        else:
+            self._loss_scale = scale
 
     def _moment_source(self) -> MomentSource:
         if self.moments is not None and getattr(self, "_loss_scale", None) is not None:
