@@ -67,6 +67,8 @@ CONFIGS = {
     "sgd-rank-a3": ("VRSGD", 3, "rank", None),
     "lamb-rank-a2": ("VRLAMB", 2, "rank", None),
     "lamb-a3-clip": ("VRLAMB", 3, "micro", "clip"),
+    "lamb-a3-torchclip": ("VRLAMB", 3, "micro", "torchclip"),  # torch's clip_grad_norm_ on p.grad
+    "sgd-rank-a2-torchclip": ("VRSGD", 2, "rank", "torchclip"),
     "sgd-a3-unused": ("VRSGD", 3, "micro", "unused"),
     "lamb-a3-syncall": ("VRLAMB", 3, "micro", "syncall"),  # no no_sync: every micro-step syncs
 }
@@ -121,6 +123,8 @@ def run_config(rank, name, accum, mode, variant):
         assert moments.group_count == (WORLD * accum if mode == "micro" else WORLD)
         if variant == "clip":
             moments.clip_grad_norm_(CLIP)
+        if variant == "torchclip":  # followed by the moment source's probes
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP)
         opt.step()
         opt.zero_grad()
         buckets.append(sorted(moments.buckets))
@@ -271,7 +275,7 @@ def explicit_run(name, accum, mode, variant):
             p.grad = None if g is None else g.mean(0)
             if g is not None:
                 moments.msq[p] = (g * g).mean(0)
-        if variant == "clip":  # clip gbar; the squares follow so the GSNR is the unclipped one
+        if variant in ("clip", "torchclip"):  # clip gbar; the squares follow: the GSNR is the unclipped one
             grads = [p.grad for p in params if p.grad is not None]
             coef = torch.clamp(CLIP / (torch.nn.utils.get_total_norm(grads) + 1e-6), max=1.0)
             assert coef < 1  # the test must actually clip

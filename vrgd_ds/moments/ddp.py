@@ -13,7 +13,7 @@ same way (docs/algorithm.md section 1):
             ctx = ddp.no_sync() if j < a - 1 else contextlib.nullcontext()
             with ctx:
                 (loss_fn(ddp(micro)) / a).backward()
-        moments.clip_grad_norm_(1.0)           # optional; never clip p.grad directly
+        moments.clip_grad_norm_(1.0)           # optional (torch's, on p.grad, is followed too)
         opt.step()
         opt.zero_grad()                        # also resets the moments
 
@@ -49,9 +49,11 @@ Details
   out of the VR optimizer.
 - DDPMoments owns the model's communication hook (DDP allows one); it is registered at
   construction, before the first backward.
-- Clipping ``p.grad`` directly would leave the squares at the old scale; use
-  :meth:`clip_grad_norm_` (p.grad is identical on all ranks after the sync, so the norm
-  needs no extra collective).
+- Clipping: :meth:`clip_grad_norm_` (p.grad is identical on all ranks after the sync, so
+  the norm needs no extra collective) scales the squares with the mean gradient. Clipping
+  ``p.grad`` directly (``torch.nn.utils.clip_grad_norm_``) is followed as in
+  :mod:`.microstep`: the bucket hook keeps probes of the reduced gradient of a few
+  parameters, and the step measures the common factor applied since.
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .microstep import MicroStepMoments, clip_mean_gradient_
+from .microstep import FollowsRescaling, MicroStepMoments, clip_mean_gradient_
 
 MODES = ("micro", "rank")
 
 
-class DDPMoments:
+class DDPMoments(FollowsRescaling):
     def __init__(self, ddp_model, process_group=None, mode: str = "micro", samples_per_group: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -81,6 +83,7 @@ class DDPMoments:
         self._reduced: dict[Tensor, Tensor] = {}
         self._count: Tensor | None = None  # sum over ranks of local backward passes
         self._clip_scale = 1.0
+        self._init_probes()
         self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
         ddp_model.register_comm_hook(process_group, self._hook)
 
@@ -100,13 +103,15 @@ class DDPMoments:
         combined = torch.cat([buf.view(-1).to(dtype), *(s.to(dtype) for s in sq),
                               torch.tensor([count], dtype=dtype, device=buf.device)])
         fut = dist.all_reduce(combined, group=self.group, async_op=True).get_future()
+        views = bucket.gradients()  # the parameters' views of buf
 
         def finish(f):
             total = f.value()[0]
             buf.view(-1).copy_(total[:n].div_(self.world))
             offset = n
-            for p in params:
+            for p, g in zip(params, views):
                 self._reduced[p] = total[offset:offset + p.numel()].view_as(p).float()
+                self._probe(p, g)  # the reduced gradient DDP puts into p.grad
                 offset += p.numel()
             self._count = total[offset]  # read lazily: no device sync inside the hook
             return buf
@@ -142,11 +147,7 @@ class DDPMoments:
         # p.grad = (sum of all local contributions h) / W; mean of squares in that scale:
         # micro: k * sum h^2 / W^2 (h = per micro-step grads); rank: sum G_r^2 / W.
         base = 1.0 / self.world if self.local is None else self.group_count / self.world**2
-        return base * self._clip_scale**2
-
-    @property
-    def clip_scale(self) -> float:
-        return float(self._clip_scale)
+        return base * self._factor()
 
     def sum_sq(self, param: Tensor) -> Tensor:
         sq = self._reduced.get(param)
@@ -166,5 +167,6 @@ class DDPMoments:
         self._reduced.clear()
         self._count = None
         self._clip_scale = 1.0
+        self._reset_probes()
         if self.local is not None:
             self.local.reset()

@@ -73,7 +73,61 @@ def _probe_sum(grad: Tensor) -> Tensor:
     return grad.detach().reshape(-1)[:PROBE_NUMEL].double().square().sum()
 
 
-class MicroStepMoments:
+class FollowsRescaling:
+    """Mixin of a moment source whose ``p.grad`` is the mean gradient: it follows a common
+    factor applied to ``p.grad`` after the gradients were made (see the module docstring).
+    The source keeps ``_clip_scale`` (its own :meth:`clip_grad_norm_`'s factor) and calls
+    :meth:`_probe` with each parameter's finished gradient."""
+
+    def _init_probes(self) -> None:
+        self.follow_rescaling = True  # False: only the source's own clipping is followed
+        self._probes: dict[Tensor, Tensor] = {}  # param -> _probe_sum of its gradient when made
+        self._loss_scale: Tensor | None = None  # S, noted by the optimizer's GradScaler step
+
+    def _reset_probes(self) -> None:
+        self._probes.clear()
+        self._loss_scale = None
+
+    def _probe(self, p: Tensor, grad: Tensor | None) -> None:
+        """Keep the probe of ``grad``, the gradient ``p.grad`` has now (the last call wins)."""
+        if not self.follow_rescaling or (p not in self._probes and len(self._probes) >= PROBES):
+            return
+        if grad is not None and not grad.requires_grad and grad.layout == torch.strided:
+            self._probes[p] = _probe_sum(grad)
+
+    def note_loss_scale(self, scale: Tensor) -> None:
+        """The optimizer's ``torch.amp.GradScaler`` step: ``p.grad`` is (or is being) divided
+        by the loss scale S that the backward passes' gradients, and so the squares, carry."""
+        self._loss_scale = scale.double()
+
+    def _factor(self) -> Tensor | float:
+        """What the squares must be multiplied by for the gradient the step reads: c^2 / S^2
+        (c: :meth:`clip_grad_norm_`'s factor, S: a noted loss scale), or, where the probes
+        measured another common factor of p.grad, that one (a float64 tensor, on the device)."""
+        explained = self._clip_scale**2
+        if self._loss_scale is not None:
+            explained = explained / self._loss_scale.square()
+        then = [(t, p.grad) for p, t in self._probes.items() if p.grad is not None]
+        if not then:
+            return explained
+        before = torch.stack([t for t, _ in then])
+        now = torch.stack([_probe_sum(g).to(before.device) for _, g in then])
+        i = torch.argmax(before)
+        measured = torch.where(before[i] > 0.0, now[i] / before[i], 1.0)
+        e = torch.as_tensor(explained, dtype=torch.float64).to(measured.device)
+        return torch.where((measured / e - 1.0).abs() <= RESCALE_TOL, e, measured)
+
+    @property
+    def clip_scale(self) -> float:
+        """The factor clipping multiplied the mean gradient by (1: unclipped): that of
+        :meth:`clip_grad_norm_`, or one measured by the probes (see the module docstring)."""
+        factor = self._factor()
+        if self._loss_scale is not None:
+            factor = factor * self._loss_scale.square()
+        return math.sqrt(float(factor))
+
+
+class MicroStepMoments(FollowsRescaling):
     squares_consumable = True  # rewritten by the next step's first backward pass (or zeroed when read)
 
     def __init__(self, params: Iterable[Tensor], samples_per_group: int | None = None, flat_grads: bool = True,
@@ -88,9 +142,7 @@ class MicroStepMoments:
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         self.grad_scaler = grad_scaler  # its scale S is in the squares (see the module docstring)
-        self.follow_rescaling = True  # probe p.grad for rescaling after the backward passes (see above)
-        self._probes: dict[Tensor, Tensor] = {}  # param -> _probe_sum of its gradient after the last pass
-        self._loss_scale: Tensor | None = None  # S, noted by the optimizer's GradScaler step
+        self._init_probes()
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
@@ -139,32 +191,7 @@ class MicroStepMoments:
                     and grad.dtype == home.dtype and grad.shape == home.shape and grad.layout == torch.strided):
                 home.copy_(grad)
                 p.grad = home.view_as(home)
-        if self.follow_rescaling and (p in self._probes or len(self._probes) < PROBES):
-            grad = p.grad
-            if grad is not None and not grad.requires_grad and grad.layout == torch.strided:
-                self._probes[p] = _probe_sum(grad)
-
-    def note_loss_scale(self, scale: Tensor) -> None:
-        """The optimizer's ``torch.amp.GradScaler`` step: ``p.grad`` is (or is being) divided
-        by the loss scale S that the backward passes' gradients, and so the squares, carry."""
-        self._loss_scale = scale.double()
-
-    def _factor(self) -> Tensor | float:
-        """What the squares must be multiplied by for the gradient the step reads: c^2 / S^2
-        (c: :meth:`clip_grad_norm_`'s factor, S: a noted loss scale), or, where the probes
-        measured another common factor of p.grad since the backward passes, that one."""
-        explained = self._clip_scale**2
-        if self._loss_scale is not None:
-            explained = explained / self._loss_scale.square()
-        then = [(t, p.grad) for p, t in self._probes.items() if p.grad is not None]
-        if not then:
-            return explained
-        before = torch.stack([t for t, _ in then])
-        now = torch.stack([_probe_sum(g).to(before.device) for _, g in then])
-        i = torch.argmax(before)
-        measured = torch.where(before[i] > 0.0, now[i] / before[i], 1.0)
-        e = torch.as_tensor(explained, dtype=torch.float64).to(measured.device)
-        return torch.where((measured / e - 1.0).abs() <= RESCALE_TOL, e, measured)
+        self._probe(p, p.grad)
 
     def place(self, params: list[Tensor], squares: list[Tensor], grads: list[Tensor | None]) -> None:
         """Keep the squares of ``params`` in the given fp32 views (e.g. an optimizer's flat
@@ -213,15 +240,6 @@ class MicroStepMoments:
         optimizer uses it there; reading it back would wait for the device)."""
         return self._backward_passes * self._factor()
 
-    @property
-    def clip_scale(self) -> float:
-        """The factor clipping multiplied the mean gradient by (1: unclipped): that of
-        :meth:`clip_grad_norm_`, or one measured by the probes (see the module docstring)."""
-        factor = self._factor()
-        if self._loss_scale is not None:
-            factor = factor * self._loss_scale.square()
-        return math.sqrt(float(factor))
-
     def sum_sq(self, param: Tensor) -> Tensor:
         return self.local_squares(param)
 
@@ -237,8 +255,7 @@ class MicroStepMoments:
         self._hits.clear()
         self._backward_passes = 0
         self._clip_scale = 1.0
-        self._probes.clear()
-        self._loss_scale = None
+        self._reset_probes()
 
     def remove(self) -> None:
         """Detach the hooks (the moments stop updating)."""
