@@ -25,7 +25,7 @@ Clipping: :meth:`clip_grad_norm_` clips the mean gradient and rescales the squar
 so the GSNR stays that of the unclipped moments (section 1). A gradient rescaled any other
 way after the backward passes (``torch.nn.utils.clip_grad_norm_`` on ``p.grad``, as Hugging
 Face's Trainer and Accelerate do, or ``p.grad.mul_(c)`` for every parameter) is followed too:
-after each backward pass the source keeps the sum of squares of the first
+after each backward pass the source keeps the norm of the first
 ``PROBE_NUMEL`` gradient elements of a few parameters (the first ``PROBES`` whose gradient is
 accumulated; a few small reductions, nothing read back to the host), and the step compares
 them with the gradient it finds. An unexplained factor common to all of them is taken as a
@@ -70,7 +70,8 @@ RESCALE_TOL = 1e-6  # a probed factor this close to the explained one is the exp
 
 
 def _probe_sum(grad: Tensor) -> Tensor:
-    return grad.detach().reshape(-1)[:PROBE_NUMEL].double().square().sum()
+    """The norm (float64) of the first PROBE_NUMEL elements of a gradient."""
+    return torch.linalg.vector_norm(grad.detach().reshape(-1)[:PROBE_NUMEL], dtype=torch.float64)
 
 
 class FollowsRescaling:
@@ -81,7 +82,7 @@ class FollowsRescaling:
 
     def _init_probes(self) -> None:
         self.follow_rescaling = True  # False: only the source's own clipping is followed
-        self._probes: dict[Tensor, Tensor] = {}  # param -> _probe_sum of its gradient when made
+        self._probes: dict[Tensor, Tensor] = {}  # param -> _probe_sum of its gradient when it was made
         self._loss_scale: Tensor | None = None  # S, noted by the optimizer's GradScaler step
 
     def _reset_probes(self) -> None:
@@ -113,7 +114,7 @@ class FollowsRescaling:
         before = torch.stack([t for t, _ in then])
         now = torch.stack([_probe_sum(g).to(before.device) for _, g in then])
         i = torch.argmax(before)
-        measured = torch.where(before[i] > 0.0, now[i] / before[i], 1.0)
+        measured = torch.where(before[i] > 0.0, now[i] / before[i], 1.0).square()
         e = torch.as_tensor(explained, dtype=torch.float64).to(measured.device)
         return torch.where((measured / e - 1.0).abs() <= RESCALE_TOL, e, measured)
 

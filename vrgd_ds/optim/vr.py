@@ -87,24 +87,30 @@ class MomentSource(Protocol):
     def reset(self) -> None: ...
 
 
-class LossScaled:
-    """A moment source whose micro-batch gradients were multiplied by a loss scale S
-    (``torch.amp.GradScaler``) while the gradient the step reads is unscaled: its squares are
-    S^2 too large, so ``sq_scale`` is divided by S^2 (a float64 tensor; exact for the scaler's
-    powers of 2). Everything else is the source's own."""
+class StepSource:
+    """The moment source as one step reads it: ``sq_scale`` computed once (a source may derive
+    it from probes of the gradients, :mod:`vrgd_ds.moments.microstep`) and, where the
+    micro-batch gradients carried a loss scale S (``torch.amp.GradScaler``) that the gradient
+    the step reads no longer has and the source was not told of, divided by S^2 (exact for the
+    scaler's powers of 2). Everything else is the source's own."""
 
-    def __init__(self, source: MomentSource, scale: Tensor):
+    def __init__(self, source: MomentSource, scale: Tensor | None = None):
         self._source = source
-        self._inv_sq = scale.double().reciprocal().square()
+        self._scale = scale
+        self._sq_scale = None
 
     def __getattr__(self, name):
         return getattr(self._source, name)
 
     @property
-    def sq_scale(self) -> Tensor:
-        sq_scale = self._source.sq_scale
-        inv = self._inv_sq.to(sq_scale.device) if isinstance(sq_scale, Tensor) else self._inv_sq
-        return sq_scale * inv
+    def sq_scale(self) -> float | Tensor:
+        if self._sq_scale is None:
+            sq_scale = self._source.sq_scale
+            if self._scale is not None:
+                inv = self._scale.double().reciprocal().square()
+                sq_scale = sq_scale * (inv.to(sq_scale.device) if isinstance(sq_scale, Tensor) else inv)
+            self._sq_scale = sq_scale
+        return self._sq_scale
 
 
 class GSNRTransform:
@@ -194,7 +200,7 @@ class GSNRTransform:
         """A step driven by ``torch.amp.GradScaler.step``: True to skip it (an inf/NaN found).
         Else the gradients are brought to the unscaled mean, as the scaler would do for another
         optimizer, and the loss scale S is kept: the squares of the scaled micro-batch
-        gradients are S^2 too large (:class:`LossScaled`). With ``scaler.unscale_(optimizer)``
+        gradients are S^2 too large (:class:`StepSource`). With ``scaler.unscale_(optimizer)``
         before (to clip) the scaler has unscaled ``p.grad`` already and does not pass S; the
         moment source must then know the scaler (``MicroStepMoments(..., grad_scaler=scaler)``)."""
         if bool(self.found_inf.sum() > 0):
@@ -215,7 +221,8 @@ class GSNRTransform:
             raise RuntimeError(
                 f"{type(self).__name__}: scaler.unscale_(optimizer) was called before scaler.step(optimizer); "
                 "it unscaled p.grad but not the squared gradients the GSNR needs. Give the moment source "
-                "the scaler (MicroStepMoments(..., grad_scaler=scaler)), or do not call unscale_")
+                "the scaler (MicroStepMoments(..., grad_scaler=scaler), or moments.grad_scaler = scaler; "
+                "under HF Trainer / Accelerate: accelerator.scaler), or do not call unscale_")
         return False
 
     def _place_moments(self) -> None:
@@ -276,7 +283,7 @@ class GSNRTransform:
 
     def _note_loss_scale(self, scale: Tensor) -> None:
         """S for this step: a source that follows p.grad takes it (it also sees p.grad's
-        unscaling); any other is read through :class:`LossScaled`."""
+        unscaling); any other is read through :class:`StepSource`."""
         note = getattr(self.moments, "note_loss_scale", None)
         if note is not None:
             note(scale)
@@ -284,8 +291,8 @@ class GSNRTransform:
             self._loss_scale = scale
 
     def _moment_source(self) -> MomentSource:
-        if self.moments is not None and getattr(self, "_loss_scale", None) is not None:
-            return LossScaled(self.moments, self._loss_scale)
+        if self.moments is not None:
+            return StepSource(self.moments, getattr(self, "_loss_scale", None))
         if self.moments is None:
             from ..deepspeed import registration_problem
 
