@@ -9,14 +9,14 @@ import torch
 
 from vrgd_ds import MicroStepMoments
 
-from test_optim_matrix import K, SPECS, batch, loss_fn, make_model, make_opt
+from test_optim_matrix import DEVICE, K, SPECS, batch, loss_fn, make_model, make_opt
 
 VR = [s for s in SPECS if s.vr and s.name in ("VRLAMB", "VRAdamW", "VRLARS", "VRMomentum")]
 CLIP = 0.5
 
 
 def scaler(init=2.0**10):
-    return torch.amp.GradScaler("cpu", init_scale=init, growth_interval=2)
+    return torch.amp.GradScaler(DEVICE, init_scale=init, growth_interval=2)
 
 
 def run(spec, steps, amp=None, unscale=False, clip=False, poison=None):
@@ -85,6 +85,21 @@ def test_unscale_without_telling_the_moment_source_raises():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="grad_scaler must be a torch.amp.GradScaler"):
         MicroStepMoments(model.parameters(), grad_scaler=2.0**10)
+
+
+def test_fp16_gradients_are_refused_as_torch_refuses_them():
+    """GradScaler.unscale_ refuses fp16 gradients (unscaling them in fp16 loses bits); so does
+    the step that unscales them itself, before anything changes."""
+    model = make_model(torch.float16)
+    opt = make_opt(VR[0], model.parameters(), "rows", MicroStepMoments(model.parameters()))
+    amp = scaler()
+    x, y = batch(0, torch.float16)
+    for xb, yb in zip(x.chunk(K), y.chunk(K)):
+        amp.scale(loss_fn(model(xb).float(), yb.float()) / K).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="attempting to unscale FP16 gradients"):
+        amp.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_a_step_with_inf_is_skipped_and_the_run_goes_on():

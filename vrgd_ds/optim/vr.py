@@ -207,10 +207,14 @@ class GSNRTransform:
             return True
         scale = getattr(self, "grad_scale", None)
         if scale is not None:  # the gradients are still scaled: unscale them (exact for powers of 2)
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if any(g.dtype == torch.float16 for g in grads):  # what GradScaler.unscale_ refuses too
+                raise ValueError(f"{type(self).__name__}: attempting to unscale FP16 gradients (GradScaler); "
+                                 "keep fp32 parameters (autocast) or use bf16")
             inv = scale.double().reciprocal().float()
             with torch.no_grad():
-                for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
-                    p.grad.mul_(inv.to(p.grad.device))
+                for g in grads:
+                    g.mul_(inv.to(g.device))
             self._note_loss_scale(scale)
             return False
         scaler = getattr(self.moments, "grad_scaler", None)
