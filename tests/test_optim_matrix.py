@@ -518,6 +518,35 @@ def test_clipping_p_grad_directly_is_followed(spec):
     assert max_rel_err(run("torch", follow=False), through_moments) > 1e-4
 
 
+def test_a_change_to_one_parameters_gradient_is_not_taken_for_clipping():
+    """Halving one probed parameter's gradient (a change to some parameters only: a layer's own
+    gradient scale, a zeroed padding row) is no common factor: the other probes disagree, and
+    the squares keep their scale (as without probes)."""
+    spec = next(s for s in SPECS if s.name == "VRLAMB")
+
+    zeroed = []  # per step, the index of the parameter whose gradient is halved
+
+    def run(follow):
+        model = make_model()
+        params = list(model.parameters())
+        moments = MicroStepMoments(params)
+        moments.follow_rescaling = follow
+        opt = make_opt(spec, params, "rows", moments)
+        for s in range(3):
+            micro_steps(model, s)
+            if follow:  # the probe the factor is read from (the largest): no other probe sees the change
+                assert len(moments._probes) >= 2
+                probe = max(moments._probes, key=lambda p: float(moments._probes[p]))
+                zeroed.append(next(i for i, p in enumerate(params) if p is probe))
+            params[zeroed[s]].grad.mul_(0.5)
+            opt.step()
+            opt.zero_grad()
+        return params
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("mode", [*MODES, "rows", "compile"])
 @pytest.mark.parametrize("k", [2, 8])
 def test_zero_variance_with_large_gradients_does_not_overflow(mode, k):

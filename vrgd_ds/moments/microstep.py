@@ -12,7 +12,7 @@ an fp32 buffer. After k backward passes ``p.grad = sum_i h_i`` and the buffer ho
     for batch in loader:
         for micro in batch.chunk(k):
             (loss_fn(model(micro)) / k).backward()   # p.grad becomes the mean gradient
-        moments.clip_grad_norm_(1.0)                  # optional; never clip p.grad directly
+        moments.clip_grad_norm_(1.0)                  # optional (clipping p.grad is followed too)
         opt.step()
         opt.zero_grad()                               # also resets the moments
 
@@ -29,9 +29,11 @@ after each backward pass the source keeps the norm of the first
 ``PROBE_NUMEL`` gradient elements of a few parameters (the first ``PROBES`` whose gradient is
 accumulated; a few small reductions, nothing read back to the host), and the step compares
 them with the gradient it finds. An unexplained factor common to all of them is taken as a
-clipping factor c (squares times c^2, and the telemetry's clip scale). What it cannot follow:
-a change that is not one factor for all parameters (``clip_grad_value_``, clipping per
-parameter); ``follow_rescaling = False`` turns the probe off.
+clipping factor c (squares times c^2, and the telemetry's clip scale). Probes that disagree
+(a change to some parameters' gradients only, e.g. zeroing a padding row) leave the factor
+at the explained one. What it cannot follow: a change that is not one factor for all
+parameters (``clip_grad_value_``, clipping per parameter); ``follow_rescaling = False`` turns
+the probe off.
 
 Memory traffic: the first backward pass of a step writes h_1^2 (no zeroing pass; a buffer a
 step did not reach is zeroed when it is read). After its first step a vrgd_ds optimizer
@@ -67,6 +69,7 @@ from torch import Tensor
 PROBES = 4  # parameters whose gradient is probed for rescaling after the backward passes
 PROBE_NUMEL = 4096  # elements probed per parameter
 RESCALE_TOL = 1e-6  # a probed factor this close to the explained one is the explained one
+AGREE_TOL = 1e-5  # probes whose factors differ by more measured no common rescaling
 
 
 def _probe_sum(grad: Tensor) -> Tensor:
@@ -113,10 +116,15 @@ class FollowsRescaling:
             return explained
         before = torch.stack([t for t, _ in then])
         now = torch.stack([_probe_sum(g).to(before.device) for _, g in then])
+        seen = before > 0.0
+        ratio = torch.where(seen, now / torch.where(seen, before, 1.0), 1.0)
         i = torch.argmax(before)
-        measured = torch.where(before[i] > 0.0, now[i] / before[i], 1.0).square()
+        measured = ratio[i].square()
+        # one factor for all probed parameters, or it is not a rescaling of the mean gradient
+        # (a change to some parameters' gradients only): then only the explained factor
+        common = torch.where(seen, (ratio / ratio[i] - 1.0).abs() <= AGREE_TOL, True).all() & seen[i]
         e = torch.as_tensor(explained, dtype=torch.float64).to(measured.device)
-        return torch.where((measured / e - 1.0).abs() <= RESCALE_TOL, e, measured)
+        return torch.where(common & ((measured / e - 1.0).abs() > RESCALE_TOL), measured, e)
 
     @property
     def clip_scale(self) -> float:
