@@ -75,7 +75,7 @@ side() {  # side NAME LIMIT COMMAND...: part, in the background unless SIDE_BY_S
     side_names+=("$1")
 }
 side optim_matrix_cuda "${T_MATRIX:-240}" env VRGD_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
-    tests/test_optim_matrix.py tests/test_flat.py tests/test_grad_scaler.py -k "not compile"
+    tests/test_optim_matrix.py tests/test_flat.py tests/test_grad_scaler.py tests/test_sharded_params.py -k "not compile"
 side optim_matrix_cuda_compiled "${T_COMPILED:-120}" env VRGD_TEST_DEVICE=cuda $PY -m pytest -q -p no:cacheprovider \
     tests/test_optim_matrix.py tests/test_flat.py -k "compile and (VRLAMB or VRAdamW or LAMB or run_pass)"
 side deepspeed_routes "${T_DEEPSPEED:-180}" $PY -m benchmarks.gpu_check --out "$OUT"

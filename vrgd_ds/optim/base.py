@@ -125,6 +125,27 @@ def check_momentum(momentum: float) -> None:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
 
 
+def check_not_sharded(name: str, params: list) -> None:
+    """Refuse parameters that are shards of a layer this optimizer cannot see whole: torch
+    FSDP2 / DTensor parameters (``fully_shard``, DTensor tensor parallelism) and FSDP1's flat
+    parameters (and their ``use_orig_params`` views). Each rank would compute LAMB/LARS trust
+    ratios and GSNR layer means over its own shard, not over the layer."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without torch.distributed
+        DTensor = ()
+    for p in params:
+        if isinstance(p, DTensor) or getattr(p, "_fsdp_flattened", False):
+            what = "DTensor (FSDP2 fully_shard, or DTensor tensor parallelism)" if isinstance(p, DTensor) \
+                else "an FSDP flat parameter (FullyShardedDataParallel)"
+            raise NotImplementedError(
+                f"{name}: a parameter of shape {tuple(p.shape)} is {what}: each rank holds a shard of the "
+                "layer, and the layer statistics (LAMB/LARS trust ratios, GSNR layer means) would be computed "
+                "per shard. vrgd_ds supports DeepSpeed ZeRO stages 0-2 (exact across partitions), "
+                "megatron-core DDP and the distributed optimizer, torch DDP (vrgd_ds.moments.DDPMoments) "
+                "and single-process training")
+
+
 class BaseOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` with flat, layout-aware parameter buckets and a gradient source.
 
@@ -159,6 +180,15 @@ class BaseOptimizer(torch.optim.Optimizer):
             for key, value in saved.get(i, {}).items():
                 if key in self.FP32_STATE and torch.is_tensor(value) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            check_not_sharded(type(self).__name__, [params])
+        elif not isinstance(params, set):  # torch refuses a set (no order), let it say so
+            param_group["params"] = params = list(params)  # as torch does: a generator is read once
+            check_not_sharded(type(self).__name__, params)
+        super().add_param_group(param_group)
 
     def __setstate__(self, state):
         super().__setstate__(state)
