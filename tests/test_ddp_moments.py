@@ -177,6 +177,33 @@ def run_unequal(rank):
     return None
 
 
+def run_micro_under_ddp(rank):
+    """MicroStepMoments (one process's squares) with torch DDP averaging p.grad: refused at the
+    step, before anything changes; with per_rank=True (ranks that train apart) it steps."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vrgd_ds import MicroStepMoments, VRSGD
+
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    moments = MicroStepMoments(model.parameters())
+    opt = VRSGD(model.parameters(), lr=0.1, moments=moments)
+    xb, yb = split(0, 2)[rank]
+    for _ in range(2):
+        (loss_fn(ddp(xb), yb) / 2).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        opt.step()
+        refused = None
+    except RuntimeError as e:
+        refused = str(e)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    moments.per_rank = True
+    opt.step()
+    moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return {"refused": refused, "unchanged": unchanged, "moved": moved}
+
+
 def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=timedelta(seconds=60))
@@ -188,6 +215,7 @@ def worker(rank, init_file, out_dir):
         for cid, accum in BF16.items():
             results[cid] = run_bf16(rank, cid.split("-")[1], accum)
         results["unequal"] = run_unequal(rank)
+        results["micro_under_ddp"] = run_micro_under_ddp(rank)
         return results
 
     save_results(out_dir, rank, compute)
@@ -360,6 +388,14 @@ def test_bf16_buckets(ddp_results, cid):
 def test_unequal_micro_steps_refused(ddp_results):
     for r in ddp_results:
         assert r["unequal"] is not None and "different numbers of backward passes" in r["unequal"]
+
+
+def test_micro_step_moments_under_ddp_refused(ddp_results):
+    for r in ddp_results:
+        got = r["micro_under_ddp"]
+        assert got["refused"] is not None and "MicroStepMoments under torch.distributed with 2 ranks" in got["refused"]
+        assert "DDPMoments" in got["refused"] and "per_rank = True" in got["refused"]
+        assert got["unchanged"] and got["moved"]
 
 
 def test_bad_mode():

@@ -61,6 +61,7 @@ class ZeroMoments:
         if not snap.partition_gradients and snap.accumulation > 1:
             self.local = MicroStepMoments(snap.all_params())
             self.local.follow_rescaling = False  # DeepSpeed's own gradients: only its squares are used
+            self.local.per_rank = True  # this rank's squares, which the adapter reduces
         self.squares = ChunkedSquares(snap.dp_group, chunk_numel, vr_optimizer.sq_comm_dtype)
         self._multiplier, self._loss_scale = 1.0, 1.0
         self._consumed = False

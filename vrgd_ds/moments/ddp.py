@@ -80,6 +80,7 @@ class DDPMoments(FollowsRescaling):
         self.local = MicroStepMoments(self.params) if mode == "micro" else None
         if self.local is not None:  # its p.grad is the all-reduced one: nothing to follow
             self.local.follow_rescaling = False
+            self.local.per_rank = True  # this rank's local squares, reduced by the bucket hook
         self._reduced: dict[Tensor, Tensor] = {}
         self._count: Tensor | None = None  # sum over ranks of local backward passes
         self._clip_scale = 1.0

@@ -152,6 +152,10 @@ class MicroStepMoments(FollowsRescaling):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         self.grad_scaler = grad_scaler  # its scale S is in the squares (see the module docstring)
         self._init_probes()
+        # True: this process's gradients are its own (one process, or ranks that train apart);
+        # under torch.distributed with several ranks the first read of group_count refuses
+        # otherwise, since DDP (or any all-reduce) would average p.grad but not these squares
+        self.per_rank = False
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
@@ -241,7 +245,20 @@ class MicroStepMoments(FollowsRescaling):
     @property
     def group_count(self) -> int:
         """k: backward passes since the last reset (one per micro-batch)."""
+        if not self.per_rank:
+            self._check_one_process()
         return self._backward_passes
+
+    def _check_one_process(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"MicroStepMoments under torch.distributed with {dist.get_world_size()} ranks: its squares "
+                "are this rank's alone, while DistributedDataParallel (HF Trainer, Accelerate) averages p.grad "
+                "over the ranks, so the GSNR would mix the two. Use vrgd_ds.moments.DDPMoments(ddp_model) "
+                "(the squares travel with the gradients), or DeepSpeed; if every rank really trains on its "
+                "own, set moments.per_rank = True")
 
     @property
     def sq_scale(self) -> float | Tensor:
