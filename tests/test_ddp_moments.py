@@ -68,6 +68,8 @@ CONFIGS = {
     "lamb-rank-a2": ("VRLAMB", 2, "rank", None),
     "lamb-a3-clip": ("VRLAMB", 3, "micro", "clip"),
     "lamb-a3-torchclip": ("VRLAMB", 3, "micro", "torchclip"),  # torch's clip_grad_norm_ on p.grad
+    "lamb-a3-amp": ("VRLAMB", 3, "micro", "amp"),  # torch.amp.GradScaler: scaled backward, scaler.step
+    "lamb-rank-a2-amp-clip": ("VRLAMB", 2, "rank", "amp-clip"),  # ... with unscale_ and clipping
     "sgd-rank-a2-torchclip": ("VRSGD", 2, "rank", "torchclip"),
     "sgd-a3-unused": ("VRSGD", 3, "micro", "unused"),
     "lamb-a3-syncall": ("VRLAMB", 3, "micro", "syncall"),  # no no_sync: every micro-step syncs
@@ -112,6 +114,8 @@ def run_config(rank, name, accum, mode, variant):
     moments.buckets = set()
     opt = make_opt(name, ddp.parameters(), moments)
     buckets = []
+    amp = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1) if variant and "amp" in variant else None
+    moments.grad_scaler = amp  # read when unscale_ ran before the step
     for step in range(STEPS):
         groups = split(step, accum)
         for j in range(accum):
@@ -119,13 +123,20 @@ def run_config(rank, name, accum, mode, variant):
             xb, yb = groups[g]
             sync = j == accum - 1 or variant == "syncall"
             with contextlib.nullcontext() if sync else ddp.no_sync():
-                (loss_fn(forward(ddp, variant, step, g, xb), yb) / accum).backward()
+                loss = loss_fn(forward(ddp, variant, step, g, xb), yb) / accum
+                (amp.scale(loss) if amp else loss).backward()
         assert moments.group_count == (WORLD * accum if mode == "micro" else WORLD)
-        if variant == "clip":
+        if variant == "amp-clip":
+            amp.unscale_(opt)
+        if variant in ("clip", "amp-clip"):
             moments.clip_grad_norm_(CLIP)
         if variant == "torchclip":  # followed by the moment source's probes
             torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP)
-        opt.step()
+        if amp is not None:
+            amp.step(opt)
+            amp.update()
+        else:
+            opt.step()
         opt.zero_grad()
         buckets.append(sorted(moments.buckets))
         moments.buckets.clear()
@@ -303,7 +314,7 @@ def explicit_run(name, accum, mode, variant):
             p.grad = None if g is None else g.mean(0)
             if g is not None:
                 moments.msq[p] = (g * g).mean(0)
-        if variant in ("clip", "torchclip"):  # clip gbar; the squares follow: the GSNR is the unclipped one
+        if variant in ("clip", "torchclip", "amp-clip"):  # clip gbar; the squares follow: the GSNR is the unclipped one
             grads = [p.grad for p in params if p.grad is not None]
             coef = torch.clamp(CLIP / (torch.nn.utils.get_total_norm(grads) + 1e-6), max=1.0)
             assert coef < 1  # the test must actually clip

@@ -19,12 +19,12 @@ def scaler(init=2.0**10):
     return torch.amp.GradScaler(DEVICE, init_scale=init, growth_interval=2)
 
 
-def run(spec, steps, amp=None, unscale=False, clip=False, poison=None):
+def run(spec, steps, amp=None, unscale=False, clip=False, poison=None, **over):
     """``amp``: a GradScaler (None: plain). ``unscale``: scaler.unscale_ before the step (the
     moment source is given the scaler). ``poison``: a step whose first micro-batch is inf."""
     model = make_model()
     moments = MicroStepMoments(model.parameters(), grad_scaler=amp if unscale else None)
-    opt = make_opt(spec, model.parameters(), "rows", moments)
+    opt = make_opt(spec, model.parameters(), "rows", moments, **over)
     scales = []
     for s in range(steps):
         x, y = batch(s)
@@ -67,6 +67,18 @@ def test_unscale_then_clip_equals_the_unscaled_run_bitwise(spec):
     scaled, _, _ = run(spec, 4, scaler(), unscale=True, clip=True)
     for a, b in zip(plain.parameters(), scaled.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaler-step", "unscale-clip"])
+def test_noise_scale_telemetry_is_that_of_the_unscaled_run(unscale):
+    """The telemetry's clip scale (which the noise scale divides out) is the clipping factor,
+    not the loss scale: the GradScaler's S is noted to the moment source."""
+    spec = VR[0]
+    _, plain, _ = run(spec, 3, clip=unscale, telemetry_interval=1)
+    _, scaled, _ = run(spec, 3, scaler(), unscale=unscale, clip=unscale, telemetry_interval=1)
+    a, b = plain.telemetry, scaled.telemetry
+    for key in ("grad_sq", "group_var", "clamped_fraction"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
 
 
 def test_unscale_without_telling_the_moment_source_raises():

@@ -87,6 +87,8 @@ class FollowsRescaling:
         self.follow_rescaling = True  # False: only the source's own clipping is followed
         self._probes: dict[Tensor, Tensor] = {}  # param -> _probe_sum of its gradient when it was made
         self._loss_scale: Tensor | None = None  # S, noted by the optimizer's GradScaler step
+        # a torch.amp.GradScaler whose unscale_ may run before the step (see the module docstring)
+        self.grad_scaler = getattr(self, "grad_scaler", None)
 
     def _reset_probes(self) -> None:
         self._probes.clear()
