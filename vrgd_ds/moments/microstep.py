@@ -116,8 +116,9 @@ class FollowsRescaling:
         then = [(t, p.grad) for p, t in self._probes.items() if p.grad is not None]
         if not then:
             return explained
-        before = torch.stack([t for t, _ in then])
-        now = torch.stack([_probe_sum(g).to(before.device) for _, g in then])
+        device = then[0][0].device  # probed parameters may lie on several devices
+        before = torch.stack([t.to(device) for t, _ in then])
+        now = torch.stack([_probe_sum(g).to(device) for _, g in then])
         seen = before > 0.0
         ratio = torch.where(seen, now / torch.where(seen, before, 1.0), 1.0)
         i = torch.argmax(before)

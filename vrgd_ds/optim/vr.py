@@ -295,8 +295,7 @@ class GSNRTransform:
             self._loss_scale = scale
 
     def _moment_source(self) -> MomentSource:
-        if self.moments is not None:
-            return StepSource(self.moments, getattr(self, "_loss_scale", None))
+        """The attached source as this step reads it (:class:`StepSource`)."""
         if self.moments is None:
             from ..deepspeed import registration_problem
 
@@ -307,7 +306,7 @@ class GSNRTransform:
                 "or use it through deepspeed.initialize"
                 + (f" (not available here: {problem})" if problem else "")
             )
-        return self.moments
+        return StepSource(self.moments, getattr(self, "_loss_scale", None))
 
     def _transform(self, batches: list[GroupBatch]) -> list[GradSource | None] | None:
         groups = self.param_groups
