@@ -61,6 +61,48 @@ def test_scaled_steps_equal_the_unscaled_run_bitwise(spec):
         assert torch.equal(a, b)
 
 
+class OwnSource:
+    """A moment source of the user's own, which knows nothing of loss scales (no
+    note_loss_scale): the step reads its squares through StepSource, divided by S^2."""
+
+    squares_consumable = False
+
+    def __init__(self, params):
+        self.inner = MicroStepMoments(params)
+        self.inner.follow_rescaling = False
+
+    group_count = property(lambda self: self.inner.group_count)
+    sq_scale = property(lambda self: self.inner.sq_scale)
+
+    def sum_sq(self, p):
+        return self.inner.sum_sq(p)
+
+    def reset(self):
+        self.inner.reset()
+
+
+def test_a_source_without_loss_scale_support_is_unscaled_by_the_step():
+    spec = VR[0]
+    results = []
+    for amp in (None, scaler()):
+        model = make_model()
+        opt = make_opt(spec, model.parameters(), "rows", OwnSource(model.parameters()))
+        for s in range(3):
+            x, y = batch(s)
+            for xb, yb in zip(x.chunk(K), y.chunk(K)):
+                loss = loss_fn(model(xb), yb) / K
+                (amp.scale(loss) if amp else loss).backward()
+            if amp:
+                amp.step(opt)
+                amp.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+        results.append(list(model.parameters()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("spec", VR[:2], ids=lambda s: s.name)
 def test_unscale_then_clip_equals_the_unscaled_run_bitwise(spec):
     plain, _, _ = run(spec, 4, clip=True)
