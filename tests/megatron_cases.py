@@ -103,6 +103,7 @@ def split(step, accum, world=WORLD):
 
 
 def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer import TransformerConfig
@@ -112,8 +113,10 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
     bf16, fp16 = extra.get("bf16", False), extra.get("fp16", False)
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     model = (make_model() if model is None else model).to(device, dtype)
-    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=bf16, fp16=fp16,
-                               params_dtype=dtype)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=tp, bf16=bf16, fp16=fp16,
+                               params_dtype=dtype, tensor_model_parallel_size=tp,
+                               sequence_parallel=extra.get("sequence_parallel", False))
     ddp_config = DistributedDataParallelConfig(
         overlap_grad_reduce=overlap, use_distributed_optimizer=distributed, bucket_size=BUCKET,
         overlap_param_gather=extra.get("overlap_param_gather", False),
@@ -130,14 +133,15 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
     return ddp, opt, scheduler
 
 
-def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", schedule=None):
+def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", schedule=None, world=None):
     """``schedule``: (data step, input factor) per optimizer step; default: steps 0 .. STEPS-1.
+    ``rank`` of ``world`` data-parallel ranks (default: all ranks).
     Returns whether Megatron applied each step (False: fp16 overflow, skipped)."""
     applied = []
     for step, factor in schedule or [(s, 1.0) for s in range(STEPS)]:
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        micro = split(step, accum, dist.get_world_size())
+        micro = split(step, accum, world or dist.get_world_size())
         for j in range(accum):
             xb, yb = (t.to(device) for t in micro[rank * accum + j])
             with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
@@ -251,10 +255,11 @@ def _dtype(extra):
 FIRST, REST = [(s, 1.0) for s in range(3)], [(3, 1.0), (4, 1.0)]
 
 
-def run_resume(rank, out_dir, cases: dict, device="cpu", sharded=False):
+def run_resume(rank, out_dir, cases: dict, device="cpu", sharded=False, model=None, world=None):
     """Per case: 3 steps, save_optimizer, 2 more steps ("a"); then a new model and optimizer,
     its weights moved off (+1), load_optimizer, the same 2 steps ("b"): a == b bitwise.
-    ``sharded``: into a folder, saved twice (the second save replaces the first version)."""
+    ``sharded``: into a folder, saved twice (the second save replaces the first version).
+    ``model``: makes the model (default make_model); ``rank`` of ``world`` data-parallel ranks."""
     from vrgd_ds.megatron import load_optimizer, save_optimizer
 
     out = {}
@@ -262,20 +267,20 @@ def run_resume(rank, out_dir, cases: dict, device="cpu", sharded=False):
         dtype = _dtype(case.extra)
         path = Path(out_dir) / (f"{cid}.optimizer" if sharded else f"{cid}.optimizer.pt")
         new_run = lambda: build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,  # noqa: E731
-                                device=device)
+                                model=model() if model else None, device=device)
         ddp, opt, scheduler = new_run()
-        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=FIRST)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=FIRST, world=world)
         for _ in range(2 if sharded else 1):
             save_optimizer(opt, ddp, path, sharded=sharded)
         listing = sorted(f.name for f in path.iterdir()) if sharded else None
-        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST, world=world)
         a = _params(ddp)
         ddp, opt, scheduler = new_run()
         with torch.no_grad():
             for p in ddp.module.parameters():
                 p.add_(1.0)
         load_optimizer(opt, ddp, path)
-        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST)
+        train(rank, ddp, opt, scheduler, case.accum, dtype, device, schedule=REST, world=world)
         out[cid] = {"a": a, "b": _params(ddp), "listing": listing}
     return out
 

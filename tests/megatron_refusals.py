@@ -26,7 +26,7 @@ REFUSALS = {
     "optimizer_cpu_offload": ("optimizer", "optimizer_cpu_offload", True, "set it to False"),
     "use_distributed_optimizer": ("optimizer", "use_distributed_optimizer", True, "set both alike"),
     "optimizer_name": ("optimizer", "optimizer", "adam", "must be one of"),
-    "tensor_model_parallel_size": ("tp2", None, None, "tensor_model_parallel_size=2"),
+    "pipeline_model_parallel_size": ("pp2", None, None, "pipeline_model_parallel_size=2 is not supported"),
     "expert_parallel_buffers": ("expert", None, None, "expert-parallel gradient buffers=1"),
     "model_chunks": ("chunks", None, None, "one model chunk, got 2"),
     "checkpoint": ("checkpoint", None, None, "use vrgd_ds.megatron.save_optimizer"),
@@ -43,14 +43,15 @@ def _set(obj, field, value):
         setattr(obj, field, old)
 
 
-def _tensor_parallel_ddp(rank):
-    """A real DDP model under tensor_model_parallel_size=2 (data-parallel size 1)."""
+def _pipeline_parallel_ddp(rank):
+    """A real DDP model under pipeline_model_parallel_size=2 (data-parallel size 1). Tensor
+    parallelism is supported: tests/test_megatron_tp.py."""
     from megatron.core import parallel_state
 
     from megatron_cases import build
 
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(2, 1)
+    parallel_state.initialize_model_parallel(1, 2)
     try:
         build("vrlamb", False, False, 0.0, {})
     finally:
@@ -89,7 +90,7 @@ def try_refusal(rank, kind, field, value, _words):
     from megatron_cases import make_model
 
     try:
-        special = {"tp2": _tensor_parallel_ddp, "expert": _expert_ddp, "chunks": _two_chunks,
+        special = {"pp2": _pipeline_parallel_ddp, "expert": _expert_ddp, "chunks": _two_chunks,
                    "checkpoint": _checkpoint}
         if kind in special:
             special[kind](rank)

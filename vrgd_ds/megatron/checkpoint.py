@@ -42,6 +42,12 @@ the same on every rank and rank 0 writes the one shard), then the first rank
 the tensors), then the file ``latest``, which names the version; older versions are
 removed after that.
 
+Under tensor parallelism every rank of Megatron's tensor- and data-parallel group calls
+both functions, and one checkpoint holds every tensor-parallel rank's state: a parameter
+split by tensor parallelism under ``name#tp<t>`` per tensor-parallel rank t, a replicated
+one once (tensor-parallel rank 0's). It loads at any data-parallel size, at the
+tensor-parallel size it was saved with only (another is refused, naming both).
+
 Every file is written to a temporary name, fsynced and renamed (:mod:`vrgd_ds.files`), so
 a checkpoint is only ever replaced by a complete one: a save killed midway leaves a
 temporary file (or an unnamed version folder), which the next save removes.
@@ -53,6 +59,7 @@ import math
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,30 +88,66 @@ def _inner(megatron_optimizer):
     return inner
 
 
-def _names(ddp) -> dict[int, str]:
-    return {id(p): name for name, p in seam.module_of(ddp).named_parameters()}
+TP_MARK = "#tp"  # a parameter split by tensor parallelism is kept as name#tp0, name#tp1, ...
 
 
-def _group_ok(group, error: str | None) -> None:
-    """Every rank of ``group`` learns whether any rank failed, and all raise alike (no rank
+@dataclass(frozen=True)
+class _Ranks:
+    """Who takes part in a checkpoint, and under which names. Without tensor parallelism: the
+    data-parallel group, parameters by their model names. With it: the tensor- and
+    data-parallel group; a parameter split by tensor parallelism is kept once per
+    tensor-parallel rank t, as ``name#tp<t>``, a replicated one once, by its name (from
+    tensor-parallel rank 0)."""
+
+    group: object
+    what: str  # the group, in words
+    tp_size: int
+    dp_first: bool  # this rank is its data-parallel group's first
+    names: dict  # id(model parameter) -> its name in a checkpoint
+    saves: frozenset  # ids of the parameters whose state this rank's tensor-parallel rank keeps
+    stored: dict  # every trained parameter's checkpoint name (all tensor-parallel ranks) -> shape
+
+
+def _ranks(ddp) -> _Ranks:
+    tp_group, dp_group = seam.tensor_parallel_group(ddp), seam.data_parallel_group(ddp)
+    tp, t = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    params = list(seam.module_of(ddp).named_parameters())
+
+    def split(p) -> bool:
+        return tp > 1 and seam.tensor_parallel(p)
+
+    def name_on(name, p, rank) -> str:
+        return f"{name}{TP_MARK}{rank}" if split(p) else name
+
+    stored = {name_on(n, p, r): tuple(p.shape) for r in range(tp) for n, p in params
+              if p.requires_grad and (r == 0 or split(p))}
+    group = dp_group if tp == 1 else seam.tensor_and_data_parallel_group(ddp)
+    return _Ranks(group, "data-parallel" if tp == 1 else "tensor- and data-parallel", tp,
+                  dist.get_rank(dp_group) == 0, {id(p): name_on(n, p, t) for n, p in params},
+                  frozenset(id(p) for _, p in params if t == 0 or split(p)), stored)
+
+
+def _group_ok(ranks: _Ranks, error: str | None) -> None:
+    """Every rank of the group learns whether any rank failed, and all raise alike (no rank
     goes on to a collective the failed one never joins)."""
-    errors: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, error, group=group)
+    errors: list = [None] * dist.get_world_size(ranks.group)
+    dist.all_gather_object(errors, error, group=ranks.group)
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if bad:
         r, e = bad[0]
-        raise RuntimeError(f"vrgd_ds.megatron: rank {r} of the data-parallel group failed: {e}")
+        raise RuntimeError(f"vrgd_ds.megatron: rank {r} of the {ranks.what} group failed: {e}")
 
 
-def _pieces(inner, names: dict[int, str]) -> dict:
-    """This rank's elements of every parameter:
+def _pieces(inner, ranks: _Ranks) -> dict:
+    """This rank's elements of every parameter it keeps:
     {name: [[(start, end, {key: 1-D tensor})], scalars, shape, param group index]}."""
     opt = inner.optimizer
+    names = ranks.names
     out: dict = {}
     for gi, group in enumerate(seam.main_params(inner)):
         for m in group:
-            if m.model_param is None or m.end <= m.start:
-                continue  # a placeholder (vrgd_ds.megatron.optimizer), or nothing of this parameter
+            if m.model_param is None or m.end <= m.start or id(m.model_param) not in ranks.saves:
+                continue  # a placeholder (vrgd_ds.megatron.optimizer), nothing of this parameter, or replicated
             state = opt.state.get(m.tensor, {})
             tensors = {"fp32": m.tensor.detach().float().reshape(-1).cpu().clone()}
             scalars = {}
@@ -187,7 +230,7 @@ def _check_user_state(user_state) -> None:
                          f"lists/tuples/dicts of them, got {user_state!r:.200}")
 
 
-def _header(inner, opt, group, members: list[list[str]], user_state) -> dict:
+def _header(inner, opt, ranks: _Ranks, members: list[list[str]], user_state) -> dict:
     """What both formats keep besides the tensors: the optimizer, its param groups (plain
     hyperparameters and parameter names), the loss scaler, the noise-scale averages, the
     skipped-step count and ``user_state``."""
@@ -198,7 +241,8 @@ def _header(inner, opt, group, members: list[list[str]], user_state) -> dict:
     if hasattr(opt, "noise_scale"):
         extra["noise_scale"] = opt.noise_scale.state_dict()
     return {"optimizer": type(opt).__name__, "kind": seam.optimizer_kind(inner),
-            "saved_world_size": dist.get_world_size(group), "param_groups": groups,
+            "saved_world_size": dist.get_world_size(ranks.group), "tensor_parallel_size": ranks.tp_size,
+            "param_groups": groups,
             "grad_scaler": scaler.state_dict() if scaler is not None else None, "extra": extra,
             "user_state": user_state}
 
@@ -207,7 +251,8 @@ def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state:
                    sharded: bool = False) -> None:
     """Write the optimizer's state to ``path`` (see the module docstring).
 
-    A collective over the data-parallel group: every rank calls it. Returns on every rank
+    A collective over the data-parallel group (under tensor parallelism: the tensor- and
+    data-parallel group): every rank calls it. Returns on every rank
     only once the checkpoint is complete, or raises on every rank. ``user_state``: the
     data-parallel group's first rank's dict of numbers, strings, tensors and containers of
     them (the iteration, the ``OptimizerParamScheduler``'s ``state_dict``), kept with the
@@ -218,32 +263,33 @@ def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state:
     every rank writes its own shard into a new version folder in it, no tensor travels
     between ranks, and a ``latest`` file, replaced last, names the complete version."""
     inner = _inner(megatron_optimizer)
-    group = seam.data_parallel_group(ddp)
+    ranks = _ranks(ddp)
     if sharded:
-        _save_sharded(inner, ddp, group, Path(path), user_state)
+        _save_sharded(inner, ranks, Path(path), user_state)
     else:
-        _save_consolidated(inner, ddp, group, Path(path), user_state)
+        _save_consolidated(inner, ranks, Path(path), user_state)
 
 
-def _save_consolidated(inner, ddp, group, path: Path, user_state) -> None:
+def _save_consolidated(inner, ranks: _Ranks, path: Path, user_state) -> None:
     """The distributed optimizer's pieces travel to the first rank one parameter at a time
     (one ``gather_object`` per parameter, in model order, on every rank whatever fails): it
     holds the whole state and its own pieces, plus the other ranks' pickled pieces of one
     parameter at a time, rather than every rank's pickle of everything."""
     opt = inner.optimizer
-    names = _names(ddp)
+    group = ranks.group
     first = dist.get_rank(group) == 0
-    distributed = seam.optimizer_kind(inner) == "distributed"  # else the first rank holds the whole state
+    distributed = seam.optimizer_kind(inner) == "distributed"  # else each data-parallel group's first holds it all
+    gather = distributed or ranks.tp_size > 1  # else the first rank holds the whole state
     error, pieces = None, {}
     try:
         if first:
             _check_user_state(user_state)
-        if distributed or first:
-            pieces = _pieces(inner, names)
+        if distributed or ranks.dp_first:
+            pieces = _pieces(inner, ranks)
     except Exception as e:  # reported to every rank below
         error = f"{type(e).__name__}: {e}"
     weights, state, members = {}, {}, [[] for _ in opt.param_groups]
-    for name in (names.values() if distributed else ()):  # model order: the same on every rank
+    for name in (ranks.stored if gather else ()):  # the same order on every rank
         entry = None if error is not None else pieces.pop(name, None)
         gathered: list | None = [None] * dist.get_world_size(group) if first else None
         # the first rank keeps its own pieces out of the pickles
@@ -259,13 +305,13 @@ def _save_consolidated(inner, ddp, group, path: Path, user_state) -> None:
                 error = f"{type(e).__name__}: {e}"
     if first and error is None:
         try:
-            if not distributed:
+            if not gather:
                 _collect(weights, state, members, [pieces])
-            header = _header(inner, opt, group, members, user_state)
+            header = _header(inner, opt, ranks, members, user_state)
             torch_save_atomic({"format": FORMAT, **header, "weights": weights, "state": state}, path)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
-    _group_ok(group, error)
+    _group_ok(ranks, error)
 
 
 def _collect(weights: dict, state: dict, members: list[list[str]], all_pieces: list[dict]) -> None:
@@ -302,8 +348,9 @@ def _new_version(folder: Path) -> str:
     return name
 
 
-def _save_sharded(inner, ddp, group, folder: Path, user_state) -> None:
+def _save_sharded(inner, ranks: _Ranks, folder: Path, user_state) -> None:
     opt = inner.optimizer
+    group = ranks.group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     first = rank == 0
     error = version = None
@@ -316,12 +363,12 @@ def _save_sharded(inner, ddp, group, folder: Path, user_state) -> None:
     box = [(error, version)]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     if box[0][0] is not None:
-        _group_ok(group, error)  # raises on every rank, naming rank 0's error
+        _group_ok(ranks, error)  # raises on every rank, naming rank 0's error
     version = box[0][1]
     error, index = None, None
     try:
-        if seam.optimizer_kind(inner) == "distributed" or first:  # else rank 0 holds the whole state
-            pieces = _pieces(inner, _names(ddp))
+        if seam.optimizer_kind(inner) == "distributed" or ranks.dp_first:  # else it holds what they hold
+            pieces = _pieces(inner, ranks)
             file = f"shard-{rank:05d}-of-{world:05d}.pt"
             torch_save_atomic({"format": SHARD_FORMAT, "pieces": {n: {s: t for s, _, t in parts}
                                                                   for n, (parts, *_) in pieces.items()}},
@@ -341,7 +388,7 @@ def _save_sharded(inner, ddp, group, folder: Path, user_state) -> None:
                 params = {name: {"shape": shape, "scalars": scalars, "keys": sorted(set(parts[0][2]) - {"fp32"}),
                                  "pieces": [(s, e, next(iter(t.values()))) for s, e, t in parts]}
                           for name, (parts, scalars, shape) in merged.items()}
-                header = _header(inner, opt, group, members, user_state)
+                header = _header(inner, opt, ranks, members, user_state)
                 torch_save_atomic({"format": SHARDED_FORMAT, **header, "params": params}, folder / version / META)
                 fsync_dir(folder / version)
                 save_atomic(lambda f: f.write(f"{version}\n".encode()), folder / LATEST)
@@ -351,7 +398,7 @@ def _save_sharded(inner, ddp, group, folder: Path, user_state) -> None:
         for entry in folder.iterdir():  # older versions once published, else this incomplete one
             if VERSION.fullmatch(entry.name) and (entry.name != version) == published:
                 shutil.rmtree(entry, ignore_errors=True)
-    _group_ok(group, error)
+    _group_ok(ranks, error)
 
 
 def _check(src, path, opt, names_in_model: dict[str, torch.Size], groups: list[set[str]]) -> None:
@@ -469,34 +516,37 @@ def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | N
     """Put a checkpoint written by :func:`save_optimizer` (a file, or a sharded folder) into a
     freshly built optimizer and model.
 
-    Every data-parallel rank calls it (it ends with one check that all ranks loaded, so a
-    rank that cannot read the checkpoint makes all of them raise). The param groups' saved
+    Every rank of the group :func:`save_optimizer` names calls it (it ends with one check that
+    all ranks loaded, so a rank that cannot read the checkpoint makes all of them raise). The param groups' saved
     hyperparameters replace the built ones, as torch's ``load_state_dict`` does (Megatron's
     scheduler sets lr and weight decay again at its next step). Returns the ``user_state``
     saved with it (None if none was). After an error, build the model and optimizer anew
     before trying again: the ranks that could read the checkpoint have loaded it."""
     inner = _inner(megatron_optimizer)
     opt = inner.optimizer
-    group = seam.data_parallel_group(ddp)
+    ranks = _ranks(ddp)
     try:
-        user_state = _load_here(inner, opt, ddp, Path(path))
+        user_state = _load_here(inner, opt, ranks, Path(path))
     except Exception as e:
-        _group_ok(group, f"{type(e).__name__}: {e}")  # raises on every rank
-    _group_ok(group, None)
+        _group_ok(ranks, f"{type(e).__name__}: {e}")  # raises on every rank
+    _group_ok(ranks, None)
     with torch.no_grad():
         seam.main_to_model_params(inner, ddp)  # every rank loaded: the all-gather is safe
     return user_state
 
 
-def _load_here(inner, opt, ddp, path: Path) -> dict | None:
+def _load_here(inner, opt, ranks: _Ranks, path: Path) -> dict | None:
     src = _open(path)
+    saved_tp = src.meta.get("tensor_parallel_size", 1)
+    if saved_tp != ranks.tp_size:
+        raise ValueError(f"{path} was saved with tensor_model_parallel_size={saved_tp}, this run has "
+                         f"{ranks.tp_size}; resume with the tensor-parallel size it was saved with")
     mains = seam.main_params(inner)
-    model_params = dict(seam.module_of(ddp).named_parameters())
-    names = {id(p): name for name, p in model_params.items()}
+    names = ranks.names
     mine = [[m for m in g if m.model_param is not None] for g in mains]  # no placeholders
-    # every model parameter the optimizer trains on some rank: all of them with a gradient
-    wanted = {n: p.shape for n, p in model_params.items() if p.requires_grad}
-    _check(src, path, opt, wanted, [{names[id(m.model_param)] for m in g} for g in mine])
+    # every model parameter the optimizer trains on some rank (all of them with a gradient),
+    # on every tensor-parallel rank
+    _check(src, path, opt, ranks.stored, [{names[id(m.model_param)] for m in g} for g in mine])
     with torch.no_grad():
         for g in mine:
             for m in g:

@@ -17,6 +17,12 @@ Each inner tensor is the part of one model parameter ("layer") that this rank's 
 over all ranks with one all-reduce of a [layers, columns] table over the distributed
 optimizer's data-parallel group, whose size does not depend on the shard.
 
+Under tensor parallelism a model parameter that Megatron's tensor-parallel layers split
+(``tensor_model_parallel``) is one layer of all tensor-parallel ranks' parts together: the
+table is then also summed over the tensor-parallel group, with the rows of parameters every
+tensor-parallel rank holds whole (norms, row-parallel biases) zeroed on all but its first
+rank (:class:`ShardLayout`). Without the distributed optimizer that is the only sum.
+
 Every rank issues every collective, in the same order and with the same sizes:
 
 - the optimizers issue one layer-statistics all-reduce per param group (and one for all
@@ -41,7 +47,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Sequence
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..optim import LAMB, LARS, VRAdam, VRAdamW, VRLAMB, VRLARS, VRMomentum, VRSGD
@@ -67,18 +76,25 @@ class VROptimizerConfig(OptimizerConfig):
     :data:`OPTIMIZERS` ("vradam" is VR-AdamW when ``decoupled_weight_decay``, as Megatron's
     "adam" is AdamW). LAMB and VR-Adam/LAMB read ``adam_beta1/2`` and ``adam_eps``; VR-Momentum
     and (VR-)LARS read ``sgd_momentum``. ``vr_beta3=None`` takes the optimizer's default
-    (0.9 for VR-Adam and VR-LAMB, 0 otherwise)."""
+    (0.9 for VR-Adam and VR-LAMB, 0 otherwise). ``vr_gsnr_interval`` and
+    ``vr_telemetry_interval`` are the VR optimizers' ``gsnr_interval`` and
+    ``telemetry_interval`` (the record, with the gradient noise scale, is the inner
+    optimizer's ``telemetry``)."""
 
     optimizer: str = "vrlamb"
     vr_gamma: float = 0.1
     vr_beta3: float | None = None
+    vr_gsnr_interval: int = 1
+    vr_telemetry_interval: int = 0
     lars_eta: float = 0.001
 
 
 def _build(config, groups: list[dict]):
     name = config.optimizer
     betas, eps = (config.adam_beta1, config.adam_beta2), config.adam_eps
-    vr = {"gamma": config.vr_gamma, **({} if config.vr_beta3 is None else {"beta3": config.vr_beta3})}
+    vr = {"gamma": config.vr_gamma, "gsnr_interval": config.vr_gsnr_interval,
+          "telemetry_interval": config.vr_telemetry_interval,
+          **({} if config.vr_beta3 is None else {"beta3": config.vr_beta3})}
     lr, wd, mom = config.lr, config.weight_decay, config.sgd_momentum
     if name == "lamb":
         return LAMB(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
@@ -97,18 +113,39 @@ def _build(config, groups: list[dict]):
 
 
 class ShardLayout(ReducedLayout):
-    """Inner tensors of the distributed optimizer as pieces of model layers (one segment each)."""
+    """Inner tensors as pieces of model layers, one segment each. A layer is a model
+    parameter, whole: under tensor parallelism a parameter split over the tensor-parallel
+    group (``tensor_model_parallel``) is one layer of ``numel x TP`` elements.
 
-    def __init__(self, segments: dict[int, Segment], layer_count: int, group):
+    Per-layer sums are added up over the distributed optimizer's shard group (``group``;
+    None without the distributed optimizer, where every rank holds whole parameters), then
+    over the tensor-parallel group (``tp_group``), where a layer every tensor-parallel rank
+    holds whole (``replicated``: norms, biases of row-parallel layers) counts on the group's
+    first rank only, as Megatron's gradient norm counts it."""
+
+    def __init__(self, segments: dict[int, Segment], layer_count: int, group, tp_group=None,
+                 replicated: Sequence[int] = ()):
         super().__init__(layer_count, group)
         self._segments = segments
+        self.tp_group = tp_group
+        drop = tp_group is not None and dist.get_rank(tp_group) != 0 and len(replicated) > 0
+        self._replicated = torch.tensor(sorted(replicated), dtype=torch.long) if drop else None
 
     def segments(self, param: Tensor) -> list[Segment]:
         try:
             return [self._segments[id(param)]]
         except KeyError:
             raise RuntimeError(f"ShardLayout got a tensor of shape {tuple(param.shape)} that is not "
-                               "one of the distributed optimizer's main-parameter shards") from None
+                               "one of the Megatron optimizer's main parameters") from None
+
+    def _all_reduce(self, table: Tensor) -> None:
+        if self.group is not None:
+            super()._all_reduce(table)
+        if self.tp_group is not None:
+            if self._replicated is not None:
+                table.index_fill_(0, self._replicated.to(table.device), 0.0)
+            dist.all_reduce(table, group=self.tp_group)
+            self.comm_bytes += table.numel() * table.element_size()
 
 
 def _with_placeholders(mains: list[list[seam.MainParam]], device) -> list[list[seam.MainParam]]:
@@ -123,15 +160,23 @@ def _with_placeholders(mains: list[list[seam.MainParam]], device) -> list[list[s
     return out
 
 
-def _shard_layout(ddp, inner, mains: list[list[seam.MainParam]]) -> ShardLayout:
+def _layer_layout(ddp, inner, kind: str, mains: list[list[seam.MainParam]]) -> ShardLayout | None:
+    """The layers of the inner tensors, where a tensor is not a whole layer: shards of the
+    distributed optimizer, parameters split by tensor parallelism (None: neither)."""
+    tp = ddp.tp_group.size()
+    if kind != "distributed" and tp == 1:
+        return None
     layers = {p: i for i, p in enumerate(p for buf in seam.dense_buffers(ddp) for p in buf.params)}
     segments = {}
     for m in (m for group in mains for m in group):
         if m.model_param is None:  # adds zeros to layer 0's row
             segments[id(m.tensor)] = Segment(0, 0, 0, 1)
         else:
-            segments[id(m.tensor)] = Segment(0, m.end - m.start, layers[m.model_param], m.model_param.numel())
-    return ShardLayout(segments, len(layers), seam.shard_group(inner))
+            whole = m.model_param.numel() * (tp if seam.tensor_parallel(m.model_param) else 1)
+            segments[id(m.tensor)] = Segment(0, m.end - m.start, layers[m.model_param], whole)
+    replicated = [i for p, i in layers.items() if not seam.tensor_parallel(p)]
+    return ShardLayout(segments, len(layers), seam.shard_group(inner) if kind == "distributed" else None,
+                       ddp.tp_group if tp > 1 else None, replicated if tp > 1 else ())
 
 
 def _param_groups(inner, mains, adam_keys) -> list[dict]:
@@ -161,8 +206,9 @@ def _install(config, ddp, inner) -> None:
     opt = _build(config, [{**g, "params": []} for g in groups])
     for mine, g in zip(opt.param_groups, groups):
         mine["params"] = g["params"]
-    if kind == "distributed":
-        opt.layout = _shard_layout(ddp, inner, mains)
+    layout = _layer_layout(ddp, inner, kind, mains)
+    if layout is not None:
+        opt.layout = layout
     if isinstance(opt, GSNRTransform):
         squares = BufferSquares(ddp)
         squares.bind([m for group in mains for m in group])

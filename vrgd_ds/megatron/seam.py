@@ -30,6 +30,12 @@ Internals used (megatron-core 0.16):
 - ``Float16OptimizerWithFloat16Params``: ``float16_groups``, ``fp32_from_float16_groups``,
   ``fp32_from_fp32_groups``, ``_copy_main_params_to_model_params``; ``FP32Optimizer``: its
   inner parameters are the model's.
+- Model parameters: the ``tensor_model_parallel`` attribute (set by Megatron's
+  tensor-parallel layers, ``megatron.core.tensor_parallel.ColumnParallelLinear``,
+  ``RowParallelLinear`` and ``VocabParallelEmbedding``, on the parameters they split over the
+  tensor-parallel group) and
+  ``average_gradients_across_tp_domain`` (gradients Megatron averages over that group after
+  the data-parallel reduction).
 """
 
 from __future__ import annotations
@@ -198,6 +204,30 @@ def parallel_sizes(ddp) -> dict[str, int]:
             "expert_parallel_buffers": len(ddp.expert_parallel_buffers)}
 
 
+def tensor_parallel(param) -> bool:
+    """Whether a model parameter is this rank's part of a layer split over the
+    tensor-parallel group (Megatron's ``tensor_model_parallel`` attribute); else every
+    tensor-parallel rank holds the whole parameter."""
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def unmarked_split_weights(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """Weights of Megatron's tensor-parallel layers (``ColumnParallelLinear``,
+    ``RowParallelLinear``, ``VocabParallelEmbedding``, Transformer Engine's column/row
+    linear layers) that lack the ``tensor_model_parallel`` attribute: Megatron's own layers
+    set it only when ``perform_initialization`` is on."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    out = []
+    for prefix, module in model.named_modules():
+        split = (isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))
+                 or getattr(module, "parallel_mode", None) in ("column", "row"))
+        weight = getattr(module, "weight", None) if split else None
+        if isinstance(weight, torch.nn.Parameter) and weight.requires_grad and not tensor_parallel(weight):
+            out.append((f"{prefix}.weight" if prefix else "weight", weight))
+    return out
+
+
 # ---- the optimizer side ---------------------------------------------------------------
 
 
@@ -277,8 +307,26 @@ def module_of(ddp) -> torch.nn.Module:
 
 
 def data_parallel_group(ddp):
-    """The data-parallel process group of a DDP chunk (the only parallelism supported)."""
+    """The data-parallel process group of a DDP chunk."""
     return ddp.dp_group
+
+
+def tensor_parallel_group(ddp):
+    """The tensor-parallel process group of a DDP chunk."""
+    return ddp.tp_group
+
+
+def tensor_and_data_parallel_group(ddp):
+    """Megatron's tensor- and data-parallel group (checked to be exactly the ranks of this
+    chunk's tensor-parallel x data-parallel groups)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_and_data_parallel_group()
+    if dist.get_world_size(group) != ddp.tp_group.size() * ddp.dp_group.size():
+        raise RuntimeError(f"vrgd_ds.megatron: Megatron's tensor- and data-parallel group has "
+                           f"{dist.get_world_size(group)} ranks, not tensor-parallel {ddp.tp_group.size()} x "
+                           f"data-parallel {ddp.dp_group.size()}")
+    return group
 
 
 def grad_scaler(inner):

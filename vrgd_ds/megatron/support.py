@@ -1,12 +1,15 @@
 """What the Megatron-core adapter supports, checked before anything is built.
 
 Each refusal names the setting, its value, and what to set instead. Supported: one model
-chunk wrapped in Megatron's DistributedDataParallel, data parallelism only (no tensor,
-pipeline, context or expert parallelism), fp32, bf16, or fp16 with Megatron's loss scaler
+chunk wrapped in Megatron's DistributedDataParallel, data and tensor parallelism (no
+pipeline, context or expert parallelism; under tensor parallelism no sequence parallelism,
+no ``qk_layernorm`` and no ``average_gradients_across_tp_domain`` parameters: Megatron
+reduces those gradients over the tensor-parallel group after the data-parallel reduction,
+so each rank's squares would be of partial gradients), fp32, bf16, or fp16 with Megatron's loss scaler
 (fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
 the distributed optimizer (one instance), gradient-reduce overlap on or off, parameter
-all-gather overlap on or off. These are the settings the 2-rank parity tests
-run; everything else is refused rather than run unchecked.
+all-gather overlap on or off. These are the settings the parity tests (2 data-parallel
+ranks; 2 x 2 with tensor parallelism) run; everything else is refused rather than run unchecked.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ _REFUSED = (
     ("model config", "external_cuda_graph", bool, "CUDA graphs are not supported; set it to False"),
     ("model config", "calculate_per_token_loss", bool,
      "the gradient groups must be equally weighted means (loss / micro-batches); set it to False"),
+    ("model config", "tp_comm_overlap", bool,
+     "the overlapped tensor-parallel communication (Transformer Engine userbuffers) is not "
+     "supported; set tp_comm_overlap=False"),
+    ("model config", "defer_embedding_wgrad_compute", bool,
+     "deferred weight-gradient computation bypasses the parameter hooks; set it to False"),
     ("DDP config", "num_distributed_optimizer_instances", lambda v: v != 1,
      "several distributed-optimizer instances are not supported; set it to 1"),
     ("DDP config", "use_megatron_fsdp", bool, "Megatron FSDP is not supported; set it to False"),
@@ -62,9 +70,37 @@ def check_supported(config, model_chunks) -> None:
         raise ValueError(
             f"vrgd_ds.megatron: optimizer config use_distributed_optimizer={config.use_distributed_optimizer} "
             f"but DDP config use_distributed_optimizer={ddp.ddp_config.use_distributed_optimizer}; set both alike")
-    for name, size in seam.parallel_sizes(ddp).items():
+    sizes = seam.parallel_sizes(ddp)
+    for name, size in sizes.items():
+        if name == "tensor_model_parallel_size":
+            continue
         if size != (0 if name == "expert_parallel_buffers" else 1):
             what = "expert-parallel gradient buffers" if name == "expert_parallel_buffers" else name
-            raise ValueError(f"vrgd_ds.megatron: {what}={size} is not supported: only data parallelism "
-                             "is (layer norms of tensor-parallel shards would not be whole-layer norms); "
-                             f"set {name} to {0 if name == 'expert_parallel_buffers' else 1}")
+            raise ValueError(f"vrgd_ds.megatron: {what}={size} is not supported: only data and tensor "
+                             f"parallelism are; set {name} to {0 if name == 'expert_parallel_buffers' else 1}")
+    if sizes["tensor_model_parallel_size"] > 1:
+        _check_tensor_parallel(ddp, sizes["tensor_model_parallel_size"])
+
+
+_PARTIAL = ("Megatron adds these gradients up over the tensor-parallel group after the "
+            "data-parallel reduction, so the squared gradients would be of partial gradients")
+
+
+def _check_tensor_parallel(ddp, tp: int) -> None:
+    """Under tensor parallelism every gradient must be whole on each rank when the
+    data-parallel reduction (and the squares') runs."""
+    for field in ("sequence_parallel", "qk_layernorm"):
+        value = getattr(ddp.config, field, False)
+        if value:
+            raise ValueError(f"vrgd_ds.megatron: model config {field}={value!r} with "
+                             f"tensor_model_parallel_size={tp} is not supported: {_PARTIAL}; set {field}=False")
+    for name, p in seam.unmarked_split_weights(seam.module_of(ddp)):
+        raise ValueError(f"vrgd_ds.megatron: parameter {name} is split by tensor parallelism "
+                         f"(tensor_model_parallel_size={tp}) but has no tensor_model_parallel attribute, so "
+                         "its layer statistics would be taken for a whole layer's: Megatron sets the "
+                         "attribute only with perform_initialization=True; set it, or mark the weight with "
+                         "megatron.core.tensor_parallel.set_tensor_model_parallel_attributes")
+    for name, p in seam.module_of(ddp).named_parameters():
+        if p.requires_grad and getattr(p, "average_gradients_across_tp_domain", False):
+            raise ValueError(f"vrgd_ds.megatron: parameter {name} has average_gradients_across_tp_domain=True "
+                             f"with tensor_model_parallel_size={tp}, which is not supported: {_PARTIAL}")

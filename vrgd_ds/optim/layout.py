@@ -61,14 +61,18 @@ class ReducedLayout(LayerLayout):
         self.comm_bytes = 0  # payload of the layer-statistics all-reduces so far
 
     def _summed(self, partial: Tensor, segments: Sequence[Segment]) -> tuple[Tensor, Tensor]:
-        import torch.distributed as dist
-
         index = to_device(torch.tensor([s.layer for s in segments], dtype=torch.long), partial.device)
         table = torch.zeros(self.layer_count, partial.shape[1], dtype=partial.dtype, device=partial.device)
         table.index_add_(0, index, partial)
+        self._all_reduce(table)
+        return table, index
+
+    def _all_reduce(self, table: Tensor) -> None:
+        """Sum the [layers, c] table over the ranks that hold pieces of the layers."""
+        import torch.distributed as dist
+
         dist.all_reduce(table, group=self.group)
         self.comm_bytes += table.numel() * table.element_size()
-        return table, index
 
     def reduce(self, partial: Tensor, segments: Sequence[Segment]) -> Tensor:
         table, index = self._summed(partial, segments)

@@ -1,0 +1,110 @@
+"""vrgd_ds.megatron under tensor parallelism: 4 real gloo CPU ranks (tensor-parallel 2 x
+data-parallel 2), Megatron's ColumnParallelLinear / RowParallelLinear, Megatron DDP and
+optimizers, against the float64 reference of docs/algorithm.md on the whole model
+(``tests/megatron_tp_cases.py``). Layer statistics (GSNR mean, LAMB/LARS trust ratios) are
+over whole layers: a split weight's two parts together, a replicated one once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from megatron_cases import STEPS, float64_reference  # noqa: E402
+from megatron_tp_cases import CASES, DP, TP, WORLD, whole_params  # noqa: E402
+from reference import max_rel_err  # noqa: E402
+from spawn_ranks import spawn_ranks  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tp_results(tmp_path_factory):
+    from megatron_tp_cases import worker
+
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("megatron_tp"))
+
+
+@pytest.mark.parametrize("cid", list(CASES))
+def test_matches_float64_reference(tp_results, cid):
+    case = CASES[cid]
+    ranks = [r["ranks"] for r in tp_results]
+    assert ranks == [{"tp": r % TP, "dp": r // TP} for r in range(WORLD)]
+    split = tp_results[0][cid]["tensor_parallel"]
+    assert split == {"fc1.weight": True, "fc1.bias": True, "fc2.weight": True, "fc2.bias": False,
+                     "fc3.weight": False, "fc3.bias": False}
+    # a replicated parameter is the same on both tensor-parallel ranks; the data-parallel ranks agree
+    for d in range(DP):
+        for name, is_split in split.items():
+            if not is_split:
+                torch.testing.assert_close(tp_results[d * TP][cid]["params"][name],
+                                           tp_results[d * TP + 1][cid]["params"][name], rtol=0, atol=0)
+    got = whole_params(tp_results, cid, 0)
+    torch.testing.assert_close(got, whole_params(tp_results, cid, 1), rtol=0, atol=0)
+    err = max_rel_err(got, float64_reference(case.optimizer, DP * case.accum, case.clip))
+    assert err < 2e-5, f"{cid}: max relative error {err:.2e}"
+    if case.optimizer.startswith("vr"):
+        assert tp_results[0][cid]["k"] == DP * case.accum
+    assert tp_results[0][cid]["layout_bytes"] > 0  # the layer sums did cross the tensor-parallel group
+
+
+def test_partial_gradients_are_refused(tp_results):
+    for r in tp_results:
+        got = r["refusals"]
+        assert got["sequence_parallel"] and "sequence_parallel=True" in got["sequence_parallel"], got
+        assert "set sequence_parallel=False" in got["sequence_parallel"]
+        msg = got["average_gradients_across_tp_domain"]
+        assert msg and "fc3.weight" in msg and "average_gradients_across_tp_domain" in msg, got
+        msg = got["unmarked"]
+        assert msg and "fc1.weight" in msg and "perform_initialization=True" in msg, got
+
+
+@pytest.mark.parametrize("fmt", ["resume", "resume sharded"])
+def test_resume_is_bitwise(tp_results, fmt):
+    """3 steps, save, 2 steps; a new run loads the checkpoint and takes the same 2 steps."""
+    from megatron_tp_cases import RESUME
+
+    for r in tp_results:
+        for cid in RESUME:
+            got = r["checkpoints"][fmt][cid]
+            assert got["a"] and len(got["a"]) == len(got["b"])
+            torch.testing.assert_close(got["b"], got["a"], rtol=0, atol=0)
+
+
+def test_checkpoint_keeps_each_tensor_parallel_part_and_refuses_another_size(tp_results):
+    files = tp_results[0]["checkpoints"]["files"]
+    names = ["fc1.bias#tp0", "fc1.bias#tp1", "fc1.weight#tp0", "fc1.weight#tp1", "fc2.bias", "fc2.weight#tp0",
+             "fc2.weight#tp1", "fc3.bias", "fc3.weight"]
+    assert files["names"] == names and files["sharded names"] == names
+    assert files["tensor_parallel_size"] == TP
+    assert files["shards"] == ["meta.pt", *[f"shard-{r:05d}-of-{WORLD:05d}.pt" for r in range(WORLD)]]
+    for r in tp_results:
+        msg = r["other tp size"]
+        assert msg and "saved with tensor_model_parallel_size=2, this run has 1" in msg, msg
+
+
+def _same(got, want, where):
+    if want is None:  # trace_cov and b_simple: samples per group are not known to the Megatron source
+        assert got is None, where
+    else:
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-12), where
+
+
+def test_noise_scale_telemetry_is_over_whole_layers(tp_results):
+    """The telemetry record (GSNR means, clamped fractions, gradient noise scale per layer
+    and for the model) equals the run of the same 4 gradient groups on 4 data-parallel
+    ranks without tensor parallelism, on every rank."""
+    want = tp_results[0]["telemetry dp4"]
+    assert want["step"] == STEPS and want["k"] == 4  # the last of the STEPS steps
+    assert want["grad_sq"] > 0 and want["group_var"] > 0
+    model_keys = ("trace_cov", "grad_sq", "b_simple", "group_var", "clamped_fraction")
+    layer_keys = ("gsnr_mean", "clamped_fraction", "trace_cov", "grad_sq", "b_simple", "group_var")
+    for r in tp_results:
+        got = r["vrlamb-do1-ov1-a2-telemetry"]["telemetry"]
+        assert got["step"] == want["step"] and got["k"] == want["k"]
+        for key in model_keys:
+            _same(got[key], want[key], key)
+        assert sorted(got["layers"]) == sorted(want["layers"])
+        for layer, row in want["layers"].items():
+            assert got["layers"][layer]["numel"] == row["numel"], layer  # whole layers: 96, 16, 256, ...
+            for key in layer_keys:
+                _same(got["layers"][layer][key], row[key], (layer, key))
