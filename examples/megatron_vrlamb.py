@@ -10,6 +10,13 @@ The one vrgd_ds line is ``get_megatron_optimizer(VROptimizerConfig(...), [model]
 of Megatron's ``get_megatron_optimizer(OptimizerConfig(...), [model])``. k = data-parallel
 ranks x micro-batches gradient groups per step (keep k >= 4).
 
+Tensor parallelism: ``--tensor-model-parallel-size T`` splits the two layers with Megatron's
+``ColumnParallelLinear`` / ``RowParallelLinear`` over T ranks (same initial weights, same
+data per data-parallel rank), so that ``torchrun --nproc-per-node 2 ... --tensor-model-parallel-size 2``
+trains the same model as ``torchrun --nproc-per-node 1 ...``:
+
+    torchrun --nproc-per-node 4 examples/megatron_vrlamb.py --tensor-model-parallel-size 2
+
 Checkpointing: ``--save DIR`` writes the optimizer (with the model's fp32 weights), the
 iteration and the scheduler to ``DIR/optimizer.pt`` through
 ``vrgd_ds.megatron.save_optimizer``, at the end (or at ``--stop-after N``) and every
@@ -46,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--no-distributed-optimizer", action="store_true")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T",
+                   help="split the layers over T ranks (tensor parallelism); the world size must be a multiple")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after step N of --steps (the schedule still spans --steps)")
     p.add_argument("--hidden", type=int, default=HIDDEN, help="width of the hidden layer")
@@ -62,6 +71,8 @@ def parse_args(argv=None):
         p.error(f"--save-every needs --save and a positive N, got {args.save_every}")
     if args.sharded and not args.save:
         p.error("--sharded needs --save")
+    if args.tensor_model_parallel_size < 1:
+        p.error(f"--tensor-model-parallel-size must be >= 1, got {args.tensor_model_parallel_size}")
     return args
 
 
@@ -76,6 +87,39 @@ class MLP(torch.nn.Sequential):
         self.model_type = ModelType.encoder_or_decoder
 
     def set_input_tensor(self, tensor):  # pipeline stages hand activations over here; one stage: none
+        assert tensor is None or tensor == [None], "no pipeline parallelism in this example"
+
+
+class TensorParallelMLP(torch.nn.Module):
+    """:class:`MLP` with its layers split over the tensor-parallel ranks by Megatron's own
+    layers: the first by rows (``ColumnParallelLinear``), the second by columns
+    (``RowParallelLinear``, whose bias every rank holds whole); MLP's initial weights."""
+
+    def __init__(self, hidden, tp, config):
+        from megatron.core import parallel_state
+        from megatron.core.enums import ModelType
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        super().__init__()
+        whole = MLP(hidden)
+        keep = torch.nn.init.zeros_  # the weights are MLP's, set below
+        self.fc1 = ColumnParallelLinear(IN, hidden, config=config, init_method=keep, bias=True, gather_output=False)
+        self.fc2 = RowParallelLinear(hidden, OUT, config=config, init_method=keep, bias=True, input_is_parallel=True,
+                                     skip_bias_add=False)
+        t = parallel_state.get_tensor_model_parallel_rank()
+        with torch.no_grad():
+            self.fc1.weight.copy_(whole[0].weight.chunk(tp, 0)[t])
+            self.fc1.bias.copy_(whole[0].bias.chunk(tp, 0)[t])
+            self.fc2.weight.copy_(whole[2].weight.chunk(tp, 1)[t])
+            self.fc2.bias.copy_(whole[2].bias)
+        self.model_type = ModelType.encoder_or_decoder
+
+    def forward(self, x):
+        h, _ = self.fc1(x)
+        out, _ = self.fc2(torch.nn.functional.gelu(h))
+        return out
+
+    def set_input_tensor(self, tensor):
         assert tensor is None or tensor == [None], "no pipeline parallelism in this example"
 
 
@@ -110,11 +154,14 @@ def build(args, device):
 
     distributed = not args.no_distributed_optimizer
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=1, bf16=args.bf16,
-                               params_dtype=dtype)
+    tp = args.tensor_model_parallel_size
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=tp, bf16=args.bf16,
+                               params_dtype=dtype, tensor_model_parallel_size=tp,
+                               use_cpu_initialization=True)
     ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True, use_distributed_optimizer=distributed,
                                                grad_reduce_in_fp32=True, bucket_size=1000)
-    model = DistributedDataParallel(config, ddp_config, MLP(args.hidden).to(device, dtype))
+    module = MLP(args.hidden) if tp == 1 else TensorParallelMLP(args.hidden, tp, config)
+    model = DistributedDataParallel(config, ddp_config, module.to(device, dtype))
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     opt_config = VROptimizerConfig(optimizer=args.optimizer, lr=args.lr, min_lr=0.0, weight_decay=0.01,
@@ -139,11 +186,16 @@ def main(argv=None) -> list[float]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    parallel_state.initialize_model_parallel(1, 1)
+    if dist.get_world_size() % args.tensor_model_parallel_size:
+        raise SystemExit(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} does not divide the "
+                         f"{dist.get_world_size()} ranks")
+    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, 1)
     from vrgd_ds.megatron import load_optimizer, save_optimizer
 
     model, optimizer, scheduler = build(args, device)
-    data = batches(dist.get_rank(), args.micro_batch_size, device, torch.bfloat16 if args.bf16 else torch.float32)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    # the tensor-parallel ranks of one data-parallel rank take the same micro-batches
+    data = batches(dp_rank, args.micro_batch_size, device, torch.bfloat16 if args.bf16 else torch.float32)
     start = 0
     if args.resume:
         found = [p for p in (os.path.join(args.resume, n) for n in ("optimizer.pt", "optimizer")) if os.path.exists(p)]
@@ -177,8 +229,8 @@ def main(argv=None) -> list[float]:
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(1)
         loss = torch.stack([s["loss"] for s in stats]).mean()
-        dist.all_reduce(loss)
-        losses.append(loss.item() / dist.get_world_size())
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        losses.append(loss.item() / dp_size)
         if dist.get_rank() == 0 and (step % 10 == 0 or step == stop - 1):
             print(f"step {step:4d}  loss {losses[-1]:.6f}  grad norm {grad_norm:.3f}  applied {ok}", flush=True)
         if args.save and (step + 1 == stop or (args.save_every and (step + 1) % args.save_every == 0)):
@@ -188,7 +240,7 @@ def main(argv=None) -> list[float]:
                            sharded=args.sharded)
     if dist.get_rank() == 0 and losses:
         print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps "
-              f"(k = {dist.get_world_size()} ranks x {args.micro_batches} micro-batches)", flush=True)
+              f"(k = {dp_size} ranks x {args.micro_batches} micro-batches)", flush=True)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     return losses

@@ -23,13 +23,14 @@ ROOT = Path(__file__).parents[1]
 ENV = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
 
 
-def example_cmd(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def example_cmd(*args, ranks=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
             str(ROOT / "tests" / "megatron_example_cpu.py"), *map(str, args)]
 
 
-def run_example(*args):
-    out = subprocess.run(example_cmd(*args), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+def run_example(*args, ranks=2):
+    out = subprocess.run(example_cmd(*args, ranks=ranks), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                         timeout=300)
     assert out.returncode == 0, tail(out)
     return out
 
@@ -46,6 +47,31 @@ def test_example_trains_on_two_ranks():
     assert m, out.stdout[-3000:]
     first, last = float(m.group(1)), float(m.group(2))
     assert last < 0.8 * first, (first, last)
+
+
+def losses(out) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in re.findall(r"step +(\d+)  loss ([\d.]+)", out.stdout)}
+
+
+def test_example_with_tensor_parallelism_trains_the_same_model(tmp_path):
+    """--tensor-model-parallel-size 2 on 2 ranks (the layers split by Megatron's
+    Column/RowParallelLinear, data-parallel size 1) against 1 rank with the whole layers:
+    the same losses to fp32 rounding, with the distributed optimizer and without; then a
+    tensor-parallel save and resume continues exactly."""
+    run = ["--steps", "12", "--optimizer", "vrlamb", "--micro-batches", "4"]
+    whole = losses(run_example(*run, ranks=1))
+    split = losses(run_example(*run, "--tensor-model-parallel-size", "2"))
+    plain = losses(run_example(*run, "--tensor-model-parallel-size", "2", "--no-distributed-optimizer"))
+    assert sorted(whole) == sorted(split) == sorted(plain) == [0, 10, 11]
+    assert whole[11] < 0.9 * whole[0]
+    for step, loss in whole.items():
+        assert split[step] == pytest.approx(loss, rel=1e-4) and plain[step] == pytest.approx(loss, rel=1e-4)
+    tp = ["--tensor-model-parallel-size", "2", "--save", tmp_path, "--sharded"]
+    run_example(*run, *tp, "--stop-after", "6")
+    resumed = run_example(*run, "--tensor-model-parallel-size", "2", "--resume", tmp_path)
+    assert "at step 6" in resumed.stdout
+    unbroken = run_example(*run, "--tensor-model-parallel-size", "2")
+    assert last_step(resumed, 11) == last_step(unbroken, 11)
 
 
 def test_example_stops_saves_and_resumes_as_if_it_had_not_stopped(tmp_path):
