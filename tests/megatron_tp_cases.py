@@ -116,6 +116,15 @@ def run_refusals() -> dict:
         build("vrlamb", True, True, 0.0, {}, model=model)
 
     out["average_gradients_across_tp_domain"] = _refused(averaged)
+    def differs():  # a weight split by a layer of one's own, without the attribute
+        from megatron.core import parallel_state
+
+        model = TPModel()
+        with torch.no_grad():
+            model.fc3.weight[0, 0] += parallel_state.get_tensor_model_parallel_rank()
+        build("vrlamb", False, True, 0.0, {}, model=model)
+
+    out["differs"] = _refused(differs)
     # Megatron's layers mark their split weights only when they initialize them
     out["unmarked"] = _refused(lambda: build("vrlamb", True, True, 0.0, {}, model=TPModel(perform_initialization=False)))
     return out

@@ -54,6 +54,8 @@ def test_partial_gradients_are_refused(tp_results):
         assert "set sequence_parallel=False" in got["sequence_parallel"]
         msg = got["average_gradients_across_tp_domain"]
         assert msg and "fc3.weight" in msg and "average_gradients_across_tp_domain" in msg, got
+        msg = got["differs"]
+        assert msg and "parameter fc3.weight differs between the tensor-parallel ranks" in msg, got
         msg = got["unmarked"]
         assert msg and "fc1.weight" in msg and "perform_initialization=True" in msg, got
 

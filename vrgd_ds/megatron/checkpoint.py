@@ -252,8 +252,8 @@ def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state:
     """Write the optimizer's state to ``path`` (see the module docstring).
 
     A collective over the data-parallel group (under tensor parallelism: the tensor- and
-    data-parallel group): every rank calls it. Returns on every rank
-    only once the checkpoint is complete, or raises on every rank. ``user_state``: the
+    data-parallel group): every rank calls it. Returns on every rank only once the
+    checkpoint is complete, or raises on every rank. ``user_state``: the
     data-parallel group's first rank's dict of numbers, strings, tensors and containers of
     them (the iteration, the ``OptimizerParamScheduler``'s ``state_dict``), kept with the
     optimizer state, so that it always matches it; :func:`load_optimizer` returns it.
@@ -517,8 +517,8 @@ def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | N
     freshly built optimizer and model.
 
     Every rank of the group :func:`save_optimizer` names calls it (it ends with one check that
-    all ranks loaded, so a rank that cannot read the checkpoint makes all of them raise). The param groups' saved
-    hyperparameters replace the built ones, as torch's ``load_state_dict`` does (Megatron's
+    all ranks loaded, so a rank that cannot read the checkpoint makes all of them raise). The
+    param groups' saved hyperparameters replace the built ones, as torch's ``load_state_dict`` does (Megatron's
     scheduler sets lr and weight decay again at its next step). Returns the ``user_state``
     saved with it (None if none was). After an error, build the model and optimizer anew
     before trying again: the ranks that could read the checkpoint have loaded it."""

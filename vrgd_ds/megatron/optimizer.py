@@ -46,7 +46,6 @@ Megatron's own optimizer checkpoints know Adam's state keys only, so ``state_dic
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Sequence
 
 import torch
@@ -163,7 +162,8 @@ def _with_placeholders(mains: list[list[seam.MainParam]], device) -> list[list[s
 def _layer_layout(ddp, inner, kind: str, mains: list[list[seam.MainParam]]) -> ShardLayout | None:
     """The layers of the inner tensors, where a tensor is not a whole layer: shards of the
     distributed optimizer, parameters split by tensor parallelism (None: neither)."""
-    tp = ddp.tp_group.size()
+    tp_group = seam.tensor_parallel_group(ddp)
+    tp = dist.get_world_size(tp_group)
     if kind != "distributed" and tp == 1:
         return None
     layers = {p: i for i, p in enumerate(p for buf in seam.dense_buffers(ddp) for p in buf.params)}
@@ -176,7 +176,7 @@ def _layer_layout(ddp, inner, kind: str, mains: list[list[seam.MainParam]]) -> S
             segments[id(m.tensor)] = Segment(0, m.end - m.start, layers[m.model_param], whole)
     replicated = [i for p, i in layers.items() if not seam.tensor_parallel(p)]
     return ShardLayout(segments, len(layers), seam.shard_group(inner) if kind == "distributed" else None,
-                       ddp.tp_group if tp > 1 else None, replicated if tp > 1 else ())
+                       tp_group if tp > 1 else None, replicated if tp > 1 else ())
 
 
 def _param_groups(inner, mains, adam_keys) -> list[dict]:

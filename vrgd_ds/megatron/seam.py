@@ -33,9 +33,10 @@ Internals used (megatron-core 0.16):
 - Model parameters: the ``tensor_model_parallel`` attribute (set by Megatron's
   tensor-parallel layers, ``megatron.core.tensor_parallel.ColumnParallelLinear``,
   ``RowParallelLinear`` and ``VocabParallelEmbedding``, on the parameters they split over the
-  tensor-parallel group) and
-  ``average_gradients_across_tp_domain`` (gradients Megatron averages over that group after
-  the data-parallel reduction).
+  tensor-parallel group) and ``average_gradients_across_tp_domain`` (gradients Megatron
+  averages over that group after the data-parallel reduction).
+- ``parallel_state.get_tensor_and_data_parallel_group()`` (checkpoints under tensor
+  parallelism; checked to hold tensor-parallel x data-parallel ranks).
 """
 
 from __future__ import annotations

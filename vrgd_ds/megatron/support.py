@@ -14,6 +14,9 @@ ranks; 2 x 2 with tensor parallelism) run; everything else is refused rather tha
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 from . import seam
 
 # (where, field, bad(value) -> bool, the supported alternative)
@@ -100,7 +103,36 @@ def _check_tensor_parallel(ddp, tp: int) -> None:
                          "its layer statistics would be taken for a whole layer's: Megatron sets the "
                          "attribute only with perform_initialization=True; set it, or mark the weight with "
                          "megatron.core.tensor_parallel.set_tensor_model_parallel_attributes")
+    _check_replicated(ddp, tp)
     for name, p in seam.module_of(ddp).named_parameters():
         if p.requires_grad and getattr(p, "average_gradients_across_tp_domain", False):
             raise ValueError(f"vrgd_ds.megatron: parameter {name} has average_gradients_across_tp_domain=True "
                              f"with tensor_model_parallel_size={tp}, which is not supported: {_PARTIAL}")
+
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _check_replicated(ddp, tp: int) -> None:
+    """A parameter without ``tensor_model_parallel`` is taken to be the same whole tensor on
+    every tensor-parallel rank (counted once in the layer statistics). One all-reduce checks
+    it: an exact integer checksum of its bits (their sum as int64, which no summation order
+    changes) must agree on all tensor-parallel ranks; a weight a custom layer splits without
+    the attribute differs, and is refused by name."""
+    params = [(n, p) for n, p in seam.module_of(ddp).named_parameters()
+              if p.requires_grad and not seam.tensor_parallel(p)]
+    if not params:
+        return
+    sums = torch.stack([p.detach().reshape(-1).view(_INT_VIEW[p.element_size()]).to(torch.int64).sum()
+                        for _, p in params])
+    both = torch.cat([sums, -sums])  # max of both halves: the largest and (negated) the smallest
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=seam.tensor_parallel_group(ddp))
+    differ = (both[:len(params)] != -both[len(params):]).tolist()
+    if any(differ):
+        name = params[differ.index(True)][0]
+        raise ValueError(f"vrgd_ds.megatron: parameter {name} differs between the tensor-parallel ranks "
+                         f"(tensor_model_parallel_size={tp}) but has no tensor_model_parallel attribute, so "
+                         "its layer statistics would be taken for one whole layer held by every rank: mark a "
+                         "weight a layer splits with megatron.core.tensor_parallel."
+                         "set_tensor_model_parallel_attributes, and give replicated parameters the same "
+                         "values on every tensor-parallel rank")
