@@ -126,7 +126,8 @@ def run_refusals() -> dict:
 
     out["differs"] = _refused(differs)
     # Megatron's layers mark their split weights only when they initialize them
-    out["unmarked"] = _refused(lambda: build("vrlamb", True, True, 0.0, {}, model=TPModel(perform_initialization=False)))
+    out["unmarked"] = _refused(lambda: build("vrlamb", True, True, 0.0, {},
+                                             model=TPModel(perform_initialization=False)))
     return out
 
 

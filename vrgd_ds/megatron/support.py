@@ -5,11 +5,12 @@ chunk wrapped in Megatron's DistributedDataParallel, data and tensor parallelism
 pipeline, context or expert parallelism; under tensor parallelism no sequence parallelism,
 no ``qk_layernorm`` and no ``average_gradients_across_tp_domain`` parameters: Megatron
 reduces those gradients over the tensor-parallel group after the data-parallel reduction,
-so each rank's squares would be of partial gradients), fp32, bf16, or fp16 with Megatron's loss scaler
-(fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
+so each rank's squares would be of partial gradients), fp32, bf16, or fp16 with Megatron's
+loss scaler (fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
 the distributed optimizer (one instance), gradient-reduce overlap on or off, parameter
 all-gather overlap on or off. These are the settings the parity tests (2 data-parallel
-ranks; 2 x 2 with tensor parallelism) run; everything else is refused rather than run unchecked.
+ranks; 2 x 2 with tensor parallelism) run; everything else is refused rather than run
+unchecked.
 """
 
 from __future__ import annotations
