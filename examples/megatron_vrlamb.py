@@ -71,8 +71,9 @@ def parse_args(argv=None):
         p.error(f"--save-every needs --save and a positive N, got {args.save_every}")
     if args.sharded and not args.save:
         p.error("--sharded needs --save")
-    if args.tensor_model_parallel_size < 1:
-        p.error(f"--tensor-model-parallel-size must be >= 1, got {args.tensor_model_parallel_size}")
+    if args.tensor_model_parallel_size < 1 or args.hidden % args.tensor_model_parallel_size:
+        p.error(f"--tensor-model-parallel-size must be >= 1 and divide --hidden ({args.hidden}), "
+                f"got {args.tensor_model_parallel_size}")
     return args
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
-from megatron_cases import MCase, build, make_model, run_resume, train  # noqa: E402
+from megatron_cases import MCase, _dtype, build, make_model, run_resume, train  # noqa: E402
 from spawn_ranks import save_results, started  # noqa: E402
 
 WORLD, TP = 4, 2
@@ -35,6 +35,8 @@ CASES = {
     "vrlars-do0-ov0-a2": MCase("vrlars", distributed=False, overlap=False, accum=2),
     "vradam-do1-ov1-a2": MCase("vradam", distributed=True, overlap=True, accum=2),
     "vrsgd-do1-ov1-a4-clip": MCase("vrsgd", distributed=True, overlap=True, accum=4, clip=0.05),
+    "vrlamb-do1-ov1-a2-bf16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"bf16": True}),
+    "vrlamb-do1-ov1-a2-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"fp16": True}),
     "vrlamb-do1-ov1-a2-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
                                          extra={"vr_telemetry_interval": 1}),
 }
@@ -77,10 +79,10 @@ def run_case(case: MCase) -> dict:
 
     ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
                                 model=TPModel())
-    train(parallel_state.get_data_parallel_rank(), ddp, opt, scheduler, case.accum, world=DP)
+    train(parallel_state.get_data_parallel_rank(), ddp, opt, scheduler, case.accum, _dtype(case.extra), world=DP)
     inner = opt.chained_optimizers[0].optimizer
     moments = getattr(inner, "moments", None)
-    return {"params": {n: p.detach().clone() for n, p in ddp.module.named_parameters()},
+    return {"params": {n: p.detach().float().clone() for n, p in ddp.module.named_parameters()},
             "tensor_parallel": {n: bool(getattr(p, "tensor_model_parallel", False))
                                 for n, p in ddp.module.named_parameters()},
             "k": moments.group_count if moments is not None else None,
@@ -96,10 +98,11 @@ def whole_params(results: list[dict], cid: str, dp_rank: int) -> list[torch.Tens
             for name in parts[0]]
 
 
-def _refused(fn) -> str | None:
+def _refused(fn, kinds=(ValueError, NotImplementedError)) -> str | None:
+    """The message of the refusal ``fn`` raises (an error of another kind fails the run)."""
     try:
         fn()
-    except (ValueError, NotImplementedError) as e:
+    except kinds as e:
         return str(e)
     return None
 
@@ -165,15 +168,9 @@ def load_at_other_tp_size(out_dir) -> str | None:
     from vrgd_ds.megatron import load_optimizer
 
     ddp, opt, _ = build("vrlamb", True, True, 0.0, {})
-    return _refused_any(lambda: load_optimizer(opt, ddp, Path(out_dir) / "vrlamb-do1-ov1-a2.optimizer.pt"))
-
-
-def _refused_any(fn) -> str | None:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the message is what is tested
-        return f"{type(e).__name__}: {e}"
-    return None
+    # every rank raises the RuntimeError that names the failed rank's ValueError
+    return _refused(lambda: load_optimizer(opt, ddp, Path(out_dir) / "vrlamb-do1-ov1-a2.optimizer.pt"),
+                    RuntimeError)
 
 
 def worker(rank, init_file, out_dir):

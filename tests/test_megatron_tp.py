@@ -41,7 +41,9 @@ def test_matches_float64_reference(tp_results, cid):
     got = whole_params(tp_results, cid, 0)
     torch.testing.assert_close(got, whole_params(tp_results, cid, 1), rtol=0, atol=0)
     err = max_rel_err(got, float64_reference(case.optimizer, DP * case.accum, case.clip))
-    assert err < 2e-5, f"{cid}: max relative error {err:.2e}"
+    # bf16/fp16 forward and backward (8 / 11 mantissa bits) against the fp32-model reference,
+    # as tests/test_megatron.py::test_bf16_close_to_reference
+    assert err < (3e-2 if case.low_precision else 2e-5), f"{cid}: max relative error {err:.2e}"
     if case.optimizer.startswith("vr"):
         assert tp_results[0][cid]["k"] == DP * case.accum
     assert tp_results[0][cid]["layout_bytes"] > 0  # the layer sums did cross the tensor-parallel group
