@@ -17,6 +17,11 @@ trains the same model as ``torchrun --nproc-per-node 1 ...``:
 
     torchrun --nproc-per-node 4 examples/megatron_vrlamb.py --tensor-model-parallel-size 2
 
+``--sequence-parallel`` adds Megatron's sequence parallelism (the micro-batch's samples are
+the sequence: each tensor-parallel rank holds its part of them outside the split layers, and
+the second layer's bias gets a partial gradient there, which Megatron sums over the
+tensor-parallel group).
+
 Checkpointing: ``--save DIR`` writes the optimizer (with the model's fp32 weights), the
 iteration and the scheduler to ``DIR/optimizer.pt`` through
 ``vrgd_ds.megatron.save_optimizer``, at the end (or at ``--stop-after N``) and every
@@ -55,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T",
                    help="split the layers over T ranks (tensor parallelism); the world size must be a multiple")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tensor-model-parallel-size > 1: Megatron's sequence parallelism")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after step N of --steps (the schedule still spans --steps)")
     p.add_argument("--hidden", type=int, default=HIDDEN, help="width of the hidden layer")
@@ -74,6 +81,10 @@ def parse_args(argv=None):
     if args.tensor_model_parallel_size < 1 or args.hidden % args.tensor_model_parallel_size:
         p.error(f"--tensor-model-parallel-size must be >= 1 and divide --hidden ({args.hidden}), "
                 f"got {args.tensor_model_parallel_size}")
+    if args.sequence_parallel and (args.tensor_model_parallel_size < 2
+                                   or args.micro_batch_size % args.tensor_model_parallel_size):
+        p.error(f"--sequence-parallel needs --tensor-model-parallel-size >= 2 that divides --micro-batch-size "
+                f"({args.micro_batch_size}), got {args.tensor_model_parallel_size}")
     return args
 
 
@@ -114,11 +125,21 @@ class TensorParallelMLP(torch.nn.Module):
             self.fc2.weight.copy_(whole[2].weight.chunk(tp, 1)[t])
             self.fc2.bias.copy_(whole[2].bias)
         self.model_type = ModelType.encoder_or_decoder
+        self.sequence_parallel = config.sequence_parallel
 
     def forward(self, x):
-        h, _ = self.fc1(x)
+        if not self.sequence_parallel:
+            h, _ = self.fc1(x)
+            out, _ = self.fc2(torch.nn.functional.gelu(h))
+            return out
+        from megatron.core.tensor_parallel import (gather_from_sequence_parallel_region,
+                                                   scatter_to_sequence_parallel_region)
+
+        # samples as the sequence ([s, b=1, h]): fc1 gathers the parts, fc2 reduce-scatters
+        h, _ = self.fc1(scatter_to_sequence_parallel_region(x.unsqueeze(1)))
         out, _ = self.fc2(torch.nn.functional.gelu(h))
-        return out
+        # every rank computes the loss on the whole output; the backward keeps its part
+        return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False).squeeze(1)
 
     def set_input_tensor(self, tensor):
         assert tensor is None or tensor == [None], "no pipeline parallelism in this example"
@@ -158,7 +179,7 @@ def build(args, device):
     tp = args.tensor_model_parallel_size
     config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=tp, bf16=args.bf16,
                                params_dtype=dtype, tensor_model_parallel_size=tp,
-                               use_cpu_initialization=True)
+                               sequence_parallel=args.sequence_parallel, use_cpu_initialization=True)
     ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True, use_distributed_optimizer=distributed,
                                                grad_reduce_in_fp32=True, bucket_size=1000)
     module = MLP(args.hidden) if tp == 1 else TensorParallelMLP(args.hidden, tp, config)

@@ -116,7 +116,8 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=tp, bf16=bf16, fp16=fp16,
                                params_dtype=dtype, tensor_model_parallel_size=tp,
-                               sequence_parallel=extra.get("sequence_parallel", False))
+                               sequence_parallel=extra.get("sequence_parallel", False),
+                               qk_layernorm=extra.get("qk_layernorm", False))
     ddp_config = DistributedDataParallelConfig(
         overlap_grad_reduce=overlap, use_distributed_optimizer=distributed, bucket_size=BUCKET,
         overlap_param_gather=extra.get("overlap_param_gather", False),
@@ -147,12 +148,24 @@ def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", s
             with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
                 loss = loss_fn(ddp((xb * factor).to(dtype)), yb) / accum
                 (opt.scale_loss(loss) if dtype == torch.float16 else loss).backward()
-        ddp.finish_grad_sync()
+        finish_grads(ddp)
         ok, _, _ = opt.step()
         applied.append(bool(ok))
         if ok:
             scheduler.step(1)
     return applied
+
+
+def finish_grads(ddp) -> None:
+    """What Megatron's schedules do after the backward passes: ``finalize_model_grads`` (the
+    data-parallel reduction; with sequence parallelism also the tensor-parallel sum of the
+    partial gradients), or only the data-parallel reduction where that is all it would do."""
+    if getattr(ddp.config, "sequence_parallel", False):
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([ddp])
+    else:
+        ddp.finish_grad_sync()
 
 
 def run_case(rank, case: MCase, device="cpu"):

@@ -39,20 +39,31 @@ CASES = {
     "vrlamb-do1-ov1-a2-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"fp16": True}),
     "vrlamb-do1-ov1-a2-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
                                          extra={"vr_telemetry_interval": 1}),
+    # sequence parallelism: fc2's bias and fc3 get partial gradients on each tensor-parallel rank
+    "vrlamb-do1-ov1-a2-sp": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                  extra={"sequence_parallel": True}),
+    "vrlamb-do0-ov0-a4-clip-sp": MCase("vrlamb", distributed=False, overlap=False, accum=4, clip=0.05,
+                                       extra={"sequence_parallel": True}),
+    "vradam-do1-ov0-a2-sp": MCase("vradam", distributed=True, overlap=False, accum=2,
+                                  extra={"sequence_parallel": True}),
+    "vrlamb-do1-ov1-a2-sp-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                            extra={"sequence_parallel": True, "vr_telemetry_interval": 1}),
 }
 
 
 class TPModel(torch.nn.Module):
     """make_model()'s network and weights, its first two layers split by tensor parallelism."""
 
-    def __init__(self, perform_initialization: bool = True):
+    def __init__(self, perform_initialization: bool = True, sequence_parallel: bool = False):
         super().__init__()
         from megatron.core import parallel_state
         from megatron.core.model_parallel_config import ModelParallelConfig
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         config = ModelParallelConfig(tensor_model_parallel_size=TP, use_cpu_initialization=True,
-                                     perform_initialization=perform_initialization)
+                                     perform_initialization=perform_initialization,
+                                     sequence_parallel=sequence_parallel)
+        self.sequence_parallel = sequence_parallel
         keep = torch.nn.init.zeros_  # the weights are set below
         self.fc1 = ColumnParallelLinear(6, 16, config=config, init_method=keep, bias=True, gather_output=False)
         self.fc2 = RowParallelLinear(16, 16, config=config, init_method=keep, bias=True, input_is_parallel=True,
@@ -67,18 +78,32 @@ class TPModel(torch.nn.Module):
                 if name in SPLIT_DIM:
                     w = w.chunk(TP, SPLIT_DIM[name])[tp_rank]
                 p.copy_(w)
+        if sequence_parallel:  # fc3 sees this rank's part of the sequence only, like a norm in a GPT
+            for p in self.fc3.parameters():
+                p.sequence_parallel = True
 
     def forward(self, x):
-        h, _ = self.fc1(x)
+        if not self.sequence_parallel:
+            h, _ = self.fc1(x)
+            h, _ = self.fc2(torch.tanh(h))
+            return self.fc3(torch.tanh(h))
+        from megatron.core.tensor_parallel import (gather_from_sequence_parallel_region,
+                                                   scatter_to_sequence_parallel_region)
+
+        # the micro-batch's samples are the sequence ([s, b=1, h]): each rank takes its half,
+        # fc1 gathers it, fc2 reduce-scatters its output, fc3 (and fc2's bias) see a half only
+        h, _ = self.fc1(scatter_to_sequence_parallel_region(x.unsqueeze(1)))
         h, _ = self.fc2(torch.tanh(h))
-        return self.fc3(torch.tanh(h))
+        out = self.fc3(torch.tanh(h))
+        # every rank computes the same loss on the whole output: the backward takes its half
+        return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False).squeeze(1)
 
 
 def run_case(case: MCase) -> dict:
     from megatron.core import parallel_state
 
     ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
-                                model=TPModel())
+                                model=TPModel(sequence_parallel=case.extra.get("sequence_parallel", False)))
     train(parallel_state.get_data_parallel_rank(), ddp, opt, scheduler, case.accum, _dtype(case.extra), world=DP)
     inner = opt.chained_optimizers[0].optimizer
     moments = getattr(inner, "moments", None)
@@ -110,8 +135,8 @@ def _refused(fn, kinds=(ValueError, NotImplementedError)) -> str | None:
 def run_refusals() -> dict:
     """Tensor-parallel settings whose gradients Megatron finishes over the tensor-parallel
     group after the data-parallel reduction: refused, naming the setting."""
-    out = {"sequence_parallel": _refused(lambda: build("vrlamb", True, True, 0.0, {"sequence_parallel": True},
-                                                          model=TPModel()))}
+    out = {"qk_layernorm": _refused(lambda: build("vrlamb", True, True, 0.0, {"qk_layernorm": True},
+                                                     model=TPModel()))}
 
     def averaged():
         model = TPModel()

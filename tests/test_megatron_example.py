@@ -56,12 +56,14 @@ def losses(out) -> dict[int, float]:
 def test_example_with_tensor_parallelism_trains_the_same_model(tmp_path):
     """--tensor-model-parallel-size 2 on 2 ranks (the layers split by Megatron's
     Column/RowParallelLinear, data-parallel size 1) against 1 rank with the whole layers:
-    the same losses to fp32 rounding, with the distributed optimizer and without; then a
-    tensor-parallel save and resume continues exactly."""
+    the same losses to fp32 rounding, with the distributed optimizer, and without it but
+    with sequence parallelism (fc2's bias gets partial gradients); then a tensor-parallel
+    save and resume continues exactly."""
     run = ["--steps", "12", "--optimizer", "vrlamb", "--micro-batches", "4"]
     whole = losses(run_example(*run, ranks=1))
     split = losses(run_example(*run, "--tensor-model-parallel-size", "2"))
-    plain = losses(run_example(*run, "--tensor-model-parallel-size", "2", "--no-distributed-optimizer"))
+    plain = losses(run_example(*run, "--tensor-model-parallel-size", "2", "--no-distributed-optimizer",
+                               "--sequence-parallel"))
     assert sorted(whole) == sorted(split) == sorted(plain) == [0, 10, 11]
     assert whole[11] < 0.9 * whole[0]
     for step, loss in whole.items():
@@ -160,3 +162,23 @@ def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(t
         assert len(list((ckpt / "optimizer").glob("v*"))) == 1
     whole = run_example(*run, "--stop-after", n + 2)
     assert last_step(resumed, n + 1) == last_step(whole, n + 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size must be >= 1 and divide --hidden (64), got 3"),
+    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size >= 2 that divides "
+                              "--micro-batch-size (16), got 1"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "5"],
+     "--sequence-parallel needs --tensor-model-parallel-size >= 2 that divides --micro-batch-size (5), got 2"),
+])
+def test_example_refuses_parallel_sizes_that_do_not_fit(argv, message, capsys):
+    """Refused by the argument parser, before any process group or model is made."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from megatron_vrlamb import parse_args
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -52,8 +52,8 @@ def test_matches_float64_reference(tp_results, cid):
 def test_partial_gradients_are_refused(tp_results):
     for r in tp_results:
         got = r["refusals"]
-        assert got["sequence_parallel"] and "sequence_parallel=True" in got["sequence_parallel"], got
-        assert "set sequence_parallel=False" in got["sequence_parallel"]
+        assert got["qk_layernorm"] and "qk_layernorm=True" in got["qk_layernorm"], got
+        assert "set qk_layernorm=False" in got["qk_layernorm"]
         msg = got["average_gradients_across_tp_domain"]
         assert msg and "fc3.weight" in msg and "average_gradients_across_tp_domain" in msg, got
         msg = got["differs"]
@@ -93,17 +93,21 @@ def _same(got, want, where):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-12), where
 
 
+TELEMETRY = ("vrlamb-do1-ov1-a2-telemetry", "vrlamb-do1-ov1-a2-sp-telemetry")
+
+
 def test_noise_scale_telemetry_is_over_whole_layers(tp_results):
     """The telemetry record (GSNR means, clamped fractions, gradient noise scale per layer
     and for the model) equals the run of the same 4 gradient groups on 4 data-parallel
-    ranks without tensor parallelism, on every rank."""
+    ranks without tensor parallelism, on every rank; with sequence parallelism too (the
+    squares of partial gradients summed over the tensor-parallel group first)."""
     want = tp_results[0]["telemetry dp4"]
     assert want["step"] == STEPS and want["k"] == 4  # the last of the STEPS steps
     assert want["grad_sq"] > 0 and want["group_var"] > 0
     model_keys = ("trace_cov", "grad_sq", "b_simple", "group_var", "clamped_fraction")
     layer_keys = ("gsnr_mean", "clamped_fraction", "trace_cov", "grad_sq", "b_simple", "group_var")
-    for r in tp_results:
-        got = r["vrlamb-do1-ov1-a2-telemetry"]["telemetry"]
+    for r, cid in ((r, cid) for r in tp_results for cid in TELEMETRY):
+        got = r[cid]["telemetry"]
         assert got["step"] == want["step"] and got["k"] == want["k"]
         for key in model_keys:
             _same(got[key], want[key], key)

@@ -33,8 +33,10 @@ Internals used (megatron-core 0.16):
 - Model parameters: the ``tensor_model_parallel`` attribute (set by Megatron's
   tensor-parallel layers, ``megatron.core.tensor_parallel.ColumnParallelLinear``,
   ``RowParallelLinear`` and ``VocabParallelEmbedding``, on the parameters they split over the
-  tensor-parallel group) and ``average_gradients_across_tp_domain`` (gradients Megatron
-  averages over that group after the data-parallel reduction).
+  tensor-parallel group), ``average_gradients_across_tp_domain`` (gradients Megatron
+  averages over that group after the data-parallel reduction) and ``sequence_parallel``
+  (with the model config's ``sequence_parallel``: gradients Megatron sums over that group
+  in ``finalize_model_grads``, ``_allreduce_non_tensor_model_parallel_grads``).
 - ``parallel_state.get_tensor_and_data_parallel_group()`` (checkpoints under tensor
   parallelism; checked to hold tensor-parallel x data-parallel ranks).
 """
@@ -228,6 +230,18 @@ def unmarked_split_weights(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
             out.append((f"{prefix}.weight" if prefix else "weight", weight))
     return out
 
+
+
+def tensor_parallel_summed(ddp) -> list[Tensor]:
+    """Parameters whose gradients are partial on each tensor-parallel rank and that Megatron
+    sums over the tensor-parallel group after the data-parallel reduction
+    (``_allreduce_non_tensor_model_parallel_grads``, in ``finalize_model_grads``): with
+    sequence parallelism, those it marks ``sequence_parallel`` (the norms, the row-parallel
+    biases: they see only this rank's part of the sequence). Megatron's own test of a
+    parameter, minus ``qk_layernorm``'s, which vrgd_ds refuses."""
+    if ddp.tp_group.size() <= 1 or not getattr(ddp.config, "sequence_parallel", False):
+        return []
+    return [p for p in ddp.module.parameters() if p.requires_grad and getattr(p, "sequence_parallel", False)]
 
 # ---- the optimizer side ---------------------------------------------------------------
 

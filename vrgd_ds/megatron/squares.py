@@ -24,6 +24,15 @@ tensors after gradient preparation and again at the step, whose ratio is c^2 bec
 clipping scales all gradients by one factor (a rank whose gradients are all zero uses
 c = 1, which cannot change its GSNR: gbar = 0 there).
 
+Sequence parallelism: a parameter that sees only this rank's part of the sequence (a norm,
+a row-parallel bias; Megatron marks it ``sequence_parallel``) gets a partial gradient h_t on
+each tensor-parallel rank t, and Megatron sums main_grad over the tensor-parallel group in
+``finalize_model_grads``, after the data-parallel reduction. A group's gradient is the sum
+over t, so the hook first sums h over the tensor-parallel group (one all-reduce of that
+parameter per backward pass, a copy: the h autograd accumulates is left alone) and adds the
+square of the sum; every tensor-parallel rank then holds the same squares, as it will hold
+the same gradient.
+
 k: every rank counts its backward passes; the first read of ``group_count`` in a step
 checks with one small all-reduce that all ranks counted the same.
 
@@ -48,10 +57,13 @@ class BufferSquares:
         self.comm_bytes = 0  # payload this rank has put into square reductions so far
         self._passes: dict[Tensor, int] = {}
         self._handles = []
+        summed = set(seam.tensor_parallel_summed(ddp))
+        tp_group = seam.tensor_parallel_group(ddp) if summed else None
         for buf, sq in zip(self.layouts, self.squares):
             for p in buf.params:
                 start, end = buf.index[p]
-                self._handles.append(p.register_hook(self._hook_for(p, sq[start:end].view(p.shape))))
+                self._handles.append(p.register_hook(self._hook_for(p, sq[start:end].view(p.shape),
+                                                                    tp_group if p in summed else None)))
         self.syncs = seam.hook_bucket_groups(ddp, self._start, self._finish)
         self._pending: list[list | None] = [None] * len(self.syncs)
         scales = {f for s in self.syncs for *_, f in s.buckets}
@@ -70,9 +82,13 @@ class BufferSquares:
 
     # ---- filling: tensor hooks, then Megatron's bucket collectives -------------------
 
-    def _hook_for(self, p: Tensor, view: Tensor):
+    def _hook_for(self, p: Tensor, view: Tensor, tp_group=None):
         def hook(grad: Tensor) -> None:
             g = grad.float()
+            if tp_group is not None:  # a partial gradient (sequence parallelism): the group's is the sum
+                g = g.clone() if g is grad else g
+                dist.all_reduce(g, group=tp_group)
+                self.comm_bytes += g.numel() * g.element_size()
             view.addcmul_(g, g)
             self._passes[p] = self._passes.get(p, 0) + 1
         return hook

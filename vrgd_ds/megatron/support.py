@@ -2,10 +2,11 @@
 
 Each refusal names the setting, its value, and what to set instead. Supported: one model
 chunk wrapped in Megatron's DistributedDataParallel, data and tensor parallelism (no
-pipeline, context or expert parallelism; under tensor parallelism no sequence parallelism,
-no ``qk_layernorm`` and no ``average_gradients_across_tp_domain`` parameters: Megatron
-reduces those gradients over the tensor-parallel group after the data-parallel reduction,
-so each rank's squares would be of partial gradients), fp32, bf16, or fp16 with Megatron's
+pipeline, context or expert parallelism; sequence parallelism is supported, its partial
+gradients summed over the tensor-parallel group before they are squared
+(:mod:`.squares`); no ``qk_layernorm`` and no ``average_gradients_across_tp_domain``
+parameters: Megatron reduces those gradients over the tensor-parallel group after the
+data-parallel reduction too, and that is not followed), fp32, bf16, or fp16 with Megatron's
 loss scaler (fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
 the distributed optimizer (one instance), gradient-reduce overlap on or off, parameter
 all-gather overlap on or off. These are the settings the parity tests (2 data-parallel
@@ -93,11 +94,10 @@ _PARTIAL = ("Megatron adds these gradients up over the tensor-parallel group aft
 def _check_tensor_parallel(ddp, tp: int) -> None:
     """Under tensor parallelism every gradient must be whole on each rank when the
     data-parallel reduction (and the squares') runs."""
-    for field in ("sequence_parallel", "qk_layernorm"):
-        value = getattr(ddp.config, field, False)
-        if value:
-            raise ValueError(f"vrgd_ds.megatron: model config {field}={value!r} with "
-                             f"tensor_model_parallel_size={tp} is not supported: {_PARTIAL}; set {field}=False")
+    value = getattr(ddp.config, "qk_layernorm", False)
+    if value:
+        raise ValueError(f"vrgd_ds.megatron: model config qk_layernorm={value!r} with "
+                         f"tensor_model_parallel_size={tp} is not supported: {_PARTIAL}; set qk_layernorm=False")
     for name, p in seam.unmarked_split_weights(seam.module_of(ddp)):
         raise ValueError(f"vrgd_ds.megatron: parameter {name} is split by tensor parallelism "
                          f"(tensor_model_parallel_size={tp}) but has no tensor_model_parallel attribute, so "
