@@ -46,6 +46,10 @@ CASES = {
                                        extra={"sequence_parallel": True}),
     "vradam-do1-ov0-a2-sp": MCase("vradam", distributed=True, overlap=False, accum=2,
                                   extra={"sequence_parallel": True}),
+    "vrlamb-do1-ov1-a2-bf16-sp": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                       extra={"bf16": True, "sequence_parallel": True}),
+    "vrlamb-do0-ov1-a2-fp16-sp": MCase("vrlamb", distributed=False, overlap=True, accum=2,
+                                       extra={"fp16": True, "sequence_parallel": True}),
     "vrlamb-do1-ov1-a2-sp-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
                                             extra={"sequence_parallel": True, "vr_telemetry_interval": 1}),
 }
