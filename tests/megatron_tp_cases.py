@@ -8,6 +8,10 @@ whole. Its weights are ``make_model()``'s, cut into the two parts, so that the f
 reference of megatron_cases (the whole model, W_dp x a explicit groups) checks it. Rank r
 is tensor-parallel rank r % 2 and data-parallel rank r // 2 (Megatron's order); the two
 tensor-parallel ranks of a data-parallel rank take the same micro-batches.
+
+The "-sp" cases add Megatron's sequence parallelism: the micro-batch's samples are the
+sequence, each tensor-parallel rank holds half of them outside the split layers, so fc2's
+bias and fc3 get partial gradients there, summed by ``finalize_model_grads``.
 """
 
 from __future__ import annotations

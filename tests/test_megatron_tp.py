@@ -2,7 +2,9 @@
 data-parallel 2), Megatron's ColumnParallelLinear / RowParallelLinear, Megatron DDP and
 optimizers, against the float64 reference of docs/algorithm.md on the whole model
 (``tests/megatron_tp_cases.py``). Layer statistics (GSNR mean, LAMB/LARS trust ratios) are
-over whole layers: a split weight's two parts together, a replicated one once."""
+over whole layers: a split weight's two parts together, a replicated one once. With
+sequence parallelism too (the squares of partial gradients summed over the tensor-parallel
+group first)."""
 
 from __future__ import annotations
 

@@ -231,7 +231,6 @@ def unmarked_split_weights(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
     return out
 
 
-
 def tensor_parallel_summed(ddp) -> list[Tensor]:
     """Parameters whose gradients are partial on each tensor-parallel rank and that Megatron
     sums over the tensor-parallel group after the data-parallel reduction
@@ -242,6 +241,7 @@ def tensor_parallel_summed(ddp) -> list[Tensor]:
     if ddp.tp_group.size() <= 1 or not getattr(ddp.config, "sequence_parallel", False):
         return []
     return [p for p in ddp.module.parameters() if p.requires_grad and getattr(p, "sequence_parallel", False)]
+
 
 # ---- the optimizer side ---------------------------------------------------------------
 

@@ -93,7 +93,8 @@ _PARTIAL = ("Megatron adds these gradients up over the tensor-parallel group aft
 
 def _check_tensor_parallel(ddp, tp: int) -> None:
     """Under tensor parallelism every gradient must be whole on each rank when the
-    data-parallel reduction (and the squares') runs."""
+    data-parallel reduction (and the squares') runs, or be a sequence-parallel partial one,
+    which the squares hook sums over the tensor-parallel group first (:mod:`.squares`)."""
     value = getattr(ddp.config, "qk_layernorm", False)
     if value:
         raise ValueError(f"vrgd_ds.megatron: model config qk_layernorm={value!r} with "
