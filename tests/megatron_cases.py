@@ -3,7 +3,8 @@
 Each case builds a fresh model, Megatron DDP and optimizer (through
 ``vrgd_ds.megatron.get_megatron_optimizer`` and Megatron's OptimizerParamScheduler) and
 trains STEPS steps the way Megatron's schedules do: ``zero_grad_buffer``, a micro-batches
-with ``no_sync`` on all but the last (loss / a), ``finish_grad_sync``, ``step``. The global
+with ``no_sync`` on all but the last (loss / a), ``finish_grad_sync`` (under tensor
+parallelism ``finalize_model_grads``), ``step``. The global
 batch of step s is cut into W * a micro-batches; rank r takes r*a .. r*a + a - 1.
 
 The model: 6 -> 16 -> 16 -> 3 with tanh. Its 16x16 weight straddles the two ranks'
@@ -158,9 +159,10 @@ def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", s
 
 def finish_grads(ddp) -> None:
     """What Megatron's schedules do after the backward passes: ``finalize_model_grads`` (the
-    data-parallel reduction; with sequence parallelism also the tensor-parallel sum of the
-    partial gradients), or only the data-parallel reduction where that is all it would do."""
-    if getattr(ddp.config, "sequence_parallel", False):
+    data-parallel reduction; under tensor parallelism also the tensor-parallel sum of the
+    partial gradients of sequence parallelism and qk_layernorm), or without tensor
+    parallelism only the data-parallel reduction, which is all it would do there."""
+    if ddp.tp_group.size() > 1:
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([ddp])
@@ -222,7 +224,7 @@ def run_fp16_overflow(rank):
     return {"applied": applied, "params": [p.detach().float().clone() for p in ddp.module.parameters()]}
 
 
-def float64_reference(name, groups, clip, gamma=None):
+def float64_reference(name, groups, clip, gamma=None, model_fn=None):
     """docs/algorithm.md over ``groups`` explicit group gradients per step; biases (Megatron's
     wd_mult 0) get no weight decay and, for LARS, no trust ratio."""
     from reference import Reference, group_grads
@@ -230,7 +232,7 @@ def float64_reference(name, groups, clip, gamma=None):
     base, _, hp = HP[name]
     gamma = gamma if gamma is not None else (0.1 if name.startswith("vr") else None)
     beta3 = 0.9 if name in ("vrlamb", "vradam") else 0.0
-    model = make_model()
+    model = (model_fn or make_model)()
     params = list(model.parameters())
     ref = Reference(params, base, gamma=gamma, beta3=beta3, **hp)
     no_decay = {"weight_decay": 0.0, **({"excluded": True} if base in ("lamb", "lars") else {})}

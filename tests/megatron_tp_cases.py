@@ -11,7 +11,9 @@ tensor-parallel ranks of a data-parallel rank take the same micro-batches.
 
 The "-sp" cases add Megatron's sequence parallelism: the micro-batch's samples are the
 sequence, each tensor-parallel rank holds half of them outside the split layers, so fc2's
-bias and fc3 get partial gradients there, summed by ``finalize_model_grads``.
+bias and fc3 get partial gradients there, summed by ``finalize_model_grads``. The "-qk"
+cases add ``qk_layernorm``: a HeadScale named ``q_layernorm`` after fc1, a weight of 4 that
+the 4 heads of fc1's output share, 2 heads per rank (the reference: make_qk_model()).
 """
 
 from __future__ import annotations
@@ -54,15 +56,44 @@ CASES = {
                                        extra={"bf16": True, "sequence_parallel": True}),
     "vrlamb-do0-ov1-a2-fp16-sp": MCase("vrlamb", distributed=False, overlap=True, accum=2,
                                        extra={"fp16": True, "sequence_parallel": True}),
+    # qk_layernorm: q_layernorm.weight gets partial gradients (each rank has 2 of the 4 heads)
+    "vrlamb-do1-ov1-a2-qk": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"qk_layernorm": True}),
+    "vradam-do0-ov0-a4-clip-qk": MCase("vradam", distributed=False, overlap=False, accum=4, clip=0.05,
+                                       extra={"qk_layernorm": True}),
+    "vrlamb-do1-ov1-a2-sp-qk": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                     extra={"sequence_parallel": True, "qk_layernorm": True}),
     "vrlamb-do1-ov1-a2-sp-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
                                             extra={"sequence_parallel": True, "vr_telemetry_interval": 1}),
 }
 
 
-class TPModel(torch.nn.Module):
-    """make_model()'s network and weights, its first two layers split by tensor parallelism."""
+HEAD = 4  # features per head in the qk_layernorm cases: fc1's 16 outputs are 4 heads, 2 per rank
 
-    def __init__(self, perform_initialization: bool = True, sequence_parallel: bool = False):
+
+class HeadScale(torch.nn.Module):
+    """A per-feature scale that every head shares, as a ``q_layernorm``'s weight is: on a
+    tensor-parallel rank its gradient comes from that rank's heads only."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.8, 1.2, HEAD))
+
+    def forward(self, h):
+        return (h.unflatten(-1, (-1, HEAD)) * self.weight).flatten(-2)
+
+
+def make_qk_model():
+    """make_model() with a HeadScale after its first layer (the whole model of the qk cases)."""
+    m = make_model()
+    return torch.nn.Sequential(m[0], HeadScale(), *list(m)[1:])
+
+
+class TPModel(torch.nn.Module):
+    """make_model()'s network and weights, its first two layers split by tensor parallelism
+    (with ``qk_layernorm``: make_qk_model()'s, the HeadScale named ``q_layernorm``)."""
+
+    def __init__(self, perform_initialization: bool = True, sequence_parallel: bool = False,
+                 qk_layernorm: bool = False):
         super().__init__()
         from megatron.core import parallel_state
         from megatron.core.model_parallel_config import ModelParallelConfig
@@ -74,11 +105,12 @@ class TPModel(torch.nn.Module):
         self.sequence_parallel = sequence_parallel
         keep = torch.nn.init.zeros_  # the weights are set below
         self.fc1 = ColumnParallelLinear(6, 16, config=config, init_method=keep, bias=True, gather_output=False)
+        self.q_layernorm = HeadScale() if qk_layernorm else None  # Megatron sums its gradient by its name
         self.fc2 = RowParallelLinear(16, 16, config=config, init_method=keep, bias=True, input_is_parallel=True,
                                      skip_bias_add=False)
         self.fc3 = torch.nn.Linear(16, 3)
-        whole = dict(zip(("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"),
-                         make_model().parameters()))
+        whole = dict(zip([n for n, _ in self.named_parameters()],
+                         (make_qk_model() if qk_layernorm else make_model()).parameters()))
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -93,7 +125,7 @@ class TPModel(torch.nn.Module):
     def forward(self, x):
         if not self.sequence_parallel:
             h, _ = self.fc1(x)
-            h, _ = self.fc2(torch.tanh(h))
+            h, _ = self.fc2(torch.tanh(self._heads(h)))
             return self.fc3(torch.tanh(h))
         from megatron.core.tensor_parallel import (gather_from_sequence_parallel_region,
                                                    scatter_to_sequence_parallel_region)
@@ -101,17 +133,21 @@ class TPModel(torch.nn.Module):
         # the micro-batch's samples are the sequence ([s, b=1, h]): each rank takes its half,
         # fc1 gathers it, fc2 reduce-scatters its output, fc3 (and fc2's bias) see a half only
         h, _ = self.fc1(scatter_to_sequence_parallel_region(x.unsqueeze(1)))
-        h, _ = self.fc2(torch.tanh(h))
+        h, _ = self.fc2(torch.tanh(self._heads(h)))
         out = self.fc3(torch.tanh(h))
         # every rank computes the same loss on the whole output: the backward takes its half
         return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False).squeeze(1)
+
+    def _heads(self, h):
+        return h if self.q_layernorm is None else self.q_layernorm(h)
 
 
 def run_case(case: MCase) -> dict:
     from megatron.core import parallel_state
 
     ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
-                                model=TPModel(sequence_parallel=case.extra.get("sequence_parallel", False)))
+                                model=TPModel(sequence_parallel=case.extra.get("sequence_parallel", False),
+                                              qk_layernorm=case.extra.get("qk_layernorm", False)))
     train(parallel_state.get_data_parallel_rank(), ddp, opt, scheduler, case.accum, _dtype(case.extra), world=DP)
     inner = opt.chained_optimizers[0].optimizer
     moments = getattr(inner, "moments", None)
@@ -141,10 +177,10 @@ def _refused(fn, kinds=(ValueError, NotImplementedError)) -> str | None:
 
 
 def run_refusals() -> dict:
-    """Tensor-parallel settings whose gradients Megatron finishes over the tensor-parallel
-    group after the data-parallel reduction: refused, naming the setting."""
-    out = {"qk_layernorm": _refused(lambda: build("vrlamb", True, True, 0.0, {"qk_layernorm": True},
-                                                     model=TPModel()))}
+    """Refused under tensor parallelism, naming the parameter and setting: gradients Megatron
+    averages over the tensor-parallel group after the data-parallel reduction, and split
+    weights the layer statistics would take for whole ones."""
+    out = {}
 
     def averaged():
         model = TPModel()

@@ -234,13 +234,21 @@ def unmarked_split_weights(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
 def tensor_parallel_summed(ddp) -> list[Tensor]:
     """Parameters whose gradients are partial on each tensor-parallel rank and that Megatron
     sums over the tensor-parallel group after the data-parallel reduction
-    (``_allreduce_non_tensor_model_parallel_grads``, in ``finalize_model_grads``): with
-    sequence parallelism, those it marks ``sequence_parallel`` (the norms, the row-parallel
-    biases: they see only this rank's part of the sequence). Megatron's own test of a
-    parameter, minus ``qk_layernorm``'s, which vrgd_ds refuses."""
-    if ddp.tp_group.size() <= 1 or not getattr(ddp.config, "sequence_parallel", False):
+    (``_allreduce_non_tensor_model_parallel_grads``, in ``finalize_model_grads``), by
+    Megatron's own test: with sequence parallelism, those it marks ``sequence_parallel``
+    (the norms, the row-parallel biases: they see only this rank's part of the sequence);
+    with ``qk_layernorm``, those whose name holds ``q_layernorm`` or ``k_layernorm`` (a norm
+    over each head's features, shared by the heads that tensor parallelism splits).
+    ``average_gradients_across_tp_domain`` parameters, which Megatron averages instead, are
+    not among them (refused by :mod:`.support`)."""
+    if ddp.tp_group.size() <= 1:
         return []
-    return [p for p in ddp.module.parameters() if p.requires_grad and getattr(p, "sequence_parallel", False)]
+    sp = bool(getattr(ddp.config, "sequence_parallel", False))
+    qk = bool(getattr(ddp.config, "qk_layernorm", False))
+    return [p for name, p in ddp.module.named_parameters()
+            if p.requires_grad and not getattr(p, "average_gradients_across_tp_domain", False)
+            and ((sp and getattr(p, "sequence_parallel", False))
+                 or (qk and ("q_layernorm" in name or "k_layernorm" in name)))]
 
 
 # ---- the optimizer side ---------------------------------------------------------------

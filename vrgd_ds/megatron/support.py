@@ -2,11 +2,11 @@
 
 Each refusal names the setting, its value, and what to set instead. Supported: one model
 chunk wrapped in Megatron's DistributedDataParallel, data and tensor parallelism (no
-pipeline, context or expert parallelism; sequence parallelism is supported, its partial
-gradients summed over the tensor-parallel group before they are squared
-(:mod:`.squares`); no ``qk_layernorm`` and no ``average_gradients_across_tp_domain``
-parameters: Megatron reduces those gradients over the tensor-parallel group after the
-data-parallel reduction too, and that is not followed), fp32, bf16, or fp16 with Megatron's
+pipeline, context or expert parallelism; sequence parallelism and ``qk_layernorm`` are
+supported, their partial gradients summed over the tensor-parallel group before they are
+squared (:mod:`.squares`); no ``average_gradients_across_tp_domain`` parameters: Megatron
+averages those gradients over the tensor-parallel group after the data-parallel reduction,
+and that is not followed), fp32, bf16, or fp16 with Megatron's
 loss scaler (fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
 the distributed optimizer (one instance), gradient-reduce overlap on or off, parameter
 all-gather overlap on or off. These are the settings the parity tests (2 data-parallel
@@ -87,18 +87,11 @@ def check_supported(config, model_chunks) -> None:
         _check_tensor_parallel(ddp, sizes["tensor_model_parallel_size"])
 
 
-_PARTIAL = ("Megatron adds these gradients up over the tensor-parallel group after the "
-            "data-parallel reduction, so the squared gradients would be of partial gradients")
-
-
 def _check_tensor_parallel(ddp, tp: int) -> None:
     """Under tensor parallelism every gradient must be whole on each rank when the
-    data-parallel reduction (and the squares') runs, or be a sequence-parallel partial one,
-    which the squares hook sums over the tensor-parallel group first (:mod:`.squares`)."""
-    value = getattr(ddp.config, "qk_layernorm", False)
-    if value:
-        raise ValueError(f"vrgd_ds.megatron: model config qk_layernorm={value!r} with "
-                         f"tensor_model_parallel_size={tp} is not supported: {_PARTIAL}; set qk_layernorm=False")
+    data-parallel reduction (and the squares') runs, or be a partial one that Megatron sums
+    over the tensor-parallel group (sequence parallelism, ``qk_layernorm``), which the
+    squares hook sums there first (:mod:`.squares`)."""
     for name, p in seam.unmarked_split_weights(seam.module_of(ddp)):
         raise ValueError(f"vrgd_ds.megatron: parameter {name} is split by tensor parallelism "
                          f"(tensor_model_parallel_size={tp}) but has no tensor_model_parallel attribute, so "
@@ -109,7 +102,9 @@ def _check_tensor_parallel(ddp, tp: int) -> None:
     for name, p in seam.module_of(ddp).named_parameters():
         if p.requires_grad and getattr(p, "average_gradients_across_tp_domain", False):
             raise ValueError(f"vrgd_ds.megatron: parameter {name} has average_gradients_across_tp_domain=True "
-                             f"with tensor_model_parallel_size={tp}, which is not supported: {_PARTIAL}")
+                             f"with tensor_model_parallel_size={tp}, which is not supported: Megatron averages "
+                             "these gradients over the tensor-parallel group after the data-parallel reduction, "
+                             "and the squared gradients do not follow that")
 
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
