@@ -128,16 +128,15 @@ class TensorParallelMLP(torch.nn.Module):
         self.sequence_parallel = config.sequence_parallel
 
     def forward(self, x):
-        if not self.sequence_parallel:
-            h, _ = self.fc1(x)
-            out, _ = self.fc2(torch.nn.functional.gelu(h))
-            return out
         from megatron.core.tensor_parallel import (gather_from_sequence_parallel_region,
                                                    scatter_to_sequence_parallel_region)
 
-        # samples as the sequence ([s, b=1, h]): fc1 gathers the parts, fc2 reduce-scatters
-        h, _ = self.fc1(scatter_to_sequence_parallel_region(x.unsqueeze(1)))
-        out, _ = self.fc2(torch.nn.functional.gelu(h))
+        if self.sequence_parallel:  # samples as the sequence ([s, b=1, h]): each rank takes its part
+            x = scatter_to_sequence_parallel_region(x.unsqueeze(1))
+        h, _ = self.fc1(x)  # with sequence parallelism it gathers the parts
+        out, _ = self.fc2(torch.nn.functional.gelu(h))  # and this reduce-scatters them
+        if not self.sequence_parallel:
+            return out
         # every rank computes the loss on the whole output; the backward keeps its part
         return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False).squeeze(1)
 

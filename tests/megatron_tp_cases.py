@@ -105,7 +105,8 @@ class TPModel(torch.nn.Module):
         self.sequence_parallel = sequence_parallel
         keep = torch.nn.init.zeros_  # the weights are set below
         self.fc1 = ColumnParallelLinear(6, 16, config=config, init_method=keep, bias=True, gather_output=False)
-        self.q_layernorm = HeadScale() if qk_layernorm else None  # Megatron sums its gradient by its name
+        # Megatron sums the gradient of a q_layernorm over the tensor-parallel group by its name
+        self.q_layernorm = HeadScale() if qk_layernorm else torch.nn.Identity()
         self.fc2 = RowParallelLinear(16, 16, config=config, init_method=keep, bias=True, input_is_parallel=True,
                                      skip_bias_add=False)
         self.fc3 = torch.nn.Linear(16, 3)
@@ -123,23 +124,20 @@ class TPModel(torch.nn.Module):
                 p.sequence_parallel = True
 
     def forward(self, x):
-        if not self.sequence_parallel:
-            h, _ = self.fc1(x)
-            h, _ = self.fc2(torch.tanh(self._heads(h)))
-            return self.fc3(torch.tanh(h))
         from megatron.core.tensor_parallel import (gather_from_sequence_parallel_region,
                                                    scatter_to_sequence_parallel_region)
 
-        # the micro-batch's samples are the sequence ([s, b=1, h]): each rank takes its half,
-        # fc1 gathers it, fc2 reduce-scatters its output, fc3 (and fc2's bias) see a half only
-        h, _ = self.fc1(scatter_to_sequence_parallel_region(x.unsqueeze(1)))
-        h, _ = self.fc2(torch.tanh(self._heads(h)))
+        if self.sequence_parallel:
+            # the micro-batch's samples are the sequence ([s, b=1, h]): each rank takes its
+            # half, fc1 gathers it, fc2 reduce-scatters its output, fc3 (and fc2's bias) see a half
+            x = scatter_to_sequence_parallel_region(x.unsqueeze(1))
+        h, _ = self.fc1(x)
+        h, _ = self.fc2(torch.tanh(self.q_layernorm(h)))
         out = self.fc3(torch.tanh(h))
+        if not self.sequence_parallel:
+            return out
         # every rank computes the same loss on the whole output: the backward takes its half
         return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False).squeeze(1)
-
-    def _heads(self, h):
-        return h if self.q_layernorm is None else self.q_layernorm(h)
 
 
 def run_case(case: MCase) -> dict:
@@ -188,6 +186,7 @@ def run_refusals() -> dict:
         build("vrlamb", True, True, 0.0, {}, model=model)
 
     out["average_gradients_across_tp_domain"] = _refused(averaged)
+
     def differs():  # a weight split by a layer of one's own, without the attribute
         from megatron.core import parallel_state
 
