@@ -7,10 +7,11 @@ megatron-core assumes a CUDA device in a few places on the DDP / optimizer path:
   clipping scratch tensors);
 - ``Tensor.type()`` compared with ``"torch.cuda.FloatTensor"`` (and the Half/BFloat16
   names) to sort parameters by dtype in the (distributed) optimizer and in clipping;
-- ``Tensor.cuda(torch.cuda.current_device())`` in the loss scaler's ``load_state_dict``.
+- ``Tensor.cuda(torch.cuda.current_device())`` in the loss scaler's ``load_state_dict``;
+- ``torch.cuda.synchronize()`` before distributed checkpointing writes its files.
 
 :func:`redirect_cuda_to_cpu` patches exactly these in the calling process: the device
-becomes "cpu", ``device="cuda"`` becomes ``device="cpu"`` in ``torch.tensor`` and
+becomes "cpu", ``torch.cuda.synchronize`` does nothing (there is nothing to wait for), ``device="cuda"`` becomes ``device="cpu"`` in ``torch.tensor`` and
 ``torch.zeros``, ``Tensor.type()`` without arguments names a CPU tensor as its CUDA
 twin, and ``Tensor.cuda("cpu")`` (the redirected current device) stays on the CPU.
 Nothing of Megatron or torch.distributed is mocked; vrgd_ds itself never needs this.
@@ -63,6 +64,7 @@ def redirect_cuda_to_cpu() -> None:
     if _done:
         return
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None
     torch.tensor = _redirect_factory(torch.tensor)
     torch.zeros = _redirect_factory(torch.zeros)
     torch.Tensor.type = _cuda_type_name(torch.Tensor.type)

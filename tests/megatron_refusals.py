@@ -29,7 +29,7 @@ REFUSALS = {
     "pipeline_model_parallel_size": ("pp2", None, None, "pipeline_model_parallel_size=2 is not supported"),
     "expert_parallel_buffers": ("expert", None, None, "expert-parallel gradient buffers=1"),
     "model_chunks": ("chunks", None, None, "one model chunk, got 2"),
-    "checkpoint": ("checkpoint", None, None, "use vrgd_ds.megatron.save_optimizer"),
+    "checkpoint": ("checkpoint", None, None, "--ckpt-format torch_dist) or vrgd_ds.megatron.save_optimizer"),
 }
 
 
@@ -79,7 +79,7 @@ def _checkpoint(rank):
     from megatron_cases import build
 
     _, opt, _ = build("vrlamb", True, False, 0.0, {})
-    opt.sharded_state_dict({})
+    opt.state_dict()  # Megatron's legacy format (--ckpt-format torch)
 
 
 def try_refusal(rank, kind, field, value, _words):

@@ -99,7 +99,8 @@ class TPModel(torch.nn.Module):
         from megatron.core.model_parallel_config import ModelParallelConfig
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-        config = ModelParallelConfig(tensor_model_parallel_size=TP, use_cpu_initialization=True,
+        tp = parallel_state.get_tensor_model_parallel_world_size()  # TP, or 1 for the resharded loads
+        config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                      perform_initialization=perform_initialization,
                                      sequence_parallel=sequence_parallel)
         self.sequence_parallel = sequence_parallel
@@ -117,7 +118,7 @@ class TPModel(torch.nn.Module):
             for name, p in self.named_parameters():
                 w = whole[name]
                 if name in SPLIT_DIM:
-                    w = w.chunk(TP, SPLIT_DIM[name])[tp_rank]
+                    w = w.chunk(tp, SPLIT_DIM[name])[tp_rank]
                 p.copy_(w)
         if sequence_parallel:  # fc3 sees this rank's part of the sequence only, like a norm in a GPT
             for p in self.fc3.parameters():
@@ -222,6 +223,147 @@ def run_checkpoints(out_dir) -> dict:
     return out
 
 
+DIST = ("vrlamb-do1-ov1-a2", "vrlamb-do0-ov1-a2", "vrlamb-do1-ov1-a2-sp", "vrlamb-do1-ov1-a2-bf16-sp",
+        "vrlamb-do0-ov1-a2-fp16-sp")
+
+
+def model_sharded_state_dict(ddp, glu: bool = False) -> dict:
+    """The test model's sharded state dict as a MegatronModule builds it: Megatron's layers
+    their own (split by tensor parallelism), the others replicated; its tensors are the
+    parameters (keep_vars). ``glu``: fc1's weight through Megatron's SwiGLU
+    ShardedTensorFactory, as a GPT MLP with gated_linear_unit saves it (each rank's rows are
+    its halves of two tensors)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.utils import sharded_state_dict_default
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    out = {}
+    for name, child in ddp.module.named_children():
+        out.update(sharded_state_dict_default(child, f"{name}.", tp_group=tp_group))
+    if glu:
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        out["fc1.weight"] = apply_swiglu_sharded_factory(out["fc1.weight"], ())
+    return out
+
+
+def dist_save(ddp, opt, folder: Path, glu: bool = False) -> None:
+    from megatron.core import dist_checkpointing
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    model_sd = model_sharded_state_dict(ddp, glu)
+    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)}, str(folder))
+
+
+def dist_load(ddp, opt, folder: Path, glu: bool = False) -> dict:
+    """Megatron-LM's load_checkpoint for torch_dist: the sharded state dicts (is_loading), the
+    load, the model's weights, then the optimizer's state. Returns the loaded model weights."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = model_sharded_state_dict(ddp, glu)
+    loaded = dist_checkpointing.load({"model": model_sd,
+                                      "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)}, str(folder))
+    weights = {k: v.detach().clone() for k, v in loaded["model"].items() if torch.is_tensor(v)}
+    ddp.module.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    return weights
+
+
+def _moved_off(ddp):
+    with torch.no_grad():
+        for p in ddp.module.parameters():
+            p.add_(1.0)
+
+
+def run_dist_checkpoints(out_dir) -> dict:
+    """Megatron's distributed checkpointing (torch_dist): per case, 3 steps, save, 2 more ("a");
+    a new run (weights moved off) loads it and takes the same 2 steps ("b"). Also: the
+    distributed-optimizer checkpoint loaded without it ("cross"), a save before the first step,
+    and a VRAdamW run refusing a VRLAMB checkpoint."""
+    from megatron.core import parallel_state
+
+    from megatron_cases import FIRST, REST, _params
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    out = {}
+
+    def new_run(case, name=None):
+        sp = case.extra.get("sequence_parallel", False)
+        return build(name or case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
+                     model=TPModel(sequence_parallel=sp))
+
+    for cid in DIST:
+        case, folder = CASES[cid], Path(out_dir) / f"{cid}.dist"
+        ddp, opt, scheduler = new_run(case)
+        if cid == DIST[0]:  # saved before any step: no optimizer state yet
+            dist_save(ddp, opt, Path(out_dir) / "unstepped.dist")
+        train(dp_rank, ddp, opt, scheduler, case.accum, _dtype(case.extra), schedule=FIRST, world=DP)
+        dist_save(ddp, opt, folder)
+        train(dp_rank, ddp, opt, scheduler, case.accum, _dtype(case.extra), schedule=REST, world=DP)
+        a = _params(ddp)
+        ddp, opt, scheduler = new_run(case)
+        _moved_off(ddp)
+        dist_load(ddp, opt, folder)
+        train(dp_rank, ddp, opt, scheduler, case.accum, _dtype(case.extra), schedule=REST, world=DP)
+        out[cid] = {"a": a, "b": _params(ddp)}
+    case = CASES[DIST[1]]  # the distributed optimizer's checkpoint, loaded without it
+    ddp, opt, scheduler = new_run(case)
+    _moved_off(ddp)
+    dist_load(ddp, opt, Path(out_dir) / f"{DIST[0]}.dist")
+    train(dp_rank, ddp, opt, scheduler, case.accum, schedule=REST, world=DP)
+    out["cross"] = _params(ddp)
+    case = CASES[DIST[0]]
+    ddp, opt, scheduler = new_run(case)
+    train(dp_rank, ddp, opt, scheduler, case.accum, schedule=FIRST + REST, world=DP)
+    out["unstepped a"] = _params(ddp)
+    ddp, opt, scheduler = new_run(case)
+    _moved_off(ddp)
+    dist_load(ddp, opt, Path(out_dir) / "unstepped.dist")
+    train(dp_rank, ddp, opt, scheduler, case.accum, schedule=FIRST + REST, world=DP)
+    out["unstepped b"] = _params(ddp)
+    # fc1's weight saved as SwiGLU's two tensors: resumed, and loaded without the distributed optimizer
+    ddp, opt, scheduler = new_run(case)
+    train(dp_rank, ddp, opt, scheduler, case.accum, schedule=FIRST, world=DP)
+    dist_save(ddp, opt, Path(out_dir) / "glu.dist", glu=True)
+    out["glu saved"] = _params(ddp)
+    for cid in DIST[:2]:
+        ddp, opt, scheduler = new_run(CASES[cid])
+        _moved_off(ddp)
+        dist_load(ddp, opt, Path(out_dir) / "glu.dist", glu=True)
+        train(dp_rank, ddp, opt, scheduler, case.accum, schedule=REST, world=DP)
+        out[f"glu {cid}"] = _params(ddp)
+    ddp, opt, _ = new_run(case, "vradam")
+    out["other optimizer"] = _refused(lambda: dist_load(ddp, opt, Path(out_dir) / f"{DIST[0]}.dist"), RuntimeError)
+    return out
+
+
+def dist_load_without_tensor_parallelism(out_dir) -> dict:
+    """The tensor-parallel 2 x data-parallel 2 checkpoint (distributed optimizer) loaded by 4
+    data-parallel ranks, one micro-batch each (the same 4 gradient groups), with and without
+    the distributed optimizer, then the same 2 steps."""
+    from megatron_cases import REST
+
+    out = {}
+    for cid in DIST[:2]:
+        case = CASES[cid]
+        ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra,
+                                    model=TPModel())
+        _moved_off(ddp)
+        dist_load(ddp, opt, Path(out_dir) / f"{DIST[0]}.dist")
+        train(dist.get_rank(), ddp, opt, scheduler, 1, schedule=REST)
+        out[cid] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    # SwiGLU's fc1 from 2 tensor-parallel ranks to 1: the rows move ([w0; v0], [w1; v1] -> [w0; w1; v0; v1]),
+    # the optimizer's fp32 weights as the model's own weights do
+    for cid in DIST[:2]:
+        case = CASES[cid]
+        ddp, opt, _ = build(case.optimizer, case.distributed, case.overlap, case.clip, case.extra, model=TPModel())
+        _moved_off(ddp)
+        weights = dist_load(ddp, opt, Path(out_dir) / "glu.dist", glu=True)
+        out[f"glu {cid}"] = {"model": weights, "after": {n: p.detach().clone() for n, p in ddp.module.named_parameters()}}
+    return out
+
+
 def telemetry_without_tensor_parallelism() -> dict:
     """The telemetry case on 4 data-parallel ranks, 1 micro-batch each, the whole model: the
     same 4 gradient groups as tensor-parallel 2 x data-parallel 2 with 2 micro-batches."""
@@ -259,9 +401,11 @@ def worker(rank, init_file, out_dir):
                             "dp": parallel_state.get_data_parallel_rank()}
         results["refusals"] = run_refusals()
         results["checkpoints"] = run_checkpoints(out_dir)
+        results["dist checkpoints"] = run_dist_checkpoints(out_dir)
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(1, 1)
         results["other tp size"] = load_at_other_tp_size(out_dir)
+        results["dist tp1"] = dist_load_without_tensor_parallelism(out_dir)
         results["telemetry dp4"] = telemetry_without_tensor_parallelism()
         return results
 

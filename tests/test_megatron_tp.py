@@ -88,6 +88,67 @@ def test_checkpoint_keeps_each_tensor_parallel_part_and_refuses_another_size(tp_
         assert msg and "saved with tensor_model_parallel_size=2, this run has 1" in msg, msg
 
 
+def test_megatron_dist_checkpoint_resumes_bitwise(tp_results):
+    """Megatron's distributed checkpointing (dist_checkpointing.save / load, torch_dist) with
+    the optimizer's sharded_state_dict / load_state_dict: 3 steps, save, 2 steps; a new run
+    loads it and takes the same 2 steps, bit for bit (with and without the distributed
+    optimizer, with sequence parallelism); a save before the first step loads as one."""
+    from megatron_tp_cases import DIST
+
+    for r in tp_results:
+        got = r["dist checkpoints"]
+        for cid in DIST:
+            assert got[cid]["a"] and len(got[cid]["a"]) == len(got[cid]["b"])
+            torch.testing.assert_close(got[cid]["b"], got[cid]["a"], rtol=0, atol=0)
+        torch.testing.assert_close(got["unstepped b"], got["unstepped a"], rtol=0, atol=0)
+        for cid in DIST[:2]:  # SwiGLU's ShardedTensorFactory: 2 tensors per rank
+            torch.testing.assert_close(got[f"glu {cid}"], got[DIST[0]]["a"], rtol=0 if cid == DIST[0] else 1e-5,
+                                       atol=0 if cid == DIST[0] else 1e-6)
+        msg = got["other optimizer"]
+        assert msg and "holds the state of VRLAMB, this run's optimizer is VRAdamW" in msg, msg
+
+
+def test_megatron_dist_checkpoint_reshards(tp_results):
+    """The distributed optimizer's checkpoint of tensor-parallel 2 x data-parallel 2 loads
+    without the distributed optimizer (same sizes), and on 4 data-parallel ranks without
+    tensor parallelism (with and without it): the 2 steps after it equal the unbroken run's to
+    float32 rounding (the layers' arithmetic differs between the layouts)."""
+    from megatron_tp_cases import DIST, SPLIT_DIM
+
+    for d in range(DP):
+        want = tp_results[d * TP]["dist checkpoints"][DIST[0]]["a"]
+        cross = tp_results[d * TP]["dist checkpoints"]["cross"]
+        torch.testing.assert_close(cross, want, rtol=1e-5, atol=1e-6)
+    names = list(SPLIT_DIM) + ["fc2.bias", "fc3.weight", "fc3.bias"]
+    a = {n: p for n, p in zip(["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"],
+                              whole_dist_params(tp_results, DIST[0]))}
+    for r in tp_results:
+        for cid in DIST[:2]:
+            got = r["dist tp1"][cid]
+            assert sorted(got) == sorted(names)
+            for n in names:
+                torch.testing.assert_close(got[n], a[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{cid} {n}: {m}")
+            # SwiGLU's fc1 weight resharded 2 -> 1: the optimizer's fp32 weights (set into the model
+            # by load_state_dict) are the model's own loaded weights, rows moved; the rest as saved
+            glu = r["dist tp1"][f"glu {cid}"]
+            for n, w in glu["model"].items():
+                torch.testing.assert_close(glu["after"][n], w, rtol=0, atol=0)
+            saved = [tp_results[t]["dist checkpoints"]["glu saved"][0] for t in range(TP)]  # fc1.weight parts
+            half = saved[0].shape[0] // 2
+            moved = torch.cat([s[:half] for s in saved] + [s[half:] for s in saved])
+            torch.testing.assert_close(glu["after"]["fc1.weight"], moved, rtol=0, atol=0)
+
+
+def whole_dist_params(results, cid):
+    """The unbroken tensor-parallel run's parameters, the split ones put back together."""
+    from megatron_tp_cases import SPLIT_DIM
+
+    names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
+    parts = [results[t]["dist checkpoints"][cid]["a"] for t in range(TP)]
+    return [torch.cat([part[i] for part in parts], SPLIT_DIM[n]) if n in SPLIT_DIM else parts[0][i]
+            for i, n in enumerate(names)]
+
+
 def _same(got, want, where):
     if want is None:  # trace_cov and b_simple: samples per group are not known to the Megatron source
         assert got is None, where
@@ -118,3 +179,20 @@ def test_noise_scale_telemetry_is_over_whole_layers(tp_results):
             assert got["layers"][layer]["numel"] == row["numel"], layer  # whole layers: 96, 16, 256, ...
             for key in layer_keys:
                 _same(got["layers"][layer][key], row[key], (layer, key))
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (4, 5), (3, 4, 5), (2, 1, 3, 4)])
+def test_flat_ranges_become_contiguous_boxes_in_order(shape):
+    """How a distributed-optimizer shard's element range of a parameter is written as N-D
+    chunks (vrgd_ds.megatron.dist_checkpoint._boxes): every range of every shape, as at most
+    2 * ndim - 1 boxes that are, in order, exactly the range's elements."""
+    from vrgd_ds.megatron.dist_checkpoint import _boxes
+
+    n = max(1, int(torch.tensor(shape).prod()))
+    index = torch.arange(n).reshape(shape)
+    for s in range(n):
+        for e in range(s + 1, n + 1):
+            boxes = _boxes(shape, s, e)
+            assert len(boxes) <= max(1, 2 * len(shape) - 1)
+            got = [index[tuple(slice(o, o + b) for o, b in zip(off, box))].reshape(-1) for off, box in boxes]
+            assert torch.equal(torch.cat(got), torch.arange(s, e)), (shape, s, e, boxes)

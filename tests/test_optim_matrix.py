@@ -303,6 +303,23 @@ def test_adam_amsgrad_flat_route_equals_torch(spec):
     assert any((opt.state[p]["max_exp_avg_sq"] > opt.state[p]["exp_avg_sq"]).any() for p in flat_run.parameters())
 
 
+@pytest.mark.parametrize("over", [{}, {"gsnr_interval": 2}, {"amsgrad": True}, {"momentum": 0.0}],
+                         ids=["default", "interval2", "amsgrad", "momentum0"])
+@pytest.mark.parametrize("mode", ["foreach", "default"])
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_element_state_keys_name_the_state(spec, mode, over):
+    """What a distributed checkpoint asks for before it reads (vrgd_ds.megatron.dist_checkpoint)
+    is exactly the per-element state the optimizer keeps after its steps."""
+    if "gsnr_interval" in over and not spec.vr or "amsgrad" in over and spec.base != "adam" \
+            or "momentum" in over and spec.cls not in (VRMomentum, LARS, VRLARS) or "nesterov" in spec.name:
+        pytest.skip("the option does not apply")
+    opt = train(spec, make_model(), 3, mode, **over)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            kept = sorted(k for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0)
+            assert kept == sorted(opt.element_state_keys(group)), (spec.name, over)
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_params_without_grad_are_skipped(spec):
     model = make_model()

@@ -8,8 +8,10 @@
 
 Everything else in the training loop stays Megatron's (``zero_grad_buffer``, the
 forward/backward schedule with ``no_sync``, ``finish_grad_sync``, ``optimizer.step()``,
-``OptimizerParamScheduler``); :func:`save_optimizer` / :func:`load_optimizer` checkpoint the
-optimizer (:mod:`.checkpoint`). :mod:`.optimizer` builds the optimizer and states how layer
+``OptimizerParamScheduler``). Checkpoints: Megatron's distributed checkpointing
+(``optimizer.sharded_state_dict(model_sharded_state_dict)`` with
+``megatron.core.dist_checkpointing``, then ``optimizer.load_state_dict``; :mod:`.dist_checkpoint`),
+or :func:`save_optimizer` / :func:`load_optimizer` (:mod:`.checkpoint`). :mod:`.optimizer` builds the optimizer and states how layer
 statistics stay exact across distributed-optimizer shards, :mod:`.squares` how the
 squared micro-batch gradients travel beside Megatron's gradient buckets, :mod:`.support`
 what is refused, :mod:`.seam` which Megatron internals are used (tested: megatron-core

@@ -1,9 +1,10 @@
 """Save and resume the optimizer of a Megatron-core run: one file, or one shard per rank.
 
-Megatron's own optimizer checkpoints (``state_dict`` with ``save_parameter_state``, or
-``sharded_state_dict`` for distributed checkpointing) know Adam's ``exp_avg`` and
-``exp_avg_sq`` only; they would drop the VR state (GSNR momentum, step counters) or fail,
-so :func:`vrgd_ds.megatron.get_megatron_optimizer` refuses them. Instead::
+Megatron's legacy optimizer checkpoints (``state_dict`` with ``save_parameter_state``) know
+Adam's ``exp_avg`` and ``exp_avg_sq`` only; they would drop the VR state (GSNR momentum,
+step counters), so :func:`vrgd_ds.megatron.get_megatron_optimizer` refuses them. Megatron's
+distributed checkpointing works (:mod:`.dist_checkpoint`). This module is the other way, with
+the training loop's own state kept beside the optimizer's::
 
     from vrgd_ds.megatron import save_optimizer, load_optimizer
 
@@ -102,6 +103,7 @@ class _Ranks:
     group: object
     what: str  # the group, in words
     tp_size: int
+    tp_rank: int
     dp_first: bool  # this rank is its data-parallel group's first
     names: dict  # id(model parameter) -> its name in a checkpoint
     saves: frozenset  # ids of the parameters whose state this rank's tensor-parallel rank keeps
@@ -122,7 +124,7 @@ def _ranks(ddp) -> _Ranks:
     stored = {name_on(n, p, r): tuple(p.shape) for r in range(tp) for n, p in params
               if p.requires_grad and (r == 0 or split(p))}
     group = dp_group if tp == 1 else seam.tensor_and_data_parallel_group(ddp)
-    return _Ranks(group, "data-parallel" if tp == 1 else "tensor- and data-parallel", tp,
+    return _Ranks(group, "data-parallel" if tp == 1 else "tensor- and data-parallel", tp, t,
                   dist.get_rank(dp_group) == 0, {id(p): name_on(n, p, t) for n, p in params},
                   frozenset(id(p) for _, p in params if t == 0 or split(p)), stored)
 

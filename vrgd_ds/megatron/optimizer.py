@@ -37,10 +37,13 @@ Every rank issues every collective, in the same order and with the same sizes:
 - the backward-pass count check is one all-reduce at the first GSNR read of a step, which
   every rank reaches because the param groups (and their gamma) are the same everywhere.
 
-Megatron's own optimizer checkpoints know Adam's state keys only, so ``state_dict``,
-``sharded_state_dict`` and friends raise NotImplementedError naming
+Checkpoints: ``sharded_state_dict`` and ``load_state_dict`` are this package's
+(:mod:`.dist_checkpoint`): Megatron's distributed checkpointing (``torch_dist``) saves and
+loads every state key, at any tensor- and data-parallel size. Megatron's legacy optimizer
+checkpoints (``state_dict``, ``save_parameter_state``, ``load_parameter_state``) know Adam's
+state keys only and raise NotImplementedError naming both ways that keep everything;
 :func:`vrgd_ds.megatron.save_optimizer` / :func:`~vrgd_ds.megatron.load_optimizer`
-(:mod:`.checkpoint`), which save and resume every key.
+(:mod:`.checkpoint`) are the other.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from torch import Tensor
 from ..optim import LAMB, LARS, VRAdam, VRAdamW, VRLAMB, VRLARS, VRMomentum, VRSGD
 from ..optim.layout import ReducedLayout, Segment
 from ..optim.vr import GSNRTransform
-from . import seam
+from . import dist_checkpoint, seam
 from .squares import BufferSquares
 from .support import check_supported
 
@@ -65,8 +68,7 @@ except ImportError as e:  # pragma: no cover - the package __init__ says how to 
     raise ImportError("vrgd_ds.megatron needs megatron-core: pip install 'vrgd-ds[megatron]'") from e
 
 OPTIMIZERS = ("vrsgd", "vrmomentum", "vradam", "vrlamb", "vrlars", "lamb", "lars")
-CHECKPOINT_METHODS = ("state_dict", "load_state_dict", "sharded_state_dict", "save_parameter_state",
-                      "load_parameter_state")
+LEGACY_CHECKPOINT_METHODS = ("state_dict", "save_parameter_state", "load_parameter_state")
 
 
 @dataclasses.dataclass
@@ -218,16 +220,26 @@ def _install(config, ddp, inner) -> None:
     seam.replace_inner(inner, opt)
 
 
-def _refuse_checkpointing(obj) -> None:
+def _install_checkpointing(obj, inner, ddp) -> None:
+    """Megatron's distributed checkpointing through :mod:`.dist_checkpoint`; its legacy
+    optimizer checkpoints refused."""
     def refuse(*_args, **_kwargs):
         raise NotImplementedError(
-            "vrgd_ds.megatron: Megatron's optimizer checkpoints (state_dict, sharded_state_dict, "
-            "save_parameter_state) know Adam's exp_avg/exp_avg_sq only and would lose the VR state; "
-            "use vrgd_ds.megatron.save_optimizer(optimizer, ddp_model, path) and "
-            "load_optimizer(optimizer, ddp_model, path)")
-    for name in CHECKPOINT_METHODS:
+            "vrgd_ds.megatron: Megatron's legacy optimizer checkpoints (state_dict, save_parameter_state; "
+            "--ckpt-format torch) know Adam's exp_avg/exp_avg_sq only and would lose the VR state; use "
+            "distributed checkpointing (optimizer.sharded_state_dict(model_sharded_state_dict) with "
+            "megatron.core.dist_checkpointing; --ckpt-format torch_dist) or "
+            "vrgd_ds.megatron.save_optimizer(optimizer, ddp_model, path) / load_optimizer(...)")
+    for name in LEGACY_CHECKPOINT_METHODS:
         if hasattr(obj, name):
             setattr(obj, name, refuse)
+
+    def sharded_state_dict(model_sharded_state_dict, is_loading=False, sharding_type=None, metadata=None):
+        return dist_checkpoint.sharded_state_dict(inner, ddp, model_sharded_state_dict, is_loading,
+                                                  sharding_type, metadata)
+
+    obj.sharded_state_dict = sharded_state_dict
+    obj.load_state_dict = lambda state_dict: dist_checkpoint.load_state_dict(inner, ddp, state_dict)
 
 
 def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
@@ -252,6 +264,6 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
     if len(inners) != 1:  # the refusals above leave only the dense optimizer
         raise NotImplementedError(f"vrgd_ds.megatron expected one Megatron optimizer, got {len(inners)}")
     _install(config, model_chunks[0], inners[0])
-    _refuse_checkpointing(inners[0])
-    _refuse_checkpointing(megatron_opt)
+    _install_checkpointing(inners[0], inners[0], model_chunks[0])
+    _install_checkpointing(megatron_opt, inners[0], model_chunks[0])
     return megatron_opt

@@ -167,6 +167,12 @@ class BaseOptimizer(torch.optim.Optimizer):
     # torch's own updates keep theirs in the parameters' dtype (:mod:`.torch_bases`)
     FP32_STATE: frozenset[str] = frozenset()
 
+    def element_state_keys(self, group: dict) -> tuple[str, ...]:
+        """The per-element state (tensors of each parameter's shape) this optimizer keeps for a
+        parameter of ``group`` once it has stepped: what a checkpoint that must name its
+        tensors before reading them (Megatron's distributed checkpointing) asks for."""
+        return ()
+
     def load_state_dict(self, state_dict) -> None:
         """torch's ``load_state_dict``, except that the state in :attr:`FP32_STATE` is loaded as
         fp32: torch casts every floating-point state tensor to its parameter's dtype, which on a

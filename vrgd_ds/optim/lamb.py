@@ -68,6 +68,9 @@ class LAMB(BaseOptimizer):
                                  **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
+    def element_state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         """Two passes: moments and the two norms (with the gradient source fused in), then the
         trust-ratio update. The first pass writes u over an input it has read where the step

@@ -64,6 +64,9 @@ class LARS(BaseOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
+    def element_state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",)
+
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         """Adapted groups: a norms pass (advancing the gradient source), then the update pass
         (the source again, without advancing it). Excluded groups: the update pass only."""

@@ -117,6 +117,9 @@ class SGDUpdate(TorchUpdate):
                         weight_decay=weight_decay, nesterov=nesterov, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
 
+    def element_state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0.0 else ()
+
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         params = batch.params
         grads = self._grads(group, batch, source)
@@ -141,6 +144,9 @@ class AdamUpdate(TorchUpdate):
                  compile: bool | None = None, group_defaults: dict | None = None):
         defaults = adam_defaults(lr, betas, eps, weight_decay, amsgrad=amsgrad, **(group_defaults or {}))
         super().__init__(params, defaults, foreach=foreach, compile=compile)
+
+    def element_state_keys(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ()))
 
     def _update(self, group: dict, batch: GroupBatch, source: GradSource | None) -> None:
         if source is not None and group["foreach"] is None and all(p.dtype == torch.float32 for p in batch.params):

@@ -380,6 +380,12 @@ class GSNRTransform:
             at += n
         return torch.cat(out)
 
+    def element_state_keys(self, group: dict) -> tuple[str, ...]:
+        """The base update's state, and the GSNR momentum when beta3 > 0 or gsnr_interval
+        keeps the ratio for the next steps (:meth:`_gsnr_source`)."""
+        kept = group["beta3"] > 0.0 or self.gsnr_interval > 1
+        return (*super().element_state_keys(group), *(("gsnr_momentum",) if kept else ()))
+
     def _gsnr_source(self, group, batch, means, wide, src, sq_of) -> GradSource:
         """r = clamp(r_raw / m, gamma, 1) (r = 1 where m = 0), with GSNR momentum when beta3 > 0
         or when gsnr_interval keeps the ratio for the next steps."""
