@@ -151,12 +151,17 @@ def _state_tensors(parts, flat, key: str, m, distributed: bool, name: str) -> li
     return out
 
 
-def _meta_object(sharded, value, owner: bool):
+def _meta_object(sharded, parts, value, owner: bool):
+    """The parameter's ShardedObject: one per model tensor, or per slot of the axes the
+    model's tensor prepends (a GPT's layers share one key along a prepended layer axis)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    st = parts[0][1]
+    pre = st.prepend_axis_num
+    shape, offset = (tuple(st.global_shape[:pre]), tuple(st.global_offset[:pre])) if pre else ((1,), (0,))
     pp = sharded.replica_id[0] if isinstance(sharded.replica_id, tuple) else 0
-    return ShardedObject(f"{META_PREFIX}.{sharded.key}", value, (1,), (0,), replica_id=(pp, 0, 0) if owner else
-                         (pp, 1, 1))
+    return ShardedObject(f"{META_PREFIX}.{sharded.key}", value, shape, offset,
+                         replica_id=(pp, 0, 0) if owner else (pp, 1, 1))
 
 
 def _split_state(state: dict, name: str, main) -> tuple[dict, dict]:
@@ -209,7 +214,7 @@ def _build(inner, ranks, model_sharded_state_dict, is_loading, sharding_type, me
         if sharded is None:
             raise ValueError(f"vrgd_ds.megatron: parameter {name} is not in the model's sharded state dict (build it "
                              "with the model's own sharded_state_dict(), whose tensors are the parameters)")
-        keys_of[id(m.model_param)] = sharded.key
+        keys_of[id(m.model_param)] = name  # unique here; a GPT's layers share one sharded key
         keys = list(opt.element_state_keys(opt.param_groups[gi]))
         state = opt.state.get(m.tensor, {})
         stepped = bool(state)
@@ -225,10 +230,10 @@ def _build(inner, ranks, model_sharded_state_dict, is_loading, sharding_type, me
         parts = _parts(sharded, m.model_param, name)
         entry = {k: _state_tensors(parts, v.reshape(-1), k, m, distributed, name)
                  for k, v in {"fp32_param": weight, **{k: values[k] for k in keys}}.items()}
-        tensors[sharded.key] = entry
+        tensors[name] = entry
         owner = (m.start == 0) if distributed else dp_first
         owner = owner and ranks.tp_rank == 0
-        metas[sharded.key] = _meta_object(sharded, {"group": gi, "keys": sorted(keys), "stepped": stepped,
+        metas[name] = _meta_object(sharded, parts, {"group": gi, "keys": sorted(keys), "stepped": stepped,
                                                     "scalars": scalars}, owner)
     inner._vrgd_dist_keys = keys_of  # what load_state_dict reads each parameter's state under
     return {"format": DIST_FORMAT, "param_state": tensors, "param_meta": metas}

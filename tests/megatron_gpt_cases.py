@@ -1,0 +1,172 @@
+"""Megatron's own GPTModel, VR-LAMB and distributed checkpointing on 4 gloo CPU ranks
+(behind tests/test_megatron_gpt_checkpoint.py).
+
+The model is megatron.core's ``GPTModel`` with the local (non-Transformer-Engine) layer spec:
+2 layers, SwiGLU MLP (its fc1 weight is saved through Megatron's ShardedTensorFactory),
+learned position embeddings, the output layer tied to the word embeddings, no linear biases (as LLaMA-style GPTs;
+the attention's key bias would have a zero gradient, whose fp32 rounding noise Adam-type
+updates scale up, and through the layer's trust ratio the other elements' too, differently
+in each tensor-parallel layout); its sharded state dict stacks the layers along a prepended
+axis and pads the vocabulary (``allow_shape_mismatch``), as a Megatron-LM GPT does. Dropout
+is off.
+
+Phase 1, tensor-parallel 2 x data-parallel 2, distributed optimizer, 2 micro-batches per rank:
+2 steps, ``dist_checkpointing.save`` of the model and optimizer, 2 more steps ("a"), and the
+model alone saved again (for the comparison below); a new run whose weights were moved off
+loads the checkpoint and takes the same 2 steps ("b").
+
+Phase 2, 4 data-parallel ranks without tensor parallelism, 1 micro-batch each (the same 4
+gradient groups per step): the phase-1 checkpoint is loaded (the optimizer's fp32 weights
+must equal the model weights Megatron's own loading put together), the same 2 steps are
+taken, and the result is compared with phase 1's "a", loaded into this layout by Megatron.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from spawn_ranks import save_results, started
+
+WORLD, TP, VOCAB, SEQ, MICRO = 4, 2, 64, 8, 2
+FIRST, REST = (0, 1), (2, 3)
+
+
+def build(tp: int, moved_off: bool = False):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)  # dropout is off; no CUDA RNG on a CPU
+    config = TransformerConfig(
+        num_layers=2, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, use_cpu_initialization=True, tensor_model_parallel_size=tp,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False)
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+                     share_embeddings_and_output_weights=True)
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                              bucket_size=700), model)
+    opt = get_megatron_optimizer(VROptimizerConfig(optimizer="vrlamb", lr=0.01, weight_decay=0.01, clip_grad=0.0,
+                                                   use_distributed_optimizer=True), [ddp])
+    if moved_off:
+        with torch.no_grad():
+            for p in ddp.module.parameters():
+                p.add_(1.0)
+    return ddp, opt
+
+
+def tokens(step: int, micro: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(100 * step + micro)
+    return torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=gen)
+
+
+def train(ddp, opt, steps, accum: int) -> None:
+    """Megatron's schedule: micro-batches with no_sync but the last, finalize_model_grads, step;
+    data-parallel rank d takes micro-batches d*accum .. d*accum + accum - 1 of each step."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    d = parallel_state.get_data_parallel_rank()
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    pos = torch.arange(SEQ).unsqueeze(0).expand(MICRO, SEQ)
+    for step in steps:
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        for j in range(accum):
+            t = tokens(step, d * accum + j)
+            with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
+                loss = ddp(t[:, :-1], pos, mask, labels=t[:, 1:]).float().mean() / accum
+                loss.backward()
+        finalize_model_grads([ddp])
+        ok, _, _ = opt.step()
+        assert ok
+
+
+def sharded(ddp) -> dict:
+    return ddp.module.sharded_state_dict()
+
+
+def save(folder: Path, ddp, opt=None) -> None:
+    from megatron.core import dist_checkpointing
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    sd = {"model": sharded(ddp)}
+    if opt is not None:
+        sd["optimizer"] = opt.sharded_state_dict(sd["model"])
+    dist_checkpointing.save(sd, str(folder))
+
+
+def load(folder: Path, ddp, opt=None) -> dict:
+    """Megatron-LM's load_checkpoint for torch_dist; returns the model weights Megatron loaded."""
+    from megatron.core import dist_checkpointing
+
+    sd = {"model": sharded(ddp)}
+    if opt is not None:
+        sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=True)
+    loaded = dist_checkpointing.load(sd, str(folder))
+    weights = {k: v.detach().clone() for k, v in loaded["model"].items() if torch.is_tensor(v)}
+    ddp.module.load_state_dict(loaded["model"], strict=False)
+    if opt is not None:
+        opt.load_state_dict(loaded["optimizer"])
+    return weights
+
+
+def params(ddp) -> dict:
+    return {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+
+
+def worker(rank, init_file, out_dir):
+    from megatron_cpu import redirect_cuda_to_cpu
+
+    redirect_cuda_to_cpu()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
+    started(out_dir, rank)
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state
+
+    out_dir = Path(out_dir)
+
+    def compute():
+        parallel_state.initialize_model_parallel(TP, 1)
+        out = {"tp rank": parallel_state.get_tensor_model_parallel_rank()}
+        ddp, opt = build(TP)
+        train(ddp, opt, FIRST, accum=2)
+        save(out_dir / "gpt.dist", ddp, opt)
+        train(ddp, opt, REST, accum=2)
+        out["a"] = params(ddp)
+        save(out_dir / "gpt-a.dist", ddp)
+        ddp, opt = build(TP, moved_off=True)
+        load(out_dir / "gpt.dist", ddp, opt)
+        train(ddp, opt, REST, accum=2)
+        out["b"] = params(ddp)
+        parallel_state.destroy_model_parallel()
+
+        parallel_state.initialize_model_parallel(1, 1)
+        ddp, opt = build(1, moved_off=True)
+        out["loaded model"] = load(out_dir / "gpt.dist", ddp, opt)
+        out["loaded"] = {k: v.detach().clone() for k, v in ddp.module.state_dict().items() if torch.is_tensor(v)}
+        train(ddp, opt, REST, accum=1)
+        out["tp1"] = params(ddp)
+        ddp, _ = build(1)
+        load(out_dir / "gpt-a.dist", ddp)
+        out["tp1 a"] = params(ddp)
+        parallel_state.destroy_model_parallel()
+        return out
+
+    save_results(out_dir, rank, compute)
+    dist.barrier()
+    dist.destroy_process_group()
