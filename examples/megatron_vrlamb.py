@@ -26,12 +26,19 @@ Checkpointing: ``--save DIR`` writes the optimizer (with the model's fp32 weight
 iteration and the scheduler to ``DIR/optimizer.pt`` through
 ``vrgd_ds.megatron.save_optimizer``, at the end (or at ``--stop-after N``) and every
 ``--save-every`` steps; with ``--sharded``, each rank writes its own shard into the folder
-``DIR/optimizer`` instead (no gather to one rank). ``--resume DIR`` continues from whichever
-of the two DIR holds, with the same data, as if the run had not stopped (the same
-``--steps`` and ``--micro-batches``; others are refused):
+``DIR/optimizer`` instead (no gather to one rank). With ``--dist-checkpoint``, Megatron's
+distributed checkpointing (``torch_dist``, as Megatron-LM's ``--ckpt-format torch_dist``)
+writes the model, the optimizer and the run's state into ``DIR/dist/iter_NNNNNNN``, then the
+file ``DIR/dist/latest`` names it (older ones are removed after that); it resumes at another
+tensor-parallel size too. ``--resume DIR`` continues from whichever of the three DIR holds,
+with the same data, as if the run had not stopped (the same ``--steps`` and
+``--micro-batches``; others are refused):
 
     torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --stop-after 20 --save ckpt
     torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --resume ckpt
+    torchrun --nproc-per-node 4 examples/megatron_vrlamb.py --tensor-model-parallel-size 2 --steps 50 \
+        --stop-after 20 --save ckpt2 --dist-checkpoint
+    torchrun --nproc-per-node 2 examples/megatron_vrlamb.py --steps 50 --resume ckpt2
 
 Runs on GPUs with NCCL. (megatron-core 0.16 itself assumes CUDA; the test suite runs this
 script on 2 CPU ranks through tests/megatron_example_cpu.py, which redirects that.)
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -70,7 +78,11 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="with --save: also every N steps")
     p.add_argument("--sharded", action="store_true",
                    help="with --save: every rank writes its shard, into the folder DIR/optimizer")
-    p.add_argument("--resume", metavar="DIR", help="continue from DIR/optimizer.pt or DIR/optimizer (sharded)")
+    p.add_argument("--dist-checkpoint", action="store_true",
+                   help="with --save: Megatron's distributed checkpointing (model, optimizer, run state) into "
+                        "DIR/dist; resumes at any tensor-parallel size")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue from DIR/optimizer.pt, DIR/optimizer (sharded) or DIR/dist (--dist-checkpoint)")
     args = p.parse_args(argv)
     if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
         p.error(f"--stop-after must be between 1 and --steps ({args.steps}), got {args.stop_after}")
@@ -78,6 +90,8 @@ def parse_args(argv=None):
         p.error(f"--save-every needs --save and a positive N, got {args.save_every}")
     if args.sharded and not args.save:
         p.error("--sharded needs --save")
+    if args.dist_checkpoint and (not args.save or args.sharded):
+        p.error("--dist-checkpoint needs --save, and not --sharded (it is a format of its own)")
     if args.tensor_model_parallel_size < 1 or args.hidden % args.tensor_model_parallel_size:
         p.error(f"--tensor-model-parallel-size must be >= 1 and divide --hidden ({args.hidden}), "
                 f"got {args.tensor_model_parallel_size}")
@@ -88,15 +102,19 @@ def parse_args(argv=None):
     return args
 
 
-class MLP(torch.nn.Sequential):
+class MLP(torch.nn.Module):
     """A plain module with the two attributes Megatron's schedules ask for."""
 
     def __init__(self, hidden=HIDDEN):
         from megatron.core.enums import ModelType
 
+        super().__init__()
         torch.manual_seed(0)
-        super().__init__(torch.nn.Linear(IN, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, OUT))
+        self.fc1, self.fc2 = torch.nn.Linear(IN, hidden), torch.nn.Linear(hidden, OUT)
         self.model_type = ModelType.encoder_or_decoder
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
     def set_input_tensor(self, tensor):  # pipeline stages hand activations over here; one stage: none
         assert tensor is None or tensor == [None], "no pipeline parallelism in this example"
@@ -120,10 +138,10 @@ class TensorParallelMLP(torch.nn.Module):
                                      skip_bias_add=False)
         t = parallel_state.get_tensor_model_parallel_rank()
         with torch.no_grad():
-            self.fc1.weight.copy_(whole[0].weight.chunk(tp, 0)[t])
-            self.fc1.bias.copy_(whole[0].bias.chunk(tp, 0)[t])
-            self.fc2.weight.copy_(whole[2].weight.chunk(tp, 1)[t])
-            self.fc2.bias.copy_(whole[2].bias)
+            self.fc1.weight.copy_(whole.fc1.weight.chunk(tp, 0)[t])
+            self.fc1.bias.copy_(whole.fc1.bias.chunk(tp, 0)[t])
+            self.fc2.weight.copy_(whole.fc2.weight.chunk(tp, 1)[t])
+            self.fc2.bias.copy_(whole.fc2.bias)
         self.model_type = ModelType.encoder_or_decoder
         self.sequence_parallel = config.sequence_parallel
 
@@ -142,6 +160,63 @@ class TensorParallelMLP(torch.nn.Module):
 
     def set_input_tensor(self, tensor):
         assert tensor is None or tensor == [None], "no pipeline parallelism in this example"
+
+
+def model_sharded_state_dict(module) -> dict:
+    """The model's weights for Megatron's distributed checkpointing, as a MegatronModule
+    builds them: Megatron's layers their own (split over the tensor-parallel ranks), the
+    others replicated; the same keys (fc1.weight, ...) with and without tensor parallelism."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.utils import sharded_state_dict_default
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    out = {}
+    for name, child in module.named_children():
+        out.update(sharded_state_dict_default(child, f"{name}.", tp_group=tp_group))
+    return {k: v for k, v in out.items() if not k.endswith("_extra_state")}  # Megatron's layers' (None)
+
+
+LATEST = "latest"
+
+
+def save_dist(folder, model, optimizer, run_state) -> None:
+    """Model, optimizer and ``run_state`` into ``folder/iter_NNNNNNN``, then ``folder/latest``
+    names it (written atomically), then older iterations are removed: a save killed midway
+    leaves the last complete one named."""
+    from megatron.core import dist_checkpointing
+
+    from vrgd_ds.files import save_atomic
+
+    name = f"iter_{run_state['iteration']:07d}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)  # what a killed save of it left
+        os.makedirs(os.path.join(folder, name))
+    dist.barrier()
+    model_sd = model_sharded_state_dict(model.module)
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
+                             "run": run_state}, os.path.join(folder, name))
+    dist.barrier()  # every rank's part is written
+    if dist.get_rank() == 0:
+        save_atomic(lambda f: f.write(f"{name}\n".encode()), os.path.join(folder, LATEST))
+        for old in os.listdir(folder):
+            if old.startswith("iter_") and old != name:
+                shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+    dist.barrier()
+
+
+def load_dist(folder, model, optimizer) -> dict:
+    """Megatron-LM's load_checkpoint for torch_dist: the iteration ``folder/latest`` names;
+    returns its run state."""
+    from megatron.core import dist_checkpointing
+
+    with open(os.path.join(folder, LATEST)) as f:
+        path = os.path.join(folder, f.read().strip())
+    model_sd = model_sharded_state_dict(model.module)
+    loaded = dist_checkpointing.load({"model": model_sd,
+                                      "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}, path)
+    model.module.load_state_dict(loaded["model"], strict=False)  # without the layers' _extra_state
+    optimizer.load_state_dict(loaded["optimizer"])
+    return loaded.get("run")
 
 
 def batches(rank, micro_batch_size, device, dtype):
@@ -219,11 +294,15 @@ def main(argv=None) -> list[float]:
     data = batches(dp_rank, args.micro_batch_size, device, torch.bfloat16 if args.bf16 else torch.float32)
     start = 0
     if args.resume:
-        found = [p for p in (os.path.join(args.resume, n) for n in ("optimizer.pt", "optimizer")) if os.path.exists(p)]
+        found = [p for p in (os.path.join(args.resume, n) for n in ("optimizer.pt", "optimizer", "dist"))
+                 if os.path.exists(p)]
         if len(found) != 1:
-            raise SystemExit(f"--resume {args.resume}: expected one checkpoint there, optimizer.pt or the sharded "
-                             f"folder optimizer; found {len(found)}")
-        saved = load_optimizer(optimizer, model, found[0])
+            raise SystemExit(f"--resume {args.resume}: expected one checkpoint there, optimizer.pt, the sharded "
+                             f"folder optimizer or the distributed checkpoint folder dist; found {len(found)}")
+        if os.path.basename(found[0]) == "dist":
+            saved = load_dist(found[0], model, optimizer)
+        else:
+            saved = load_optimizer(optimizer, model, found[0])
         missing = [k for k in ("iteration", "scheduler", "steps", "micro_batches") if k not in (saved or {})]
         if missing:
             raise SystemExit(f"--resume {args.resume}: its {os.path.basename(found[0])} was not saved by this script "
@@ -255,10 +334,14 @@ def main(argv=None) -> list[float]:
         if dist.get_rank() == 0 and (step % 10 == 0 or step == stop - 1):
             print(f"step {step:4d}  loss {losses[-1]:.6f}  grad norm {grad_norm:.3f}  applied {ok}", flush=True)
         if args.save and (step + 1 == stop or (args.save_every and (step + 1) % args.save_every == 0)):
-            save_optimizer(optimizer, model, os.path.join(args.save, "optimizer" if args.sharded else "optimizer.pt"),
-                           user_state={"iteration": step + 1, "scheduler": scheduler.state_dict(),
-                                       "steps": args.steps, "micro_batches": args.micro_batches},
-                           sharded=args.sharded)
+            run_state = {"iteration": step + 1, "scheduler": scheduler.state_dict(), "steps": args.steps,
+                         "micro_batches": args.micro_batches}
+            if args.dist_checkpoint:
+                save_dist(os.path.join(args.save, "dist"), model, optimizer, run_state)
+            else:
+                save_optimizer(optimizer, model,
+                               os.path.join(args.save, "optimizer" if args.sharded else "optimizer.pt"),
+                               user_state=run_state, sharded=args.sharded)
     if dist.get_rank() == 0 and losses:
         print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps "
               f"(k = {dp_size} ranks x {args.micro_batches} micro-batches)", flush=True)

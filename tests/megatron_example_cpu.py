@@ -9,5 +9,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from megatron_cpu import redirect_cuda_to_cpu  # noqa: E402
 
-redirect_cuda_to_cpu()
-runpy.run_path(str(Path(__file__).parents[1] / "examples" / "megatron_vrlamb.py"), run_name="__main__")
+if __name__ == "__main__":  # not in a child that multiprocessing spawns (distributed checkpointing starts one)
+    redirect_cuda_to_cpu()
+    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "megatron_vrlamb.py"), run_name="__main__")

@@ -58,7 +58,8 @@ def test_example_with_tensor_parallelism_trains_the_same_model(tmp_path):
     Column/RowParallelLinear, data-parallel size 1) against 1 rank with the whole layers:
     the same losses to fp32 rounding, with the distributed optimizer, and without it but
     with sequence parallelism (fc2's bias gets partial gradients); then a tensor-parallel
-    save and resume continues exactly."""
+    save through Megatron's distributed checkpointing resumes exactly at tensor-parallel size 2,
+    and on 1 rank without tensor parallelism continues as the whole-layer run (to fp32 rounding)."""
     run = ["--steps", "12", "--optimizer", "vrlamb", "--micro-batches", "4"]
     whole = losses(run_example(*run, ranks=1))
     split_run = run_example(*run, "--tensor-model-parallel-size", "2")
@@ -69,11 +70,15 @@ def test_example_with_tensor_parallelism_trains_the_same_model(tmp_path):
     assert whole[11] < 0.9 * whole[0]
     for step, loss in whole.items():
         assert split[step] == pytest.approx(loss, rel=1e-4) and plain[step] == pytest.approx(loss, rel=1e-4)
-    tp = ["--tensor-model-parallel-size", "2", "--save", tmp_path, "--sharded"]
+    tp = ["--tensor-model-parallel-size", "2", "--save", tmp_path, "--dist-checkpoint"]
     run_example(*run, *tp, "--stop-after", "6")
+    assert sorted(f.name for f in (tmp_path / "dist").iterdir()) == ["iter_0000006", "latest"]
     resumed = run_example(*run, "--tensor-model-parallel-size", "2", "--resume", tmp_path)
     assert "at step 6" in resumed.stdout
     assert last_step(resumed, 11) == last_step(split_run, 11)  # the unbroken run
+    on_one = run_example(*run, "--resume", tmp_path, ranks=1)
+    assert "at step 6" in on_one.stdout
+    assert losses(on_one)[11] == pytest.approx(whole[11], rel=1e-4)
 
 
 def test_example_stops_saves_and_resumes_as_if_it_had_not_stopped(tmp_path):
@@ -95,26 +100,35 @@ def test_example_stops_saves_and_resumes_as_if_it_had_not_stopped(tmp_path):
     both = subprocess.run(example_cmd("--steps", "12", "--optimizer", "vradam", "--resume", tmp_path),
                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert both.returncode != 0
-    assert "expected one checkpoint there, optimizer.pt or the sharded folder optimizer; found 2" in (
-        both.stdout + both.stderr)
+    assert ("expected one checkpoint there, optimizer.pt, the sharded folder optimizer or the distributed "
+            "checkpoint folder dist; found 2") in both.stdout + both.stderr
 
 
-def _in_progress(ckpt: Path, sharded: bool) -> list[Path]:
-    """What a save being written leaves: a temporary file beside optimizer.pt, or (sharded) a
-    version folder that ``latest`` does not name."""
-    if not sharded:
+FOLDER = {"file": "", "sharded": "optimizer", "dist": "dist"}
+
+
+def _in_progress(ckpt: Path, fmt: str) -> list[Path]:
+    """What a save being written leaves: a temporary file beside optimizer.pt, or (sharded,
+    dist) a version / iteration folder that ``latest`` does not name."""
+    if fmt == "file":
         return list(ckpt.glob(".optimizer.pt.tmp.*"))
     try:
-        latest = (ckpt / "optimizer" / "latest").read_text().strip()
+        latest = (ckpt / FOLDER[fmt] / "latest").read_text().strip()
     except FileNotFoundError:
         return []
-    return [d for d in (ckpt / "optimizer").glob("v*") if d.name != latest]
+    return [d for d in (ckpt / FOLDER[fmt]).glob("v*" if fmt == "sharded" else "iter_*") if d.name != latest]
 
 
-def _saved_iteration(ckpt: Path, sharded: bool) -> int:
+def _saved_iteration(ckpt: Path, fmt: str) -> int:
     """The complete checkpoint's iteration: every file of it loads (a partial file raises)."""
-    if not sharded:
+    if fmt == "file":
         return torch.load(ckpt / "optimizer.pt", weights_only=True)["user_state"]["iteration"]
+    if fmt == "dist":
+        from megatron.core import dist_checkpointing
+
+        folder = ckpt / "dist" / (ckpt / "dist" / "latest").read_text().strip()
+        assert (folder / ".metadata").exists() and list(folder.glob("*.distcp"))
+        return dist_checkpointing.load_common_state_dict(str(folder))["run"]["iteration"]
     version = ckpt / "optimizer" / (ckpt / "optimizer" / "latest").read_text().strip()
     shards = sorted(version.glob("shard-*.pt"))
     assert [f.name for f in shards] == ["shard-00000-of-00002.pt", "shard-00001-of-00002.pt"]
@@ -123,15 +137,15 @@ def _saved_iteration(ckpt: Path, sharded: bool) -> int:
     return torch.load(version / "meta.pt", weights_only=True)["user_state"]["iteration"]
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
-def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path, sharded):
+@pytest.mark.parametrize("fmt", list(FOLDER))
+def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path, fmt):
     """A run saving every step is SIGKILLed (launcher and ranks) while a save is being written:
     the checkpoint is the previous complete one, --resume continues from it, its next save
     removes what the killed save left, and the resumed steps are the uninterrupted run's."""
     ckpt = tmp_path / "ckpt"
     run = ["--steps", 400, "--optimizer", "vrlamb", "--hidden", 65536, "--micro-batches", 2]
-    save = ["--save", ckpt, *(["--sharded"] if sharded else [])]
-    complete = ckpt / ("optimizer" if sharded else "optimizer.pt") / ("latest" if sharded else "")
+    save = ["--save", ckpt, *{"file": [], "sharded": ["--sharded"], "dist": ["--dist-checkpoint"]}[fmt]]
+    complete = ckpt / (FOLDER[fmt] or "optimizer.pt") / ("latest" if FOLDER[fmt] else "")
     proc = subprocess.Popen(example_cmd(*run, *save, "--save-every", 1), env=ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     job = []  # torchrun and its ranks (each rank in a session of its own: one killpg is not enough)
@@ -141,7 +155,7 @@ def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(t
             if not job and complete.exists():
                 launcher = psutil.Process(proc.pid)
                 job = [launcher, *launcher.children(recursive=True)]
-            if job and _in_progress(ckpt, sharded):
+            if job and _in_progress(ckpt, fmt):
                 for p in job:  # kill -9 of the whole job while a save is being written
                     p.kill()
                 break
@@ -153,13 +167,13 @@ def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(t
         proc.wait()
         psutil.wait_procs(job, timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run ended before a save could be caught midway"
-    assert _in_progress(ckpt, sharded), "the kill did not land while a save was being written"
-    n = _saved_iteration(ckpt, sharded)
+    assert _in_progress(ckpt, fmt), "the kill did not land while a save was being written"
+    n = _saved_iteration(ckpt, fmt)
     resumed = run_example(*run, "--resume", ckpt, "--stop-after", n + 2, *save)
     assert f"at step {n}" in resumed.stdout
-    assert not _in_progress(ckpt, sharded)
-    if sharded:
-        assert len(list((ckpt / "optimizer").glob("v*"))) == 1
+    assert not _in_progress(ckpt, fmt)
+    if FOLDER[fmt]:
+        assert len(list((ckpt / FOLDER[fmt]).glob("v*" if fmt == "sharded" else "iter_*"))) == 1
     whole = run_example(*run, "--stop-after", n + 2)
     assert last_step(resumed, n + 1) == last_step(whole, n + 1)
 
@@ -170,8 +184,10 @@ def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(t
                               "--micro-batch-size (16), got 1"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "5"],
      "--sequence-parallel needs --tensor-model-parallel-size >= 2 that divides --micro-batch-size (5), got 2"),
+    (["--dist-checkpoint"], "--dist-checkpoint needs --save, and not --sharded"),
+    (["--save", "ckpt", "--sharded", "--dist-checkpoint"], "--dist-checkpoint needs --save, and not --sharded"),
 ])
-def test_example_refuses_parallel_sizes_that_do_not_fit(argv, message, capsys):
+def test_example_refuses_settings_that_do_not_fit(argv, message, capsys):
     """Refused by the argument parser, before any process group or model is made."""
     sys.path.insert(0, str(ROOT / "examples"))
     try:
