@@ -22,11 +22,14 @@ rather than Adam's two: per model parameter, the fp32 main weight under
 ``optimizer.state.fp32_param.<model key>`` and every per-element state tensor (``exp_avg``,
 ``exp_avg_sq``, ``gsnr_momentum``, ``momentum_buffer``, ...) under
 ``optimizer.state.<state key>.<model key>``, each a ShardedTensor over the model parameter's
-own global shape (this rank's element range of it under the distributed optimizer). So the
+own global shape (under the distributed optimizer, this rank's flat element range of it, as
+at most 2 x ndim - 1 N-D chunks: Megatron 0.16 no longer takes ``flattened_range``; a
+ShardedTensorFactory, such as SwiGLU's fc1 weight, is followed tensor by tensor). So the
 checkpoint loads at any tensor- and data-parallel size and with the distributed optimizer on
 or off, whatever it was saved with. Each parameter's scalar state (step counts), its param
 group and which state keys it has are a ShardedObject
-``optimizer.vrgd_param.<model key>``; the param groups' hyperparameters, the loss scaler, the
+``optimizer.vrgd_param.<model key>`` (one per slot of the axes a model tensor prepends, such
+as a GPT's layer axis); the param groups' hyperparameters, the loss scaler, the
 noise-scale averages and the skipped-step count are common state. Whatever
 ``metadata["distrib_optim_sharding_type"]`` asks, this layout is written (it reshards in
 every dimension the others do); ``fsdp_dtensor`` is refused.
