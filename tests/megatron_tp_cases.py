@@ -335,6 +335,12 @@ def run_dist_checkpoints(out_dir) -> dict:
         out[f"glu {cid}"] = _params(ddp)
     ddp, opt, _ = new_run(case, "vradam")
     out["other optimizer"] = _refused(lambda: dist_load(ddp, opt, Path(out_dir) / f"{DIST[0]}.dist"), RuntimeError)
+    # VR-LAMB without GSNR momentum does not ask for it: the load must not drop it unnoticed
+    ddp, opt, _ = build(case.optimizer, case.distributed, case.overlap, case.clip, {"vr_beta3": 0.0}, model=TPModel())
+    out["other state"] = _refused(lambda: dist_load(ddp, opt, Path(out_dir) / f"{DIST[0]}.dist"), RuntimeError)
+    out["fsdp"] = _refused(lambda: opt.sharded_state_dict(model_sharded_state_dict(ddp),
+                                                          metadata={"distrib_optim_sharding_type": "fsdp_dtensor"}),
+                           RuntimeError)
     return out
 
 

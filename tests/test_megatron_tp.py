@@ -106,6 +106,11 @@ def test_megatron_dist_checkpoint_resumes_bitwise(tp_results):
                                        atol=0 if cid == DIST[0] else 1e-6)
         msg = got["other optimizer"]
         assert msg and "holds the state of VRLAMB, this run's optimizer is VRAdamW" in msg, msg
+        msg = got["other state"]
+        assert msg and "has the optimizer state ['exp_avg', 'exp_avg_sq', 'gsnr_momentum'] in the checkpoint, " \
+                       "this run's VRLAMB keeps ['exp_avg', 'exp_avg_sq']" in msg, msg
+        msg = got["fsdp"]
+        assert msg and "'fsdp_dtensor' (Megatron FSDP) is not supported" in msg, msg
 
 
 def test_megatron_dist_checkpoint_reshards(tp_results):
