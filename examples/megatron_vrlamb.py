@@ -188,20 +188,37 @@ def save_dist(folder, model, optimizer, run_state) -> None:
     from vrgd_ds.files import save_atomic
 
     name = f"iter_{run_state['iteration']:07d}"
-    if dist.get_rank() == 0:
+
+    def start():
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)  # what a killed save of it left
         os.makedirs(os.path.join(folder, name))
-    dist.barrier()
-    model_sd = model_sharded_state_dict(model.module)
-    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
-                             "run": run_state}, os.path.join(folder, name))
-    dist.barrier()  # every rank's part is written
-    if dist.get_rank() == 0:
+
+    def publish():
         save_atomic(lambda f: f.write(f"{name}\n".encode()), os.path.join(folder, LATEST))
         for old in os.listdir(folder):
             if old.startswith("iter_") and old != name:
                 shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
-    dist.barrier()
+
+    on_first_rank(start, f"--save: cannot start {os.path.join(folder, name)}")
+    model_sd = model_sharded_state_dict(model.module)
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd),
+                             "run": run_state}, os.path.join(folder, name))
+    dist.barrier()  # every rank's part is written
+    on_first_rank(publish, f"--save: cannot publish {os.path.join(folder, name)}")
+
+
+def on_first_rank(fn, what: str) -> None:
+    """``fn()`` on rank 0; if it fails, every rank exits naming the error (none waits for a
+    rank that has left)."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except OSError as e:
+            box[0] = f"{what}: {e}"
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise SystemExit(box[0])
 
 
 def load_dist(folder, model, optimizer) -> dict:

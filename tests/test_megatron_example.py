@@ -102,6 +102,12 @@ def test_example_stops_saves_and_resumes_as_if_it_had_not_stopped(tmp_path):
     assert both.returncode != 0
     assert ("expected one checkpoint there, optimizer.pt, the sharded folder optimizer or the distributed "
             "checkpoint folder dist; found 2") in both.stdout + both.stderr
+    (tmp_path / "dist").write_text("not a folder")  # a distributed save cannot start: every rank stops, none hangs
+    blocked = subprocess.run(example_cmd("--steps", 12, "--stop-after", 2, "--save", tmp_path, "--dist-checkpoint"),
+                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert blocked.returncode != 0
+    assert f"--save: cannot start {tmp_path / 'dist' / 'iter_0000002'}: [Errno 20] Not a directory" in (
+        blocked.stdout + blocked.stderr)
 
 
 FOLDER = {"file": "", "sharded": "optimizer", "dist": "dist"}
