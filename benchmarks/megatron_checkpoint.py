@@ -1,12 +1,15 @@
-"""Megatron optimizer checkpoints: one file against sharded, time and memory per rank.
+"""Megatron optimizer checkpoints: one file, sharded and Megatron's distributed checkpointing,
+time and memory per rank.
 
     python -m benchmarks.megatron_checkpoint [--hidden 1048576] [--repeats 3] [--out results/megatron_checkpoint]
 
 Two gloo CPU ranks (megatron-core on CPU through the tests' CUDA redirection) build
 ``examples/megatron_vrlamb.py``'s model (an MLP of width ``--hidden``: 41 x hidden
 parameters) with VR-LAMB and the distributed optimizer, train one step, then, ``--repeats``
-times and in alternating order, save the optimizer as one file and as a sharded folder and
-load each into a freshly built model and optimizer. Per rank and call: the wall time and
+times and in rotating order, save the optimizer as one file, as a sharded folder and through
+Megatron's distributed checkpointing (``dist_checkpointing.save`` of the optimizer's
+``sharded_state_dict``, torch_dist, into a new folder each time), and load each into a freshly
+built model and optimizer. Per rank and call: the wall time and
 the peak growth of the process's private resident memory (RSS minus file-backed pages,
 so memory-mapped checkpoint pages do not count; sampled every millisecond, minus its value
 at the call's start). The loaded state is checked against the saved one.
@@ -30,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).parents[1]
-FORMATS = ("one file", "sharded")
+FORMATS = ("one file", "sharded", "dist")
 WORLD = 2
 
 
@@ -88,7 +91,24 @@ def worker(rank, init_file, args):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     import megatron_vrlamb as ex
+    from megatron.core import dist_checkpointing
+
     from vrgd_ds.megatron import load_optimizer, save_optimizer
+
+    def save(fmt, path, opt, model):
+        if fmt != "dist":
+            return save_optimizer(opt, model, path, sharded=fmt == "sharded")
+        if rank == 0:
+            path.mkdir()
+        dist.barrier()
+        dist_checkpointing.save({"optimizer": opt.sharded_state_dict(ex.model_sharded_state_dict(model.module))},
+                                str(path))
+
+    def load(fmt, path, opt, model):
+        if fmt != "dist":
+            return load_optimizer(opt, model, path)
+        sd = opt.sharded_state_dict(ex.model_sharded_state_dict(model.module), is_loading=True)
+        opt.load_state_dict(dist_checkpointing.load({"optimizer": sd}, str(path))["optimizer"])
 
     parallel_state.initialize_model_parallel(1, 1)
     ex_args = ex.parse_args(["--hidden", str(args.hidden), "--steps", "10", "--micro-batches", "2"])
@@ -101,15 +121,15 @@ def worker(rank, init_file, args):
     opt.step()
     saved_state = _state(opt)
     folder = Path(args.tmp)
-    paths = {"one file": folder / "optimizer.pt", "sharded": folder / "optimizer"}
     samples = []
     for r in range(args.repeats):
-        for fmt in (FORMATS if r % 2 == 0 else FORMATS[::-1]):
+        paths = {"one file": folder / "optimizer.pt", "sharded": folder / "optimizer", "dist": folder / f"dist{r}"}
+        for fmt in FORMATS[r % 3:] + FORMATS[:r % 3]:
             dist.barrier()
             gc.collect()
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                save_optimizer(opt, model, paths[fmt], sharded=fmt == "sharded")
+                save(fmt, paths[fmt], opt, model)
                 seconds = time.perf_counter() - t0
             samples.append({"repeat": r, "format": fmt, "call": "save", "seconds": seconds, "rss_mb": mem.growth_mb})
             fresh_model, fresh_opt, _ = ex.build(ex_args, torch.device("cpu"))
@@ -117,7 +137,7 @@ def worker(rank, init_file, args):
             gc.collect()
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                load_optimizer(fresh_opt, fresh_model, paths[fmt])
+                load(fmt, paths[fmt], fresh_opt, fresh_model)
                 seconds = time.perf_counter() - t0
             samples.append({"repeat": r, "format": fmt, "call": "load", "seconds": seconds, "rss_mb": mem.growth_mb})
             for key, tensors in _state(fresh_opt).items():  # what was loaded is what was saved
@@ -160,7 +180,8 @@ def plot(result: dict, path: Path) -> None:
     labels = list(result["medians"])
     for ax, what, unit in ((axes[0], "seconds", "s"), (axes[1], "rss_mb", "MiB")):
         ax.barh(labels, [result["medians"][k][what] for k in labels],
-                color=["tab:blue" if "one file" in k else "tab:orange" for k in labels])
+                color=["tab:blue" if "one file" in k else "tab:orange" if "sharded" in k else "tab:green"
+                       for k in labels])
         ax.set_xlabel(f"median {'private memory growth' if what == 'rss_mb' else what} ({unit})")
         ax.invert_yaxis()
     axes[1].set_yticklabels([])

@@ -243,7 +243,7 @@ def _build(inner, ranks, model_sharded_state_dict, is_loading, sharding_type, me
 
 
 def _joined(boxes: list) -> torch.Tensor:
-    """A main parameter's elements from its loaded boxes (in element order)."""
+    """A main parameter's elements from its loaded boxes (in element order), in a new tensor."""
     return torch.cat([b.reshape(-1) for b in boxes])
 
 
@@ -295,8 +295,8 @@ def _load(inner, ranks, state_dict) -> None:
         entry = tensors[key]
         state = {}
         if meta["stepped"]:
-            state = {k: _joined(entry[k]).view(m.tensor.shape).to(m.tensor.device, torch.float32).clone()
-                     for k in keys}
+            state = {k: _joined(entry[k]).view(m.tensor.shape).to(m.tensor.device, torch.float32)
+                     for k in keys}  # a new tensor each (torch.cat), which nothing else holds
             state.update({k: v.clone() if torch.is_tensor(v) else v for k, v in meta["scalars"].items()})
         new_state.append((m, _joined(entry["fp32_param"]), state))
     with torch.no_grad():
