@@ -210,7 +210,7 @@ def _build(inner, ranks, model_sharded_state_dict, is_loading, sharding_type, me
     by_param = _model_tensors(model_sharded_state_dict)
     distributed = seam.optimizer_kind(inner) == "distributed"
     dp_first = ranks.dp_first
-    tensors, metas, keys_of = {}, {}, {}
+    tensors, metas, keys_of, targets = {}, {}, {}, {}
     for gi, m in _local_params(inner):
         name = ranks.names[id(m.model_param)]
         sharded = by_param.get(id(m.model_param))
@@ -230,6 +230,8 @@ def _build(inner, ranks, model_sharded_state_dict, is_loading, sharding_type, me
         else:  # what a load reads into; or not stepped yet: zeros stand in, and a load leaves it unstepped
             values, scalars = {k: torch.zeros_like(m.tensor, dtype=torch.float32) for k in keys}, {}
         weight = m.tensor.detach().clone() if is_loading else m.tensor.detach()  # a load checks before it writes
+        if is_loading:
+            targets[name] = values
         parts = _parts(sharded, m.model_param, name)
         entry = {k: _state_tensors(parts, v.reshape(-1), k, m, distributed, name)
                  for k, v in {"fp32_param": weight, **{k: values[k] for k in keys}}.items()}
@@ -239,12 +241,28 @@ def _build(inner, ranks, model_sharded_state_dict, is_loading, sharding_type, me
         metas[name] = _meta_object(sharded, parts, {"group": gi, "keys": sorted(keys), "stepped": stepped,
                                                     "scalars": scalars}, owner)
     inner._vrgd_dist_keys = keys_of  # what load_state_dict reads each parameter's state under
+    inner._vrgd_dist_targets = targets  # the tensors a load reads into (torch.distributed.checkpoint: in place)
     return {"format": DIST_FORMAT, "param_state": tensors, "param_meta": metas}
 
 
 def _joined(boxes: list) -> torch.Tensor:
     """A main parameter's elements from its loaded boxes (in element order), in a new tensor."""
     return torch.cat([b.reshape(-1) for b in boxes])
+
+
+def _read(boxes: list, target) -> torch.Tensor:
+    """A state tensor from its loaded boxes: the tensor they were read into when they are, in
+    order, its views (torch.distributed.checkpoint loads in place; no copy, and the load's
+    memory is one share of the state), else a new tensor of them."""
+    if target is not None:
+        at, base = target.storage_offset(), target.untyped_storage().data_ptr()
+        for b in boxes:
+            if b.untyped_storage().data_ptr() != base or b.storage_offset() != at or not b.is_contiguous():
+                return _joined(boxes)
+            at += b.numel()
+        if at == target.storage_offset() + target.numel():
+            return target
+    return _joined(boxes)
 
 
 def load_state_dict(inner, ddp, state_dict: dict) -> None:
@@ -281,6 +299,7 @@ def _load(inner, ranks, state_dict) -> None:
         raise RuntimeError("vrgd_ds.megatron: call optimizer.sharded_state_dict(model_sharded_state_dict, "
                            "is_loading=True) and load that from the checkpoint before load_state_dict")
     tensors, metas = state_dict["param_state"], state_dict["param_meta"]
+    targets = inner.__dict__.pop("_vrgd_dist_targets", {})
     new_state = []
     for gi, m in _local_params(inner):
         name = ranks.names[id(m.model_param)]
@@ -295,8 +314,9 @@ def _load(inner, ranks, state_dict) -> None:
         entry = tensors[key]
         state = {}
         if meta["stepped"]:
-            state = {k: _joined(entry[k]).view(m.tensor.shape).to(m.tensor.device, torch.float32)
-                     for k in keys}  # a new tensor each (torch.cat), which nothing else holds
+            state = {k: _read(entry[k], targets.get(name, {}).get(k)).view(m.tensor.shape).to(m.tensor.device,
+                                                                                               torch.float32)
+                     for k in keys}
             state.update({k: v.clone() if torch.is_tensor(v) else v for k, v in meta["scalars"].items()})
         new_state.append((m, _joined(entry["fp32_param"]), state))
     with torch.no_grad():
