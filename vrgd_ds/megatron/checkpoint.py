@@ -559,7 +559,14 @@ def _load_here(inner, opt, ranks: _Ranks, path: Path) -> dict | None:
                 for k, v in src.scalars(name).items():
                     new[k] = v.clone() if torch.is_tensor(v) else v
                 opt.state[m.tensor] = new
-    meta = src.meta
+    _load_header(inner, opt, src.meta)
+    return src.meta.get("user_state")
+
+
+def _load_header(inner, opt, meta: dict) -> None:
+    """Inverse of :func:`_header` (both formats, and :mod:`.dist_checkpoint`'s common state):
+    the param groups' saved hyperparameters, the loss scaler, the noise-scale averages and the
+    skipped-step count."""
     for g, saved in zip(opt.param_groups, meta["param_groups"]):
         g.update({k: v for k, v in saved["hyperparameters"].items() if k in g})
     scaler = seam.grad_scaler(inner)
@@ -570,4 +577,3 @@ def _load_here(inner, opt, ranks: _Ranks, path: Path) -> dict | None:
         opt.noise_scale.load_state_dict(extra["noise_scale"])
     if "skipped_steps" in extra and hasattr(opt, "skipped_steps"):
         opt.skipped_steps = extra["skipped_steps"]
-    return meta.get("user_state")

@@ -283,6 +283,8 @@ def load_state_dict(inner, ddp, state_dict: dict) -> None:
 
 
 def _load(inner, ranks, state_dict) -> None:
+    from .checkpoint import _load_header
+
     opt = inner.optimizer
     if not isinstance(state_dict, dict) or state_dict.get("format") != DIST_FORMAT:
         raise ValueError("vrgd_ds.megatron: load_state_dict takes what megatron.core.dist_checkpointing.load "
@@ -326,13 +328,4 @@ def _load(inner, ranks, state_dict) -> None:
                 opt.state[m.tensor] = state
             else:
                 opt.state.pop(m.tensor, None)
-    for g, saved in zip(opt.param_groups, state_dict["param_groups"]):
-        g.update({k: v for k, v in saved["hyperparameters"].items() if k in g})
-    scaler = seam.grad_scaler(inner)
-    if scaler is not None and state_dict["grad_scaler"] is not None:
-        scaler.load_state_dict(state_dict["grad_scaler"])
-    extra = state_dict.get("extra", {})
-    if "noise_scale" in extra and hasattr(opt, "noise_scale"):
-        opt.noise_scale.load_state_dict(extra["noise_scale"])
-    if "skipped_steps" in extra and hasattr(opt, "skipped_steps"):
-        opt.skipped_steps = extra["skipped_steps"]
+    _load_header(inner, opt, state_dict)
