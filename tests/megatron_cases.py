@@ -127,7 +127,7 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
     fields = dict(HP[name][1], **{k: v for k, v in extra.items() if k.startswith("vr_")})
     opt_config = VROptimizerConfig(optimizer=name, min_lr=0.0, clip_grad=clip, bf16=bf16, fp16=fp16,
                                    initial_loss_scale=2.0**12, use_distributed_optimizer=distributed, **fields)
-    opt = get_megatron_optimizer(opt_config, [ddp])
+    opt = get_megatron_optimizer(opt_config, [ddp], config_overrides=extra.get("config_overrides"))
     scheduler = OptimizerParamScheduler(
         opt, init_lr=opt_config.lr, max_lr=opt_config.lr, min_lr=0.0, lr_warmup_steps=0,
         lr_decay_steps=STEPS + 1, lr_decay_style="constant", start_wd=opt_config.weight_decay,

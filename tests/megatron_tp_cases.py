@@ -280,7 +280,7 @@ def run_dist_checkpoints(out_dir) -> dict:
     """Megatron's distributed checkpointing (torch_dist): per case, 3 steps, save, 2 more ("a");
     a new run (weights moved off) loads it and takes the same 2 steps ("b"). Also: the
     distributed-optimizer checkpoint loaded without it ("cross"), a save before the first step,
-    and a VRAdamW run refusing a VRLAMB checkpoint."""
+    and the refusals: a VRAdamW run, fewer state keys, other param groups, fsdp_dtensor."""
     from megatron.core import parallel_state
 
     from megatron_cases import FIRST, REST, _params
@@ -338,6 +338,17 @@ def run_dist_checkpoints(out_dir) -> dict:
     # VR-LAMB without GSNR momentum does not ask for it: the load must not drop it unnoticed
     ddp, opt, _ = build(case.optimizer, case.distributed, case.overlap, case.clip, {"vr_beta3": 0.0}, model=TPModel())
     out["other state"] = _refused(lambda: dist_load(ddp, opt, Path(out_dir) / f"{DIST[0]}.dist"), RuntimeError)
+    # the param groups built another way (Megatron's config_overrides): the weights' weight decay
+    # switched off moves every parameter to the other of the 2 groups; a learning-rate override
+    # of one weight makes 3 groups
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
+    for what, overrides in (("other groups", {ParamKey(name="*.weight"): {"wd_mult": 0.0}}),
+                            ("more groups", {ParamKey(name="*.bias"): {"wd_mult": 0.0},
+                                             ParamKey(name="*fc1.weight"): {"lr_mult": 2.0}})):
+        ddp, opt, _ = build(case.optimizer, case.distributed, case.overlap, case.clip,
+                            {"config_overrides": overrides}, model=TPModel())
+        out[what] = _refused(lambda: dist_load(ddp, opt, Path(out_dir) / f"{DIST[0]}.dist"), RuntimeError)
     out["fsdp"] = _refused(lambda: opt.sharded_state_dict(model_sharded_state_dict(ddp),
                                                           metadata={"distrib_optim_sharding_type": "fsdp_dtensor"}),
                            RuntimeError)

@@ -109,6 +109,10 @@ def test_megatron_dist_checkpoint_resumes_bitwise(tp_results):
         msg = got["other state"]
         assert msg and "has the optimizer state ['exp_avg', 'exp_avg_sq', 'gsnr_momentum'] in the checkpoint, " \
                        "this run's VRLAMB keeps ['exp_avg', 'exp_avg_sq']" in msg, msg
+        msg = got["other groups"]
+        assert msg and "is in param group 1 in the checkpoint, 0 in this run" in msg, msg
+        msg = got["more groups"]
+        assert msg and "the checkpoint has 2 param groups, this optimizer 3" in msg, msg
         msg = got["fsdp"]
         assert msg and "'fsdp_dtensor' (Megatron FSDP) is not supported" in msg, msg
 
@@ -201,3 +205,33 @@ def test_flat_ranges_become_contiguous_boxes_in_order(shape):
             assert len(boxes) <= max(1, 2 * len(shape) - 1)
             got = [index[tuple(slice(o, o + b) for o, b in zip(off, box))].reshape(-1) for off, box in boxes]
             assert torch.equal(torch.cat(got), torch.arange(s, e)), (shape, s, e, boxes)
+
+
+def test_a_state_tensor_is_the_tensor_its_boxes_were_read_into_only_when_they_tile_it():
+    """A dist load keeps as the state the tensor torch.distributed.checkpoint read a
+    parameter's boxes into (vrgd_ds.megatron.dist_checkpoint._read) only when the boxes are,
+    in order, contiguous views that cover it exactly; any other boxes are put together anew,
+    in element order."""
+    from vrgd_ds.megatron.dist_checkpoint import _read
+
+    target = torch.arange(24.0)
+    grid = target.view(4, 6)
+    tiles = [grid[:1], grid[1:3], grid[3:]]
+    assert _read(tiles, target) is target  # views in order, covering it: the tensor itself
+    window = torch.arange(40.0)[8:32]  # a target that starts inside its storage
+    assert _read([window[:10].view(2, 5), window[10:]], window) is window
+
+    def joined(boxes, target):
+        got = _read(boxes, target)
+        assert got is not target and got.untyped_storage().data_ptr() != target.untyped_storage().data_ptr()
+        return got
+
+    assert torch.equal(joined([tiles[1], tiles[0], tiles[2]], target),  # out of order
+                       torch.cat([target[6:18], target[:6], target[18:]]))
+    assert torch.equal(joined(tiles[:2], target), target[:18])  # not all of it
+    assert torch.equal(joined([grid[:, :3], grid[:, 3:]], target),  # views that are not contiguous
+                       torch.cat([grid[:, :3].reshape(-1), grid[:, 3:].reshape(-1)]))
+    copies = [t.clone() for t in tiles]  # read elsewhere
+    assert torch.equal(joined(copies, target), target)
+    assert torch.equal(joined([target[:6], target[7:]], target), torch.cat([target[:6], target[7:]]))  # a gap
+    assert torch.equal(_read(tiles, None), target)  # nothing was read in place
