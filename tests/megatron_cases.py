@@ -467,6 +467,32 @@ def two_rank_load_worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
+def run_nonfinite(rank):
+    """A NaN in the gradient of a layer only one rank's shard holds (the distributed optimizer,
+    2 ranks): every rank must take the same decision (raise, the default on_nonfinite), not
+    only the rank that sees the NaN while the other waits in the next collective."""
+    from vrgd_ds.megatron import seam
+
+    ddp, opt, scheduler = build("vrlamb", True, False, 0.0, {})
+    train(rank, ddp, opt, scheduler, 2, schedule=[(0, 1.0)])
+    bias = ddp.module[4].bias  # 3 elements: in one shard
+    holds = any(m.model_param is bias for group in seam.main_params(opt.chained_optimizers[0]) for m in group)
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    for j, (xb, yb) in enumerate(split(1, 2)[rank * 2:rank * 2 + 2]):
+        with ddp.no_sync() if j == 0 else contextlib.nullcontext():
+            (loss_fn(ddp(xb), yb) / 2).backward()
+    if rank == 0:
+        bias.main_grad[1] = float("nan")
+    finish_grads(ddp)
+    try:
+        opt.step()
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"holds": holds, "error": error}
+
+
 def run_refusals(rank):
     """Each unsupported setting, set on a real config, must be refused with its message."""
     from megatron_refusals import REFUSALS, try_refusal
@@ -492,6 +518,7 @@ def worker(rank, init_file, out_dir):
         results["fp16-moments"] = capture_moments(rank, torch.float16)
         results["fp16-overflow"] = run_fp16_overflow(rank)
         results["refusals"] = run_refusals(rank)
+        results["nonfinite"] = run_nonfinite(rank)
         results["resume"] = run_resume(rank, out_dir, {cid: CASES[cid] for cid in RESUME_CASES})
         results["resume sharded"] = run_resume(rank, out_dir, {cid: CASES[cid] for cid in SHARDED_RESUME_CASES},
                                                sharded=True)

@@ -192,3 +192,31 @@ def test_whole_matrix_eight_times_without_an_abort(tmp_path):
         proc = run_deepspeed("train_tiny.py", None, tmp_path, "--cases", tmp_path / "cases.json",
                              "--out", tmp_path / f"r{i}.pt")
         assert proc.returncode == 0, (i, tail(proc))
+
+
+def test_a_layer_redone_in_float64_on_one_rank_is_redone_by_all(tmp_path):
+    """A layer whose fp32 GSNR sum overflows (zero variance, |gbar| = 1e3) and that only rank 1
+    holds under ZeRO-1/2: every rank must join its float64 layer sums (one collective), or
+    the ranks' collectives mismatch (before the fix: gloo's "collective mismatch" abort at
+    ZeRO-2). Stages 0, 1 and 2 all finish and equal the float64 reference."""
+    sys.path.insert(0, str(ROOT / "tests" / "ds_scripts"))
+    from wide_layer import GAS, STEPS, batch, loss_fn, make_model
+
+    from reference import Reference, max_rel_err
+
+    out = tmp_path / "results.pt"
+    proc = run_deepspeed("wide_layer.py", None, tmp_path, "--out", out)
+    assert proc.returncode == 0, tail(proc)
+    res = torch.load(out)
+    model = make_model()
+    hp = {"lr": 0.02, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01}
+    ref = Reference(list(model.parameters()), "lamb", gamma=0.1, beta3=0.9, **hp)
+    want = ref.run(model, lambda out, _: loss_fn(out), lambda step: (batch(step), batch(step)), STEPS,
+                   k=2 * GAS)
+    assert float(want[-1][0] - make_model()[2].bias[0]) != 0.0
+    for stage in (0, 1, 2):
+        assert max_rel_err(res[stage]["params"], want) < 2e-5, stage
+        redone = res[stage]["redone"]  # per rank: segments redone in float64, per call
+        assert len(redone[0]) == len(redone[1]) == STEPS, (stage, redone)  # every rank, every step
+        if stage:
+            assert sum(redone[0]) == 0 and all(redone[1]), (stage, redone)  # rank 0 holds none of it

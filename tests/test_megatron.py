@@ -109,6 +109,19 @@ def test_fp16_overflow_step_leaves_no_trace(megatron_results):
         torch.testing.assert_close(got["params"], r["vrlamb-do1-ov1-a2-fp16"]["params"], rtol=0, atol=0)
 
 
+def test_a_nonfinite_gradient_in_one_shard_stops_every_rank(megatron_results):
+    """The distributed optimizer on 2 ranks, a NaN in the gradient of a layer only one rank's
+    shard holds: both ranks raise the same error in the same step (before, the rank without
+    the layer went on into the next collective and waited there)."""
+    got = [r["nonfinite"] for r in megatron_results]
+    assert sorted(g["holds"] for g in got) == [False, True]
+    for g in got:
+        assert g["error"] and g["error"].startswith("FloatingPointError: VRLAMB: non-finite gradient"), g
+    held = next(g for g in got if g["holds"])["error"]
+    assert "in 1 of" in held and "first: tensor #" in held, held
+    assert "in a layer that only other ranks hold pieces of" in next(g for g in got if not g["holds"])["error"]
+
+
 @pytest.mark.parametrize("cid", list(REFUSALS))
 def test_unsupported_settings_refused(megatron_results, cid):
     *_, words = REFUSALS[cid]

@@ -31,7 +31,8 @@ Every rank issues every collective, in the same order and with the same sizes:
   one zero-element placeholder tensor (with a zero-element gradient), so that every group
   has tensors on every rank; the table's size is the number of layers on every rank;
 - whether a step computes the GSNR, overflows into float64, or is skipped for a non-finite
-  gradient is decided from the all-reduced sums, so on every rank alike;
+  gradient is decided from the all-reduced sums of every layer (not only of the layers the
+  rank's shard holds pieces of), so on every rank alike;
 - the squares collectives (:mod:`.squares`) run inside Megatron's own bucket-group
   start/finish calls, which Megatron issues in the same order on every rank;
 - the backward-pass count check is one all-reduce at the first GSNR read of a step, which

@@ -48,6 +48,13 @@ class LayerLayout:
         (not only those this rank holds); keys are layer indices. Used by telemetry."""
         return {i: row for i, row in enumerate(partial.tolist())}
 
+    def rows(self, partial: Tensor, segments: Sequence[Segment]) -> tuple[Tensor, list[int]]:
+        """Every layer's row of ``partial`` summed over all its segments on all ranks (the same
+        rows on every rank; 0 for a layer no rank holds a piece of), and each segment's row.
+        A decision every rank must take alike (skip the step, redo a layer in float64) is read
+        from all rows, since a rank may hold no piece of the layer it is about."""
+        return partial, list(range(len(segments)))
+
 
 class ReducedLayout(LayerLayout):
     """Layers whose pieces live on several ranks (ZeRO partitions, Megatron's optimizer
@@ -78,6 +85,10 @@ class ReducedLayout(LayerLayout):
         table, index = self._summed(partial, segments)
         return table[index]
 
+    def rows(self, partial: Tensor, segments: Sequence[Segment]) -> tuple[Tensor, list[int]]:
+        table, _ = self._summed(partial, segments)
+        return table, [s.layer for s in segments]
+
     def table(self, partial: Tensor, segments: Sequence[Segment]) -> dict[int, list[float]]:
         """Every layer's row (all ranks' segments summed); layers absent from all are left out.
         The last column must be a count that is positive for present layers."""
@@ -107,6 +118,22 @@ def layer_sums(layout: LayerLayout, segments: Sequence[Segment], *columns: Tenso
     """
     partial = torch.stack([c.double() for c in columns], dim=1)
     return list(layout.reduce(partial, segments).t()) if segments else [c.double() for c in columns]
+
+
+def layer_rows(layout: LayerLayout, segments: Sequence[Segment], *columns: Tensor) -> tuple[list[list[float]], list[int]]:
+    """Per column, its totals for every layer (:meth:`LayerLayout.rows`, the same on every
+    rank), and each segment's row; the last column should be each segment's element count
+    (:func:`segment_counts`), whose totals tell the layers present (count > 0) from those no
+    rank holds. One collective and one read back, as :func:`layer_totals`."""
+    if not segments:
+        return [[] for _ in columns], []
+    rows, at = layout.rows(torch.stack([c.double() for c in columns], dim=1), segments)
+    return rows.t().tolist(), at
+
+
+def segment_counts(segments: Sequence[Segment], device) -> Tensor:
+    """Each segment's element count as a float64 column for :func:`layer_rows`."""
+    return to_device(torch.tensor([float(s.numel) for s in segments], dtype=torch.float64), device)
 
 
 def layer_totals(layout: LayerLayout, segments: Sequence[Segment], *columns: Tensor) -> list[list[float]]:

@@ -51,7 +51,7 @@ from .flat import Spec
 from .flat_group import GroupBatch
 from .lamb import LAMB
 from .lars import LARS
-from .layout import layer_totals
+from .layout import layer_rows, segment_counts
 from .telemetry import TelemetryRecorder, check_telemetry_interval, telemetry_due
 from .torch_bases import AdamUpdate, AdamWUpdate, SGDUpdate
 
@@ -339,7 +339,10 @@ class GSNRTransform:
                                             compile=self.param_groups[i]["compile"], n_terms=3 if record else 1)
                              for i in active])
         segments = [s for i in active for s in batches[i].flat_segments]
-        (sums,) = layer_totals(self.layout, segments, partial[:, 0])
+        # every layer's sum, the same on every rank: the decisions below are taken from them, as a
+        # rank may hold no piece of the layer that takes the float64 path or is not finite
+        (row_sums, row_numels), row_of = layer_rows(self.layout, segments, partial[:, 0],
+                                                    segment_counts(segments, partial.device))
 
         def grads(i):  # per-segment views, only for the rare float64 sums
             return [v for bs in batches[i].steps for v in bs.segment_views(bs.grad_flat())]
@@ -348,12 +351,14 @@ class GSNRTransform:
             return [v for bs in batches[i].steps for v in bs.segment_views(bs.squares_flat(sq_of))]
 
         numels = [seg.layer_numel for seg in segments]
-        # float64 for the layers whose fp32 sum overflowed or whose 1 / m is not a normal fp32
-        wide = [o or n for o, n in zip(gsnr.overflowed(sums), gsnr.inverse_not_normal(gsnr.layer_means(sums, numels)))]
-        if any(wide):
-            sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, wide, sums)
-        if not all(math.isfinite(s) for s in sums):
+        row_wide = _wide_layers(row_sums, row_numels)
+        if any(row_wide):  # some rank holds a piece of such a layer: every rank joins the float64 sums
+            row_sums = self._wide_sums(active, grads, sqs, src.sq_scale, segments, [row_wide[j] for j in row_of],
+                                       row_sums, row_wide)
+        sums = [row_sums[j] for j in row_of]
+        if not all(math.isfinite(s) for s, n in zip(row_sums, row_numels) if n > 0):
             return self._nonfinite(sums, segments)
+        wide = [row_wide[j] for j in row_of]
         all_means = gsnr.layer_means(sums, numels)
         if record:
             gammas = [self.param_groups[i]["gamma"] for i in active for _ in batches[i].flat_segments]
@@ -416,9 +421,11 @@ class GSNRTransform:
             partial = [batches[i].run(gsnr.abs_grad_terms, spec, lambda bs: {"g": bs.grad_flat()},
                                       compile=groups[i]["compile"], n_terms=1)[:, 0] for i in active]
             segments = [s for i in active for s in batches[i].flat_segments]
-            (sums,) = layer_totals(self.layout, segments, torch.cat(partial))
-            if not all(math.isfinite(s) for s in sums):
-                return self._nonfinite(sums, segments)
+            partial = torch.cat(partial)
+            (row_sums, row_numels), row_of = layer_rows(self.layout, segments, partial,
+                                                        segment_counts(segments, partial.device))
+            if not all(math.isfinite(s) for s, n in zip(row_sums, row_numels) if n > 0):  # every rank alike
+                return self._nonfinite([row_sums[j] for j in row_of], segments)
         for i in active:
             b, group = batches[i], groups[i]
             missing = [p for p in b.params if "gsnr_momentum" not in self.state[p]]
@@ -431,12 +438,14 @@ class GSNRTransform:
             out[i] = GradSource("reuse", {"bc3": bc3}, {}, lambda bs: {"mom": bs.state(self.state, "gsnr_momentum")})
         return out
 
-    def _wide_sums(self, active, grads, sqs, sq_scale, segments, redo, sums):
-        """Layer sums redone in float64 for the layers in ``redo`` (:meth:`_compute_ratios`)."""
+    def _wide_sums(self, active, grads, sqs, sq_scale, segments, redo, row_sums, row_wide):
+        """Every layer's sum, redone in float64 for the layers in ``row_wide`` (``redo``: this
+        rank's segments of them; :meth:`_compute_ratios`). Every rank calls it when any layer
+        is redone (one collective); a rank that holds no piece of one adds zeros."""
         partial = gsnr.wide_partials([g for i in active for g in grads(i)], [q for i in active for q in sqs(i)],
                                      sq_scale, redo)
-        (wide,) = layer_totals(self.layout, segments, partial)
-        return [w if r else s for w, r, s in zip(wide, redo, sums)]
+        (wide, _), _ = layer_rows(self.layout, segments, partial, segment_counts(segments, partial.device))
+        return [w if r else s for w, r, s in zip(wide, row_wide, row_sums)]
 
     @staticmethod
     def _sum_sq(src: MomentSource, p: Tensor) -> Tensor:
@@ -449,7 +458,8 @@ class GSNRTransform:
     def _nonfinite(self, sums: list[float], segments) -> None:
         bad = [i for i, s in enumerate(sums) if not math.isfinite(s)]
         self.skip_nonfinite_step(f"in {len(bad)} of {len(sums)} parameter tensors, first: tensor #{bad[0]} "
-                                 f"of {segments[bad[0]].layer_numel} elements")
+                                 f"of {segments[bad[0]].layer_numel} elements" if bad else
+                                 "in a layer that only other ranks hold pieces of")
         return None
 
     def add_param_group(self, param_group: dict) -> None:
@@ -457,6 +467,13 @@ class GSNRTransform:
         group = self.param_groups[-1]
         gsnr.check_gamma(group["gamma"])
         gsnr.check_beta3(group["beta3"])
+
+
+def _wide_layers(sums: Sequence[float], numels: Sequence[float]) -> list[bool]:
+    """The layers (or segments) whose r_raw sum needs float64: the fp32 sum overflowed, or 1 / m
+    is not a normal fp32 number; an absent layer (0 elements) never does."""
+    means = gsnr.layer_means(sums, [n if n > 0 else 1.0 for n in numels])
+    return [n > 0 and (o or i) for n, o, i in zip(numels, gsnr.overflowed(sums), gsnr.inverse_not_normal(means))]
 
 
 def _vr_group_defaults(gamma: float = 0.1, beta3: float = 0.0) -> dict:
