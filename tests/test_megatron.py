@@ -111,8 +111,9 @@ def test_fp16_overflow_step_leaves_no_trace(megatron_results):
 
 def test_a_nonfinite_gradient_in_one_shard_stops_every_rank(megatron_results):
     """The distributed optimizer on 2 ranks, a NaN in the gradient of a layer only one rank's
-    shard holds: both ranks raise the same error in the same step (before, the rank without
-    the layer went on into the next collective and waited there)."""
+    shard holds: both ranks raise FloatingPointError in the same step, the rank without the
+    layer saying so (before, it went on into its next collective and waited there until the
+    process group's timeout)."""
     got = [r["nonfinite"] for r in megatron_results]
     assert sorted(g["holds"] for g in got) == [False, True]
     for g in got:

@@ -120,7 +120,8 @@ def layer_sums(layout: LayerLayout, segments: Sequence[Segment], *columns: Tenso
     return list(layout.reduce(partial, segments).t()) if segments else [c.double() for c in columns]
 
 
-def layer_rows(layout: LayerLayout, segments: Sequence[Segment], *columns: Tensor) -> tuple[list[list[float]], list[int]]:
+def layer_rows(layout: LayerLayout, segments: Sequence[Segment],
+               *columns: Tensor) -> tuple[list[list[float]], list[int]]:
     """Per column, its totals for every layer (:meth:`LayerLayout.rows`, the same on every
     rank), and each segment's row; the last column should be each segment's element count
     (:func:`segment_counts`), whose totals tell the layers present (count > 0) from those no
