@@ -199,7 +199,6 @@ def test_a_layer_redone_in_float64_on_one_rank_is_redone_by_all(tmp_path):
     holds under ZeRO-1/2: every rank must join its float64 layer sums (one collective), or
     the ranks' collectives mismatch (before the fix: gloo's "collective mismatch" abort at
     ZeRO-2). Stages 0, 1 and 2 all finish and equal the float64 reference."""
-    sys.path.insert(0, str(ROOT / "tests" / "ds_scripts"))
     from wide_layer import GAS, STEPS, batch, loss_fn, make_model
 
     from reference import Reference, max_rel_err

@@ -125,7 +125,7 @@ def layer_rows(layout: LayerLayout, segments: Sequence[Segment],
     """Per column, its totals for every layer (:meth:`LayerLayout.rows`, the same on every
     rank), and each segment's row; the last column should be each segment's element count
     (:func:`segment_counts`), whose totals tell the layers present (count > 0) from those no
-    rank holds. One collective and one read back, as :func:`layer_totals`."""
+    rank holds. One collective and one read back to the host (a device sync)."""
     if not segments:
         return [[] for _ in columns], []
     rows, at = layout.rows(torch.stack([c.double() for c in columns], dim=1), segments)
@@ -135,10 +135,3 @@ def layer_rows(layout: LayerLayout, segments: Sequence[Segment],
 def segment_counts(segments: Sequence[Segment], device) -> Tensor:
     """Each segment's element count as a float64 column for :func:`layer_rows`."""
     return to_device(torch.tensor([float(s.numel) for s in segments], dtype=torch.float64), device)
-
-
-def layer_totals(layout: LayerLayout, segments: Sequence[Segment], *columns: Tensor) -> list[list[float]]:
-    """:func:`layer_sums` as Python floats (one read back to the host: a device sync)."""
-    if not segments:
-        return [[] for _ in columns]
-    return torch.stack(layer_sums(layout, segments, *columns)).tolist()

@@ -444,7 +444,7 @@ class GSNRTransform:
         is redone (one collective); a rank that holds no piece of one adds zeros."""
         partial = gsnr.wide_partials([g for i in active for g in grads(i)], [q for i in active for q in sqs(i)],
                                      sq_scale, redo)
-        (wide, _), _ = layer_rows(self.layout, segments, partial, segment_counts(segments, partial.device))
+        (wide,), _ = layer_rows(self.layout, segments, partial)
         return [w if r else s for w, r, s in zip(wide, row_wide, row_sums)]
 
     @staticmethod
