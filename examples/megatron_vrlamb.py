@@ -17,6 +17,14 @@ trains the same model as ``torchrun --nproc-per-node 1 ...``:
 
     torchrun --nproc-per-node 4 examples/megatron_vrlamb.py --tensor-model-parallel-size 2
 
+Pipeline parallelism: ``--pipeline-model-parallel-size 2`` puts the first layer on one
+pipeline stage and the second on the next (Megatron's 1F1B schedule hands the activations
+over; same initial weights, same data per data-parallel rank), so that ``torchrun
+--nproc-per-node 2 ... --pipeline-model-parallel-size 2`` trains the same model as
+``torchrun --nproc-per-node 1 ...``. With ``--save`` each stage keeps its optimizer file or
+folder in ``DIR/pp<stage>``; ``--dist-checkpoint`` keeps one checkpoint of all stages, which
+resumes at another pipeline size too.
+
 ``--sequence-parallel`` adds Megatron's sequence parallelism (the micro-batch's samples are
 the sequence: each tensor-parallel rank holds its part of them outside the split layers, and
 the second layer's bias gets a partial gradient there, which Megatron sums over the
@@ -68,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T",
                    help="split the layers over T ranks (tensor parallelism); the world size must be a multiple")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P",
+                   help="1 or 2: the two layers on P pipeline stages; the world size must be a multiple of "
+                        "P x the tensor-parallel size")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="with --tensor-model-parallel-size > 1: Megatron's sequence parallelism")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
@@ -95,6 +106,12 @@ def parse_args(argv=None):
     if args.tensor_model_parallel_size < 1 or args.hidden % args.tensor_model_parallel_size:
         p.error(f"--tensor-model-parallel-size must be >= 1 and divide --hidden ({args.hidden}), "
                 f"got {args.tensor_model_parallel_size}")
+    if args.pipeline_model_parallel_size not in (1, 2):
+        p.error(f"--pipeline-model-parallel-size must be 1 or 2 (the MLP has 2 layers), got "
+                f"{args.pipeline_model_parallel_size}")
+    if args.pipeline_model_parallel_size > 1 and args.tensor_model_parallel_size > 1:
+        p.error("--pipeline-model-parallel-size 2 with --tensor-model-parallel-size > 1 is not in this example "
+                "(vrgd_ds.megatron supports both together; this MLP does not split its stages)")
     if args.sequence_parallel and (args.tensor_model_parallel_size < 2
                                    or args.micro_batch_size % args.tensor_model_parallel_size):
         p.error(f"--sequence-parallel needs --tensor-model-parallel-size >= 2 that divides --micro-batch-size "
@@ -118,6 +135,34 @@ class MLP(torch.nn.Module):
 
     def set_input_tensor(self, tensor):  # pipeline stages hand activations over here; one stage: none
         assert tensor is None or tensor == [None], "no pipeline parallelism in this example"
+
+
+class PipelineStageMLP(torch.nn.Module):
+    """One pipeline stage of :class:`MLP` (its initial weights): stage 0 its first layer and
+    the activation, handing [1, micro-batch, hidden] to stage 1, which holds the second."""
+
+    def __init__(self, hidden, stage):
+        from megatron.core.enums import ModelType
+
+        super().__init__()
+        whole = MLP(hidden)
+        self.stage = stage
+        if stage == 0:
+            self.fc1 = whole.fc1
+        else:
+            self.fc2 = whole.fc2
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = stage == 0, stage == 1
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
+        self.input_tensor = None
+
+    def forward(self, x):
+        if self.stage == 0:
+            return torch.nn.functional.gelu(self.fc1(x)).unsqueeze(0)
+        return self.fc2(self.input_tensor.squeeze(0))
+
+    def set_input_tensor(self, tensor):  # the schedule hands stage 1 the activations here
+        self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
 
 
 class TensorParallelMLP(torch.nn.Module):
@@ -267,13 +312,20 @@ def build(args, device):
 
     distributed = not args.no_distributed_optimizer
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    tp = args.tensor_model_parallel_size
-    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=tp, bf16=args.bf16,
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    # hidden_size: the width of the activations the pipeline stages hand over
+    config = TransformerConfig(num_layers=pp, hidden_size=args.hidden, num_attention_heads=tp, bf16=args.bf16,
                                params_dtype=dtype, tensor_model_parallel_size=tp,
+                               pipeline_model_parallel_size=pp, pipeline_dtype=dtype,
                                sequence_parallel=args.sequence_parallel, use_cpu_initialization=True)
     ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True, use_distributed_optimizer=distributed,
                                                grad_reduce_in_fp32=True, bucket_size=1000)
-    module = MLP(args.hidden) if tp == 1 else TensorParallelMLP(args.hidden, tp, config)
+    if pp > 1:
+        from megatron.core import parallel_state
+
+        module = PipelineStageMLP(args.hidden, parallel_state.get_pipeline_model_parallel_rank())
+    else:
+        module = MLP(args.hidden) if tp == 1 else TensorParallelMLP(args.hidden, tp, config)
     model = DistributedDataParallel(config, ddp_config, module.to(device, dtype))
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
@@ -299,10 +351,16 @@ def main(argv=None) -> list[float]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if dist.get_world_size() % args.tensor_model_parallel_size:
-        raise SystemExit(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} does not divide the "
-                         f"{dist.get_world_size()} ranks")
-    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, 1)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if dist.get_world_size() % (tp * pp):
+        raise SystemExit(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not "
+                         f"divide the {dist.get_world_size()} ranks")
+    parallel_state.initialize_model_parallel(tp, pp)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+
+    def optimizer_path(folder, name):  # each pipeline stage its own optimizer checkpoint
+        return os.path.join(folder, name) if pp == 1 else os.path.join(folder, f"pp{stage}", name)
+
     from vrgd_ds.megatron import load_optimizer, save_optimizer
 
     model, optimizer, scheduler = build(args, device)
@@ -311,11 +369,12 @@ def main(argv=None) -> list[float]:
     data = batches(dp_rank, args.micro_batch_size, device, torch.bfloat16 if args.bf16 else torch.float32)
     start = 0
     if args.resume:
-        found = [p for p in (os.path.join(args.resume, n) for n in ("optimizer.pt", "optimizer", "dist"))
-                 if os.path.exists(p)]
+        found = [p for p in (optimizer_path(args.resume, "optimizer.pt"), optimizer_path(args.resume, "optimizer"),
+                             os.path.join(args.resume, "dist")) if os.path.exists(p)]
         if len(found) != 1:
+            where = "" if pp == 1 else f" (pipeline stage {stage}: pp{stage}/optimizer.pt or pp{stage}/optimizer)"
             raise SystemExit(f"--resume {args.resume}: expected one checkpoint there, optimizer.pt, the sharded "
-                             f"folder optimizer or the distributed checkpoint folder dist; found {len(found)}")
+                             f"folder optimizer or the distributed checkpoint folder dist{where}; found {len(found)}")
         if os.path.basename(found[0]) == "dist":
             saved = load_dist(found[0], model, optimizer)
         else:
@@ -345,7 +404,10 @@ def main(argv=None) -> list[float]:
                                  micro_batch_size=args.micro_batch_size)
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(1)
-        loss = torch.stack([s["loss"] for s in stats]).mean()
+        # the loss is the last pipeline stage's; the others add zeros
+        loss = torch.stack([s["loss"] for s in stats]).mean() if stats else torch.zeros((), device=device)
+        if pp > 1:
+            dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         losses.append(loss.item() / dp_size)
         if dist.get_rank() == 0 and (step % 10 == 0 or step == stop - 1):
@@ -357,7 +419,7 @@ def main(argv=None) -> list[float]:
                 save_dist(os.path.join(args.save, "dist"), model, optimizer, run_state)
             else:
                 save_optimizer(optimizer, model,
-                               os.path.join(args.save, "optimizer" if args.sharded else "optimizer.pt"),
+                               optimizer_path(args.save, "optimizer" if args.sharded else "optimizer.pt"),
                                user_state=run_state, sharded=args.sharded)
     if dist.get_rank() == 0 and losses:
         print(f"{args.optimizer}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps "

@@ -115,10 +115,11 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     model = (make_model() if model is None else model).to(device, dtype)
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=tp, bf16=bf16, fp16=fp16,
-                               params_dtype=dtype, tensor_model_parallel_size=tp,
-                               sequence_parallel=extra.get("sequence_parallel", False),
-                               qk_layernorm=extra.get("qk_layernorm", False))
+    config = TransformerConfig(**{**dict(num_layers=1, hidden_size=8, num_attention_heads=tp, bf16=bf16, fp16=fp16,
+                                         params_dtype=dtype, tensor_model_parallel_size=tp,
+                                         sequence_parallel=extra.get("sequence_parallel", False),
+                                         qk_layernorm=extra.get("qk_layernorm", False)),
+                                  **extra.get("model_config", {})})
     ddp_config = DistributedDataParallelConfig(
         overlap_grad_reduce=overlap, use_distributed_optimizer=distributed, bucket_size=BUCKET,
         overlap_param_gather=extra.get("overlap_param_gather", False),
@@ -501,13 +502,9 @@ def run_refusals(rank):
 
 
 def worker(rank, init_file, out_dir):
-    from megatron_cpu import redirect_cuda_to_cpu
+    from megatron_cpu import start_gloo_worker
 
-    redirect_cuda_to_cpu()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
-    started(out_dir, rank)  # start-up is over: a later abort is not retried
-    torch.set_num_threads(1)
+    start_gloo_worker(rank, init_file, out_dir, WORLD)
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(1, 1)

@@ -23,20 +23,22 @@ taken, and the result is compared with phase 1's "a", loaded into this layout by
 
 from __future__ import annotations
 
-import contextlib
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from spawn_ranks import save_results, started
+from spawn_ranks import save_results
 
 WORLD, TP, VOCAB, SEQ, MICRO = 4, 2, 64, 8, 2
 FIRST, REST = (0, 1), (2, 3)
 
 
-def build(tp: int, moved_off: bool = False):
+def build(tp: int, moved_off: bool = False, pp: int = 1, tied: bool | None = None):
+    """The GPT at tensor-parallel size ``tp`` and pipeline-parallel size ``pp`` (this rank's
+    stage), its output layer tied to the word embeddings (default: without pipeline
+    parallelism only), DDP with the distributed optimizer, VR-LAMB."""
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -50,16 +52,25 @@ def build(tp: int, moved_off: bool = False):
     config = TransformerConfig(
         num_layers=2, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, use_cpu_initialization=True, tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False)
     model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
-                     share_embeddings_and_output_weights=True)
+                     share_embeddings_and_output_weights=pp == 1 if tied is None else tied,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
                                               bucket_size=700), model)
     opt = get_megatron_optimizer(VROptimizerConfig(optimizer="vrlamb", lr=0.01, weight_decay=0.01, clip_grad=0.0,
                                                    use_distributed_optimizer=True), [ddp])
+    from megatron.core.distributed import finalize_model_grads
+
+    # what Megatron-LM's training loop sets for its schedules
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync
     if moved_off:
         with torch.no_grad():
             for p in ddp.module.parameters():
@@ -73,23 +84,26 @@ def tokens(step: int, micro: int) -> torch.Tensor:
 
 
 def train(ddp, opt, steps, accum: int) -> None:
-    """Megatron's schedule: micro-batches with no_sync but the last, finalize_model_grads, step;
-    data-parallel rank d takes micro-batches d*accum .. d*accum + accum - 1 of each step."""
+    """Megatron's schedule (``get_forward_backward_func``: without pipeline parallelism,
+    micro-batches with no_sync but the last; with it, 1F1B), ``finalize_model_grads`` in it,
+    then the step; data-parallel rank d takes micro-batches d*accum .. d*accum + accum - 1."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     d = parallel_state.get_data_parallel_rank()
     mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
     pos = torch.arange(SEQ).unsqueeze(0).expand(MICRO, SEQ)
+
+    def forward_step(data, model):
+        t = next(data)
+        return model(t[:, :-1], pos, mask, labels=t[:, 1:]), lambda out: (out.float().mean(), {})
+
     for step in steps:
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        for j in range(accum):
-            t = tokens(step, d * accum + j)
-            with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
-                loss = ddp(t[:, :-1], pos, mask, labels=t[:, 1:]).float().mean() / accum
-                loss.backward()
-        finalize_model_grads([ddp])
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens(step, d * accum + j) for j in range(accum)]),
+            model=[ddp], num_microbatches=accum, seq_length=SEQ, micro_batch_size=MICRO, forward_only=False)
         ok, _, _ = opt.step()
         assert ok
 
@@ -129,13 +143,9 @@ def params(ddp) -> dict:
 
 
 def worker(rank, init_file, out_dir):
-    from megatron_cpu import redirect_cuda_to_cpu
+    from megatron_cpu import start_gloo_worker
 
-    redirect_cuda_to_cpu()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
-    started(out_dir, rank)
-    torch.set_num_threads(1)
+    start_gloo_worker(rank, init_file, out_dir, WORLD)
     from megatron.core import parallel_state
 
     out_dir = Path(out_dir)
@@ -170,3 +180,17 @@ def worker(rank, init_file, out_dir):
     save_results(out_dir, rank, compute)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def check_resharded(model: dict, after: dict, got: dict, want: dict) -> None:
+    """A checkpoint loaded in another parallel layout: the model weights after the optimizer's
+    load (``after``) are those Megatron's own loading read (``model``); the steps after it
+    (``got``) equal the saving layout's run (``want``, loaded into this layout by Megatron) to
+    float32 rounding, and did train."""
+    assert sorted(model) == sorted(after)
+    for k in model:
+        torch.testing.assert_close(after[k], model[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    assert sorted(got) == sorted(want)
+    for n, p in got.items():
+        torch.testing.assert_close(p, want[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert any(not torch.equal(got[n], after[n]) for n in got if n in after)  # it did train

@@ -26,7 +26,7 @@ REFUSALS = {
     "optimizer_cpu_offload": ("optimizer", "optimizer_cpu_offload", True, "set it to False"),
     "use_distributed_optimizer": ("optimizer", "use_distributed_optimizer", True, "set both alike"),
     "optimizer_name": ("optimizer", "optimizer", "adam", "must be one of"),
-    "pipeline_model_parallel_size": ("pp2", None, None, "pipeline_model_parallel_size=2 is not supported"),
+    "pipeline_shared_embedding": ("pp2", None, None, "set share_embeddings_and_output_weights=False"),
     "expert_parallel_buffers": ("expert", None, None, "expert-parallel gradient buffers=1"),
     "model_chunks": ("chunks", None, None, "one model chunk, got 2"),
     "checkpoint": ("checkpoint", None, None, "--ckpt-format torch_dist) or vrgd_ds.megatron.save_optimizer"),
@@ -44,16 +44,20 @@ def _set(obj, field, value):
 
 
 def _pipeline_parallel_ddp(rank):
-    """A real DDP model under pipeline_model_parallel_size=2 (data-parallel size 1). Tensor
-    parallelism is supported: tests/test_megatron_tp.py."""
+    """A real DDP model under pipeline_model_parallel_size=2 (data-parallel size 1) whose first
+    weight is marked as Megatron's LanguageModule marks word embeddings tied to the output
+    layer on another stage (a real GPTModel: tests/megatron_pp_cases.py). Pipeline
+    parallelism itself is supported: tests/test_megatron_pp.py."""
     from megatron.core import parallel_state
 
-    from megatron_cases import build
+    from megatron_cases import build, make_model
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(1, 2)
     try:
-        build("vrlamb", False, False, 0.0, {})
+        model = make_model()
+        model[0].weight.shared_embedding = True
+        build("vrlamb", False, False, 0.0, {}, model=model)
     finally:
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(1, 1)

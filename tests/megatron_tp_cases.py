@@ -19,7 +19,6 @@ the 4 heads of fc1's output share, 2 heads per rank (the reference: make_qk_mode
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
 from megatron_cases import MCase, _dtype, build, make_model, run_resume, train  # noqa: E402
-from spawn_ranks import save_results, started  # noqa: E402
+from spawn_ranks import save_results  # noqa: E402
 
 WORLD, TP = 4, 2
 DP = WORLD // TP
@@ -401,13 +400,9 @@ def load_at_other_tp_size(out_dir) -> str | None:
 
 
 def worker(rank, init_file, out_dir):
-    from megatron_cpu import redirect_cuda_to_cpu
+    from megatron_cpu import start_gloo_worker
 
-    redirect_cuda_to_cpu()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
-    started(out_dir, rank)
-    torch.set_num_threads(1)
+    start_gloo_worker(rank, init_file, out_dir, WORLD)
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(TP, 1)

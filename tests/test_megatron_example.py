@@ -81,6 +81,32 @@ def test_example_with_tensor_parallelism_trains_the_same_model(tmp_path):
     assert losses(on_one)[11] == pytest.approx(whole[11], rel=1e-4)
 
 
+def test_example_with_pipeline_parallelism_trains_the_same_model(tmp_path):
+    """--pipeline-model-parallel-size 2 on 2 ranks (one layer per stage, Megatron's 1F1B
+    schedule, data-parallel size 1) against 1 rank with both layers: the same losses to fp32
+    rounding; each stage's own optimizer file resumes the pipelined run exactly; a save
+    through Megatron's distributed checkpointing resumes on 1 rank without pipeline
+    parallelism and continues as the 1-rank run."""
+    run = ["--steps", "12", "--optimizer", "vrlamb", "--micro-batches", "4"]
+    pp = ["--pipeline-model-parallel-size", "2"]
+    whole = losses(run_example(*run, ranks=1))
+    piped_run = run_example(*run, *pp)
+    piped = losses(piped_run)
+    assert sorted(whole) == sorted(piped) == [0, 10, 11] and whole[11] < 0.9 * whole[0]
+    for step, loss in whole.items():
+        assert piped[step] == pytest.approx(loss, rel=1e-4)
+    run_example(*run, *pp, "--save", tmp_path / "own", "--stop-after", "6")
+    assert sorted(f.relative_to(tmp_path / "own").as_posix() for f in (tmp_path / "own").rglob("*.pt")) == [
+        "pp0/optimizer.pt", "pp1/optimizer.pt"]
+    resumed = run_example(*run, *pp, "--resume", tmp_path / "own")
+    assert "at step 6" in resumed.stdout
+    assert last_step(resumed, 11) == last_step(piped_run, 11)  # the unbroken run
+    run_example(*run, *pp, "--save", tmp_path / "dist", "--dist-checkpoint", "--stop-after", "6")
+    on_one = run_example(*run, "--resume", tmp_path / "dist", ranks=1)
+    assert "at step 6" in on_one.stdout
+    assert losses(on_one)[11] == pytest.approx(whole[11], rel=1e-4)
+
+
 def test_example_stops_saves_and_resumes_as_if_it_had_not_stopped(tmp_path):
     """--stop-after 5 --save, then --resume: step 11's loss and gradient norm are those of the
     12-step run without a stop (same data, schedule, optimizer state and weights)."""
@@ -190,6 +216,10 @@ def test_example_killed_while_saving_resumes_from_the_last_complete_checkpoint(t
                               "--micro-batch-size (16), got 1"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "5"],
      "--sequence-parallel needs --tensor-model-parallel-size >= 2 that divides --micro-batch-size (5), got 2"),
+    (["--pipeline-model-parallel-size", "3"], "--pipeline-model-parallel-size must be 1 or 2 (the MLP has 2 "
+                                              "layers), got 3"),
+    (["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"],
+     "--pipeline-model-parallel-size 2 with --tensor-model-parallel-size > 1 is not in this example"),
     (["--dist-checkpoint"], "--dist-checkpoint needs --save, and not --sharded"),
     (["--save", "ckpt", "--sharded", "--dist-checkpoint"], "--dist-checkpoint needs --save, and not --sharded"),
 ])

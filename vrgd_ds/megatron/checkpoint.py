@@ -43,6 +43,11 @@ the same on every rank and rank 0 writes the one shard), then the first rank
 the tensors), then the file ``latest``, which names the version; older versions are
 removed after that.
 
+Under pipeline parallelism each stage keeps its own checkpoint (its parameters, by their
+names in the stage's model): pass every stage a path of its own (two stages given the same
+path are refused before anything is written); a stage loads its own checkpoint only, at the
+pipeline-parallel size it was saved with (anything else is refused, naming both).
+
 Under tensor parallelism every rank of Megatron's tensor- and data-parallel group calls
 both functions, and one checkpoint holds every tensor-parallel rank's state: a parameter
 split by tensor parallelism under ``name#tp<t>`` per tensor-parallel rank t, a replicated
@@ -108,6 +113,7 @@ class _Ranks:
     names: dict  # id(model parameter) -> its name in a checkpoint
     saves: frozenset  # ids of the parameters whose state this rank's tensor-parallel rank keeps
     stored: dict  # every trained parameter's checkpoint name (all tensor-parallel ranks) -> shape
+    stage: tuple = (0, 1)  # (pipeline stage, pipeline-parallel size)
 
 
 def _ranks(ddp) -> _Ranks:
@@ -124,9 +130,27 @@ def _ranks(ddp) -> _Ranks:
     stored = {name_on(n, p, r): tuple(p.shape) for r in range(tp) for n, p in params
               if p.requires_grad and (r == 0 or split(p))}
     group = dp_group if tp == 1 else seam.tensor_and_data_parallel_group(ddp)
+    pp_group = seam.pipeline_group(ddp)
     return _Ranks(group, "data-parallel" if tp == 1 else "tensor- and data-parallel", tp, t,
                   dist.get_rank(dp_group) == 0, {id(p): name_on(n, p, t) for n, p in params},
-                  frozenset(id(p) for _, p in params if t == 0 or split(p)), stored)
+                  frozenset(id(p) for _, p in params if t == 0 or split(p)), stored,
+                  (dist.get_rank(pp_group), dist.get_world_size(pp_group)))
+
+
+def _check_stage_paths(ddp, ranks: _Ranks, path) -> None:
+    """Under pipeline parallelism each stage writes its own checkpoint: one all-gather of the
+    paths over the pipeline group, and every rank raises if two stages named the same."""
+    if ranks.stage[1] == 1:
+        return
+    paths: list = [None] * ranks.stage[1]
+    dist.all_gather_object(paths, str(Path(path).resolve()), group=seam.pipeline_group(ddp))
+    for stage, other in enumerate(paths):
+        if other == paths[ranks.stage[0]] and stage != ranks.stage[0]:
+            a, b = sorted((stage, ranks.stage[0]))
+            raise ValueError(f"vrgd_ds.megatron: pipeline stages {a} and {b} were given the same checkpoint "
+                             f"path {path}; under pipeline parallelism (pipeline_model_parallel_size="
+                             f"{ranks.stage[1]}) every stage saves its own optimizer checkpoint: pass a path per "
+                             "stage, e.g. f'ckpt/optimizer-pp{parallel_state.get_pipeline_model_parallel_rank()}.pt'")
 
 
 def _group_ok(ranks: _Ranks, error: str | None) -> None:
@@ -244,6 +268,7 @@ def _header(inner, opt, ranks: _Ranks, members: list[list[str]], user_state) -> 
         extra["noise_scale"] = opt.noise_scale.state_dict()
     return {"optimizer": type(opt).__name__, "kind": seam.optimizer_kind(inner),
             "saved_world_size": dist.get_world_size(ranks.group), "tensor_parallel_size": ranks.tp_size,
+            "pipeline_stage": list(ranks.stage),
             "param_groups": groups,
             "grad_scaler": scaler.state_dict() if scaler is not None else None, "extra": extra,
             "user_state": user_state}
@@ -266,6 +291,7 @@ def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state:
     between ranks, and a ``latest`` file, replaced last, names the complete version."""
     inner = _inner(megatron_optimizer)
     ranks = _ranks(ddp)
+    _check_stage_paths(ddp, ranks, path)
     if sharded:
         _save_sharded(inner, ranks, Path(path), user_state)
     else:
@@ -543,6 +569,11 @@ def _load_here(inner, opt, ranks: _Ranks, path: Path) -> dict | None:
     if saved_tp != ranks.tp_size:
         raise ValueError(f"{path} was saved with tensor_model_parallel_size={saved_tp}, this run has "
                          f"{ranks.tp_size}; resume with the tensor-parallel size it was saved with")
+    stage, size = src.meta.get("pipeline_stage", (0, 1))
+    if (stage, size) != ranks.stage:
+        raise ValueError(f"{path} holds pipeline stage {stage} of pipeline_model_parallel_size={size}; this rank is "
+                         f"stage {ranks.stage[0]} of {ranks.stage[1]}: load each stage's own checkpoint, at the "
+                         "pipeline-parallel size it was saved with")
     mains = seam.main_params(inner)
     names = ranks.names
     mine = [[m for m in g if m.model_param is not None] for g in mains]  # no placeholders

@@ -196,7 +196,8 @@ def sharded_state_dict(inner, ddp, model_sharded_state_dict, is_loading: bool = 
     _group_ok(ranks, error)
     opt = inner.optimizer
     out.update(_header(inner, opt, ranks, [[] for _ in opt.param_groups], None))
-    del out["user_state"], out["saved_world_size"]
+    # common state is the same on every rank (Megatron keeps rank 0's): not the pipeline stage
+    del out["user_state"], out["saved_world_size"], out["pipeline_stage"]
     return out
 
 

@@ -23,11 +23,18 @@ table is then also summed over the tensor-parallel group, with the rows of param
 tensor-parallel rank holds whole (norms, row-parallel biases) zeroed on all but its first
 rank (:class:`ShardLayout`). Without the distributed optimizer that is the only sum.
 
+Under pipeline parallelism each stage holds whole layers of its own, so their statistics
+are the stage's; the table nevertheless has a row for every layer of every stage (the stages' rows in
+stage order, placed by one all-gather of the stages' layer counts at construction), each stage filling its own rows, and is also summed over the pipeline group:
+what must hold for the whole model (the decisions below, the telemetry's noise scale) is
+then read from the same rows on every rank of every stage.
+
 Every rank issues every collective, in the same order and with the same sizes:
 
 - the optimizers issue one layer-statistics all-reduce per param group (and one for all
   groups together for the GSNR) whenever the group has tensors. Megatron gives every rank
-  every param group, but a rank's shard may hold no element of a group. Such a group gets
+  every param group (on every pipeline stage), but a rank (its shard, or its stage) may hold
+  no element of a group. Such a group gets
   one zero-element placeholder tensor (with a zero-element gradient), so that every group
   has tensors on every rank; the table's size is the number of layers on every rank;
 - whether a step computes the GSNR, overflows into float64, or is skipped for a non-finite
@@ -126,10 +133,11 @@ class ShardLayout(ReducedLayout):
     first rank only, as Megatron's gradient norm counts it."""
 
     def __init__(self, segments: dict[int, Segment], layer_count: int, group, tp_group=None,
-                 replicated: Sequence[int] = ()):
+                 replicated: Sequence[int] = (), pp_group=None):
         super().__init__(layer_count, group)
         self._segments = segments
         self.tp_group = tp_group
+        self.pp_group = pp_group
         drop = tp_group is not None and dist.get_rank(tp_group) != 0 and len(replicated) > 0
         self._replicated = torch.tensor(sorted(replicated), dtype=torch.long) if drop else None
 
@@ -148,38 +156,50 @@ class ShardLayout(ReducedLayout):
                 table.index_fill_(0, self._replicated.to(table.device), 0.0)
             dist.all_reduce(table, group=self.tp_group)
             self.comm_bytes += table.numel() * table.element_size()
+        if self.pp_group is not None:  # each stage's rows hold its layers, zeros elsewhere
+            dist.all_reduce(table, group=self.pp_group)
+            self.comm_bytes += table.numel() * table.element_size()
 
 
 def _with_placeholders(mains: list[list[seam.MainParam]], device) -> list[list[seam.MainParam]]:
-    """A zero-element tensor in each group this rank's shard holds nothing of (see above)."""
-    out = []
-    for group in mains:
-        if not group:
-            t = torch.zeros(0, dtype=torch.float32, device=device)
-            t.grad = torch.zeros(0, dtype=torch.float32, device=device)
-            group = [seam.MainParam(t, None, 0, 0)]
-        out.append(group)
-    return out
+    """A zero-element tensor in each group this rank holds nothing of (see above)."""
+    return [group or [seam.MainParam(seam.placeholder(device), None, 0, 0)] for group in mains]
+
+
+def _stage_layers(count: int, pp_group, device) -> tuple[int, int]:
+    """This pipeline stage's first row in a layer table of every stage's layers, and the
+    table's length: one all-gather of each stage's layer count over the pipeline group."""
+    pp = dist.get_world_size(pp_group)
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(pp)]
+    dist.all_gather(counts, torch.tensor([count], dtype=torch.long, device=device), group=pp_group)
+    counts = [int(c.item()) for c in counts]
+    return sum(counts[:dist.get_rank(pp_group)]), sum(counts)
 
 
 def _layer_layout(ddp, inner, kind: str, mains: list[list[seam.MainParam]]) -> ShardLayout | None:
-    """The layers of the inner tensors, where a tensor is not a whole layer: shards of the
-    distributed optimizer, parameters split by tensor parallelism (None: neither)."""
-    tp_group = seam.tensor_parallel_group(ddp)
-    tp = dist.get_world_size(tp_group)
-    if kind != "distributed" and tp == 1:
+    """The layers of the inner tensors, where a tensor is not a whole layer (shards of the
+    distributed optimizer, parameters split by tensor parallelism) or where the layers are
+    spread over pipeline stages (None: none of these)."""
+    tp_group, pp_group = seam.tensor_parallel_group(ddp), seam.pipeline_group(ddp)
+    tp, pp = dist.get_world_size(tp_group), dist.get_world_size(pp_group)
+    if kind != "distributed" and tp == 1 and pp == 1:
         return None
-    layers = {p: i for i, p in enumerate(p for buf in seam.dense_buffers(ddp) for p in buf.params)}
+    params = [p for buf in seam.dense_buffers(ddp) for p in buf.params]
+    first, count = 0, len(params)
+    if pp > 1:
+        first, count = _stage_layers(len(params), pp_group, seam.dense_buffers(ddp)[0].device)
+    layers = {p: first + i for i, p in enumerate(params)}
     segments = {}
     for m in (m for group in mains for m in group):
-        if m.model_param is None:  # adds zeros to layer 0's row
-            segments[id(m.tensor)] = Segment(0, 0, 0, 1)
+        if m.model_param is None:  # adds zeros to this stage's first row
+            segments[id(m.tensor)] = Segment(0, 0, first, 1)
         else:
             whole = m.model_param.numel() * (tp if seam.tensor_parallel(m.model_param) else 1)
             segments[id(m.tensor)] = Segment(0, m.end - m.start, layers[m.model_param], whole)
     replicated = [i for p, i in layers.items() if not seam.tensor_parallel(p)]
-    return ShardLayout(segments, len(layers), seam.shard_group(inner) if kind == "distributed" else None,
-                       tp_group if tp > 1 else None, replicated if tp > 1 else ())
+    return ShardLayout(segments, count, seam.shard_group(inner) if kind == "distributed" else None,
+                       tp_group if tp > 1 else None, replicated if tp > 1 else (),
+                       pp_group if pp > 1 else None)
 
 
 def _param_groups(inner, mains, adam_keys) -> list[dict]:
@@ -199,9 +219,7 @@ def _install(config, ddp, inner) -> None:
         raise NotImplementedError("vrgd_ds.megatron: a rank without trainable parameters (a stub "
                                   "Megatron optimizer) is not supported")
     kind = seam.optimizer_kind(inner)
-    mains = seam.main_params(inner)
-    if kind == "distributed":
-        mains = _with_placeholders(mains, seam.dense_buffers(ddp)[0].device)
+    mains = _with_placeholders(seam.main_params(inner), seam.dense_buffers(ddp)[0].device)
     adam_keys = set(inner.optimizer.defaults) - {"lr", "weight_decay"}
     groups = _param_groups(inner, mains, adam_keys)
     # torch refuses non-leaf tensors (the fp32 shard views) in add_param_group; Megatron

@@ -30,7 +30,9 @@ Internals used (megatron-core 0.16):
 - ``Float16OptimizerWithFloat16Params``: ``float16_groups``, ``fp32_from_float16_groups``,
   ``fp32_from_fp32_groups``, ``_copy_main_params_to_model_params``; ``FP32Optimizer``: its
   inner parameters are the model's.
-- Model parameters: the ``tensor_model_parallel`` attribute (set by Megatron's
+- Model parameters: ``shared_embedding`` and ``pipeline_parallel`` (copies on several
+  pipeline stages whose gradients Megatron sums over them, refused by :mod:`.support`),
+  the ``tensor_model_parallel`` attribute (set by Megatron's
   tensor-parallel layers, ``megatron.core.tensor_parallel.ColumnParallelLinear``,
   ``RowParallelLinear`` and ``VocabParallelEmbedding``, on the parameters they split over the
   tensor-parallel group), ``average_gradients_across_tp_domain`` (gradients Megatron
@@ -198,11 +200,15 @@ def hook_zero_grad_buffer(ddp, after: Callable[[], None]) -> None:
     ddp.zero_grad_buffer = zero_grad_buffer
 
 
+def pipeline_group(ddp):
+    """The pipeline-parallel process group of a DDP chunk (its ranks in stage order)."""
+    return ddp.pp_group[0] if isinstance(ddp.pp_group, list) else ddp.pp_group
+
+
 def parallel_sizes(ddp) -> dict[str, int]:
     """Tensor-, pipeline-, context-parallel sizes and expert buffers of a DDP chunk."""
-    pp = ddp.pp_group[0] if isinstance(ddp.pp_group, list) else ddp.pp_group
     return {"tensor_model_parallel_size": ddp.tp_group.size(),
-            "pipeline_model_parallel_size": pp.size(),
+            "pipeline_model_parallel_size": pipeline_group(ddp).size(),
             "context_parallel_size": ddp.dp_cp_group.size() // ddp.dp_group.size(),
             "expert_parallel_buffers": len(ddp.expert_parallel_buffers)}
 
@@ -229,6 +235,16 @@ def unmarked_split_weights(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
         if isinstance(weight, torch.nn.Parameter) and weight.requires_grad and not tensor_parallel(weight):
             out.append((f"{prefix}.weight" if prefix else "weight", weight))
     return out
+
+
+def pipeline_summed(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """Parameters of which several pipeline stages hold a copy, whose gradients Megatron sums
+    over those stages in ``finalize_model_grads`` after the data-parallel reduction: the word
+    embeddings tied to the output layer (``shared_embedding``, set by Megatron's
+    ``LanguageModule`` when first and last stage differ), and those marked
+    ``pipeline_parallel`` (``_allreduce_conditional_embedding_grads``)."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.requires_grad and (getattr(p, "shared_embedding", False) or getattr(p, "pipeline_parallel", False))]
 
 
 def tensor_parallel_summed(ddp) -> list[Tensor]:
@@ -263,6 +279,20 @@ class MainParam:
     model_param: Tensor | None
     start: int
     end: int
+
+
+PLACEHOLDER = "_vrgd_ds_placeholder"  # the attribute that marks a placeholder tensor
+
+
+def placeholder(device) -> Tensor:
+    """A zero-element fp32 tensor with a zero-element gradient, for a param group of which
+    this rank holds nothing. Its ``main_grad`` gives it the gradient again where Megatron's
+    FP32Optimizer sets ``grad = main_grad`` after zeroing the gradients."""
+    t = torch.zeros(0, dtype=torch.float32, device=device)
+    t.grad = torch.zeros(0, dtype=torch.float32, device=device)
+    t.main_grad = t.grad
+    setattr(t, PLACEHOLDER, True)
+    return t
 
 
 def inner_optimizers(megatron_optimizer) -> list:
@@ -300,7 +330,7 @@ def main_params(inner) -> list[list[MainParam]]:
         row = []
         for t in group["params"]:
             model = model_of.get(id(t), t)  # fp32 parameters outside the distributed optimizer
-            if kind == "distributed" and id(t) not in model_of:  # a placeholder (vrgd_ds.megatron.optimizer)
+            if getattr(t, PLACEHOLDER, False):  # a zero-element placeholder (vrgd_ds.megatron.optimizer)
                 row.append(MainParam(t, None, 0, 0))
             elif kind == "distributed":
                 r = inner._get_model_param_range_map(model)["param"]

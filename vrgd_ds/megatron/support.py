@@ -1,8 +1,9 @@
 """What the Megatron-core adapter supports, checked before anything is built.
 
 Each refusal names the setting, its value, and what to set instead. Supported: one model
-chunk wrapped in Megatron's DistributedDataParallel, data and tensor parallelism (no
-pipeline, context or expert parallelism; sequence parallelism and ``qk_layernorm`` are
+chunk wrapped in Megatron's DistributedDataParallel, data, tensor and pipeline parallelism
+(pipeline parallelism without virtual stages and without parameters copied on several
+stages, such as word embeddings tied to the output layer; no context or expert parallelism; sequence parallelism and ``qk_layernorm`` are
 supported, their partial gradients summed over the tensor-parallel group before they are
 squared (:mod:`.squares`); no ``average_gradients_across_tp_domain`` parameters: Megatron
 averages those gradients over the tensor-parallel group after the data-parallel reduction,
@@ -10,7 +11,7 @@ and that is not followed), fp32, bf16, or fp16 with Megatron's
 loss scaler (fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
 the distributed optimizer (one instance), gradient-reduce overlap on or off, parameter
 all-gather overlap on or off. These are the settings the parity tests (2 data-parallel
-ranks; 2 x 2 with tensor parallelism) run; everything else is refused rather than run
+ranks; 2 x 2 with tensor or with pipeline parallelism) run; everything else is refused rather than run
 unchecked.
 """
 
@@ -77,14 +78,30 @@ def check_supported(config, model_chunks) -> None:
             f"but DDP config use_distributed_optimizer={ddp.ddp_config.use_distributed_optimizer}; set both alike")
     sizes = seam.parallel_sizes(ddp)
     for name, size in sizes.items():
-        if name == "tensor_model_parallel_size":
+        if name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             continue
         if size != (0 if name == "expert_parallel_buffers" else 1):
             what = "expert-parallel gradient buffers" if name == "expert_parallel_buffers" else name
-            raise ValueError(f"vrgd_ds.megatron: {what}={size} is not supported: only data and tensor "
-                             f"parallelism are; set {name} to {0 if name == 'expert_parallel_buffers' else 1}")
+            raise ValueError(f"vrgd_ds.megatron: {what}={size} is not supported: only data, tensor and "
+                             f"pipeline parallelism are; set {name} to {0 if name == 'expert_parallel_buffers' else 1}")
     if sizes["tensor_model_parallel_size"] > 1:
         _check_tensor_parallel(ddp, sizes["tensor_model_parallel_size"])
+    if sizes["pipeline_model_parallel_size"] > 1:
+        _check_pipeline_parallel(ddp, sizes["pipeline_model_parallel_size"])
+
+
+def _check_pipeline_parallel(ddp, pp: int) -> None:
+    """A parameter with a copy on several pipeline stages gets a partial gradient on each, which
+    Megatron sums over those stages after the backward passes of all micro-batches; the
+    squared gradients would be the squares of the parts, and summing each micro-batch's parts
+    first would need the stages to meet in every backward pass, which the pipeline schedule
+    runs at different times on each stage."""
+    for name, p in seam.pipeline_summed(seam.module_of(ddp)):
+        raise ValueError(f"vrgd_ds.megatron: parameter {name} has a copy on several pipeline stages "
+                         f"(pipeline_model_parallel_size={pp}; the word embeddings tied to the output layer), "
+                         "whose gradients Megatron sums over the stages after the data-parallel reduction, which "
+                         "the squared gradients cannot follow: set share_embeddings_and_output_weights=False "
+                         "(and no multi-token prediction), or pipeline_model_parallel_size=1")
 
 
 def _check_tensor_parallel(ddp, tp: int) -> None:

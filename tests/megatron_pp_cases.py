@@ -1,0 +1,277 @@
+"""vrgd_ds.megatron under pipeline parallelism: 4 gloo CPU ranks, pipeline-parallel 2 x
+data-parallel 2, Megatron's own 1F1B schedule (``get_forward_backward_func``, with
+``no_sync_func``, ``grad_sync_func`` and ``finalize_model_grads_func`` set as Megatron-LM's
+training loop sets them), behind tests/test_megatron_pp.py.
+
+The model is tests/megatron_cases.py's make_model() cut in two: stage 0 holds its first two
+layers (6 -> 16 -> 16, tanh), stage 1 the last (16 -> 3) and the loss; the 16 activations
+of a micro-batch travel between the stages as Megatron's [sequence 1, micro-batch, hidden
+16] tensors. So the float64 reference of the whole model (``float64_reference``) applies:
+k = 2 data-parallel ranks x 2 micro-batches = 4 gradient groups per step, the global batch
+cut as in tests/megatron_cases.py (data-parallel rank d takes groups 2d, 2d + 1).
+
+Then Megatron's GPTModel (tests/megatron_gpt_cases.py) at pipeline-parallel 2 x
+data-parallel 2: its tied word embeddings refused; untied, resumed bit for bit through
+Megatron's distributed checkpointing, and the checkpoint loaded by 4 data-parallel ranks
+without pipeline parallelism, whose next 2 steps must equal the pipelined run's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_cases import HP, STEPS, MCase, build, loss_fn, make_model, split
+from spawn_ranks import save_results
+
+WORLD, PP, DP = 4, 2, 2
+
+CASES = {
+    "vrlamb-do1-ov1-a2": MCase("vrlamb", distributed=True, overlap=True, accum=2),
+    "vrlamb-do0-ov0-a2": MCase("vrlamb", distributed=False, overlap=False, accum=2),
+    "vradam-do1-ov0-a2-clip": MCase("vradam", distributed=True, overlap=False, accum=2, clip=0.05),
+    "lamb-do1-ov1-a2": MCase("lamb", distributed=True, overlap=True, accum=2),
+    # a third param group (a learning-rate multiplier of 1 on the first weight: the same
+    # update) that stage 1 holds nothing of: a placeholder there (LARS reduces its trust
+    # ratios per param group), with FP32Optimizer too
+    "vrlars-do0-ov1-a2-clip-3groups": MCase("vrlars", distributed=False, overlap=True, accum=2, clip=0.05,
+                                            extra={"three_groups": True}),
+    "vrsgd-do1-ov1-a2-3groups": MCase("vrsgd", distributed=True, overlap=True, accum=2,
+                                      extra={"three_groups": True}),
+    "vrlamb-do1-ov1-a2-pg": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                  extra={"overlap_param_gather": True}),
+    "vrlamb-do1-ov1-a2-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"fp16": True}),
+    "vrlamb-do1-ov1-a2-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                         extra={"vr_telemetry_interval": 1}),
+}
+
+
+class Stage(torch.nn.Module):
+    """This rank's pipeline stage of make_model(): its layers 0-3 (stage 0) or 4 (stage 1),
+    under their names there ("net.0.weight", ..., "net.4.bias")."""
+
+    def __init__(self, stage: int):
+        super().__init__()
+        whole = make_model()
+        self.net = whole[:4] if stage == 0 else whole[4:]
+        self.pre_process, self.post_process = stage == 0, stage == PP - 1
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # read by the schedule
+        self.input_tensor = None
+
+    def set_input_tensor(self, tensor) -> None:  # Megatron's schedule hands over the activations
+        self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
+
+    def forward(self, x):
+        if self.pre_process:
+            return self.net(x).unsqueeze(0)  # [1, micro-batch, 16]
+        return self.net(self.input_tensor.squeeze(0))
+
+
+def _extra(case: MCase, dtype) -> dict:
+    extra = {k: v for k, v in case.extra.items() if k != "three_groups"}
+    extra["model_config"] = dict(num_layers=PP, hidden_size=16, pipeline_model_parallel_size=PP,
+                                 pipeline_dtype=dtype)
+    if case.extra.get("three_groups"):
+        from megatron.core.optimizer.optimizer_config import ParamKey
+
+        extra["config_overrides"] = {ParamKey(name="*.bias"): {"wd_mult": 0.0},
+                                     ParamKey(name="*net.0.weight"): {"lr_mult": 1.0}}
+    return extra
+
+
+def schedule(ddp, opt) -> None:
+    """What Megatron-LM's training loop sets on the model config for its schedules."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync if ddp.ddp_config.overlap_grad_reduce else None
+    config.grad_scale_func = opt.scale_loss if config.fp16 else None
+
+
+def pipeline_step(ddp, step: int, accum: int, dtype, data_world: int = DP) -> None:
+    """Zeroed buffers, then one 1F1B pass over this data-parallel rank's micro-batches of
+    ``step``, ``finalize_model_grads`` included (Megatron's schedule calls it)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    d = parallel_state.get_data_parallel_rank()
+    micro = split(step, accum, data_world)[d * accum:(d + 1) * accum]
+
+    def forward_step(data, model):
+        x, y = next(data)
+        return model(x.to(dtype)), lambda out: (loss_fn(out, y), {})
+
+    ddp.zero_grad_buffer()
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp],
+                                num_microbatches=accum, seq_length=1, micro_batch_size=len(micro[0][0]),
+                                forward_only=False)
+
+
+def train(ddp, opt, scheduler, accum: int, dtype, steps=range(STEPS)) -> list[bool]:
+    applied = []
+    for step in steps:
+        opt.zero_grad()
+        pipeline_step(ddp, step, accum, dtype)
+        ok, _, _ = opt.step()
+        applied.append(bool(ok))
+        if ok:
+            scheduler.step(1)
+    return applied
+
+
+def _build(case: MCase, stage: int, dtype=torch.float32):
+    ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, _extra(case, dtype),
+                                model=Stage(stage))
+    schedule(ddp, opt)
+    return ddp, opt, scheduler
+
+
+def run_case(case: MCase, stage: int) -> dict:
+    dtype = torch.float16 if case.extra.get("fp16") else torch.float32
+    ddp, opt, scheduler = _build(case, stage, dtype)
+    applied = train(ddp, opt, scheduler, case.accum, dtype)
+    if case.extra.get("overlap_param_gather"):
+        ddp.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
+    inner = opt.chained_optimizers[0].optimizer
+    moments = getattr(inner, "moments", None)
+    return {"params": {n: p.detach().float().clone() for n, p in ddp.module.named_parameters()},
+            "applied": applied, "k": moments.group_count if moments is not None else None,
+            "groups": [len(g["params"]) for g in inner.param_groups],
+            "placeholders": sum(getattr(p, "_vrgd_ds_placeholder", False) for g in inner.param_groups
+                                for p in g["params"]),
+            "layers": inner.layout.layer_count, "telemetry": getattr(inner, "telemetry", None)}
+
+
+def run_nonfinite(stage: int) -> dict:
+    """A NaN in stage 1's last bias gradient (every data-parallel rank of that stage): the
+    ranks of stage 0, which hold nothing of it, must raise in the same step too, not go on
+    into the next step's pipeline transfers and wait there."""
+    case = CASES["vrlamb-do0-ov0-a2"]
+    ddp, opt, scheduler = _build(case, stage)
+    train(ddp, opt, scheduler, case.accum, torch.float32, steps=[0])
+    opt.zero_grad()
+    pipeline_step(ddp, 1, case.accum, torch.float32)
+    if stage == 1:
+        ddp.module.net[-1].bias.main_grad[1] = float("nan")
+    try:
+        opt.step()
+        return {"error": None}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def run_checkpoints(stage: int, out_dir: Path) -> dict:
+    """save_optimizer / load_optimizer, one checkpoint per stage: resumed bit for bit (one file
+    and sharded); the same path for both stages, and another stage's checkpoint, refused."""
+    from vrgd_ds.megatron import load_optimizer, save_optimizer
+
+    case = CASES["vrlamb-do1-ov1-a2"]
+    out: dict = {}
+    for sharded in (False, True):
+        path = out_dir / f"pp-optimizer-{sharded}-stage{stage}"
+        ddp, opt, scheduler = _build(case, stage)
+        train(ddp, opt, scheduler, case.accum, torch.float32, steps=range(2))
+        save_optimizer(opt, ddp, path, user_state={"scheduler": scheduler.state_dict()}, sharded=sharded)
+        train(ddp, opt, scheduler, case.accum, torch.float32, steps=range(2, 4))
+        a = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+        ddp, opt, scheduler = _build(case, stage)
+        with torch.no_grad():
+            for p in ddp.module.parameters():
+                p.add_(1.0)
+        scheduler.load_state_dict(load_optimizer(opt, ddp, path)["scheduler"])
+        train(ddp, opt, scheduler, case.accum, torch.float32, steps=range(2, 4))
+        out[f"resumed sharded={sharded}"] = (a, {n: p.detach().clone() for n, p in ddp.module.named_parameters()})
+    ddp, opt, _ = _build(case, stage)
+    same = out_dir / "pp-optimizer-same.pt"
+    out["same path"] = _error(lambda: save_optimizer(opt, ddp, same))
+    out["same path written"] = same.exists()
+    other = out_dir / f"pp-optimizer-False-stage{1 - stage}"
+    out["other stage"] = _error(lambda: load_optimizer(opt, ddp, other))
+    return out
+
+
+def _error(fn) -> str | None:
+    try:
+        fn()
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+# ---- Megatron's GPTModel ----------------------------------------------------------------
+
+
+def run_gpt(out_dir: Path) -> dict:
+    from megatron.core import parallel_state
+
+    import megatron_gpt_cases as gpt
+
+    out = {"tied": _error(lambda: gpt.build(1, pp=PP, tied=True))}
+    ddp, opt = gpt.build(1, pp=PP)
+    out["names"] = sorted(n for n, _ in ddp.module.named_parameters())
+    gpt.train(ddp, opt, gpt.FIRST, accum=2)
+    gpt.save(out_dir / "gpt-pp.dist", ddp, opt)
+    gpt.train(ddp, opt, gpt.REST, accum=2)
+    out["a"] = gpt.params(ddp)
+    gpt.save(out_dir / "gpt-pp-a.dist", ddp)
+    ddp, opt = gpt.build(1, pp=PP, moved_off=True)
+    gpt.load(out_dir / "gpt-pp.dist", ddp, opt)
+    gpt.train(ddp, opt, gpt.REST, accum=2)
+    out["b"] = gpt.params(ddp)
+    parallel_state.destroy_model_parallel()
+
+    parallel_state.initialize_model_parallel(1, 1)
+    ddp, opt = gpt.build(1, moved_off=True, tied=False)
+    out["loaded model"] = gpt.load(out_dir / "gpt-pp.dist", ddp, opt)
+    out["loaded"] = {k: v.detach().clone() for k, v in ddp.module.state_dict().items() if torch.is_tensor(v)}
+    gpt.train(ddp, opt, gpt.REST, accum=1)
+    out["pp1"] = gpt.params(ddp)
+    ddp, _ = gpt.build(1, tied=False)
+    gpt.load(out_dir / "gpt-pp-a.dist", ddp)
+    out["pp1 a"] = gpt.params(ddp)
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def worker(rank, init_file, out_dir):
+    from megatron_cpu import start_gloo_worker
+
+    start_gloo_worker(rank, init_file, out_dir, WORLD)
+    from megatron.core import parallel_state
+
+    out_dir = Path(out_dir)
+
+    def compute():
+        parallel_state.initialize_model_parallel(1, PP)
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        results = {"ranks": {"pp": stage, "dp": parallel_state.get_data_parallel_rank()}}
+        results.update({cid: run_case(case, stage) for cid, case in CASES.items()})
+        results["nonfinite"] = run_nonfinite(stage)
+        results["checkpoints"] = run_checkpoints(stage, out_dir)
+        # the telemetry case without pipeline parallelism: 4 data-parallel ranks, 1 micro-batch each
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(1, 1)
+        from megatron_cases import train as dp_train
+
+        case = CASES["vrlamb-do1-ov1-a2-telemetry"]
+        ddp, opt, scheduler = build(case.optimizer, True, True, 0.0, dict(case.extra))
+        dp_train(rank, ddp, opt, scheduler, 1)
+        results["telemetry dp4"] = opt.chained_optimizers[0].optimizer.telemetry
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(1, PP)
+        results["gpt"] = run_gpt(out_dir)
+        return results
+
+    save_results(out_dir, rank, compute)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+__all__ = ["CASES", "DP", "HP", "PP", "WORLD", "worker"]

@@ -1,0 +1,128 @@
+"""vrgd_ds.megatron under pipeline parallelism: 4 real gloo CPU ranks (pipeline-parallel 2 x
+data-parallel 2), Megatron's own 1F1B schedule, DDP and optimizers, against the float64
+reference of docs/algorithm.md on the whole model (``tests/megatron_pp_cases.py``). Each
+stage's layers are whole on it, so the layer statistics are the stage's; what must be
+global (the non-finite decision, the telemetry's noise scale) comes from one layer table of
+every stage's layers. Then Megatron's GPTModel: tied embeddings refused, untied ones
+resumed bit for bit through distributed checkpointing and resharded to no pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from megatron_cases import float64_reference  # noqa: E402
+from megatron_gpt_cases import check_resharded  # noqa: E402
+from megatron_pp_cases import CASES, DP, PP, WORLD  # noqa: E402
+from reference import max_rel_err  # noqa: E402
+from spawn_ranks import spawn_ranks  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pp_results(tmp_path_factory):
+    from megatron_pp_cases import worker
+
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("megatron_pp"))
+
+
+def _stage(results, stage, dp=0):
+    return next(r for r in results if r["ranks"] == {"pp": stage, "dp": dp})
+
+
+@pytest.mark.parametrize("cid", list(CASES))
+def test_matches_float64_reference(pp_results, cid):
+    case = CASES[cid]
+    assert sorted((r["ranks"]["pp"], r["ranks"]["dp"]) for r in pp_results) == [(p, d) for p in range(PP)
+                                                                                   for d in range(DP)]
+    for stage in range(PP):  # the data-parallel ranks of a stage agree
+        for name, p in _stage(pp_results, stage)[cid]["params"].items():
+            torch.testing.assert_close(_stage(pp_results, stage, 1)[cid]["params"][name], p, rtol=0, atol=0)
+    first, last = (_stage(pp_results, s)[cid] for s in range(PP))
+    assert sorted(first["params"]) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+    assert sorted(last["params"]) == ["net.4.bias", "net.4.weight"]
+    assert first["applied"] == [True] * 3
+    got = [*first["params"].values(), *last["params"].values()]  # make_model()'s order
+    err = max_rel_err(got, float64_reference(case.optimizer, DP * case.accum, case.clip))
+    # fp16 forward and backward (11 mantissa bits) against the fp32-model reference, as the
+    # data-parallel tests allow
+    assert err < (3e-2 if case.low_precision else 2e-5), f"{cid}: max relative error {err:.2e}"
+    for r in pp_results:
+        assert r[cid]["layers"] == 6  # one layer table of both stages' layers on every rank
+        if case.optimizer.startswith("vr"):
+            assert r[cid]["k"] == DP * case.accum
+        if case.extra.get("three_groups"):  # stage 1 holds nothing of the third group
+            assert len(r[cid]["groups"]) == 3
+            assert r[cid]["placeholders"] >= (1 if r["ranks"]["pp"] == 1 else 0)
+
+
+def test_telemetry_covers_every_stage(pp_results):
+    """The record is the same on every rank and covers both stages' layers: the whole model's
+    noise scale equals the one of 4 data-parallel ranks without pipeline parallelism (the
+    same 4 gradient groups)."""
+    records = [r["vrlamb-do1-ov1-a2-telemetry"]["telemetry"] for r in pp_results]
+    for rec in records[1:]:
+        assert rec == records[0]
+    rec, dp4 = records[0], pp_results[0]["telemetry dp4"]
+    assert rec["k"] == dp4["k"] == 4 and rec["step"] == dp4["step"]
+    assert len(rec["layers"]) == len(dp4["layers"]) == 6
+    assert sorted(v["numel"] for v in rec["layers"].values()) == sorted(v["numel"] for v in dp4["layers"].values())
+    for key in ("grad_sq", "group_var", "clamped_fraction"):
+        assert rec[key] == pytest.approx(dp4[key], rel=1e-5), key
+    assert sorted(v["gsnr_mean"] for v in rec["layers"].values()) == pytest.approx(
+        sorted(v["gsnr_mean"] for v in dp4["layers"].values()), rel=1e-5)
+
+
+def test_a_nonfinite_gradient_on_one_stage_stops_every_stage(pp_results):
+    """A NaN in a gradient of stage 1: the ranks of stage 0, which hold nothing of that layer,
+    raise in the same step (not go on into the next step's pipeline transfers)."""
+    for r in pp_results:
+        error = r["nonfinite"]["error"]
+        assert error and error.startswith("FloatingPointError: VRLAMB: non-finite gradient"), error
+        if r["ranks"]["pp"] == 0:
+            assert "in a layer that only other ranks hold pieces of" in error, error
+        else:
+            assert "in 1 of 2 parameter tensors" in error, error
+
+
+def test_each_stage_resumes_its_own_checkpoint_bitwise(pp_results):
+    for r in pp_results:
+        got = r["checkpoints"]
+        for sharded in (False, True):
+            a, b = got[f"resumed sharded={sharded}"]
+            assert len(a) == (4 if r["ranks"]["pp"] == 0 else 2)
+            for name in a:
+                torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
+        assert "pipeline stages 0 and 1 were given the same checkpoint path" in got["same path"]
+        assert not got["same path written"]
+        other = 1 - r["ranks"]["pp"]
+        assert (f"holds pipeline stage {other} of pipeline_model_parallel_size=2; this rank is stage "
+                f"{r['ranks']['pp']} of 2") in got["other stage"]
+
+
+def test_gpt_tied_embeddings_across_stages_are_refused(pp_results):
+    for r in pp_results:
+        msg = r["gpt"]["tied"]
+        assert msg and "has a copy on several pipeline stages" in msg, msg
+        assert "share_embeddings_and_output_weights=False" in msg, msg
+        # Megatron marks the word embeddings on stage 0 and the output layer on stage 1
+        assert ("embedding.word_embeddings.weight" if r["ranks"]["pp"] == 0 else "output_layer.weight") in msg, msg
+
+
+def test_gpt_pipelined_resumes_bitwise_and_reshards_to_one_stage(pp_results):
+    """Megatron's GPTModel, untied embeddings, pipeline-parallel 2 x data-parallel 2 with the
+    distributed optimizer: resumed bit for bit from Megatron's distributed checkpoint; the
+    checkpoint loaded by 4 data-parallel ranks without pipeline parallelism puts the same
+    weights into the model as Megatron's own loading, and the 2 steps after it equal the
+    pipelined run's to float32 rounding."""
+    for r in pp_results:
+        g = r["gpt"]
+        stage = r["ranks"]["pp"]
+        assert ("embedding.word_embeddings.weight" in g["a"]) == (stage == 0)
+        assert ("output_layer.weight" in g["a"]) == (stage == 1)
+        assert any("linear_fc1" in n for n in g["a"])
+        for n in g["a"]:
+            torch.testing.assert_close(g["b"][n], g["a"][n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
+        assert any("output_layer.weight" in k for k in g["loaded model"])
+        check_resharded(g["loaded model"], g["loaded"], g["pp1"], g["pp1 a"])
