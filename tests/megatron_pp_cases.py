@@ -114,11 +114,11 @@ def pipeline_step(ddp, step: int, accum: int, dtype, data_world: int = DP) -> No
                                 forward_only=False)
 
 
-def train(ddp, opt, scheduler, accum: int, dtype, steps=range(STEPS)) -> list[bool]:
+def train(ddp, opt, scheduler, accum: int, dtype, steps=range(STEPS), data_world: int = DP) -> list[bool]:
     applied = []
     for step in steps:
         opt.zero_grad()
-        pipeline_step(ddp, step, accum, dtype)
+        pipeline_step(ddp, step, accum, dtype, data_world)
         ok, _, _ = opt.step()
         applied.append(bool(ok))
         if ok:
@@ -126,9 +126,9 @@ def train(ddp, opt, scheduler, accum: int, dtype, steps=range(STEPS)) -> list[bo
     return applied
 
 
-def _build(case: MCase, stage: int, dtype=torch.float32):
+def _build(case: MCase, stage: int, dtype=torch.float32, model=None):
     ddp, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, _extra(case, dtype),
-                                model=Stage(stage))
+                                model=Stage(stage) if model is None else model)
     schedule(ddp, opt)
     return ddp, opt, scheduler
 
@@ -147,6 +147,50 @@ def run_case(case: MCase, stage: int) -> dict:
             "placeholders": sum(getattr(p, "_vrgd_ds_placeholder", False) for g in inner.param_groups
                                 for p in g["params"]),
             "layers": inner.layout.layer_count, "telemetry": getattr(inner, "telemetry", None)}
+
+
+# ---- tensor-parallel 2 x pipeline-parallel 2 (data-parallel size 1) ----------------------
+
+TP_PP_CASES = {
+    "vrlamb-do1-ov1-a4": MCase("vrlamb", distributed=True, overlap=True, accum=4),
+    "vrlars-do0-ov0-a4-clip": MCase("vrlars", distributed=False, overlap=False, accum=4, clip=0.05),
+}
+
+
+class TPStage(Stage):
+    """tests/megatron_tp_cases.py's TPModel cut into stages: stage 0 its first two layers,
+    split by Megatron's ColumnParallelLinear and RowParallelLinear, stage 1 its whole last."""
+
+    def __init__(self, stage: int):
+        from megatron_tp_cases import TPModel
+
+        super().__init__(stage)
+        del self.net
+        whole = TPModel()
+        if stage == 0:
+            self.fc1, self.fc2 = whole.fc1, whole.fc2
+        else:
+            self.fc3 = whole.fc3
+
+    def forward(self, x):
+        if self.pre_process:
+            h, _ = self.fc1(x)
+            h, _ = self.fc2(torch.tanh(h))
+            return torch.tanh(h).unsqueeze(0)
+        return self.fc3(self.input_tensor.squeeze(0))
+
+
+def run_tensor_and_pipeline_parallel() -> dict:
+    from megatron.core import parallel_state
+
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    out = {"ranks": {"tp": parallel_state.get_tensor_model_parallel_rank(), "pp": stage}}
+    for cid, case in TP_PP_CASES.items():
+        ddp, opt, scheduler = _build(case, stage, model=TPStage(stage))
+        out[cid] = {"applied": train(ddp, opt, scheduler, case.accum, torch.float32, data_world=1),
+                    "params": {n: p.detach().clone() for n, p in ddp.module.named_parameters()},
+                    "k": opt.chained_optimizers[0].optimizer.moments.group_count}
+    return out
 
 
 def run_nonfinite(stage: int) -> dict:
@@ -267,6 +311,9 @@ def worker(rank, init_file, out_dir):
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(1, PP)
         results["gpt"] = run_gpt(out_dir)
+        parallel_state.initialize_model_parallel(2, PP)
+        results["tp pp"] = run_tensor_and_pipeline_parallel()
+        parallel_state.destroy_model_parallel()
         return results
 
     save_results(out_dir, rank, compute)
@@ -274,4 +321,4 @@ def worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
-__all__ = ["CASES", "DP", "HP", "PP", "WORLD", "worker"]
+__all__ = ["CASES", "DP", "HP", "PP", "TP_PP_CASES", "WORLD", "worker"]

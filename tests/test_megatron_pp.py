@@ -15,7 +15,8 @@ pytest.importorskip("megatron.core")
 
 from megatron_cases import float64_reference  # noqa: E402
 from megatron_gpt_cases import check_resharded  # noqa: E402
-from megatron_pp_cases import CASES, DP, PP, WORLD  # noqa: E402
+from megatron_pp_cases import CASES, DP, PP, TP_PP_CASES, WORLD  # noqa: E402
+from megatron_tp_cases import SPLIT_DIM  # noqa: E402
 from reference import max_rel_err  # noqa: E402
 from spawn_ranks import spawn_ranks  # noqa: E402
 
@@ -126,3 +127,24 @@ def test_gpt_pipelined_resumes_bitwise_and_reshards_to_one_stage(pp_results):
             torch.testing.assert_close(g["b"][n], g["a"][n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
         assert any("output_layer.weight" in k for k in g["loaded model"])
         check_resharded(g["loaded model"], g["loaded"], g["pp1"], g["pp1 a"])
+
+
+@pytest.mark.parametrize("cid", list(TP_PP_CASES))
+def test_tensor_and_pipeline_parallel_together_match_float64_reference(pp_results, cid):
+    """Tensor-parallel 2 x pipeline-parallel 2 (data-parallel size 1, 4 micro-batches): stage 0's
+    layers split by Megatron's Column/RowParallelLinear, stage 1's whole; the layer table summed
+    over the tensor-parallel group (a replicated layer once), then over the pipeline group."""
+    case = TP_PP_CASES[cid]
+    got = {(r["tp pp"]["ranks"]["pp"], r["tp pp"]["ranks"]["tp"]): r["tp pp"][cid] for r in pp_results}
+    assert sorted(got) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    first = [got[0, t]["params"] for t in range(2)]
+    assert sorted(first[0]) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    for name in ("fc3.weight", "fc3.bias", "fc2.bias"):  # replicated: the same on both tensor-parallel ranks
+        stage = 0 if name == "fc2.bias" else 1
+        torch.testing.assert_close(got[stage, 1]["params"][name], got[stage, 0]["params"][name], rtol=0, atol=0)
+    whole = [torch.cat([first[0][n], first[1][n]], SPLIT_DIM[n]) if n in SPLIT_DIM else first[0][n]
+             for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+    whole += [got[1, 0]["params"]["fc3.weight"], got[1, 0]["params"]["fc3.bias"]]
+    err = max_rel_err(whole, float64_reference(case.optimizer, case.accum, case.clip))
+    assert err < 2e-5, f"{cid}: max relative error {err:.2e}"
+    assert all(g["k"] == case.accum and g["applied"] == [True] * 3 for g in got.values())

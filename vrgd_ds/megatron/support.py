@@ -11,7 +11,7 @@ and that is not followed), fp32, bf16, or fp16 with Megatron's
 loss scaler (fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
 the distributed optimizer (one instance), gradient-reduce overlap on or off, parameter
 all-gather overlap on or off. These are the settings the parity tests (2 data-parallel
-ranks; 2 x 2 with tensor or with pipeline parallelism) run; everything else is refused rather than run
+ranks; 2 x 2 with tensor or with pipeline parallelism, or both) run; everything else is refused rather than run
 unchecked.
 """
 
