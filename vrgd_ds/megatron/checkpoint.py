@@ -139,16 +139,15 @@ def _ranks(ddp) -> _Ranks:
 
 def _check_stage_paths(ddp, ranks: _Ranks, path) -> None:
     """Under pipeline parallelism each stage writes its own checkpoint: one all-gather of the
-    paths over the pipeline group, and every rank raises if two stages named the same."""
+    paths over the pipeline group, and every rank raises if any two stages named the same."""
     if ranks.stage[1] == 1:
         return
     paths: list = [None] * ranks.stage[1]
     dist.all_gather_object(paths, str(Path(path).resolve()), group=seam.pipeline_group(ddp))
-    for stage, other in enumerate(paths):
-        if other == paths[ranks.stage[0]] and stage != ranks.stage[0]:
-            a, b = sorted((stage, ranks.stage[0]))
-            raise ValueError(f"vrgd_ds.megatron: pipeline stages {a} and {b} were given the same checkpoint "
-                             f"path {path}; under pipeline parallelism (pipeline_model_parallel_size="
+    for a, first in enumerate(paths):
+        if first in paths[a + 1:]:
+            raise ValueError(f"vrgd_ds.megatron: pipeline stages {a} and {paths.index(first, a + 1)} were given the "
+                             f"same checkpoint path {first}; under pipeline parallelism (pipeline_model_parallel_size="
                              f"{ranks.stage[1]}) every stage saves its own optimizer checkpoint: pass a path per "
                              "stage, e.g. f'ckpt/optimizer-pp{parallel_state.get_pipeline_model_parallel_rank()}.pt'")
 

@@ -24,19 +24,20 @@ tensor-parallel rank holds whole (norms, row-parallel biases) zeroed on all but 
 rank (:class:`ShardLayout`). Without the distributed optimizer that is the only sum.
 
 Under pipeline parallelism each stage holds whole layers of its own, so their statistics
-are the stage's; the table nevertheless has a row for every layer of every stage (the stages' rows in
-stage order, placed by one all-gather of the stages' layer counts at construction), each stage filling its own rows, and is also summed over the pipeline group:
-what must hold for the whole model (the decisions below, the telemetry's noise scale) is
-then read from the same rows on every rank of every stage.
+are the stage's; the table nevertheless has a row for every layer of every stage (the
+stages' rows in stage order, placed by one all-gather of the stages' layer counts at
+construction), each stage filling its own rows, and is also summed over the pipeline
+group: what must hold for the whole model (the decisions below, the telemetry's noise
+scale) is then read from the same rows on every rank of every stage.
 
 Every rank issues every collective, in the same order and with the same sizes:
 
 - the optimizers issue one layer-statistics all-reduce per param group (and one for all
   groups together for the GSNR) whenever the group has tensors. Megatron gives every rank
   every param group (on every pipeline stage), but a rank (its shard, or its stage) may hold
-  no element of a group. Such a group gets
-  one zero-element placeholder tensor (with a zero-element gradient), so that every group
-  has tensors on every rank; the table's size is the number of layers on every rank;
+  no element of a group. Such a group gets one zero-element placeholder tensor (with a
+  zero-element gradient), so that every group has tensors on every rank; the table's size
+  is the number of layers on every rank;
 - whether a step computes the GSNR, overflows into float64, or is skipped for a non-finite
   gradient is decided from the all-reduced sums of every layer (not only of the layers the
   rank's shard holds pieces of), so on every rank alike;

@@ -3,16 +3,16 @@
 Each refusal names the setting, its value, and what to set instead. Supported: one model
 chunk wrapped in Megatron's DistributedDataParallel, data, tensor and pipeline parallelism
 (pipeline parallelism without virtual stages and without parameters copied on several
-stages, such as word embeddings tied to the output layer; no context or expert parallelism; sequence parallelism and ``qk_layernorm`` are
-supported, their partial gradients summed over the tensor-parallel group before they are
-squared (:mod:`.squares`); no ``average_gradients_across_tp_domain`` parameters: Megatron
-averages those gradients over the tensor-parallel group after the data-parallel reduction,
-and that is not followed), fp32, bf16, or fp16 with Megatron's
-loss scaler (fp32 main parameters; gradients reduced in fp32 or in the model's dtype), with or without
-the distributed optimizer (one instance), gradient-reduce overlap on or off, parameter
-all-gather overlap on or off. These are the settings the parity tests (2 data-parallel
-ranks; 2 x 2 with tensor or with pipeline parallelism, or both) run; everything else is refused rather than run
-unchecked.
+stages, such as word embeddings tied to the output layer; no context or expert
+parallelism; sequence parallelism and ``qk_layernorm`` are supported, their partial
+gradients summed over the tensor-parallel group before they are squared (:mod:`.squares`);
+no ``average_gradients_across_tp_domain`` parameters: Megatron averages those gradients
+over the tensor-parallel group after the data-parallel reduction, and that is not
+followed), fp32, bf16, or fp16 with Megatron's loss scaler (fp32 main parameters; gradients
+reduced in fp32 or in the model's dtype), with or without the distributed optimizer (one
+instance), gradient-reduce overlap on or off, parameter all-gather overlap on or off. These
+are the settings the parity tests (2 data-parallel ranks; 2 x 2 with tensor or with
+pipeline parallelism, or both) run; everything else is refused rather than run unchecked.
 """
 
 from __future__ import annotations
@@ -98,10 +98,11 @@ def _check_pipeline_parallel(ddp, pp: int) -> None:
     runs at different times on each stage."""
     for name, p in seam.pipeline_summed(seam.module_of(ddp)):
         raise ValueError(f"vrgd_ds.megatron: parameter {name} has a copy on several pipeline stages "
-                         f"(pipeline_model_parallel_size={pp}; the word embeddings tied to the output layer), "
+                         f"(pipeline_model_parallel_size={pp}; such as word embeddings tied to the output layer), "
                          "whose gradients Megatron sums over the stages after the data-parallel reduction, which "
                          "the squared gradients cannot follow: set share_embeddings_and_output_weights=False "
-                         "(and no multi-token prediction), or pipeline_model_parallel_size=1")
+                         "(and no multi-token prediction or conditional embedder on several stages), or "
+                         "pipeline_model_parallel_size=1")
 
 
 def _check_tensor_parallel(ddp, tp: int) -> None:
