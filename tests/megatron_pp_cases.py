@@ -42,6 +42,7 @@ CASES = {
                                       extra={"three_groups": True}),
     "vrlamb-do1-ov1-a2-pg": MCase("vrlamb", distributed=True, overlap=True, accum=2,
                                   extra={"overlap_param_gather": True}),
+    "vrlamb-do0-ov1-a2-bf16": MCase("vrlamb", distributed=False, overlap=True, accum=2, extra={"bf16": True}),
     "vrlamb-do1-ov1-a2-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"fp16": True}),
     "vrlamb-do1-ov1-a2-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
                                          extra={"vr_telemetry_interval": 1}),
@@ -134,7 +135,7 @@ def _build(case: MCase, stage: int, dtype=torch.float32, model=None):
 
 
 def run_case(case: MCase, stage: int) -> dict:
-    dtype = torch.float16 if case.extra.get("fp16") else torch.float32
+    dtype = torch.float16 if case.extra.get("fp16") else torch.bfloat16 if case.extra.get("bf16") else torch.float32
     ddp, opt, scheduler = _build(case, stage, dtype)
     applied = train(ddp, opt, scheduler, case.accum, dtype)
     if case.extra.get("overlap_param_gather"):

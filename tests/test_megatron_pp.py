@@ -46,7 +46,7 @@ def test_matches_float64_reference(pp_results, cid):
     assert first["applied"] == [True] * 3
     got = [*first["params"].values(), *last["params"].values()]  # make_model()'s order
     err = max_rel_err(got, float64_reference(case.optimizer, DP * case.accum, case.clip))
-    # fp16 forward and backward (11 mantissa bits) against the fp32-model reference, as the
+    # bf16 and fp16 forward and backward (8 and 11 mantissa bits) against the fp32-model reference, as the
     # data-parallel tests allow
     assert err < (3e-2 if case.low_precision else 2e-5), f"{cid}: max relative error {err:.2e}"
     for r in pp_results:
