@@ -371,6 +371,10 @@ def main(argv=None) -> list[float]:
     if args.resume:
         found = [p for p in (optimizer_path(args.resume, "optimizer.pt"), optimizer_path(args.resume, "optimizer"),
                              os.path.join(args.resume, "dist")) if os.path.exists(p)]
+        if not found and pp == 1 and os.path.isdir(os.path.join(args.resume, "pp0")):
+            raise SystemExit(f"--resume {args.resume}: it holds one optimizer checkpoint per pipeline stage (pp0, ...), "
+                             "saved with --pipeline-model-parallel-size 2; resume with it (only --dist-checkpoint "
+                             "saves resume at another pipeline size)")
         if len(found) != 1:
             where = "" if pp == 1 else f" (pipeline stage {stage}: pp{stage}/optimizer.pt or pp{stage}/optimizer)"
             raise SystemExit(f"--resume {args.resume}: expected one checkpoint there, optimizer.pt, the sharded "

@@ -158,6 +158,18 @@ def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", s
     return applied
 
 
+def schedule(ddp, opt) -> None:
+    """What Megatron-LM's training loop sets on the model config for Megatron's schedules
+    (``get_forward_backward_func``)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    config.grad_sync_func = ddp.start_grad_sync if ddp.ddp_config.overlap_grad_reduce else None
+    config.grad_scale_func = opt.scale_loss if config.fp16 else None
+
+
 def finish_grads(ddp) -> None:
     """What Megatron's schedules do after the backward passes: ``finalize_model_grads`` (the
     data-parallel reduction; under tensor parallelism also the tensor-parallel sum of the

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_cases import schedule
 from spawn_ranks import save_results
 
 WORLD, TP, VOCAB, SEQ, MICRO = 4, 2, 64, 8, 2
@@ -65,12 +66,7 @@ def build(tp: int, moved_off: bool = False, pp: int = 1, tied: bool | None = Non
                                               bucket_size=700), model)
     opt = get_megatron_optimizer(VROptimizerConfig(optimizer="vrlamb", lr=0.01, weight_decay=0.01, clip_grad=0.0,
                                                    use_distributed_optimizer=True), [ddp])
-    from megatron.core.distributed import finalize_model_grads
-
-    # what Megatron-LM's training loop sets for its schedules
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    config.grad_sync_func = ddp.start_grad_sync
+    schedule(ddp, opt)
     if moved_off:
         with torch.no_grad():
             for p in ddp.module.parameters():

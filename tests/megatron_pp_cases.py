@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_cases import HP, STEPS, MCase, build, loss_fn, make_model, split
+from megatron_cases import HP, STEPS, MCase, build, loss_fn, make_model, schedule, split
 from spawn_ranks import save_results
 
 WORLD, PP, DP = 4, 2, 2
@@ -83,17 +83,6 @@ def _extra(case: MCase, dtype) -> dict:
         extra["config_overrides"] = {ParamKey(name="*.bias"): {"wd_mult": 0.0},
                                      ParamKey(name="*net.0.weight"): {"lr_mult": 1.0}}
     return extra
-
-
-def schedule(ddp, opt) -> None:
-    """What Megatron-LM's training loop sets on the model config for its schedules."""
-    from megatron.core.distributed import finalize_model_grads
-
-    config = ddp.config
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    config.grad_sync_func = ddp.start_grad_sync if ddp.ddp_config.overlap_grad_reduce else None
-    config.grad_scale_func = opt.scale_loss if config.fp16 else None
 
 
 def pipeline_step(ddp, step: int, accum: int, dtype, data_world: int = DP) -> None:

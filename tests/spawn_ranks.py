@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -39,16 +40,35 @@ def startup_abort(err, out_dir) -> bool:
             and not (Path(out_dir) / f"rank{err.error_index}.started").exists())
 
 
-def spawn_ranks(worker, world: int, out_dir: Path, attempts: int = 4) -> list[dict]:
+DEADLINE_S = 900.0  # the longest spawn of the suite takes under a minute on 2 cores
+
+
+def _join(context, worker, deadline_s: float) -> None:
+    """Wait for every rank, at most ``deadline_s``: then kill those still running (a
+    collective that never completes) and fail, naming them."""
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=5.0):
+        if time.monotonic() > deadline:
+            alive = [r for r, p in enumerate(context.processes) if p.is_alive()]
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"spawn_ranks: {getattr(worker, '__name__', worker)}: ranks {alive} still running "
+                               f"after {deadline_s:.0f} s (waiting in a collective?); killed")
+
+
+def spawn_ranks(worker, world: int, out_dir: Path, attempts: int = 4, deadline_s: float = DEADLINE_S) -> list[dict]:
     """``mp.spawn(worker, (init_file, out_dir), world)``; each rank saves ``rank{r}.pt``.
 
     Only a start-up abort (see :func:`startup_abort`) is retried, and each retry is logged;
-    anything else (an exception, a crash after start-up, a saved ``"error"``) fails at once."""
+    anything else (an exception, a crash after start-up, a saved ``"error"``, ranks still
+    running after ``deadline_s``) fails at once."""
     for attempt in range(attempts):
         for f in [*out_dir.glob("rank*.pt"), *out_dir.glob("rank*.started")]:
             f.unlink()
         try:
-            mp.spawn(worker, args=(str(out_dir / f"init{attempt}"), str(out_dir)), nprocs=world)
+            _join(mp.spawn(worker, args=(str(out_dir / f"init{attempt}"), str(out_dir)), nprocs=world, join=False),
+                  worker, deadline_s)
             break
         except mp.ProcessExitedException as err:
             if not startup_abort(err, out_dir) or attempt == attempts - 1:

@@ -101,6 +101,11 @@ def test_example_with_pipeline_parallelism_trains_the_same_model(tmp_path):
     resumed = run_example(*run, *pp, "--resume", tmp_path / "own")
     assert "at step 6" in resumed.stdout
     assert last_step(resumed, 11) == last_step(piped_run, 11)  # the unbroken run
+    unpiped = subprocess.run(example_cmd(*run, "--resume", tmp_path / "own", ranks=1), capture_output=True,
+                             text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert unpiped.returncode != 0
+    assert ("it holds one optimizer checkpoint per pipeline stage (pp0, ...), saved with "
+            "--pipeline-model-parallel-size 2; resume with it") in unpiped.stdout + unpiped.stderr
     run_example(*run, *pp, "--save", tmp_path / "dist", "--dist-checkpoint", "--stop-after", "6")
     on_one = run_example(*run, "--resume", tmp_path / "dist", ranks=1)
     assert "at step 6" in on_one.stdout

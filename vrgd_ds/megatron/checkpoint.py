@@ -113,7 +113,7 @@ class _Ranks:
     names: dict  # id(model parameter) -> its name in a checkpoint
     saves: frozenset  # ids of the parameters whose state this rank's tensor-parallel rank keeps
     stored: dict  # every trained parameter's checkpoint name (all tensor-parallel ranks) -> shape
-    stage: tuple = (0, 1)  # (pipeline stage, pipeline-parallel size)
+    stage: tuple  # (pipeline stage, pipeline-parallel size)
 
 
 def _ranks(ddp) -> _Ranks:

@@ -185,10 +185,11 @@ def _layer_layout(ddp, inner, kind: str, mains: list[list[seam.MainParam]]) -> S
     tp, pp = dist.get_world_size(tp_group), dist.get_world_size(pp_group)
     if kind != "distributed" and tp == 1 and pp == 1:
         return None
-    params = [p for buf in seam.dense_buffers(ddp) for p in buf.params]
+    buffers = seam.dense_buffers(ddp)
+    params = [p for buf in buffers for p in buf.params]
     first, count = 0, len(params)
     if pp > 1:
-        first, count = _stage_layers(len(params), pp_group, seam.dense_buffers(ddp)[0].device)
+        first, count = _stage_layers(len(params), pp_group, buffers[0].device)
     layers = {p: first + i for i, p in enumerate(params)}
     segments = {}
     for m in (m for group in mains for m in group):
