@@ -104,6 +104,9 @@ def split(step, accum, world=WORLD):
 
 
 def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
+    """Model, Megatron DDP, optimizer and scheduler. ``model``: the model (default make_model()),
+    or a list of model chunks (virtual pipeline stages: each its own DDP, bucketing off on all but
+    the first as Megatron-LM wraps them; the DDPs are returned as a list)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -113,7 +116,8 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
 
     bf16, fp16 = extra.get("bf16", False), extra.get("fp16", False)
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
-    model = (make_model() if model is None else model).to(device, dtype)
+    chunks = [m.to(device, dtype) for m in (model if isinstance(model, list) else
+                                            [make_model() if model is None else model])]
     tp = parallel_state.get_tensor_model_parallel_world_size()
     config = TransformerConfig(**{**dict(num_layers=1, hidden_size=8, num_attention_heads=tp, bf16=bf16, fp16=fp16,
                                          params_dtype=dtype, tensor_model_parallel_size=tp,
@@ -124,16 +128,16 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
         overlap_grad_reduce=overlap, use_distributed_optimizer=distributed, bucket_size=BUCKET,
         overlap_param_gather=extra.get("overlap_param_gather", False),
         grad_reduce_in_fp32=extra.get("grad_reduce_in_fp32", True))
-    ddp = DistributedDataParallel(config, ddp_config, model)
+    ddps = [DistributedDataParallel(config, ddp_config, m, disable_bucketing=i > 0) for i, m in enumerate(chunks)]
     fields = dict(HP[name][1], **{k: v for k, v in extra.items() if k.startswith("vr_")})
     opt_config = VROptimizerConfig(optimizer=name, min_lr=0.0, clip_grad=clip, bf16=bf16, fp16=fp16,
                                    initial_loss_scale=2.0**12, use_distributed_optimizer=distributed, **fields)
-    opt = get_megatron_optimizer(opt_config, [ddp], config_overrides=extra.get("config_overrides"))
+    opt = get_megatron_optimizer(opt_config, ddps, config_overrides=extra.get("config_overrides"))
     scheduler = OptimizerParamScheduler(
         opt, init_lr=opt_config.lr, max_lr=opt_config.lr, min_lr=0.0, lr_warmup_steps=0,
         lr_decay_steps=STEPS + 1, lr_decay_style="constant", start_wd=opt_config.weight_decay,
         end_wd=opt_config.weight_decay, wd_incr_steps=STEPS + 1, wd_incr_style="constant")
-    return ddp, opt, scheduler
+    return ddps if isinstance(model, list) else ddps[0], opt, scheduler
 
 
 def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", schedule=None, world=None):
@@ -160,13 +164,17 @@ def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", s
 
 def schedule(ddp, opt) -> None:
     """What Megatron-LM's training loop sets on the model config for Megatron's schedules
-    (``get_forward_backward_func``)."""
+    (``get_forward_backward_func``); ``ddp``: the DDP, or the list of model chunks."""
     from megatron.core.distributed import finalize_model_grads
 
-    config = ddp.config
+    chunks = ddp if isinstance(ddp, list) else [ddp]
+    one = len(chunks) == 1
+    config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    config.grad_sync_func = ddp.start_grad_sync if ddp.ddp_config.overlap_grad_reduce else None
+    config.no_sync_func = chunks[0].no_sync if one else [d.no_sync for d in chunks]
+    config.grad_sync_func = None
+    if chunks[0].ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = chunks[0].start_grad_sync if one else [d.start_grad_sync for d in chunks]
     config.grad_scale_func = opt.scale_loss if config.fp16 else None
 
 

@@ -35,10 +35,12 @@ WORLD, TP, VOCAB, SEQ, MICRO = 4, 2, 64, 8, 2
 FIRST, REST = (0, 1), (2, 3)
 
 
-def build(tp: int, moved_off: bool = False, pp: int = 1, tied: bool | None = None):
+def build(tp: int, moved_off: bool = False, pp: int = 1, tied: bool | None = None, vp: int | None = None,
+          layers: int = 2):
     """The GPT at tensor-parallel size ``tp`` and pipeline-parallel size ``pp`` (this rank's
     stage), its output layer tied to the word embeddings (default: without pipeline
-    parallelism only), DDP with the distributed optimizer, VR-LAMB."""
+    parallelism only), DDP with the distributed optimizer, VR-LAMB. ``vp``: virtual pipeline
+    stages, ``vp`` model chunks on this rank (the DDPs are returned as a list)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -51,27 +53,32 @@ def build(tp: int, moved_off: bool = False, pp: int = 1, tied: bool | None = Non
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)  # dropout is off; no CUDA RNG on a CPU
     config = TransformerConfig(
-        num_layers=2, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32, gated_linear_unit=True,
+        num_layers=layers, hidden_size=16, num_attention_heads=4, ffn_hidden_size=32, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, use_cpu_initialization=True, tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+        pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, virtual_pipeline_model_parallel_size=vp,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False)
-    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
-                     share_embeddings_and_output_weights=pp == 1 if tied is None else tied,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage())
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
-                                              bucket_size=700), model)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                               bucket_size=700)
+    chunks = []
+    for c in range(vp or 1):
+        v = {} if vp is None else {"ignore_virtual": False, "vp_stage": c}
+        model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+                         share_embeddings_and_output_weights=pp == 1 if tied is None else tied,
+                         pre_process=parallel_state.is_pipeline_first_stage(**v),
+                         post_process=parallel_state.is_pipeline_last_stage(**v),
+                         **({} if vp is None else {"vp_stage": c}))
+        chunks.append(DistributedDataParallel(config, ddp_config, model, disable_bucketing=c > 0))
     opt = get_megatron_optimizer(VROptimizerConfig(optimizer="vrlamb", lr=0.01, weight_decay=0.01, clip_grad=0.0,
-                                                   use_distributed_optimizer=True), [ddp])
-    schedule(ddp, opt)
+                                                   use_distributed_optimizer=True), chunks)
+    schedule(chunks, opt)
     if moved_off:
         with torch.no_grad():
-            for p in ddp.module.parameters():
-                p.add_(1.0)
-    return ddp, opt
+            for ddp in chunks:
+                for p in ddp.module.parameters():
+                    p.add_(1.0)
+    return (chunks if vp else chunks[0]), opt
 
 
 def tokens(step: int, micro: int) -> torch.Tensor:
@@ -94,17 +101,25 @@ def train(ddp, opt, steps, accum: int) -> None:
         t = next(data)
         return model(t[:, :-1], pos, mask, labels=t[:, 1:]), lambda out: (out.float().mean(), {})
 
+    chunks = ddp if isinstance(ddp, list) else [ddp]
     for step in steps:
-        ddp.zero_grad_buffer()
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
         opt.zero_grad()
+        micro = [tokens(step, d * accum + j) for j in range(accum)]
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens(step, d * accum + j) for j in range(accum)]),
-            model=[ddp], num_microbatches=accum, seq_length=SEQ, micro_batch_size=MICRO, forward_only=False)
+            forward_step_func=forward_step, data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1
+            else iter(micro), model=chunks, num_microbatches=accum, seq_length=SEQ, micro_batch_size=MICRO,
+            forward_only=False)
         ok, _, _ = opt.step()
         assert ok
 
 
 def sharded(ddp) -> dict:
+    """The model's sharded state dict; of several chunks, under model0, model1, ... as Megatron-LM
+    saves them."""
+    if isinstance(ddp, list):
+        return {f"model{c}": d.module.sharded_state_dict() for c, d in enumerate(ddp)}
     return ddp.module.sharded_state_dict()
 
 
@@ -127,14 +142,23 @@ def load(folder: Path, ddp, opt=None) -> dict:
     if opt is not None:
         sd["optimizer"] = opt.sharded_state_dict(sd["model"], is_loading=True)
     loaded = dist_checkpointing.load(sd, str(folder))
-    weights = {k: v.detach().clone() for k, v in loaded["model"].items() if torch.is_tensor(v)}
-    ddp.module.load_state_dict(loaded["model"], strict=False)
+    if isinstance(ddp, list):
+        weights = {f"model{c}.{k}": v.detach().clone() for c in range(len(ddp))
+                   for k, v in loaded["model"][f"model{c}"].items() if torch.is_tensor(v)}
+        for c, d in enumerate(ddp):
+            d.module.load_state_dict(loaded["model"][f"model{c}"], strict=False)
+    else:
+        weights = {k: v.detach().clone() for k, v in loaded["model"].items() if torch.is_tensor(v)}
+        ddp.module.load_state_dict(loaded["model"], strict=False)
     if opt is not None:
         opt.load_state_dict(loaded["optimizer"])
     return weights
 
 
 def params(ddp) -> dict:
+    """The parameters by name; of a list of model chunks, chunk c's as ``model<c>.<name>``."""
+    if isinstance(ddp, list):
+        return {f"model{c}.{n}": p.detach().clone() for c, d in enumerate(ddp) for n, p in d.module.named_parameters()}
     return {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cases import HP, STEPS, MCase, build, loss_fn, make_model, schedule, split
+from megatron_gpt_cases import params as _params
 from spawn_ranks import save_results
 
 WORLD, PP, DP = 4, 2, 2
@@ -87,7 +88,8 @@ def _extra(case: MCase, dtype) -> dict:
 
 def pipeline_step(ddp, step: int, accum: int, dtype, data_world: int = DP) -> None:
     """Zeroed buffers, then one 1F1B pass over this data-parallel rank's micro-batches of
-    ``step``, ``finalize_model_grads`` included (Megatron's schedule calls it)."""
+    ``step``, ``finalize_model_grads`` included (Megatron's schedule calls it). ``ddp``: the
+    DDP, or the list of model chunks (the interleaved schedule)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -98,8 +100,11 @@ def pipeline_step(ddp, step: int, accum: int, dtype, data_world: int = DP) -> No
         x, y = next(data)
         return model(x.to(dtype)), lambda out: (loss_fn(out, y), {})
 
-    ddp.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[ddp],
+    chunks = ddp if isinstance(ddp, list) else [ddp]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    data = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)  # interleaved: one per chunk
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=chunks,
                                 num_microbatches=accum, seq_length=1, micro_batch_size=len(micro[0][0]),
                                 forward_only=False)
 
@@ -124,7 +129,7 @@ def _build(case: MCase, stage: int, dtype=torch.float32, model=None):
 
 
 def run_case(case: MCase, stage: int) -> dict:
-    dtype = torch.float16 if case.extra.get("fp16") else torch.bfloat16 if case.extra.get("bf16") else torch.float32
+    dtype = _dtype(case)
     ddp, opt, scheduler = _build(case, stage, dtype)
     applied = train(ddp, opt, scheduler, case.accum, dtype)
     if case.extra.get("overlap_param_gather"):
@@ -201,33 +206,126 @@ def run_nonfinite(stage: int) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _resumed(new_run, accum: int, path_of) -> dict:
+    """One file, then sharded: 2 steps, save_optimizer, 2 more ("a"); a new run whose weights
+    were moved off, load_optimizer, the same 2 steps ("b"). ``new_run()`` builds a DDP (or a
+    list of model chunks), optimizer and scheduler; ``path_of(sharded)`` names the checkpoint."""
+    from vrgd_ds.megatron import load_optimizer, save_optimizer
+
+    out = {}
+    for sharded in (False, True):
+        ddp, opt, scheduler = new_run()
+        train(ddp, opt, scheduler, accum, torch.float32, steps=range(2))
+        save_optimizer(opt, ddp, path_of(sharded), user_state={"scheduler": scheduler.state_dict()}, sharded=sharded)
+        train(ddp, opt, scheduler, accum, torch.float32, steps=range(2, 4))
+        a = _params(ddp)
+        ddp, opt, scheduler = new_run()
+        with torch.no_grad():
+            for chunk in ddp if isinstance(ddp, list) else [ddp]:
+                for p in chunk.module.parameters():
+                    p.add_(1.0)
+        scheduler.load_state_dict(load_optimizer(opt, ddp, path_of(sharded))["scheduler"])
+        train(ddp, opt, scheduler, accum, torch.float32, steps=range(2, 4))
+        out[f"resumed sharded={sharded}"] = (a, _params(ddp))
+    return out
+
+
 def run_checkpoints(stage: int, out_dir: Path) -> dict:
     """save_optimizer / load_optimizer, one checkpoint per stage: resumed bit for bit (one file
     and sharded); the same path for both stages, and another stage's checkpoint, refused."""
     from vrgd_ds.megatron import load_optimizer, save_optimizer
 
     case = CASES["vrlamb-do1-ov1-a2"]
-    out: dict = {}
-    for sharded in (False, True):
-        path = out_dir / f"pp-optimizer-{sharded}-stage{stage}"
-        ddp, opt, scheduler = _build(case, stage)
-        train(ddp, opt, scheduler, case.accum, torch.float32, steps=range(2))
-        save_optimizer(opt, ddp, path, user_state={"scheduler": scheduler.state_dict()}, sharded=sharded)
-        train(ddp, opt, scheduler, case.accum, torch.float32, steps=range(2, 4))
-        a = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
-        ddp, opt, scheduler = _build(case, stage)
-        with torch.no_grad():
-            for p in ddp.module.parameters():
-                p.add_(1.0)
-        scheduler.load_state_dict(load_optimizer(opt, ddp, path)["scheduler"])
-        train(ddp, opt, scheduler, case.accum, torch.float32, steps=range(2, 4))
-        out[f"resumed sharded={sharded}"] = (a, {n: p.detach().clone() for n, p in ddp.module.named_parameters()})
+    out = _resumed(lambda: _build(case, stage), case.accum, lambda sharded: out_dir / f"pp-optimizer-{sharded}-stage{stage}")
     ddp, opt, _ = _build(case, stage)
     same = out_dir / "pp-optimizer-same.pt"
     out["same path"] = _error(lambda: save_optimizer(opt, ddp, same))
     out["same path written"] = same.exists()
     other = out_dir / f"pp-optimizer-False-stage{1 - stage}"
     out["other stage"] = _error(lambda: load_optimizer(opt, ddp, other))
+    return out
+
+
+# ---- virtual pipeline stages: 2 model chunks per pipeline rank ---------------------------
+
+VP = 2
+VP_CASES = {
+    "vrlamb-do1-ov1-a2": MCase("vrlamb", distributed=True, overlap=True, accum=2),
+    "vrlamb-do0-ov0-a2": MCase("vrlamb", distributed=False, overlap=False, accum=2),
+    "vradam-do1-ov0-a2-clip": MCase("vradam", distributed=True, overlap=False, accum=2, clip=0.05),
+    "vrlars-do0-ov1-a2-clip": MCase("vrlars", distributed=False, overlap=True, accum=2, clip=0.05),
+    "lamb-do1-ov1-a2": MCase("lamb", distributed=True, overlap=True, accum=2),
+    "vrlamb-do1-ov1-a2-pg": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                  extra={"overlap_param_gather": True}),
+    "vrlamb-do1-ov1-a2-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
+                                         extra={"vr_telemetry_interval": 1}),
+    "vrlamb-do0-ov1-a2-bf16": MCase("vrlamb", distributed=False, overlap=True, accum=2, extra={"bf16": True}),
+    "vrlamb-do1-ov1-a2-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"fp16": True}),
+}
+
+
+def make_deep():
+    """6 -> 16 -> 16 -> 16 -> 3 with tanh: a layer for each of the PP x VP = 4 virtual stages."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+class VirtualStage(Stage):
+    """Virtual stage v of make_deep() (Megatron's model chunk v // PP of pipeline rank v % PP):
+    its linear layer v and the tanh after it, as "net.0.weight", "net.0.bias"."""
+
+    def __init__(self, v: int):
+        super().__init__(0)
+        self.net = make_deep()[2 * v:2 * v + 2]
+        self.pre_process, self.post_process = v == 0, v == PP * VP - 1
+
+    def forward(self, x):
+        h = self.net(x if self.pre_process else self.input_tensor.squeeze(0))
+        return h if self.post_process else h.unsqueeze(0)  # [1, micro-batch, 16] to the next stage
+
+
+def _dtype(case: MCase):
+    return torch.float16 if case.extra.get("fp16") else torch.bfloat16 if case.extra.get("bf16") else torch.float32
+
+
+def _virtual_build(case: MCase, stage: int):
+    chunks = [VirtualStage(c * PP + stage) for c in range(VP)]
+    extra = _extra(case, _dtype(case))
+    extra["model_config"].update(num_layers=PP * VP, virtual_pipeline_model_parallel_size=VP)
+    ddps, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, extra, model=chunks)
+    schedule(ddps, opt)
+    return ddps, opt, scheduler
+
+
+def run_virtual(stage: int, out_dir: Path) -> dict:
+    """Megatron's interleaved schedule over 2 chunks per pipeline rank (virtual stages 0-3: this
+    rank's chunks are stages ``stage`` and ``stage + PP``): every case against the float64
+    reference; then save_optimizer / load_optimizer with the chunk list (bit for bit), and a
+    1-chunk run refused the 2-chunk checkpoint."""
+    from vrgd_ds.megatron import load_optimizer
+
+    out: dict = {}
+    for cid, case in VP_CASES.items():
+        ddps, opt, scheduler = _virtual_build(case, stage)
+        applied = train(ddps, opt, scheduler, case.accum, _dtype(case))
+        if case.extra.get("overlap_param_gather"):
+            for d in ddps:
+                d.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
+        inner = opt.chained_optimizers[0].optimizer
+        moments = getattr(inner, "moments", None)
+        out[cid] = {"params": _params(ddps), "applied": applied,
+                    "k": moments.group_count if moments is not None else None,
+                    "layers": inner.layout.layer_count, "telemetry": getattr(inner, "telemetry", None)}
+    case = VP_CASES["vrlamb-do1-ov1-a2"]
+    out.update(_resumed(lambda: _virtual_build(case, stage), case.accum,
+                        lambda sharded: out_dir / f"vp-optimizer-{sharded}-stage{stage}"))
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, PP)
+    ddp, opt, _ = _build(case, stage)
+    out["one chunk"] = _error(lambda: load_optimizer(opt, ddp, out_dir / f"vp-optimizer-False-stage{stage}"))
     return out
 
 
@@ -274,6 +372,41 @@ def run_gpt(out_dir: Path) -> dict:
     return out
 
 
+def run_gpt_virtual(out_dir: Path) -> dict:
+    """The untied GPT with 4 layers, 2 model chunks per pipeline rank (a layer each), through
+    Megatron's distributed checkpointing: resumed bit for bit, and loaded by 4 data-parallel
+    ranks with one chunk and no pipeline parallelism."""
+    from megatron.core import parallel_state
+
+    import megatron_gpt_cases as gpt
+
+    parallel_state.initialize_model_parallel(1, PP, virtual_pipeline_model_parallel_size=VP)
+    build = lambda moved_off=False: gpt.build(1, moved_off, pp=PP, vp=VP, layers=4)  # noqa: E731
+    chunks, opt = build()
+    gpt.train(chunks, opt, gpt.FIRST, accum=2)
+    gpt.save(out_dir / "gpt-vp.dist", chunks, opt)
+    gpt.train(chunks, opt, gpt.REST, accum=2)
+    out = {"a": gpt.params(chunks)}
+    gpt.save(out_dir / "gpt-vp-a.dist", chunks)
+    chunks, opt = build(moved_off=True)
+    gpt.load(out_dir / "gpt-vp.dist", chunks, opt)
+    gpt.train(chunks, opt, gpt.REST, accum=2)
+    out["b"] = gpt.params(chunks)
+    parallel_state.destroy_model_parallel()
+
+    parallel_state.initialize_model_parallel(1, 1)
+    ddp, opt = gpt.build(1, moved_off=True, tied=False, layers=4)
+    out["loaded model"] = gpt.load(out_dir / "gpt-vp.dist", ddp, opt)
+    out["loaded"] = {k: v.detach().clone() for k, v in ddp.module.state_dict().items() if torch.is_tensor(v)}
+    gpt.train(ddp, opt, gpt.REST, accum=1)
+    out["pp1"] = gpt.params(ddp)
+    ddp, _ = gpt.build(1, tied=False, layers=4)
+    gpt.load(out_dir / "gpt-vp-a.dist", ddp)
+    out["pp1 a"] = gpt.params(ddp)
+    parallel_state.destroy_model_parallel()
+    return out
+
+
 def worker(rank, init_file, out_dir):
     from megatron_cpu import start_gloo_worker
 
@@ -289,6 +422,9 @@ def worker(rank, init_file, out_dir):
         results.update({cid: run_case(case, stage) for cid, case in CASES.items()})
         results["nonfinite"] = run_nonfinite(stage)
         results["checkpoints"] = run_checkpoints(stage, out_dir)
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(1, PP, virtual_pipeline_model_parallel_size=VP)
+        results["virtual"] = run_virtual(stage, out_dir)
         # the telemetry case without pipeline parallelism: 4 data-parallel ranks, 1 micro-batch each
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(1, 1)
@@ -298,9 +434,14 @@ def worker(rank, init_file, out_dir):
         ddp, opt, scheduler = build(case.optimizer, True, True, 0.0, dict(case.extra))
         dp_train(rank, ddp, opt, scheduler, 1)
         results["telemetry dp4"] = opt.chained_optimizers[0].optimizer.telemetry
+        case = VP_CASES["vrlamb-do1-ov1-a2-telemetry"]  # the same for the virtual stages' model
+        ddp, opt, scheduler = build(case.optimizer, True, True, 0.0, dict(case.extra), model=make_deep())
+        dp_train(rank, ddp, opt, scheduler, 1)
+        results["telemetry dp4 deep"] = opt.chained_optimizers[0].optimizer.telemetry
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(1, PP)
         results["gpt"] = run_gpt(out_dir)
+        results["gpt virtual"] = run_gpt_virtual(out_dir)
         parallel_state.initialize_model_parallel(2, PP)
         results["tp pp"] = run_tensor_and_pipeline_parallel()
         parallel_state.destroy_model_parallel()
@@ -311,4 +452,4 @@ def worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
-__all__ = ["CASES", "DP", "HP", "PP", "TP_PP_CASES", "WORLD", "worker"]
+__all__ = ["CASES", "DP", "HP", "PP", "TP_PP_CASES", "VP", "VP_CASES", "WORLD", "make_deep", "worker"]

@@ -28,7 +28,10 @@ REFUSALS = {
     "optimizer_name": ("optimizer", "optimizer", "adam", "must be one of"),
     "pipeline_shared_embedding": ("pp2", None, None, "set share_embeddings_and_output_weights=False"),
     "expert_parallel_buffers": ("expert", None, None, "expert-parallel gradient buffers=1"),
-    "model_chunks": ("chunks", None, None, "one model chunk, got 2"),
+    "model_chunks": ("chunks", None, None, "2 model chunks with pipeline_model_parallel_size=1; several chunks "
+                                           "are virtual pipeline stages"),
+    "model_chunks_ddp_config": ("chunks config", None, None, "model chunk 1 has another "
+                                                              "DistributedDataParallelConfig than chunk 0"),
     "checkpoint": ("checkpoint", None, None, "--ckpt-format torch_dist) or vrgd_ds.megatron.save_optimizer"),
 }
 
@@ -58,6 +61,29 @@ def _pipeline_parallel_ddp(rank):
         model = make_model()
         model[0].weight.shared_embedding = True
         build("vrlamb", False, False, 0.0, {}, model=model)
+    finally:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def _chunks_config(rank):
+    """Two model chunks under pipeline_model_parallel_size=2 (virtual pipeline stages, which are
+    supported: tests/test_megatron_pp.py) wrapped with different DDP configs."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_cases import make_model
+    from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 2)
+    try:
+        config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=1,
+                                   pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+        chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=fp32), make_model())
+                  for fp32 in (True, False)]
+        get_megatron_optimizer(VROptimizerConfig(optimizer="vrlamb", lr=0.01), chunks)
     finally:
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(1, 1)
@@ -95,6 +121,7 @@ def try_refusal(rank, kind, field, value, _words):
 
     try:
         special = {"pp2": _pipeline_parallel_ddp, "expert": _expert_ddp, "chunks": _two_chunks,
+                   "chunks config": _chunks_config,
                    "checkpoint": _checkpoint}
         if kind in special:
             special[kind](rank)

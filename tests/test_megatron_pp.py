@@ -15,7 +15,7 @@ pytest.importorskip("megatron.core")
 
 from megatron_cases import float64_reference  # noqa: E402
 from megatron_gpt_cases import check_resharded  # noqa: E402
-from megatron_pp_cases import CASES, DP, PP, TP_PP_CASES, WORLD  # noqa: E402
+from megatron_pp_cases import CASES, DP, PP, TP_PP_CASES, VP, VP_CASES, WORLD, make_deep  # noqa: E402
 from megatron_tp_cases import SPLIT_DIM  # noqa: E402
 from reference import max_rel_err  # noqa: E402
 from spawn_ranks import spawn_ranks  # noqa: E402
@@ -58,21 +58,25 @@ def test_matches_float64_reference(pp_results, cid):
             assert r[cid]["placeholders"] >= (1 if r["ranks"]["pp"] == 1 else 0)
 
 
-def test_telemetry_covers_every_stage(pp_results):
-    """The record is the same on every rank and covers both stages' layers: the whole model's
+def _check_telemetry(records: list, dp4: dict, layers: int) -> None:
+    """The record is the same on every rank and covers every stage's layers: the whole model's
     noise scale equals the one of 4 data-parallel ranks without pipeline parallelism (the
     same 4 gradient groups)."""
-    records = [r["vrlamb-do1-ov1-a2-telemetry"]["telemetry"] for r in pp_results]
     for rec in records[1:]:
         assert rec == records[0]
-    rec, dp4 = records[0], pp_results[0]["telemetry dp4"]
+    rec = records[0]
     assert rec["k"] == dp4["k"] == 4 and rec["step"] == dp4["step"]
-    assert len(rec["layers"]) == len(dp4["layers"]) == 6
+    assert len(rec["layers"]) == len(dp4["layers"]) == layers
     assert sorted(v["numel"] for v in rec["layers"].values()) == sorted(v["numel"] for v in dp4["layers"].values())
     for key in ("grad_sq", "group_var", "clamped_fraction"):
         assert rec[key] == pytest.approx(dp4[key], rel=1e-5), key
     assert sorted(v["gsnr_mean"] for v in rec["layers"].values()) == pytest.approx(
         sorted(v["gsnr_mean"] for v in dp4["layers"].values()), rel=1e-5)
+
+
+def test_telemetry_covers_every_stage(pp_results):
+    _check_telemetry([r["vrlamb-do1-ov1-a2-telemetry"]["telemetry"] for r in pp_results],
+                     pp_results[0]["telemetry dp4"], 6)
 
 
 def test_a_nonfinite_gradient_on_one_stage_stops_every_stage(pp_results):
@@ -148,3 +152,78 @@ def test_tensor_and_pipeline_parallel_together_match_float64_reference(pp_result
     err = max_rel_err(whole, float64_reference(case.optimizer, case.accum, case.clip))
     assert err < 2e-5, f"{cid}: max relative error {err:.2e}"
     assert all(g["k"] == case.accum and g["applied"] == [True] * 3 for g in got.values())
+
+
+# ---- virtual pipeline stages ------------------------------------------------------------
+
+
+def _virtual_stages(results, cid: str, dp: int = 0) -> list:
+    """The parameters of virtual stages 0-3 in make_deep()'s order: chunk c of pipeline rank s
+    is virtual stage c * PP + s."""
+    out = []
+    for c in range(VP):
+        for s in range(PP):
+            params = _stage(results, s, dp)["virtual"][cid]["params"]
+            out += [p.float() for n, p in params.items() if n.startswith(f"model{c}.")]
+    return out
+
+
+@pytest.mark.parametrize("cid", list(VP_CASES))
+def test_virtual_pipeline_matches_float64_reference(pp_results, cid):
+    """Megatron's interleaved schedule, 2 model chunks per pipeline rank (4 virtual stages,
+    a layer each), pipeline-parallel 2 x data-parallel 2: each chunk its own DDP with its own
+    buffers and bucket groups, one optimizer over both chunks."""
+    case = VP_CASES[cid]
+    for r in pp_results:
+        got = r["virtual"][cid]
+        s = r["ranks"]["pp"]
+        assert sorted(got["params"]) == sorted(f"model{c}.net.{2 * (c * PP + s)}.{w}" for c in range(VP)
+                                               for w in ("weight", "bias"))
+        assert got["applied"] == [True] * 3
+        assert got["layers"] == 8  # one layer table of every virtual stage's layers
+        if case.optimizer.startswith("vr"):
+            assert got["k"] == DP * case.accum
+    for dp in range(1, DP):  # the data-parallel ranks of a stage agree
+        for a, b in zip(_virtual_stages(pp_results, cid), _virtual_stages(pp_results, cid, dp)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    err = max_rel_err(_virtual_stages(pp_results, cid),
+                      float64_reference(case.optimizer, DP * case.accum, case.clip, model_fn=make_deep))
+    # bf16 and fp16 against the fp32-model reference, as for one chunk per stage
+    assert err < (3e-2 if case.low_precision else 2e-5), f"{cid}: max relative error {err:.2e}"
+
+
+def test_virtual_pipeline_telemetry_covers_every_chunk(pp_results):
+    _check_telemetry([r["virtual"]["vrlamb-do1-ov1-a2-telemetry"]["telemetry"] for r in pp_results],
+                     pp_results[0]["telemetry dp4 deep"], 8)
+
+
+def test_virtual_pipeline_checkpoints_resume_bitwise(pp_results):
+    """save_optimizer / load_optimizer given the list of chunks: each stage resumes bit for bit;
+    a run with one chunk per stage is refused the 2-chunk checkpoint, naming both."""
+    for r in pp_results:
+        got = r["virtual"]
+        for sharded in (False, True):
+            a, b = got[f"resumed sharded={sharded}"]
+            assert len(a) == 4
+            for name in a:
+                torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
+        assert "was saved with 2 model chunk(s) per pipeline stage (virtual pipeline stages), this run has 1" in \
+            got["one chunk"], got["one chunk"]
+
+
+def test_gpt_virtual_pipeline_resumes_bitwise_and_reshards_to_one_stage(pp_results):
+    """Megatron's GPTModel, 4 layers, pipeline-parallel 2 x data-parallel 2 with 2 chunks per
+    pipeline rank (the chunks' sharded state dicts under model0, model1 as Megatron-LM saves
+    them), the distributed optimizer over both chunks: resumed bit for bit from Megatron's
+    distributed checkpoint, and the checkpoint loaded by 4 data-parallel ranks with one chunk
+    and no pipeline parallelism trains on as the pipelined run does."""
+    for r in pp_results:
+        g = r["gpt virtual"]
+        stage = r["ranks"]["pp"]
+        assert ("model0.embedding.word_embeddings.weight" in g["a"]) == (stage == 0)
+        assert ("model1.output_layer.weight" in g["a"]) == (stage == 1)
+        assert sum(n.endswith("linear_qkv.weight") for n in g["a"]) == 2  # a layer in each chunk
+        for n in g["a"]:
+            torch.testing.assert_close(g["b"][n], g["a"][n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
+        assert sum(n.endswith("linear_qkv.weight") for n in g["pp1"]) == 4
+        check_resharded(g["loaded model"], g["loaded"], g["pp1"], g["pp1 a"])

@@ -46,7 +46,11 @@ removed after that.
 Under pipeline parallelism each stage keeps its own checkpoint (its parameters, by their
 names in the stage's model): pass every stage a path of its own (two stages given the same
 path are refused before anything is written); a stage loads its own checkpoint only, at the
-pipeline-parallel size it was saved with (anything else is refused, naming both).
+pipeline-parallel size it was saved with (anything else is refused, naming both). Under
+virtual pipeline parallelism pass the list of the rank's model chunks where a function takes
+the model: the parameters are kept as ``model<i>.<name>`` (chunk i, as Megatron-LM names
+chunks), and the checkpoint loads with the same number of chunks only (Megatron's
+distributed checkpointing loads at another).
 
 Under tensor parallelism every rank of Megatron's tensor- and data-parallel group calls
 both functions, and one checkpoint holds every tensor-parallel rank's state: a parameter
@@ -114,12 +118,17 @@ class _Ranks:
     saves: frozenset  # ids of the parameters whose state this rank's tensor-parallel rank keeps
     stored: dict  # every trained parameter's checkpoint name (all tensor-parallel ranks) -> shape
     stage: tuple  # (pipeline stage, pipeline-parallel size)
+    chunks: int  # model chunks on this rank (virtual pipeline stages)
+    pp_group: object  # the pipeline-parallel group
 
 
-def _ranks(ddp) -> _Ranks:
+def _ranks(model) -> _Ranks:
+    """``model``: the DDP chunk, or the list of this rank's chunks."""
+    chunks = seam.chunk_list(model)
+    ddp = chunks[0]
     tp_group, dp_group = seam.tensor_parallel_group(ddp), seam.data_parallel_group(ddp)
     tp, t = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    params = list(seam.module_of(ddp).named_parameters())
+    params = seam.named_parameters(chunks)
 
     def split(p) -> bool:
         return tp > 1 and seam.tensor_parallel(p)
@@ -134,16 +143,16 @@ def _ranks(ddp) -> _Ranks:
     return _Ranks(group, "data-parallel" if tp == 1 else "tensor- and data-parallel", tp, t,
                   dist.get_rank(dp_group) == 0, {id(p): name_on(n, p, t) for n, p in params},
                   frozenset(id(p) for _, p in params if t == 0 or split(p)), stored,
-                  (dist.get_rank(pp_group), dist.get_world_size(pp_group)))
+                  (dist.get_rank(pp_group), dist.get_world_size(pp_group)), len(chunks), pp_group)
 
 
-def _check_stage_paths(ddp, ranks: _Ranks, path) -> None:
+def _check_stage_paths(ranks: _Ranks, path) -> None:
     """Under pipeline parallelism each stage writes its own checkpoint: one all-gather of the
     paths over the pipeline group, and every rank raises if any two stages named the same."""
     if ranks.stage[1] == 1:
         return
     paths: list = [None] * ranks.stage[1]
-    dist.all_gather_object(paths, str(Path(path).resolve()), group=seam.pipeline_group(ddp))
+    dist.all_gather_object(paths, str(Path(path).resolve()), group=ranks.pp_group)
     for a, first in enumerate(paths):
         if first in paths[a + 1:]:
             raise ValueError(f"vrgd_ds.megatron: pipeline stages {a} and {paths.index(first, a + 1)} were given the "
@@ -267,7 +276,7 @@ def _header(inner, opt, ranks: _Ranks, members: list[list[str]], user_state) -> 
         extra["noise_scale"] = opt.noise_scale.state_dict()
     return {"optimizer": type(opt).__name__, "kind": seam.optimizer_kind(inner),
             "saved_world_size": dist.get_world_size(ranks.group), "tensor_parallel_size": ranks.tp_size,
-            "pipeline_stage": list(ranks.stage),
+            "pipeline_stage": list(ranks.stage), "model_chunks": ranks.chunks,
             "param_groups": groups,
             "grad_scaler": scaler.state_dict() if scaler is not None else None, "extra": extra,
             "user_state": user_state}
@@ -275,7 +284,8 @@ def _header(inner, opt, ranks: _Ranks, members: list[list[str]], user_state) -> 
 
 def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state: dict | None = None, *,
                    sharded: bool = False) -> None:
-    """Write the optimizer's state to ``path`` (see the module docstring).
+    """Write the optimizer's state to ``path`` (see the module docstring). ``ddp``: the
+    DDP-wrapped model, or the list of this rank's model chunks (virtual pipeline stages).
 
     A collective over the data-parallel group (under tensor parallelism: the tensor- and
     data-parallel group): every rank calls it. Returns on every rank only once the
@@ -290,7 +300,7 @@ def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state:
     between ranks, and a ``latest`` file, replaced last, names the complete version."""
     inner = _inner(megatron_optimizer)
     ranks = _ranks(ddp)
-    _check_stage_paths(ddp, ranks, path)
+    _check_stage_paths(ranks, path)
     if sharded:
         _save_sharded(inner, ranks, Path(path), user_state)
     else:
@@ -558,7 +568,7 @@ def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | N
         _group_ok(ranks, f"{type(e).__name__}: {e}")  # raises on every rank
     _group_ok(ranks, None)
     with torch.no_grad():
-        seam.main_to_model_params(inner, ddp)  # every rank loaded: the all-gather is safe
+        seam.main_to_model_params(inner, seam.chunk_list(ddp))  # every rank loaded: the all-gather is safe
     return user_state
 
 
@@ -573,6 +583,11 @@ def _load_here(inner, opt, ranks: _Ranks, path: Path) -> dict | None:
         raise ValueError(f"{path} holds pipeline stage {stage} of pipeline_model_parallel_size={size}; this rank is "
                          f"stage {ranks.stage[0]} of {ranks.stage[1]}: load each stage's own checkpoint, at the "
                          "pipeline-parallel size it was saved with")
+    chunks = src.meta.get("model_chunks", 1)
+    if chunks != ranks.chunks:
+        raise ValueError(f"{path} was saved with {chunks} model chunk(s) per pipeline stage (virtual pipeline "
+                         f"stages), this run has {ranks.chunks}; resume with the virtual pipeline size it was "
+                         "saved with, or through Megatron's distributed checkpointing")
     mains = seam.main_params(inner)
     names = ranks.names
     mine = [[m for m in g if m.model_param is not None] for g in mains]  # no placeholders

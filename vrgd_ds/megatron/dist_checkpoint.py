@@ -197,7 +197,7 @@ def sharded_state_dict(inner, ddp, model_sharded_state_dict, is_loading: bool = 
     opt = inner.optimizer
     out.update(_header(inner, opt, ranks, [[] for _ in opt.param_groups], None))
     # common state is the same on every rank (Megatron keeps rank 0's): not the pipeline stage
-    del out["user_state"], out["saved_world_size"], out["pipeline_stage"]
+    del out["user_state"], out["saved_world_size"], out["pipeline_stage"], out["model_chunks"]
     return out
 
 
@@ -280,7 +280,7 @@ def load_state_dict(inner, ddp, state_dict: dict) -> None:
         error = f"{type(e).__name__}: {e}"
     _group_ok(ranks, error)
     with torch.no_grad():
-        seam.main_to_model_params(inner, ddp)  # every rank loaded: the all-gather is safe
+        seam.main_to_model_params(inner, seam.chunk_list(ddp))  # every rank loaded: the all-gather is safe
 
 
 def _load(inner, ranks, state_dict) -> None:

@@ -30,6 +30,10 @@ construction), each stage filling its own rows, and is also summed over the pipe
 group: what must hold for the whole model (the decisions below, the telemetry's noise
 scale) is then read from the same rows on every rank of every stage.
 
+Under virtual pipeline parallelism a rank holds several model chunks, each wrapped in its own
+DDP (its own buffers and bucket groups): the squares follow each chunk's buffers
+(:mod:`.squares`), and the stage's rows are the layers of all its chunks, in chunk order.
+
 Every rank issues every collective, in the same order and with the same sizes:
 
 - the optimizers issue one layer-statistics all-reduce per param group (and one for all
@@ -177,15 +181,16 @@ def _stage_layers(count: int, pp_group, device) -> tuple[int, int]:
     return sum(counts[:dist.get_rank(pp_group)]), sum(counts)
 
 
-def _layer_layout(ddp, inner, kind: str, mains: list[list[seam.MainParam]]) -> ShardLayout | None:
+def _layer_layout(chunks: list, inner, kind: str, mains: list[list[seam.MainParam]]) -> ShardLayout | None:
     """The layers of the inner tensors, where a tensor is not a whole layer (shards of the
     distributed optimizer, parameters split by tensor parallelism) or where the layers are
-    spread over pipeline stages (None: none of these)."""
-    tp_group, pp_group = seam.tensor_parallel_group(ddp), seam.pipeline_group(ddp)
+    spread over pipeline stages (None: none of these). A stage's layers are those of all its
+    model chunks (virtual pipeline stages), in chunk order."""
+    tp_group, pp_group = seam.tensor_parallel_group(chunks[0]), seam.pipeline_group(chunks[0])
     tp, pp = dist.get_world_size(tp_group), dist.get_world_size(pp_group)
     if kind != "distributed" and tp == 1 and pp == 1:
         return None
-    buffers = seam.dense_buffers(ddp)
+    buffers = [b for ddp in chunks for b in seam.dense_buffers(ddp)]
     params = [p for buf in buffers for p in buf.params]
     first, count = 0, len(params)
     if pp > 1:
@@ -216,12 +221,12 @@ def _param_groups(inner, mains, adam_keys) -> list[dict]:
     return groups
 
 
-def _install(config, ddp, inner) -> None:
+def _install(config, chunks: list, inner) -> None:
     if seam.is_stub(inner):
         raise NotImplementedError("vrgd_ds.megatron: a rank without trainable parameters (a stub "
                                   "Megatron optimizer) is not supported")
     kind = seam.optimizer_kind(inner)
-    mains = _with_placeholders(seam.main_params(inner), seam.dense_buffers(ddp)[0].device)
+    mains = _with_placeholders(seam.main_params(inner), seam.dense_buffers(chunks[0])[0].device)
     adam_keys = set(inner.optimizer.defaults) - {"lr", "weight_decay"}
     groups = _param_groups(inner, mains, adam_keys)
     # torch refuses non-leaf tensors (the fp32 shard views) in add_param_group; Megatron
@@ -229,11 +234,11 @@ def _install(config, ddp, inner) -> None:
     opt = _build(config, [{**g, "params": []} for g in groups])
     for mine, g in zip(opt.param_groups, groups):
         mine["params"] = g["params"]
-    layout = _layer_layout(ddp, inner, kind, mains)
+    layout = _layer_layout(chunks, inner, kind, mains)
     if layout is not None:
         opt.layout = layout
     if isinstance(opt, GSNRTransform):
-        squares = BufferSquares(ddp)
+        squares = BufferSquares(chunks)
         squares.bind([m for group in mains for m in group])
         opt.attach_moments(squares)
         seam.hook_prepare_grads(inner, lambda: squares.before_prepare(seam.loss_scale(inner)),
@@ -241,7 +246,7 @@ def _install(config, ddp, inner) -> None:
     seam.replace_inner(inner, opt)
 
 
-def _install_checkpointing(obj, inner, ddp) -> None:
+def _install_checkpointing(obj, inner, chunks: list) -> None:
     """Megatron's distributed checkpointing through :mod:`.dist_checkpoint`; its legacy
     optimizer checkpoints refused."""
     def refuse(*_args, **_kwargs):
@@ -256,19 +261,21 @@ def _install_checkpointing(obj, inner, ddp) -> None:
             setattr(obj, name, refuse)
 
     def sharded_state_dict(model_sharded_state_dict, is_loading=False, sharding_type=None, metadata=None):
-        return dist_checkpoint.sharded_state_dict(inner, ddp, model_sharded_state_dict, is_loading,
+        return dist_checkpoint.sharded_state_dict(inner, chunks, model_sharded_state_dict, is_loading,
                                                   sharding_type, metadata)
 
     obj.sharded_state_dict = sharded_state_dict
-    obj.load_state_dict = lambda state_dict: dist_checkpoint.load_state_dict(inner, ddp, state_dict)
+    obj.load_state_dict = lambda state_dict: dist_checkpoint.load_state_dict(inner, chunks, state_dict)
 
 
 def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
                            pg_collection=None):
     """Megatron's ``get_megatron_optimizer`` for the optimizers in :data:`OPTIMIZERS`.
 
-    ``config`` is a :class:`VROptimizerConfig`. Build it before the first backward pass: the
-    VR optimizers register the squares hooks on the model's parameters here."""
+    ``config`` is a :class:`VROptimizerConfig`; ``model_chunks`` the DDP-wrapped model in a
+    list, or all of this rank's model chunks (virtual pipeline stages). Build it before the
+    first backward pass: the VR optimizers register the squares hooks on the model's
+    parameters here."""
     from megatron.core.optimizer import get_megatron_optimizer as megatron_get_optimizer
 
     seam.check_megatron_version()
@@ -276,15 +283,17 @@ def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo
         raise TypeError(f"config must be a vrgd_ds.megatron.VROptimizerConfig, got {type(config).__name__}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"VROptimizerConfig.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    model_chunks = list(model_chunks)
     check_supported(config, model_chunks)
     megatron_config = dataclasses.replace(config, optimizer="adam")
     megatron_opt = megatron_get_optimizer(megatron_config, model_chunks, config_overrides,
                                           use_gloo_process_groups, pg_collection)
-    seam.check_internals(model_chunks[0], megatron_opt)
+    for ddp in model_chunks:
+        seam.check_internals(ddp, megatron_opt)
     inners = seam.inner_optimizers(megatron_opt)
     if len(inners) != 1:  # the refusals above leave only the dense optimizer
         raise NotImplementedError(f"vrgd_ds.megatron expected one Megatron optimizer, got {len(inners)}")
-    _install(config, model_chunks[0], inners[0])
-    _install_checkpointing(inners[0], inners[0], model_chunks[0])
-    _install_checkpointing(megatron_opt, inners[0], model_chunks[0])
+    _install(config, model_chunks, inners[0])
+    _install_checkpointing(inners[0], inners[0], model_chunks)
+    _install_checkpointing(megatron_opt, inners[0], model_chunks)
     return megatron_opt

@@ -341,22 +341,40 @@ def main_params(inner) -> list[list[MainParam]]:
     return out
 
 
-def main_to_model_params(inner, ddp) -> None:
+def main_to_model_params(inner, chunks: list) -> None:
     """The model's weights from the main parameters, as Megatron's step sets them: each
     rank's main tensors (cast to the model's dtype) into the model parameters, then, with the
-    distributed optimizer, the all-gather of the parameter buffers (a collective over the
-    data-parallel group, synchronous). FP32Optimizer's main parameters are the model's."""
+    distributed optimizer, the all-gather of each chunk's parameter buffers (a collective over
+    the data-parallel group, synchronous). FP32Optimizer's main parameters are the model's."""
     kind = optimizer_kind(inner)
     if kind == "fp32":
         return
     inner._copy_main_params_to_model_params()
     if kind == "distributed":
-        ddp.start_param_sync(force_sync=True)
+        for ddp in chunks:
+            ddp.start_param_sync(force_sync=True)
 
 
 def module_of(ddp) -> torch.nn.Module:
     """The model inside Megatron's DDP wrapper."""
     return ddp.module
+
+
+def chunk_list(model) -> list:
+    """The model chunks this rank holds, as a list: ``model`` is one DDP chunk, or the list
+    of them (several under virtual pipeline parallelism, in Megatron's chunk order)."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not chunks:
+        raise ValueError("vrgd_ds.megatron: no model chunk given; pass the DDP-wrapped model, or the list of its chunks")
+    return chunks
+
+
+def named_parameters(chunks: list) -> list[tuple[str, Tensor]]:
+    """Every parameter of the chunks with its name: its name in the chunk's model, under
+    ``model<i>.`` when there are several chunks (Megatron-LM's names for them in a checkpoint)."""
+    if len(chunks) == 1:
+        return list(module_of(chunks[0]).named_parameters())
+    return [(f"model{i}.{n}", p) for i, ddp in enumerate(chunks) for n, p in module_of(ddp).named_parameters()]
 
 
 def data_parallel_group(ddp):

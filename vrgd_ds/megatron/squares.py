@@ -1,7 +1,8 @@
 """Squared micro-batch gradients in a buffer laid out like Megatron's gradient buffer.
 
-For every dense ``_ParamAndGradBuffer`` of the model chunk there is one fp32 squares
-buffer of the same length, and every parameter's squares live at the same offsets as its
+For every dense ``_ParamAndGradBuffer`` of every model chunk (several under virtual
+pipeline parallelism, each with its own buffers and bucket groups) there is one fp32
+squares buffer of the same length, and every parameter's squares live at the same offsets as its
 ``main_grad``. A tensor hook sees each backward pass's gradient h of a parameter before
 Megatron's post-accumulate hook adds it into ``main_grad`` and adds h^2 into the
 parameter's view of the squares buffer. Right after Megatron starts a bucket group's
@@ -37,11 +38,13 @@ k: every rank counts its backward passes; the first read of ``group_count`` in a
 checks with one small all-reduce that all ranks counted the same.
 
 Reset: Megatron zeroes its gradient buffers in ``DistributedDataParallel.zero_grad_buffer``
-at the start of each iteration; the squares buffers are zeroed right after it, so a step
-that Megatron skips (fp16 overflow) leaves nothing behind.
+at the start of each iteration (each chunk's); a chunk's squares buffers are zeroed right
+after it, so a step that Megatron skips (fp16 overflow) leaves nothing behind.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -51,20 +54,31 @@ from . import seam
 
 
 class BufferSquares:
-    def __init__(self, ddp):
-        self.layouts = seam.dense_buffers(ddp)
+    def __init__(self, chunks: list):
+        per_chunk = [seam.dense_buffers(ddp) for ddp in chunks]
+        self.layouts = [b for layouts in per_chunk for b in layouts]
         self.squares = [torch.zeros(b.numel, dtype=torch.float32, device=b.device) for b in self.layouts]
         self.comm_bytes = 0  # payload this rank has put into square reductions so far
         self._passes: dict[Tensor, int] = {}
         self._handles = []
-        summed = set(seam.tensor_parallel_summed(ddp))
-        tp_group = seam.tensor_parallel_group(ddp) if summed else None
+        summed = {p for ddp in chunks for p in seam.tensor_parallel_summed(ddp)}
+        tp_group = seam.tensor_parallel_group(chunks[0]) if summed else None
         for buf, sq in zip(self.layouts, self.squares):
             for p in buf.params:
                 start, end = buf.index[p]
                 self._handles.append(p.register_hook(self._hook_for(p, sq[start:end].view(p.shape),
                                                                     tp_group if p in summed else None)))
-        self.syncs = seam.hook_bucket_groups(ddp, self._start, self._finish)
+        self.syncs: list[seam.BucketSync] = []
+        first = 0  # the chunk's first buffer in self.layouts
+        for ddp, layouts in zip(chunks, per_chunk):
+            at = len(self.syncs)  # the chunk's first bucket group in self.syncs
+            syncs = seam.hook_bucket_groups(ddp, lambda i, force, at=at: self._start(at + i, force),
+                                            lambda i, at=at: self._finish(at + i))
+            self.syncs += [dataclasses.replace(s, buckets=tuple((first + b, *rest) for b, *rest in s.buckets))
+                           for s in syncs]
+            buffers = range(first, first + len(layouts))
+            seam.hook_zero_grad_buffer(ddp, lambda buffers=buffers: self.zero(buffers))
+            first += len(layouts)
         self._pending: list[list | None] = [None] * len(self.syncs)
         scales = {f for s in self.syncs for *_, f in s.buckets}
         if len(scales) > 1:
@@ -77,7 +91,6 @@ class BufferSquares:
         self.reduce_scale = scales.pop() * avg  # f: the reduced gradient is f * sum h
         self._views: dict[int, Tensor] = {}
         self._tensors: list[Tensor] = []
-        seam.hook_zero_grad_buffer(ddp, self.zero)
         self._reset_step()
 
     # ---- filling: tensor hooks, then Megatron's bucket collectives -------------------
@@ -116,11 +129,13 @@ class BufferSquares:
             w.wait()
         self._pending[i] = None
 
-    def zero(self) -> None:
-        """Start a new step (called right after Megatron zeroes its gradient buffers)."""
-        for sq in self.squares:
-            sq.zero_()
-        self._passes.clear()
+    def zero(self, buffers=None) -> None:
+        """Start a new step (called right after Megatron zeroes a chunk's gradient buffers,
+        with the indices of that chunk's buffers; None: all)."""
+        for b in range(len(self.squares)) if buffers is None else buffers:
+            self.squares[b].zero_()
+            for p in self.layouts[b].params:
+                self._passes.pop(p, None)
         self._reset_step()
 
     # ---- which squares belong to which optimizer tensor ------------------------------

@@ -1,9 +1,10 @@
 """What the Megatron-core adapter supports, checked before anything is built.
 
-Each refusal names the setting, its value, and what to set instead. Supported: one model
-chunk wrapped in Megatron's DistributedDataParallel, data, tensor and pipeline parallelism
-(pipeline parallelism without virtual stages and without parameters copied on several
-stages, such as word embeddings tied to the output layer; no context or expert
+Each refusal names the setting, its value, and what to set instead. Supported: model
+chunks wrapped in Megatron's DistributedDataParallel (one, or several under virtual
+pipeline parallelism), data, tensor and pipeline parallelism (pipeline parallelism with or
+without virtual stages, without parameters copied on several stages, such as word
+embeddings tied to the output layer; no context or expert
 parallelism; sequence parallelism and ``qk_layernorm`` are supported, their partial
 gradients summed over the tensor-parallel group before they are squared (:mod:`.squares`);
 no ``average_gradients_across_tp_domain`` parameters: Megatron averages those gradients
@@ -12,7 +13,7 @@ followed), fp32, bf16, or fp16 with Megatron's loss scaler (fp32 main parameters
 reduced in fp32 or in the model's dtype), with or without the distributed optimizer (one
 instance), gradient-reduce overlap on or off, parameter all-gather overlap on or off. These
 are the settings the parity tests (2 data-parallel ranks; 2 x 2 with tensor or with
-pipeline parallelism, or both) run; everything else is refused rather than run unchecked.
+pipeline parallelism, or both; 2 x 2 with 2 virtual stages per pipeline rank) run; everything else is refused rather than run unchecked.
 """
 
 from __future__ import annotations
@@ -62,10 +63,36 @@ _REFUSED = (
 
 def check_supported(config, model_chunks) -> None:
     """Raise ValueError naming the first unsupported setting (see the module docstring)."""
-    if len(model_chunks) != 1:
-        raise ValueError(f"vrgd_ds.megatron supports one model chunk, got {len(model_chunks)} "
-                         "(virtual pipeline parallelism is not supported); pass [ddp_model]")
-    ddp = model_chunks[0]
+    if not model_chunks:
+        raise ValueError("vrgd_ds.megatron: no model chunk given; pass [ddp_model]")
+    for ddp in model_chunks:
+        _check_chunk(config, ddp)
+    if len(model_chunks) > 1:
+        _check_chunks(model_chunks)
+
+
+def _check_chunks(model_chunks) -> None:
+    """Several chunks are virtual pipeline stages: one pipeline rank's share of the model,
+    over the same process groups and with the same DDP config."""
+    first = model_chunks[0]
+    pp = seam.parallel_sizes(first)["pipeline_model_parallel_size"]
+    if pp == 1:
+        raise ValueError(f"vrgd_ds.megatron: {len(model_chunks)} model chunks with pipeline_model_parallel_size=1; "
+                         "several chunks are virtual pipeline stages, which need pipeline_model_parallel_size > 1: "
+                         "pass [ddp_model]")
+    for i, ddp in enumerate(model_chunks[1:], 1):
+        same = (seam.data_parallel_group(ddp) is seam.data_parallel_group(first)
+                and seam.tensor_parallel_group(ddp) is seam.tensor_parallel_group(first)
+                and seam.pipeline_group(ddp) is seam.pipeline_group(first))
+        if not same:
+            raise ValueError(f"vrgd_ds.megatron: model chunk {i} has other process groups than chunk 0; the chunks "
+                             "of a virtual pipeline share this rank's data-, tensor- and pipeline-parallel groups")
+        if ddp.ddp_config != first.ddp_config:
+            raise ValueError(f"vrgd_ds.megatron: model chunk {i} has another DistributedDataParallelConfig than "
+                             "chunk 0; wrap every chunk with the same one")
+
+
+def _check_chunk(config, ddp) -> None:
     seam.check_internals(ddp)
     sources = {"model config": ddp.config, "DDP config": ddp.ddp_config, "optimizer config": config}
     for where, field, bad, fix in _REFUSED:
