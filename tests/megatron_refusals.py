@@ -32,6 +32,8 @@ REFUSALS = {
                                            "are virtual pipeline stages"),
     "model_chunks_ddp_config": ("chunks config", None, None, "model chunk 1 has another "
                                                               "DistributedDataParallelConfig than chunk 0"),
+    "model_chunk_left_out": ("chunk left out", None, None, "virtual_pipeline_model_parallel_size=2 but 1 model "
+                                                           "chunk(s) were given"),
     "checkpoint": ("checkpoint", None, None, "--ckpt-format torch_dist) or vrgd_ds.megatron.save_optimizer"),
 }
 
@@ -89,6 +91,27 @@ def _chunks_config(rank):
         parallel_state.initialize_model_parallel(1, 1)
 
 
+def _chunk_left_out(rank):
+    """Virtual pipeline stages (2 per pipeline rank) but only the first chunk given."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_cases import make_model
+    from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 2, virtual_pipeline_model_parallel_size=2)
+    try:
+        config = TransformerConfig(num_layers=4, hidden_size=8, num_attention_heads=1, pipeline_model_parallel_size=2,
+                                   virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), make_model())
+        get_megatron_optimizer(VROptimizerConfig(optimizer="vrlamb", lr=0.01), [ddp])
+    finally:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(1, 1)
+
+
 def _expert_ddp(rank):
     from megatron_cases import build, make_model
 
@@ -121,7 +144,7 @@ def try_refusal(rank, kind, field, value, _words):
 
     try:
         special = {"pp2": _pipeline_parallel_ddp, "expert": _expert_ddp, "chunks": _two_chunks,
-                   "chunks config": _chunks_config,
+                   "chunks config": _chunks_config, "chunk left out": _chunk_left_out,
                    "checkpoint": _checkpoint}
         if kind in special:
             special[kind](rank)

@@ -67,6 +67,12 @@ def check_supported(config, model_chunks) -> None:
         raise ValueError("vrgd_ds.megatron: no model chunk given; pass [ddp_model]")
     for ddp in model_chunks:
         _check_chunk(config, ddp)
+    virtual = getattr(model_chunks[0].config, "virtual_pipeline_model_parallel_size", None)
+    if virtual is not None and virtual != len(model_chunks):
+        raise ValueError(f"vrgd_ds.megatron: the model config has virtual_pipeline_model_parallel_size={virtual} but "
+                         f"{len(model_chunks)} model chunk(s) were given; pass all of this rank's chunks, "
+                         "get_megatron_optimizer(config, model_chunks), as Megatron-LM does (the squares of a chunk "
+                         "left out would not be hooked)")
     if len(model_chunks) > 1:
         _check_chunks(model_chunks)
 
