@@ -255,6 +255,10 @@ VP_CASES = {
     "vradam-do1-ov0-a2-clip": MCase("vradam", distributed=True, overlap=False, accum=2, clip=0.05),
     "vrlars-do0-ov1-a2-clip": MCase("vrlars", distributed=False, overlap=True, accum=2, clip=0.05),
     "lamb-do1-ov1-a2": MCase("lamb", distributed=True, overlap=True, accum=2),
+    # the third param group holds virtual stage 0's weight (chunk 0 of pipeline rank 0) only: a
+    # placeholder on pipeline rank 1
+    "vrsgd-do1-ov1-a2-3groups": MCase("vrsgd", distributed=True, overlap=True, accum=2,
+                                      extra={"three_groups": True}),
     "vrlamb-do1-ov1-a2-pg": MCase("vrlamb", distributed=True, overlap=True, accum=2,
                                   extra={"overlap_param_gather": True}),
     "vrlamb-do1-ov1-a2-telemetry": MCase("vrlamb", distributed=True, overlap=True, accum=2,
@@ -302,8 +306,8 @@ def run_virtual(stage: int, out_dir: Path) -> dict:
     """Megatron's interleaved schedule over 2 chunks per pipeline rank (virtual stages 0-3: this
     rank's chunks are stages ``stage`` and ``stage + PP``): every case against the float64
     reference; then save_optimizer / load_optimizer with the chunk list (bit for bit), and a
-    1-chunk run refused the 2-chunk checkpoint."""
-    from vrgd_ds.megatron import load_optimizer
+    1-chunk run refused the 2-chunk checkpoint; given the first chunk only, both refuse."""
+    from vrgd_ds.megatron import load_optimizer, save_optimizer
 
     out: dict = {}
     for cid, case in VP_CASES.items():
@@ -314,12 +318,18 @@ def run_virtual(stage: int, out_dir: Path) -> dict:
                 d.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
         inner = opt.chained_optimizers[0].optimizer
         moments = getattr(inner, "moments", None)
-        out[cid] = {"params": _params(ddps), "applied": applied,
+        out[cid] = {"params": _params(ddps), "applied": applied, "groups": len(inner.param_groups),
+                    "placeholders": sum(getattr(p, "_vrgd_ds_placeholder", False) for g in inner.param_groups
+                                        for p in g["params"]),
                     "k": moments.group_count if moments is not None else None,
                     "layers": inner.layout.layer_count, "telemetry": getattr(inner, "telemetry", None)}
     case = VP_CASES["vrlamb-do1-ov1-a2"]
     out.update(_resumed(lambda: _virtual_build(case, stage), case.accum,
                         lambda sharded: out_dir / f"vp-optimizer-{sharded}-stage{stage}"))
+    ddps, opt, _ = _virtual_build(case, stage)
+    first_only = out_dir / f"vp-first-chunk-stage{stage}.pt"
+    out["first chunk given"] = (_error(lambda: save_optimizer(opt, ddps[0], first_only)), first_only.exists(),
+                                _error(lambda: load_optimizer(opt, ddps[0], out_dir / f"vp-optimizer-False-stage{stage}")))
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()

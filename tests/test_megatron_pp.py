@@ -183,6 +183,9 @@ def test_virtual_pipeline_matches_float64_reference(pp_results, cid):
         assert got["layers"] == 8  # one layer table of every virtual stage's layers
         if case.optimizer.startswith("vr"):
             assert got["k"] == DP * case.accum
+        if case.extra.get("three_groups"):  # pipeline rank 1 holds nothing of the third group
+            assert got["groups"] == 3
+            assert got["placeholders"] >= (1 if s == 1 else 0)
     for dp in range(1, DP):  # the data-parallel ranks of a stage agree
         for a, b in zip(_virtual_stages(pp_results, cid), _virtual_stages(pp_results, cid, dp)):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
@@ -199,7 +202,8 @@ def test_virtual_pipeline_telemetry_covers_every_chunk(pp_results):
 
 def test_virtual_pipeline_checkpoints_resume_bitwise(pp_results):
     """save_optimizer / load_optimizer given the list of chunks: each stage resumes bit for bit;
-    a run with one chunk per stage is refused the 2-chunk checkpoint, naming both."""
+    a run with one chunk per stage is refused the 2-chunk checkpoint, naming both; given only
+    the first of the chunks the optimizer was built with, both refuse before anything is done."""
     for r in pp_results:
         got = r["virtual"]
         for sharded in (False, True):
@@ -209,6 +213,11 @@ def test_virtual_pipeline_checkpoints_resume_bitwise(pp_results):
                 torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
         assert "was saved with 2 model chunk(s) per pipeline stage (virtual pipeline stages), this run has 1" in \
             got["one chunk"], got["one chunk"]
+        save_error, written, load_error = got["first chunk given"]
+        for error in (save_error, load_error):
+            assert error and "the model given (1 model chunk(s)) is not the one this optimizer was built with (2 " \
+                "chunk(s))" in error, error
+        assert not written
 
 
 def test_gpt_virtual_pipeline_resumes_bitwise_and_reshards_to_one_stage(pp_results):

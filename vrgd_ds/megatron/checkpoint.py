@@ -50,7 +50,9 @@ pipeline-parallel size it was saved with (anything else is refused, naming both)
 virtual pipeline parallelism pass the list of the rank's model chunks where a function takes
 the model: the parameters are kept as ``model<i>.<name>`` (chunk i, as Megatron-LM names
 chunks), and the checkpoint loads with the same number of chunks only (Megatron's
-distributed checkpointing loads at another).
+distributed checkpointing loads at another). Both functions refuse, on every rank and
+before anything is read or written, a model other than the one (or the chunks) the
+optimizer was built with, such as the first chunk alone.
 
 Under tensor parallelism every rank of Megatron's tensor- and data-parallel group calls
 both functions, and one checkpoint holds every tensor-parallel rank's state: a parameter
@@ -144,6 +146,18 @@ def _ranks(model) -> _Ranks:
                   dist.get_rank(dp_group) == 0, {id(p): name_on(n, p, t) for n, p in params},
                   frozenset(id(p) for _, p in params if t == 0 or split(p)), stored,
                   (dist.get_rank(pp_group), dist.get_world_size(pp_group)), len(chunks), pp_group)
+
+
+def _check_model(inner, model) -> None:
+    """``model`` is the model the optimizer was built with: the same DDP chunk, or the same list
+    of chunks (decided alike on every rank, before anything is read or written)."""
+    built = getattr(inner, "_vrgd_model_chunks", None)
+    given = seam.chunk_list(model)
+    if built is not None and tuple(id(c) for c in given) != built:
+        raise ValueError(f"vrgd_ds.megatron: the model given ({len(given)} model chunk(s)) is not the one this "
+                         f"optimizer was built with ({len(built)} chunk(s)); pass the DDP-wrapped model given to "
+                         "get_megatron_optimizer, or under virtual pipeline parallelism the list of all of this "
+                         "rank's chunks")
 
 
 def _check_stage_paths(ranks: _Ranks, path) -> None:
@@ -299,6 +313,7 @@ def save_optimizer(megatron_optimizer, ddp, path: str | os.PathLike, user_state:
     every rank writes its own shard into a new version folder in it, no tensor travels
     between ranks, and a ``latest`` file, replaced last, names the complete version."""
     inner = _inner(megatron_optimizer)
+    _check_model(inner, ddp)
     ranks = _ranks(ddp)
     _check_stage_paths(ranks, path)
     if sharded:
@@ -561,6 +576,7 @@ def load_optimizer(megatron_optimizer, ddp, path: str | os.PathLike) -> dict | N
     before trying again: the ranks that could read the checkpoint have loaded it."""
     inner = _inner(megatron_optimizer)
     opt = inner.optimizer
+    _check_model(inner, ddp)
     ranks = _ranks(ddp)
     try:
         user_state = _load_here(inner, opt, ranks, Path(path))

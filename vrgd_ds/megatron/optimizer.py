@@ -244,6 +244,7 @@ def _install(config, chunks: list, inner) -> None:
         seam.hook_prepare_grads(inner, lambda: squares.before_prepare(seam.loss_scale(inner)),
                                 squares.after_prepare)
     seam.replace_inner(inner, opt)
+    inner._vrgd_model_chunks = tuple(id(ddp) for ddp in chunks)  # save/load_optimizer check they get these
 
 
 def _install_checkpointing(obj, inner, chunks: list) -> None:
