@@ -2,8 +2,8 @@
 
 For every dense ``_ParamAndGradBuffer`` of every model chunk (several under virtual
 pipeline parallelism, each with its own buffers and bucket groups) there is one fp32
-squares buffer of the same length, and every parameter's squares live at the same offsets as its
-``main_grad``. A tensor hook sees each backward pass's gradient h of a parameter before
+squares buffer of the same length, and every parameter's squares live at the same
+offsets as its ``main_grad``. A tensor hook sees each backward pass's gradient h of a parameter before
 Megatron's post-accumulate hook adds it into ``main_grad`` and adds h^2 into the
 parameter's view of the squares buffer. Right after Megatron starts a bucket group's
 gradient collective, the same collective runs on the same slices of the squares buffer,

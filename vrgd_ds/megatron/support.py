@@ -1,19 +1,26 @@
 """What the Megatron-core adapter supports, checked before anything is built.
 
-Each refusal names the setting, its value, and what to set instead. Supported: model
-chunks wrapped in Megatron's DistributedDataParallel (one, or several under virtual
-pipeline parallelism), data, tensor and pipeline parallelism (pipeline parallelism with or
-without virtual stages, without parameters copied on several stages, such as word
-embeddings tied to the output layer; no context or expert
-parallelism; sequence parallelism and ``qk_layernorm`` are supported, their partial
-gradients summed over the tensor-parallel group before they are squared (:mod:`.squares`);
-no ``average_gradients_across_tp_domain`` parameters: Megatron averages those gradients
-over the tensor-parallel group after the data-parallel reduction, and that is not
-followed), fp32, bf16, or fp16 with Megatron's loss scaler (fp32 main parameters; gradients
-reduced in fp32 or in the model's dtype), with or without the distributed optimizer (one
-instance), gradient-reduce overlap on or off, parameter all-gather overlap on or off. These
-are the settings the parity tests (2 data-parallel ranks; 2 x 2 with tensor or with
-pipeline parallelism, or both; 2 x 2 with 2 virtual stages per pipeline rank) run; everything else is refused rather than run unchecked.
+Each refusal names the setting, its value, and what to set instead.
+
+Supported:
+- model chunks wrapped in Megatron's DistributedDataParallel: one, or several under virtual
+  pipeline parallelism (all of the rank's chunks, over the same process groups, with the
+  same DDP config);
+- data, tensor and pipeline parallelism, pipeline parallelism with or without virtual stages
+  but without parameters copied on several stages (such as word embeddings tied to the
+  output layer); no context or expert parallelism;
+- sequence parallelism and ``qk_layernorm``: their partial gradients are summed over the
+  tensor-parallel group before they are squared (:mod:`.squares`); no
+  ``average_gradients_across_tp_domain`` parameters (Megatron averages those gradients over
+  the tensor-parallel group after the data-parallel reduction, and that is not followed);
+- fp32, bf16, or fp16 with Megatron's loss scaler (fp32 main parameters; gradients reduced
+  in fp32 or in the model's dtype);
+- the distributed optimizer (one instance) or not; gradient-reduce overlap and parameter
+  all-gather overlap, each on or off.
+
+These are the settings the parity tests run (2 data-parallel ranks; 2 x 2 with tensor or
+with pipeline parallelism, or both; 2 x 2 with 2 virtual stages per pipeline rank);
+everything else is refused rather than run unchecked.
 """
 
 from __future__ import annotations
