@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_cases import HP, STEPS, MCase, build, loss_fn, make_model, schedule, split
+from megatron_cases import HP, STEPS, MCase, _dtype, build, loss_fn, make_model, schedule, split
 from megatron_gpt_cases import params as _params
 from spawn_ranks import save_results
 
@@ -128,20 +128,26 @@ def _build(case: MCase, stage: int, dtype=torch.float32, model=None):
     return ddp, opt, scheduler
 
 
-def run_case(case: MCase, stage: int) -> dict:
-    dtype = _dtype(case)
-    ddp, opt, scheduler = _build(case, stage, dtype)
-    applied = train(ddp, opt, scheduler, case.accum, dtype)
+def _trained(case: MCase, ddp, opt, scheduler) -> dict:
+    """Train ``case`` for STEPS steps on the DDP (or the list of model chunks) and report what the
+    tests read: the parameters (fp32), which steps were applied, k, the param groups' sizes and
+    placeholders, the layer table's length and the telemetry record."""
+    applied = train(ddp, opt, scheduler, case.accum, _dtype(case.extra))
     if case.extra.get("overlap_param_gather"):
-        ddp.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
+        for chunk in ddp if isinstance(ddp, list) else [ddp]:
+            chunk.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
     inner = opt.chained_optimizers[0].optimizer
     moments = getattr(inner, "moments", None)
-    return {"params": {n: p.detach().float().clone() for n, p in ddp.module.named_parameters()},
+    return {"params": {n: p.float() for n, p in _params(ddp).items()},
             "applied": applied, "k": moments.group_count if moments is not None else None,
             "groups": [len(g["params"]) for g in inner.param_groups],
             "placeholders": sum(getattr(p, "_vrgd_ds_placeholder", False) for g in inner.param_groups
                                 for p in g["params"]),
             "layers": inner.layout.layer_count, "telemetry": getattr(inner, "telemetry", None)}
+
+
+def run_case(case: MCase, stage: int) -> dict:
+    return _trained(case, *_build(case, stage, _dtype(case.extra)))
 
 
 # ---- tensor-parallel 2 x pipeline-parallel 2 (data-parallel size 1) ----------------------
@@ -289,13 +295,9 @@ class VirtualStage(Stage):
         return h if self.post_process else h.unsqueeze(0)  # [1, micro-batch, 16] to the next stage
 
 
-def _dtype(case: MCase):
-    return torch.float16 if case.extra.get("fp16") else torch.bfloat16 if case.extra.get("bf16") else torch.float32
-
-
 def _virtual_build(case: MCase, stage: int):
     chunks = [VirtualStage(c * PP + stage) for c in range(VP)]
-    extra = _extra(case, _dtype(case))
+    extra = _extra(case, _dtype(case.extra))
     extra["model_config"].update(num_layers=PP * VP, virtual_pipeline_model_parallel_size=VP)
     ddps, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, extra, model=chunks)
     schedule(ddps, opt)
@@ -311,18 +313,7 @@ def run_virtual(stage: int, out_dir: Path) -> dict:
 
     out: dict = {}
     for cid, case in VP_CASES.items():
-        ddps, opt, scheduler = _virtual_build(case, stage)
-        applied = train(ddps, opt, scheduler, case.accum, _dtype(case))
-        if case.extra.get("overlap_param_gather"):
-            for d in ddps:
-                d.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
-        inner = opt.chained_optimizers[0].optimizer
-        moments = getattr(inner, "moments", None)
-        out[cid] = {"params": _params(ddps), "applied": applied, "groups": len(inner.param_groups),
-                    "placeholders": sum(getattr(p, "_vrgd_ds_placeholder", False) for g in inner.param_groups
-                                        for p in g["params"]),
-                    "k": moments.group_count if moments is not None else None,
-                    "layers": inner.layout.layer_count, "telemetry": getattr(inner, "telemetry", None)}
+        out[cid] = _trained(case, *_virtual_build(case, stage))
     case = VP_CASES["vrlamb-do1-ov1-a2"]
     out.update(_resumed(lambda: _virtual_build(case, stage), case.accum,
                         lambda sharded: out_dir / f"vp-optimizer-{sharded}-stage{stage}"))

@@ -48,68 +48,64 @@ def _set(obj, field, value):
         setattr(obj, field, old)
 
 
+@contextlib.contextmanager
+def _pipeline_parallel(virtual=None):
+    """Megatron's parallel state at pipeline_model_parallel_size=2 (data-parallel size 1 on the
+    2 ranks; ``virtual`` stages per pipeline rank) for the block, then back to data-parallel 2."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 2, virtual_pipeline_model_parallel_size=virtual)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(1, 1)
+
+
 def _pipeline_parallel_ddp(rank):
     """A real DDP model under pipeline_model_parallel_size=2 (data-parallel size 1) whose first
     weight is marked as Megatron's LanguageModule marks word embeddings tied to the output
     layer on another stage (a real GPTModel: tests/megatron_pp_cases.py). Pipeline
     parallelism itself is supported: tests/test_megatron_pp.py."""
-    from megatron.core import parallel_state
-
     from megatron_cases import build, make_model
 
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 2)
-    try:
+    with _pipeline_parallel():
         model = make_model()
         model[0].weight.shared_embedding = True
         build("vrlamb", False, False, 0.0, {}, model=model)
-    finally:
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(1, 1)
 
 
 def _chunks_config(rank):
     """Two model chunks under pipeline_model_parallel_size=2 (virtual pipeline stages, which are
     supported: tests/test_megatron_pp.py) wrapped with different DDP configs."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
 
     from megatron_cases import make_model
     from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
 
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 2)
-    try:
+    with _pipeline_parallel():
         config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=1,
                                    pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
         chunks = [DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=fp32), make_model())
                   for fp32 in (True, False)]
         get_megatron_optimizer(VROptimizerConfig(optimizer="vrlamb", lr=0.01), chunks)
-    finally:
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(1, 1)
 
 
 def _chunk_left_out(rank):
     """Virtual pipeline stages (2 per pipeline rank) but only the first chunk given."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
 
     from megatron_cases import make_model
     from vrgd_ds.megatron import VROptimizerConfig, get_megatron_optimizer
 
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 2, virtual_pipeline_model_parallel_size=2)
-    try:
+    with _pipeline_parallel(virtual=2):
         config = TransformerConfig(num_layers=4, hidden_size=8, num_attention_heads=1, pipeline_model_parallel_size=2,
                                    virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
         ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), make_model())
         get_megatron_optimizer(VROptimizerConfig(optimizer="vrlamb", lr=0.01), [ddp])
-    finally:
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(1, 1)
 
 
 def _expert_ddp(rank):

@@ -164,7 +164,7 @@ def _virtual_stages(results, cid: str, dp: int = 0) -> list:
     for c in range(VP):
         for s in range(PP):
             params = _stage(results, s, dp)["virtual"][cid]["params"]
-            out += [p.float() for n, p in params.items() if n.startswith(f"model{c}.")]
+            out += [p for n, p in params.items() if n.startswith(f"model{c}.")]
     return out
 
 
@@ -184,7 +184,7 @@ def test_virtual_pipeline_matches_float64_reference(pp_results, cid):
         if case.optimizer.startswith("vr"):
             assert got["k"] == DP * case.accum
         if case.extra.get("three_groups"):  # pipeline rank 1 holds nothing of the third group
-            assert got["groups"] == 3
+            assert len(got["groups"]) == 3
             assert got["placeholders"] >= (1 if s == 1 else 0)
     for dp in range(1, DP):  # the data-parallel ranks of a stage agree
         for a, b in zip(_virtual_stages(pp_results, cid), _virtual_stages(pp_results, cid, dp)):

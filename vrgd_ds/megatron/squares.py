@@ -129,10 +129,10 @@ class BufferSquares:
             w.wait()
         self._pending[i] = None
 
-    def zero(self, buffers=None) -> None:
-        """Start a new step (called right after Megatron zeroes a chunk's gradient buffers,
-        with the indices of that chunk's buffers; None: all)."""
-        for b in range(len(self.squares)) if buffers is None else buffers:
+    def zero(self, buffers) -> None:
+        """Start a new step: called right after Megatron zeroes a chunk's gradient buffers, with
+        the indices of that chunk's buffers."""
+        for b in buffers:
             self.squares[b].zero_()
             for p in self.layouts[b].params:
                 self._passes.pop(p, None)
