@@ -132,7 +132,7 @@ def save_hf(engine, ckpt_dir, tag, out_dir, meta):
     from vrgd_ds.deepspeed.checkpoint import consolidate
 
     zero_stage = engine.zero_optimization_stage()
-    if zero_stage in (1, 2):
+    if zero_stage in (1, 2, 3):
         weights = consolidate(Path(ckpt_dir) / tag)["weights"]
     else:
         weights = {n: p.detach().float() for n, p in engine.module.named_parameters()}

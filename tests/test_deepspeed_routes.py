@@ -20,11 +20,13 @@ PLAIN = EngineFacts(optimizer_name="VRLAMB", stage=2, wrapper="zero", fp16=False
                     grad_accum_dtype="float32", autocast_dtype=None, offload_optimizer=False,
                     offload_param=False, moe=False, pipeline=False, tensor_parallel=1, sequence_parallel=1,
                     managed_accumulation=True, accumulation=4, dp_world=2, micro_batch=8, quantized=False,
-                    zenflow=False, deepcompile=False)
+                    hpz_partition_size=1, zenflow=False, deepcompile=False)
 
 
 @pytest.mark.parametrize("change,kind,words", [
-    ({"stage": 3, "wrapper": "zero3"}, "layer", ["zero_optimization.stage 3", "set zero_optimization.stage to 1 or 2"]),
+    ({"stage": 3, "wrapper": "zero3", "offload_param": True}, "vr", ["offload_optimizer / offload_param"]),
+    ({"stage": 3, "wrapper": "MiCS_Optimizer"}, "vr", ["DeepSpeed optimizer wrapper MiCS_Optimizer"]),
+    ({"stage": 3, "wrapper": "zero3", "hpz_partition_size": 8}, "layer", ["zero_hpz_partition_size 8 (ZeRO++ hpZ)"]),
     ({"offload_optimizer": True}, "vr", ["offload_optimizer / offload_param", "remove the offload settings"]),
     ({"offload_param": True}, "layer", ["offload_optimizer / offload_param"]),
     ({"moe": True}, "vr", ["with MoE layers", "expert-parallel groups", "remove that setting"]),
@@ -54,7 +56,9 @@ def test_each_refusal_names_the_setting_and_the_fix(change, kind, words):
     ({}, "vr", "ZeRO-2"), ({"stage": 1, "bf16": True}, "vr", "ZeRO-1 bf16"),
     ({"stage": 0, "wrapper": "none"}, "vr", "stage 0"),
     ({"stage": 0, "wrapper": "none", "autocast_dtype": "bfloat16"}, "vr", "stage 0"),
-    ({"managed_accumulation": False}, "layer", "ZeRO-2"), ({"fp16": True}, "vr", "ZeRO-2 fp16")])
+    ({"managed_accumulation": False}, "layer", "ZeRO-2"), ({"fp16": True}, "vr", "ZeRO-2 fp16"),
+    ({"stage": 3, "wrapper": "zero3"}, "vr", "ZeRO-3"), ({"stage": 3, "wrapper": "zero3", "bf16": True}, "layer",
+                                                        "ZeRO-3 bf16")])
 def test_supported_routes(change, kind, route):
     assert decide(replace(PLAIN, **change), kind) == route
 
@@ -76,21 +80,26 @@ import torch, vrgd_ds
 from vrgd_ds.deepspeed import seam, unregister, register
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 from deepspeed.runtime.zero import utils as zero_utils
 names = seam.patched()
-assert len(names) == 10, names
+assert len(names) == 14, names
+classes = {'DeepSpeedEngine': DeepSpeedEngine, 'DeepSpeedZeroOptimizer': DeepSpeedZeroOptimizer,
+           'DeepSpeedZeroOptimizer_Stage3': Stage3}
+assert sum(n.startswith('DeepSpeedZeroOptimizer_Stage3.') for n in names) == 4, names
 for n in names:
     cls, meth = n.split('.')
-    f = getattr({'DeepSpeedEngine': DeepSpeedEngine, 'DeepSpeedZeroOptimizer': DeepSpeedZeroOptimizer}[cls], meth)
+    f = getattr(classes[cls], meth)
     assert hasattr(f, '__wrapped__'), n
 assert torch.optim.VRLAMB is vrgd_ds.VRLAMB and vrgd_ds.VRLAMB in zero_utils.ZERO_SUPPORTED_OPTIMIZERS
 unregister()
 assert seam.patched() == []
 assert not hasattr(DeepSpeedEngine._configure_optimizer, '__wrapped__')
 assert not hasattr(DeepSpeedZeroOptimizer.reduce_ipg_grads, '__wrapped__')
+assert not hasattr(Stage3._DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads, '__wrapped__')
 assert not hasattr(torch.optim, 'VRLAMB') and vrgd_ds.VRLAMB not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS
 register()
-assert len(seam.patched()) == 10
+assert len(seam.patched()) == 14
 print('OK')
 """)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

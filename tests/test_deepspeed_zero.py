@@ -188,7 +188,28 @@ PARITY = {
     **{f"VRLAMB-s{s}-a2to4": Case("VRLAMB", s, gas_changes={2: 4}) for s in (0, 1, 2)},
     # squares formed and reduced in chunks of 7 elements (pieces split across chunks)
     **{f"VRLAMB-s{s}-a{a}-chunk7": Case("VRLAMB", s, a, vr={"sq_chunk_numel": 7}) for s, a in (
-        (0, 2), (1, 1), (1, 2), (2, 2))},
+        (0, 2), (1, 1), (1, 2), (2, 2), (3, 2))},
+    # ZeRO-3: every parameter is split over both ranks, so every layer spans partitions
+    "NVLAMB-s3-a2": Case("NVLAMB", 3),
+    "NVLAMB-s3-a1-callable": Case("NVLAMB", 3, 1, client="callable"),
+    "LARS-s3-a2-exclude": Case("LARS", 3, groups="exclude"),
+    "VRLAMB-s3-a1": Case("VRLAMB", 3, 1),
+    "VRLAMB-s3-a2": Case("VRLAMB", 3),
+    "VRSGD-s3-a2-clip": Case("VRSGD", 3, clip=0.05),
+    "VRLARS-s3-a2": Case("VRLARS", 3),
+    "VRAdamW-s3-a2-decay": Case("VRAdamW", 3, groups="decay"),
+    "VRLAMB-s3-a2-small_last": Case("VRLAMB", 3, groups="small_last"),
+    # sub_group_size 10: DeepSpeed steps several sub-groups per param group, one at a time
+    "VRLAMB-s3-a2-decay": Case("VRLAMB", 3, groups="decay", vr={"telemetry_interval": 1}),
+    "VRLAMB-s3-a2-decay-subgroups": Case("VRLAMB", 3, groups="decay", zero={"sub_group_size": 10},
+                                         vr={"telemetry_interval": 1}),
+    "VRLAMB-s3-a2-interval2": Case("VRLAMB", 3, vr={"gsnr_interval": 2}, steps=INTERVAL_STEPS),
+    "VRLAMB-s3-a2-instance": Case("VRLAMB", 3, client="instance", groups="decay"),
+    "VRLAMB-s3-a2-frozen": Case("VRLAMB", 3, frozen=("0.bias",)),
+    "VRLAMB-s3-a2to4": Case("VRLAMB", 3, gas_changes={2: 4}),
+    **{f"VRLAMB-s3-a2-ov{o:d}-cg{c:d}-rs{r:d}": Case(
+        "VRLAMB", 3, zero={"overlap_comm": o, "contiguous_gradients": c, "reduce_scatter": r})
+       for o, c, r in ((False, False, True), (True, True, False), (False, True, True))},
 }
 # a NaN in one rank's gradient of the second group at step 1: the whole step is skipped
 # (or raises) before any group is applied; the result is the reference without that step
@@ -198,6 +219,9 @@ NONFINITE = {
     "VRLAMB-s1-a2-nan-raise": Case("VRLAMB", 1, groups="decay", steps=NAN_STEPS, nan=NAN_AT_1),
     "VRLAMB-s0-a2-nan-skip": Case("VRLAMB", 0, groups="decay", vr={"on_nonfinite": "skip"}, steps=NAN_STEPS,
                                   nan=NAN_AT_1),
+    "VRLAMB-s3-a2-nan-skip": Case("VRLAMB", 3, groups="decay", vr={"on_nonfinite": "skip"}, steps=NAN_STEPS,
+                                  nan=NAN_AT_1),
+    "VRSGD-s3-a2-nan-raise": Case("VRSGD", 3, groups="decay", steps=NAN_STEPS, nan=NAN_AT_1),
     "VRSGD-s2-a2-nan-raise-interval2": Case("VRSGD", 2, groups="decay", vr={"gsnr_interval": 2},
                                             steps=[[0, 1.0], [1, 1.0], [2, 1.0], [3, 1.0]], nan=NAN_AT_1),
 }
@@ -213,10 +237,15 @@ OTHER = {  # not exact by design: checked against the reference with their own t
     "VRLAMB-s1-a2-telemetry": Case("VRLAMB", 1, vr={"telemetry_interval": 1}),
     "VRLAMB-s2-a2-telemetry": Case("VRLAMB", 2, vr={"telemetry_interval": 2}),
     "VRLAMB-s2-a2-fp16-overflow": Case("VRLAMB", 2, extra=FP16, steps=[[0, 1.0], [1, 1e5], [1, 1.0], [2, 1.0]]),
+    "VRLAMB-s3-a2-bf16": Case("VRLAMB", 3, extra=BF16),
+    "VRLAMB-s3-a2-fp16": Case("VRLAMB", 3, extra=FP16),
+    "VRLAMB-s3-a2-autocast": Case("VRLAMB", 3, extra=AUTOCAST),
+    "VRLAMB-s3-a2-telemetry": Case("VRLAMB", 3, vr={"telemetry_interval": 1}),
+    "VRLAMB-s3-a2-fp16-overflow": Case("VRLAMB", 3, extra=FP16, steps=[[0, 1.0], [1, 1e5], [1, 1.0], [2, 1.0]]),
     # one step with telemetry: the per-layer GSNR of low-precision routes against the reference
     **{f"VRLAMB-s{s}-a2-{p}-gsnr": Case("VRLAMB", s, vr={"telemetry_interval": 1}, extra=x, steps=1)
        for s, p, x in ((2, "bf16", BF16), (1, "bf16", BF16), (2, "fp16", FP16), (2, "autocast", AUTOCAST),
-                       (0, "autocast", AUTOCAST), (2, "fp32", {}))},
+                       (0, "autocast", AUTOCAST), (2, "fp32", {}), (3, "fp32", {}))},
     # bf16 with fp32 gradient reduction and accumulation: gbar is no longer rounded to bf16
     **{f"VRLAMB-s{s}-a2-bf16acc32-gsnr": Case("VRLAMB", s, vr={"telemetry_interval": 1}, steps=1, extra={
         **BF16, "communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}) for s in (2,)},
@@ -227,17 +256,18 @@ OTHER = {  # not exact by design: checked against the reference with their own t
 # per bucket; DeepSpeed's own multiplier of the gradients stays on the device.
 READS = {f"{o}-s{s}-a2{'-clip' if c else ''}-reads": (Case(o, s, clip=c, count_reads=True), n) for o, s, c, n in (
     ("VRLAMB", 2, 0.0, 1), ("VRLAMB", 1, 0.0, 1), ("VRLAMB", 0, 0.0, 1), ("NVLAMB", 2, 0.0, 0),
-    ("VRLAMB", 2, 0.05, 1), ("VRLAMB", 0, 0.05, 2))}
+    ("VRLAMB", 2, 0.05, 1), ("VRLAMB", 0, 0.05, 2), ("VRLAMB", 3, 0.0, 2), ("NVLAMB", 3, 0.0, 0))}
 # measure-only noise scale (one top-level key) for optimizers that are not VR: parameters
 # bitwise those of the same run without the key, numbers those of the explicit groups
 MEASURED = {f"{o}-s{s}-a2{'-clip' if c else ''}": Case(o, s, clip=c, groups=g) for o, s, c, g in (
     ("NVLAMB", 2, 0.0, "decay"), ("AdamW", 2, 0.0, None), ("AdamW", 1, 0.0, None), ("AdamW", 0, 0.0, None),
-    ("AdamW", 2, 0.05, None), ("LARS", 1, 0.0, "exclude"))}
+    ("AdamW", 2, 0.05, None), ("LARS", 1, 0.0, "exclude"), ("AdamW", 3, 0.0, None), ("NVLAMB", 3, 0.0, "decay"))}
 REFUSED = {  # name: (case, words the error must contain)
-    "VRLAMB-s3": (Case("VRLAMB", 3), ["optimizer type 'VRLAMB' with zero_optimization.stage 3",
-                                      "set zero_optimization.stage to 1 or 2"]),
-    "NVLAMB-s3": (Case("NVLAMB", 3), ["optimizer type 'NVLAMB' with zero_optimization.stage 3"]),
-    "VRLAMB-s3-instance": (Case("VRLAMB", 3, client="instance"), ["'VRLAMB' with zero_optimization.stage 3"]),
+    "VRLAMB-s3-offload": (Case("VRLAMB", 3, zero={"offload_optimizer": {"device": "cpu"}}),
+                          ["'VRLAMB' with zero_optimization.offload_optimizer / offload_param",
+                           "remove the offload settings"]),
+    "NVLAMB-s3-hpz": (Case("NVLAMB", 3, zero={"zero_hpz_partition_size": 2}),
+                      ["'NVLAMB' with zero_hpz_partition_size 2 (ZeRO++ hpZ)", "remove that setting"]),
     "NVLAMB-s2-offload": (Case("NVLAMB", 2, zero={"offload_optimizer": {"device": "cpu"}}),
                           ["offload_optimizer / offload_param", "remove the offload settings"]),
     "VRLAMB-s1-bf16-accum-fp32": (Case("VRLAMB", 1, extra={**BF16, "data_types": {"grad_accum_dtype": "fp32"}}),
@@ -260,7 +290,8 @@ REFUSED = {  # name: (case, words the error must contain)
                            ["'VRLAMB' with engine.coalesce_grad_reduction()", "train without it"]),
     "NVLAMB-s2-coalesce": (Case("NVLAMB", 2, coalesce=True),
                            ["'LAMB' with engine.coalesce_grad_reduction()", "not covered"]),
-    "AdamW-s3-gns": (Case("AdamW", 3, extra=GNS), ["'adamw' with zero_optimization.stage 3"]),
+    "AdamW-s3-gns-offload": (Case("AdamW", 3, extra=GNS, zero={"offload_param": {"device": "cpu"}}),
+                             ["'adamw' with zero_optimization.offload_optimizer / offload_param"]),
     "VRLAMB-s2-gns-interval": (Case("VRLAMB", 2, extra={"vrgd_noise_scale": {"interval": 2}}),
                                ["vrgd_noise_scale.interval: a VR optimizer measures", "telemetry_interval"]),
     "AdamW-s2-gns-badkey": (Case("AdamW", 2, extra={"vrgd_noise_scale": {"every": 2}}),
@@ -313,7 +344,7 @@ def test_a_step_reads_back_only_what_it_must(matrix, name):
 def test_frozen_parameters_do_not_move(matrix):
     start = dict(make_model().named_parameters())
     names = [n for n, _ in make_model().named_parameters()]
-    for name in ("VRLAMB-s0-a2-frozen", "VRLAMB-s2-a2-frozen", "NVLAMB-s1-a2-frozen"):
+    for name in ("VRLAMB-s0-a2-frozen", "VRLAMB-s2-a2-frozen", "NVLAMB-s1-a2-frozen", "VRLAMB-s3-a2-frozen"):
         params = dict(zip(names, result(matrix, name)["params"]))
         assert torch.equal(params["0.bias"], start["0.bias"].detach())
         assert not torch.equal(params["0.weight"], start["0.weight"].detach())
@@ -349,7 +380,8 @@ def test_nonfinite_step_is_decided_for_all_groups_before_any_is_applied(matrix, 
 @pytest.mark.parametrize("name,bound", [
     ("VRLAMB-s2-a2-sqbf16", 0.02), ("VRLAMB-s2-a2-bf16", 0.25), ("VRLAMB-s1-a2-bf16", 0.25),
     ("VRLAMB-s2-a2-fp16", 0.1), ("VRLAMB-s2-a2-autocast", 0.1), ("VRLAMB-s1-a2-autocast", 0.1),
-    ("VRLAMB-s0-a2-autocast", 0.1), ("NVLAMB-s2-a2-autocast", 0.1)])
+    ("VRLAMB-s0-a2-autocast", 0.1), ("NVLAMB-s2-a2-autocast", 0.1), ("VRLAMB-s3-a2-bf16", 0.25),
+    ("VRLAMB-s3-a2-fp16", 0.1), ("VRLAMB-s3-a2-autocast", 0.1)])
 def test_low_precision_stays_close_to_fp32_reference(matrix, name, bound):
     case = OTHER[name]
     ref_case = Case(case.opt, 2)
@@ -429,8 +461,9 @@ def test_low_precision_gsnr_matches_reference_per_layer(matrix, name):
         assert rec["layers"][n]["gsnr_mean"] == pytest.approx(value, rel=2e-5), n
 
 
-def test_fp16_overflow_step_is_skipped_and_leaves_no_trace(matrix):
-    over, plain = result(matrix, "VRLAMB-s2-a2-fp16-overflow"), result(matrix, "VRLAMB-s2-a2-fp16")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fp16_overflow_step_is_skipped_and_leaves_no_trace(matrix, stage):
+    over, plain = result(matrix, f"VRLAMB-s{stage}-a2-fp16-overflow"), result(matrix, f"VRLAMB-s{stage}-a2-fp16")
     assert over["skipped_steps"] == 1 and plain["skipped_steps"] == 0
     assert over["vr_skipped"] == 0  # a loss-scaler overflow is DeepSpeed's, not a non-finite VR step
     for a, b in zip(over["params"], plain["params"]):
@@ -459,6 +492,12 @@ def test_squares_go_to_their_owner_once(matrix):
     assert adapter_sent(matrix, "VRLAMB-s2-a2-interval2") == sent(4, 2 * INTERVAL_STEPS // 2)
     # ZeRO-1 reduces once per step, after accumulation: micro-step squares come from hooks
     assert adapter_sent(matrix, "VRLAMB-s1-a2") == sent(4, STEPS)
+    # ZeRO-3: rank r owns elements [r P, (r + 1) P) of every parameter, P = ceil(numel / ranks)
+    per_param = [p.numel() for p in make_model().parameters()]
+    owned3 = [sum(max(0, min(n, (r + 1) * -(-n // WORLD)) - r * -(-n // WORLD)) for n in per_param)
+              for r in range(WORLD)]
+    assert adapter_sent(matrix, "VRLAMB-s3-a2") == [(numel - owned3[r]) * 4 * 2 * STEPS for r in range(WORLD)]
+    assert adapter_sent(matrix, "VRLAMB-s3-a2-chunk7") == adapter_sent(matrix, "VRLAMB-s3-a2")
 
 
 def test_extra_state_is_partition_sized_under_zero2(matrix):
@@ -469,9 +508,24 @@ def test_extra_state_is_partition_sized_under_zero2(matrix):
     assert [r["kept"] for r in result(matrix, "VRLAMB-s2-a2")["bytes"]] == [2 * partition * 4] * WORLD
     # ZeRO-1 with accumulation also keeps full-size micro-step squares (as it keeps full grads)
     assert [r["kept"] for r in result(matrix, "VRLAMB-s1-a2")["bytes"]] == [2 * partition * 4 + numel * 4] * WORLD
+    # ZeRO-3: the partition is each parameter's ceil(numel / ranks) elements
+    partition3 = sum(-(-p.numel() // WORLD) for p in make_model().parameters())
+    assert [r["kept"] for r in result(matrix, "VRLAMB-s3-a2")["bytes"]] == [2 * partition3 * 4] * WORLD
 
 
-@pytest.mark.parametrize("name,interval", [("VRLAMB-s1-a2-telemetry", 1), ("VRLAMB-s2-a2-telemetry", 2)])
+def test_zero3_sub_groups_split_the_param_groups(matrix):
+    """sub_group_size 10 splits the param groups into several sub-groups, which DeepSpeed
+    steps one at a time (the inner optimizer once per sub-group, as ZeRO-1/2 step it once per
+    param group); the case is exact above, and its GSNR record covers every layer."""
+    assert result(matrix, "VRLAMB-s3-a2-decay-subgroups")["sub_groups"] == 3
+    assert result(matrix, "VRAdamW-s3-a2-decay")["sub_groups"] == 2  # one per param group
+    assert result(matrix, "VRLAMB-s3-a2")["sub_groups"] == 1
+    split, whole = (result(matrix, n)["telemetry"] for n in ("VRLAMB-s3-a2-decay-subgroups", "VRLAMB-s3-a2-decay"))
+    assert split["step"] == whole["step"] == STEPS and split["layers"] == whole["layers"]
+
+
+@pytest.mark.parametrize("name,interval", [("VRLAMB-s1-a2-telemetry", 1), ("VRLAMB-s2-a2-telemetry", 2),
+                                           ("VRLAMB-s3-a2-telemetry", 1)])
 def test_telemetry_is_exact_and_reaches_the_monitor(matrix, name, interval):
     _, tmp_path, _ = matrix
     history = []
@@ -538,7 +592,7 @@ def test_measure_only_noise_scale_changes_nothing_and_is_exact(matrix, name):
             assert used["squared_steps"] == STEPS, used
         else:
             assert used["squares"] == 0 and used["layer_stats"] > 0, used
-        if MEASURED[name].stage in (0, 2):  # stage 0: one float64 per parameter, no gradient-sized buffer
+        if MEASURED[name].stage in (0, 2, 3):  # stage 0: one float64 per parameter, no gradient-sized buffer
             assert used["kept"] == 0, used
     first = result(matrix, name + "-gns-first")["telemetry"]
     assert first["step"] == 1
@@ -570,7 +624,7 @@ def test_small_k_warns_once_with_the_fix(matrix):
 # ---- 4 ranks: a param group smaller than the world size (some partitions pure padding) ----
 
 PADDING = {f"{o}-s{s}-w4-small-group": Case(o, s, groups="small_last", world=4) for o, s in (
-    ("VRLAMB", 1), ("VRLAMB", 2), ("NVLAMB", 2), ("VRAdamW", 2))}
+    ("VRLAMB", 1), ("VRLAMB", 2), ("NVLAMB", 2), ("VRAdamW", 2), ("VRLAMB", 3), ("NVLAMB", 3))}
 
 
 @pytest.fixture(scope="module")
@@ -617,12 +671,14 @@ def test_square_temporaries_are_one_chunk_whatever_the_bucket(tmp_path):
 @pytest.mark.parametrize("opt,stage,vr,extra", [
     ("VRLAMB", 2, {}, {}), ("VRSGD", 1, {"gsnr_interval": 3}, {}),
     ("VRLAMB", 2, {}, {"groups": "decay", "frozen": ["0.bias"]}),
-    ("VRLAMB", 1, {}, {"groups": "exclude", "elastic": True})])
+    ("VRLAMB", 1, {}, {"groups": "exclude", "elastic": True}),
+    ("VRLAMB", 3, {"gsnr_interval": 3}, {"groups": "decay", "zero": {"sub_group_size": 10}})])
 def test_checkpoint_resume_is_bitwise(tmp_path, opt, stage, vr, extra):
     cfg = Case(opt, stage, vr=vr).config()
     extra = dict(extra)
     if extra.pop("elastic", False):
         cfg["zero_optimization"]["elastic_checkpoint"] = True
+    cfg["zero_optimization"].update(extra.pop("zero", {}))
     case_extra = ["--case-extra", json.dumps(extra)]
     straight, resumed, ckpt = tmp_path / "straight.pt", tmp_path / "resumed.pt", tmp_path / "ckpt"
     for args in (["--steps", 4, "--out", straight],
@@ -634,15 +690,19 @@ def test_checkpoint_resume_is_bitwise(tmp_path, opt, stage, vr, extra):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("stage,extra", [(2, {}), (0, {}), (2, {"groups": "decay", "frozen": ["0.bias"]})])
-def test_two_rank_checkpoint_continues_on_one_rank(tmp_path, stage, extra):
-    """Save at step 2 with 2 ranks (ZeRO-2, a = 2), consolidate, go on with 1 rank (a = 4:
-    the same k = 4 groups of 12 samples): the same trajectory as 4 steps on 2 ranks."""
+@pytest.mark.parametrize("saved,stage,extra", [
+    (2, 2, {}), (2, 0, {}), (2, 2, {"groups": "decay", "frozen": ["0.bias"]}),
+    (3, 3, {"groups": "decay", "frozen": ["0.bias"]}), (3, 2, {}), (2, 3, {})])
+def test_two_rank_checkpoint_continues_on_one_rank(tmp_path, saved, stage, extra):
+    """Save at step 2 with 2 ranks (ZeRO stage ``saved``, a = 2), consolidate, go on with 1
+    rank (a = 4: the same k = 4 groups of 12 samples) at ZeRO stage ``stage``: the same
+    trajectory as 4 steps on 2 ranks. A ZeRO-3 folder holds every parameter split over both
+    ranks (frozen ones too)."""
     from vrgd_ds.deepspeed.checkpoint import consolidate, save_consolidated
 
     case_extra = ["--case-extra", json.dumps(extra)]
     ckpt = tmp_path / "ckpt"
-    proc = run_deepspeed("train_tiny.py", Case("VRLAMB", 2).config(), tmp_path, "--steps", 2, "--save", ckpt,
+    proc = run_deepspeed("train_tiny.py", Case("VRLAMB", saved).config(), tmp_path, "--steps", 2, "--save", ckpt,
                          "--out", tmp_path / "half.pt", *case_extra)
     assert proc.returncode == 0, tail(proc)
     merged = save_consolidated(ckpt / "last", tmp_path / "merged.pt")
@@ -659,11 +719,11 @@ def test_two_rank_checkpoint_continues_on_one_rank(tmp_path, stage, extra):
     assert proc.returncode == 0, tail(proc)
     expected = reference(Case("VRLAMB", 2, steps=4, groups=extra.get("groups"), frozen=tuple(frozen)))
     assert max_rel_err(torch.load(tmp_path / "one.pt"), expected) < 2e-5
-    with pytest.raises(FileNotFoundError, match="not a DeepSpeed ZeRO-1/2 checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="not a DeepSpeed ZeRO checkpoint folder"):
         consolidate(tmp_path)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_checkpoint_consolidates_and_continues_bitwise(tmp_path, stage):
     """With bf16 DeepSpeed names its shards bf16_zero_pp_rank_*: consolidation reads them
     (it used to refuse the folder, which failed every bf16 pretraining run at its HF export),
@@ -770,6 +830,28 @@ def test_hf_trainer_with_deepspeed_config_uses_our_lamb(tmp_path):
     assert res["optimizer"] == "LAMB" and res["layout"] == "ZeroLayout"
     assert len(res["losses"]) == 3 and all(math.isfinite(v) for v in res["losses"])
     assert res["telemetry"] is None
+
+
+def test_hf_trainer_zero3_builds_the_model_partitioned_and_steps_vrlamb(tmp_path):
+    """HF Trainer at ZeRO-3: the model is built inside deepspeed.zero.Init (no rank ever holds
+    it whole), VRLAMB from the config steps the partitions, and its record covers every layer."""
+    import math
+
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "train_batch_size": "auto", "gradient_clipping": "auto",
+           "optimizer": {"type": "VRLAMB", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto",
+                                                      "eps": "auto", "telemetry_interval": 1}},
+           "zero_optimization": {"stage": 3, "reduce_bucket_size": 2000}}
+    out = tmp_path / "hf"
+    proc = run_deepspeed("hf_trainer_tiny.py", cfg, tmp_path, "--out", out)
+    assert proc.returncode == 0, tail(proc)
+    res = json.loads((out / "result.json").read_text())
+    assert res["zero_init"] and res["optimizer"] == "VRLAMB" and res["layout"] == "ZeroLayout"
+    assert len(res["losses"]) == 3 and all(math.isfinite(v) for v in res["losses"])
+    rec = res["telemetry"]
+    assert rec["step"] == 3 and rec["k"] == 2 * 2
+    assert "bert.embeddings.word_embeddings.weight" in rec["layers"] and len(rec["layers"]) > 30
+    assert all(math.isfinite(layer["gsnr_mean"]) for layer in rec["layers"].values())
 
 
 def test_hf_trainer_measures_the_noise_scale_of_deepspeeds_adamw(tmp_path):

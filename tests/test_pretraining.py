@@ -112,11 +112,12 @@ def test_phase1_then_phase2_produces_a_loadable_bert(tmp_path, data):
             f"checkpoint in {tmp_path / 'alone' / 'checkpoints'}") in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_bf16_run_exports_its_fp32_master_weights(tmp_path, data, stage):
-    """bf16 at ZeRO-1/2 (the BERT-large configs' setting): the run ends with its HF folder
-    (the export used to fail on DeepSpeed's bf16_zero_pp_rank_* shard names, after training),
-    holding the fp32 master weights, not the bf16 copies the model computes with."""
+    """bf16 at ZeRO-1/2 (the BERT-large configs' setting) and ZeRO-3: the run ends with its HF
+    folder (the export used to fail on DeepSpeed's bf16_zero_pp_rank_* shard names, after
+    training), holding the fp32 master weights, not the bf16 copies the model computes with
+    (ZeRO-3: joined from the checkpoint's partitions as DeepSpeed's zero_to_fp32 joins them)."""
     from transformers import BertForPreTraining
 
     from vrgd_ds.deepspeed.checkpoint import consolidate
@@ -126,10 +127,26 @@ def test_bf16_run_exports_its_fp32_master_weights(tmp_path, data, stage):
     cfg["zero_optimization"]["stage"] = stage
     proc = launch(tmp_path, cfg, "--data", data[128], "--output-dir", tmp_path / "run")
     assert proc.returncode == 0, tail(proc)
-    masters = consolidate(tmp_path / "run" / "checkpoints" / "step2")["weights"]
+    folder = tmp_path / "run" / "checkpoints" / "step2"
+    masters = consolidate(folder)["weights"]
+    if stage == 3:  # our reading of the ZeRO-3 partitions, against DeepSpeed's own zero_to_fp32
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        theirs = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), folder.name)
+        assert sum(w.numel() for w in masters.values()) > 10**6
+        assert all(torch.equal(theirs[n], w) for n, w in masters.items())
     exported = BertForPreTraining.from_pretrained(tmp_path / "run" / "hf").state_dict()
     assert all(torch.equal(exported[n], w) for n, w in masters.items())
     assert any(not torch.equal(w, w.bfloat16().float()) for w in masters.values())
+    if stage == 3:  # phase 2 at ZeRO-3 carries phase 1's optimizer state into its partitions
+        cfg2 = phase_config(2, steps=1)
+        cfg2["bf16"] = {"enabled": True}
+        cfg2["zero_optimization"]["stage"] = 3
+        proc = launch(tmp_path, cfg2, "--data", data[512], "--output-dir", tmp_path / "p2",
+                      "--init-checkpoint", tmp_path / "run" / "hf", "--carry-optimizer-state")
+        assert proc.returncode == 0, tail(proc)
+        assert [r["step"] for r in records(tmp_path / "p2")] == [1]
+        assert not (tmp_path / "p2" / ".carried_optimizer.pt").exists()  # loaded by every rank, then removed
 
 
 def test_bf16_run_killed_mid_step_resumes_to_the_same_curve(tmp_path, data):

@@ -34,13 +34,21 @@ def main():
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=32, num_labels=2))
     targs = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=8, gradient_accumulation_steps=2,
         max_steps=3, learning_rate=0.01, weight_decay=0.01, max_grad_norm=1.0,
         deepspeed=args.config, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    # built after the TrainingArguments (whose device sets up torch.distributed), as
+    # from_pretrained would be: under ZeRO-3 HF builds it inside deepspeed.zero.Init (each
+    # rank allocates only its partition of every parameter)
+    assert targs.device.type == "cpu" and torch.distributed.is_initialized()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm on that group (HF's CPU path skips it)
+    model = BertForSequenceClassification._from_config(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32, num_labels=2))
+    zero_init = hasattr(next(model.parameters()), "ds_id")
     trainer = Trainer(model=model, args=targs, train_dataset=Tokens())
     trainer.train()
     opt = trainer.optimizer
@@ -51,7 +59,7 @@ def main():
     if trainer.args.process_index == 0:
         json.dump({"optimizer": type(inner).__name__, "layout": type(getattr(inner, "layout", None)).__name__,
                    "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-                   "telemetry": named_telemetry(trainer.model_wrapped)},
+                   "telemetry": named_telemetry(trainer.model_wrapped), "zero_init": zero_init},
                   open(f"{args.out}/result.json", "w"))
     # HF Trainer leaves the process group alive; a gloo rank that exits without destroying it
     # can abort in interpreter teardown ("terminate called without an active exception", rc 250;

@@ -144,6 +144,15 @@ class NaNInjector:
         return grad
 
 
+def full_params(engine):
+    """The model's parameters as float32 CPU copies (ZeRO-3: gathered from the ranks' partitions)."""
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().float().cpu().clone() for p in params]
+    return [p.detach().float().cpu().clone() for p in params]
+
+
 def state_tensors(engine):
     opt = engine.basic_optimizer
     return [t.detach().clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
@@ -163,13 +172,13 @@ def run_case(case):
         peaks = measure_square_allocations(engine)
 
     def on_step(step, do_step):
-        before = ([p.detach().clone() for p in engine.module.parameters()], state_tensors(engine))
+        before = (full_params(engine), state_tensors(engine))
         try:
             do_step()
         except FloatingPointError as e:
             record["raised"].append(str(e))
         if injector is not None and step == injector.spec["step"]:
-            after = ([p.detach().clone() for p in engine.module.parameters()], state_tensors(engine))
+            after = (full_params(engine), state_tensors(engine))
             record["untouched"].append(all(torch.equal(a, b) for a, b in zip(before[0] + before[1],
                                                                                 after[0] + after[1])))
 
@@ -187,11 +196,12 @@ def run_case(case):
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, adapter_bytes(engine))
     opt = vr_optimizer(engine)
-    return {"params": [p.detach().float().cpu().clone() for p in engine.module.parameters()],
+    return {"params": full_params(engine),
             "telemetry": named_telemetry(engine), "bytes": per_rank,
             "skipped_steps": engine.skipped_steps, "vr_skipped": getattr(opt, "skipped_steps", None),
             "grads_checked_finite": getattr(opt, "grads_checked_finite", None),
             "peak_square_bytes": max(peaks, default=None), **record,
+            "sub_groups": len(engine.optimizer.fp16_groups) if engine.zero_optimization_stage() == 3 else None,
             **({"reads": reads.summary()} if reads is not None else {})}
 
 
@@ -246,8 +256,9 @@ def main():
         train(engine, [(s, 1.0) for s in range(args.start, args.start + args.steps)])
         if args.save:
             engine.save_checkpoint(args.save, tag="last")
+        params = full_params(engine)
         if dist.get_rank() == 0:
-            torch.save([p.detach().float().cpu().clone() for p in engine.module.parameters()], args.out)
+            torch.save(params, args.out)
     dist.barrier()  # tear gloo down in step: a rank exiting mid-collective aborts the other
     dist.destroy_process_group()
     # Everything is written and torch.distributed is torn down. Interpreter shutdown itself

@@ -4,7 +4,7 @@
 1): it decides the route (:mod:`.routes`), gives the optimizer its layer layout and moment
 source, and attaches the two adapters the seam's patches call:
 
-- :class:`ZeroAdapter` on a ZeRO-1/2 optimizer: squares beside the gradient buckets, the
+- :class:`ZeroAdapter` on a ZeRO-1/2/3 optimizer: squares beside the gradient buckets, the
   measured gradient multiplier, the whole-step non-finite decision.
 - :class:`EngineAdapter` on the engine: stage-0 squares and clip factor, telemetry after
   each step, refusal of contexts that change what a gradient group is.
@@ -47,6 +47,15 @@ class ZeroAdapter:
     def local_nonfinite(self):  # measure-only never changes what DeepSpeed decides
         """A device bool tensor: this rank's squares hold a NaN or inf; None: nothing to check."""
         return None if self.optimizer is None else self.moments.nonfinite()
+
+    def nonfinite_to_reduce(self):
+        """ZeRO-3: this rank's non-finite flag as a uint8 tensor to all-reduce, or None on every
+        rank alike when the step has no squares to check (measure-only, not a GSNR step)."""
+        if self.optimizer is None or not self.moments.checking():
+            return None
+        flag = self.moments.nonfinite()
+        device = self.moments.device
+        return (flag if flag is not None else torch.zeros((), dtype=torch.bool)).to(device=device, dtype=torch.uint8)
 
     @property
     def wants_multiplier(self) -> bool:
@@ -112,9 +121,9 @@ def attach_to_engine(engine) -> None:
         if noise is not None:
             opt.noise_scale = NoiseScaleTracker(noise["ema_decay"])
     stage0 = meter = None
-    if facts.wrapper == "zero":
+    if facts.wrapper in ("zero", "zero3"):
         zero = seam.zero_optimizer(engine)
-        snap = seam.snapshot(zero)
+        snap = seam.zero_snapshot(zero)
         layout = ZeroLayout(snap)
         if isinstance(opt, BaseOptimizer):
             opt.layout = layout

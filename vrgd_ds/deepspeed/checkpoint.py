@@ -1,4 +1,4 @@
-"""ZeRO-1/2 checkpoints of any world size -> one consolidated file -> any world size.
+"""ZeRO-1/2/3 checkpoints of any world size -> one consolidated file -> any world size and stage.
 
 DeepSpeed's universal checkpoint converter (``ds_to_universal``) only knows Adam's
 ``exp_avg``/``exp_avg_sq``; it drops the VR state (GSNR momentum, step counters) and fails
@@ -13,8 +13,9 @@ The consolidated file holds, per parameter name: the fp32 master weight and ever
 optimizer state tensor, whole; the scalar state; each param group's hyperparameters;
 and the engine's step counters and LR scheduler state; frozen parameters and buffers
 whole, from the module state. Loading writes this rank's
-pieces into its ZeRO partitions (stage 1/2) or the parameters themselves (stage 0), so
-training continues with the same parameters and optimizer state.
+pieces into its ZeRO partitions (stage 1/2/3; at stage 3 also the parameters' bit16
+partitions, through DeepSpeed's ``GatheredParameters``) or the parameters themselves
+(stage 0), so training continues with the same parameters and optimizer state.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _load(path: Path) -> dict:
 
 
 def consolidate(checkpoint_dir: str | os.PathLike) -> dict:
-    """Read a DeepSpeed ZeRO-1/2 checkpoint folder (``save_dir/tag``) of any world size
+    """Read a DeepSpeed ZeRO-1/2/3 checkpoint folder (``save_dir/tag``) of any world size
     (``elastic_checkpoint`` on or off)."""
     files = seam.read_zero_checkpoint(checkpoint_dir)
     weights, state, groups = {}, {}, []
@@ -74,7 +75,7 @@ def save_consolidated(checkpoint_dir, out_path) -> dict:
 
 def load_consolidated(engine, consolidated: dict | str | os.PathLike, *, engine_state: bool = True,
                       hyperparameters: bool = True) -> None:
-    """Put a consolidated checkpoint into an initialized engine (ZeRO stage 0, 1 or 2).
+    """Put a consolidated checkpoint into an initialized engine (ZeRO stage 0 to 3).
 
     ``engine_state=False`` keeps the engine's step counters and LR scheduler, and
     ``hyperparameters=False`` keeps the param groups' lr etc.: what carrying phase 1's
@@ -93,9 +94,10 @@ def load_consolidated(engine, consolidated: dict | str | os.PathLike, *, engine_
     opt = seam.inner_optimizer(engine)
     snap = getattr(opt.layout, "snap", None)
     with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if name in saved:
-                t.copy_(saved[name].to(t.dtype))
+        with seam.full_parameters(engine, list(module.parameters())):  # ZeRO-3: gathered, then partitioned
+            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+                if name in saved:
+                    t.copy_(saved[name].to(t.dtype))
         if snap is not None:
             _load_zero(opt, snap, names, data, hyperparameters)
         else:

@@ -30,11 +30,14 @@ ROUTE_TABLE = [
     ("several param groups (decay / no-decay, exclude_from_adaptation), frozen parameters",
      "supported", "all"),
     ("client optimizer instance or callable in deepspeed.initialize", "supported", "all"),
-    ("torch_autocast bf16", "supported", "all, stages 0 / 1 / 2"),
+    ("torch_autocast bf16", "supported", "all, stages 0 to 3"),
     ("torch_autocast fp16 (GradScaler)", "refused", "it unscales and skips per rank; use bf16 autocast"),
     ("bf16 + data_types.grad_accum_dtype fp32 at stage 1 (BF16_Optimizer)", "refused",
      "its flat partitions are not hooked; use stage 2"),
-    ("ZeRO stage 3, offload_optimizer / offload_param", "refused", "layer norms across ZeRO-3 shards"),
+    ("ZeRO stage 3: fp32, bf16, fp16 with dynamic loss scaling, several sub-groups (sub_group_size)",
+     "supported", "all"),
+    ("offload_optimizer / offload_param (any stage), MiCS, ZeRO++ hpZ", "refused",
+     "not covered by the exactness tests"),
     ("MoE, pipeline, tensor / sequence parallelism, ZeRO++ quantization, ZenFlow, DeepCompile",
      "refused", "other process groups reduce the gradients"),
     ("engine.coalesce_grad_reduction(), engine.no_sync()", "refused",
@@ -51,11 +54,9 @@ def _refuse(name: str, setting: str, why: str, fix: str) -> RouteRefused:
 def decide(f: EngineFacts, kind: str) -> str:
     """The route name for an engine, or :class:`RouteRefused`."""
     name = f.optimizer_name
-    if f.stage >= 3 or f.wrapper == "zero3":
-        raise _refuse(name, f"zero_optimization.stage {f.stage}",
-                      "vrgd-ds supports ZeRO stages 0, 1 and 2 (layer norms across ZeRO-3 partitions are "
-                      "not implemented, and running would give wrong trust ratios)",
-                      "set zero_optimization.stage to 1 or 2")
+    if f.stage > 3:
+        raise _refuse(name, f"zero_optimization.stage {f.stage}", "DeepSpeed's ZeRO stages are 0 to 3",
+                      "set zero_optimization.stage to 0, 1, 2 or 3")
     if f.offload_optimizer or f.offload_param:
         raise _refuse(name, "zero_optimization.offload_optimizer / offload_param",
                       "offload is not supported by vrgd-ds", "remove the offload settings")
@@ -69,6 +70,8 @@ def decide(f: EngineFacts, kind: str) -> str:
          "sequence-parallel ranks share samples, so a rank's gradient is not one gradient group"),
         (f.quantized, "zero_quantized_weights / zero_quantized_gradients (ZeRO++)",
          "quantized gradient reduction bypasses the buckets the squares are reduced beside"),
+        (f.hpz_partition_size > 1, f"zero_hpz_partition_size {f.hpz_partition_size} (ZeRO++ hpZ)",
+         "secondary parameter partitions are not covered by vrgd-ds's exactness tests"),
         (f.zenflow, "ZenFlow", "its optimizer step runs outside the hooked ZeRO step"),
         (f.deepcompile, "DeepCompile", "compiled graphs reduce the gradients outside the hooked buckets"),
     ):
@@ -85,9 +88,9 @@ def decide(f: EngineFacts, kind: str) -> str:
                       "use torch_autocast with dtype bfloat16, or DeepSpeed's fp16 section")
     low = "fp16" if f.fp16 else "bf16" if f.bf16 else None
     refuse_before_wrapper(name, f.stage, low)
-    if f.wrapper not in ("none", "zero"):
+    if f.wrapper not in ("none", "zero", "zero3"):
         raise _refuse(name, f"DeepSpeed optimizer wrapper {f.wrapper}", "this wrapper is not supported",
-                      "use ZeRO stage 0, 1 or 2 with fp32, bf16 or fp16")
+                      "use ZeRO stage 0, 1, 2 or 3 with fp32, bf16 or fp16")
     if kind == "vr":
         if not f.managed_accumulation:
             raise _refuse(name, "managed_gradient_accumulation false",

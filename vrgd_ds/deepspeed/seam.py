@@ -6,7 +6,8 @@ Everything else in :mod:`vrgd_ds.deepspeed` works on the plain objects built her
   optimizer wrapper, that decide the route (:mod:`.routes`).
 - :class:`ZeroSnapshot`: the partitioning of a ZeRO-1/2 optimizer (per param group: the
   flat fp32 partition this rank owns, the parameters in DeepSpeed's flattening order with
-  their alignment padding, the partition size, rank, world and process group), built once.
+  their alignment padding, the partition size, rank, world and process group), built once;
+  of a ZeRO-3 optimizer, per sub-group (:class:`SubGroupPartition`).
 - :class:`CheckpointFiles`: a ZeRO-1/2 checkpoint folder read into plain tensors and dicts.
 
 Tested DeepSpeed: exactly the versions in ``TESTED_DEEPSPEED`` (pinned in pyproject.toml);
@@ -40,6 +41,22 @@ Patches. Each is installed on the class by :func:`install`, keeps the original a
 8. ``DeepSpeedEngine.step``: telemetry is written through the monitor after each step.
 9. ``DeepSpeedEngine.coalesce_grad_reduction`` and ``DeepSpeedEngine.no_sync``: refused
    where the adapter says so (they change what a gradient group is).
+
+ZeRO-3, on ``DeepSpeedZeroOptimizer_Stage3`` (runtime/zero/stage3.py):
+
+10. ``__reduce_and_partition_ipg_grads`` (name-mangled): just before DeepSpeed
+    reduce-scatters a bucket (every micro-step), the adapter gets its (param, local
+    gradient) pairs in ``ds_id`` order; the squares go to the rank that owns each piece.
+11. ``unscale_and_clip_grads(sub_group_id, total_norm)``: the sub-group's fp32 partition is
+    swapped for a one-element probe whose gradient is 1 for one call, so the adapter reads
+    the factor DeepSpeed multiplies by; then the real call.
+12. ``_overflow_check_and_loss_scale_update(update_scale=False)`` (the step's first call):
+    DeepSpeed checks overflow for fp16 only; for a VR optimizer the adapter's non-finite
+    flag is then all-reduced over the data-parallel group (one byte, one read), and a set
+    flag skips the whole step, every sub-group, as DeepSpeed's own overflow does.
+13. ``step``: as patch 5. DeepSpeed steps the inner optimizer once per sub-group (a param
+    group has several under a small ``sub_group_size``), as ZeRO-1/2 step it once per
+    param group.
 
 Instance attribute written: ``DeepSpeedZeroOptimizer.check_grad_overflow = True`` for the
 VR optimizers (DeepSpeed checks overflow only for fp16 by default), so a non-finite step
@@ -88,10 +105,16 @@ def _classes():
     return DeepSpeedEngine, DeepSpeedZeroOptimizer
 
 
+def _stage3_class():
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    return DeepSpeedZeroOptimizer_Stage3
+
+
 def self_check() -> None:
     """Every method the patches wrap must exist (a DeepSpeed refactor fails here, loudly)."""
     engine_cls, zero_cls = _classes()
-    for cls, names in ((engine_cls, _ENGINE_PATCHES), (zero_cls, _ZERO_PATCHES)):
+    for cls, names in ((engine_cls, _ENGINE_PATCHES), (zero_cls, _ZERO_PATCHES), (_stage3_class(), _ZERO3_PATCHES)):
         for name in names:
             if not callable(getattr(cls, name, None)):
                 import deepspeed
@@ -125,6 +148,7 @@ class EngineFacts:
     dp_world: int
     micro_batch: int
     quantized: bool  # ZeRO++ quantized weights or gradients
+    hpz_partition_size: int  # ZeRO++ hierarchical partitioning (1: off)
     zenflow: bool
     deepcompile: bool
 
@@ -145,7 +169,7 @@ def _wrapper_kind(optimizer, basic) -> str:
         return "fp16_unfused"
     if isinstance(optimizer, FP16_Optimizer):
         return "fp16_fused"
-    if type(optimizer).__name__.startswith("DeepSpeedZeroOptimizer_Stage3"):
+    if type(optimizer) is _stage3_class():
         return "zero3"
     return type(optimizer).__name__
 
@@ -186,6 +210,7 @@ def engine_facts(engine) -> EngineFacts:
             dp_world=int(engine.dp_world_size),
             micro_batch=int(engine.train_micro_batch_size_per_gpu()),
             quantized=bool(engine.zero_quantized_weights() or engine.zero_quantized_gradients()),
+            hpz_partition_size=int(engine.zero_hpz_partition_size() or 1),
             zenflow=bool(getattr(engine, "zenflow", False)),
             deepcompile=bool(engine.is_deepcompile_enabled()),
         )
@@ -227,7 +252,7 @@ def global_steps(engine) -> int:
     return int(engine.global_steps)
 
 
-# ---- ZeRO-1/2 partitioning ---------------------------------------------------------------
+# ---- ZeRO partitioning -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -242,20 +267,42 @@ class Piece:
 
 
 @dataclass
-class GroupPartition:
-    index: int
-    flat: Tensor  # this rank's fp32 partition: what the inner optimizer steps
+class Partition:
+    """This rank's flat fp32 partition of a ZeRO param group (stage 1/2) or sub-group
+    (stage 3): what the inner optimizer steps. ``pieces`` (per parameter: where each piece
+    of it lives, on which rank) and ``segments`` (this rank's layer segments, never empty)
+    are made by the subclass from the layout DeepSpeed chose."""
+
+    index: int  # the param group
+    flat: Tensor
     params: list[Tensor]  # the model's (bit16) parameters in DeepSpeed's flattening order
-    paddings: list[int]
-    partition_size: int
     rank: int
     world: int
     process_group: Any
     layer_base: int
-    pieces: list[list[Piece]] = field(default_factory=list)  # per param
-    segments: list[Segment] = field(default_factory=list)  # this rank's, never empty
 
     def __post_init__(self):
+        self.pieces: list[list[Piece]] = []
+        self.segments: list[Segment] = []
+        self._map()
+        if not self.segments:  # pure padding here: an empty segment keeps every collective joined
+            first = self.params[0]  # a ZeRO-3 parameter's numel() is its local size; ds_numel the layer's
+            self.segments.append(Segment(0, 0, self.layer_base, int(getattr(first, "ds_numel", first.numel()))))
+
+    def _map(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class GroupPartition(Partition):
+    """ZeRO-1/2: the group's parameters flattened one after another (each followed by its
+    alignment padding) and cut into ``partition_size`` pieces, one per rank; a parameter may
+    continue on the next rank."""
+
+    paddings: list[int] = field(default_factory=list)
+    partition_size: int = 0
+
+    def _map(self) -> None:
         cursor, size = 0, self.partition_size
         start, end = size * self.rank, size * (self.rank + 1)
         for j, (p, pad) in enumerate(zip(self.params, self.paddings)):
@@ -272,13 +319,11 @@ class GroupPartition:
             if a < b:
                 self.segments.append(Segment(a - start, b - a, self.layer_base + j, n))
             cursor += n + pad
-        if not self.segments:  # pure padding here: an empty segment keeps every collective joined
-            self.segments.append(Segment(0, 0, self.layer_base, self.params[0].numel()))
 
 
 @dataclass
 class ZeroSnapshot:
-    groups: list[GroupPartition]
+    groups: list[Partition]
     dp_group: Any
     dp_rank: int
     dp_world: int
@@ -286,7 +331,7 @@ class ZeroSnapshot:
     partition_gradients: bool  # ZeRO-2: gradients are reduced every micro-step
     layer_count: int
 
-    def group_of(self, flat: Tensor) -> GroupPartition:
+    def group_of(self, flat: Tensor) -> Partition:
         for g in self.groups:
             if g.flat is flat:
                 return g
@@ -307,8 +352,8 @@ def snapshot(zero) -> ZeroSnapshot:
             params = list(zero.round_robin_bit16_groups[i])
             paddings = list(zero.round_robin_bit16_padding[i] or [0] * len(params))
             pg = zero.real_dp_process_group[i]
-            groups.append(GroupPartition(i, flat, params, paddings, int(zero.partition_size[i]),
-                                         dist.get_rank(group=pg), dist.get_world_size(group=pg), pg, base))
+            groups.append(GroupPartition(i, flat, params, dist.get_rank(group=pg), dist.get_world_size(group=pg), pg,
+                                         base, paddings=paddings, partition_size=int(zero.partition_size[i])))
             base += len(params)
         return ZeroSnapshot(groups, zero.dp_process_group, dist.get_rank(group=zero.dp_process_group),
                             dist.get_world_size(group=zero.dp_process_group),
@@ -316,6 +361,77 @@ def snapshot(zero) -> ZeroSnapshot:
     except AttributeError as e:
         raise RuntimeError(f"vrgd-ds: DeepSpeed {deepspeed.__version__}'s ZeRO optimizer lacks an attribute "
                            f"the adapter reads ({e}); {version_problem(deepspeed.__version__) or ''}") from e
+
+
+@dataclass
+class SubGroupPartition(Partition):
+    """One ZeRO-3 sub-group on this rank. Every parameter is split evenly over the ranks:
+    rank r holds elements [r P, (r + 1) P) of it (P = ``partition_numel``, zero-padded past
+    the end on the last ranks), and the sub-group's flat fp32 partition is its parameters'
+    pieces one after another, at the same offsets on every rank. A param group may have
+    several sub-groups."""
+
+    def _map(self) -> None:
+        offset = 0
+        for j, p in enumerate(self.params):
+            size, n = int(p.partition_numel()), int(p.ds_numel)
+            pieces = [Piece(r, r * size, offset, min(size, n - r * size)) for r in range(self.world) if r * size < n]
+            self.pieces.append(pieces)
+            mine = [pc for pc in pieces if pc.owner == self.rank]
+            if mine:
+                self.segments.append(Segment(offset, mine[0].numel, self.layer_base + j, n))
+            offset += size
+        if offset != self.flat.numel():
+            raise AssertionError(f"ZeRO-3 sub-group of {offset} partition elements has a flat partition of "
+                                 f"{self.flat.numel()}")
+
+
+def snapshot3(zero) -> ZeroSnapshot:
+    """The partitioning of a DeepSpeedZeroOptimizer_Stage3, read once: one group per sub-group,
+    in DeepSpeed's sub-group order (the order it steps them in)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    try:
+        dp = zero.dp_process_group
+        dp_world = dist.get_world_size(group=dp)
+        groups, base = [], 0
+        for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
+            pg = zero._get_sub_group_process_group(i)
+            if dist.get_world_size(group=pg) != dp_world:
+                raise NotImplementedError(
+                    f"vrgd-ds: ZeRO-3 sub-group {i} is partitioned over {dist.get_world_size(group=pg)} ranks, "
+                    f"not the {dp_world} data-parallel ranks (MiCS or another partition group); not supported")
+            params = list(zero.fp16_groups[i])
+            groups.append(SubGroupPartition(int(zero.sub_group_to_group_id[i]), flat, params,
+                                            dist.get_rank(group=pg), dp_world, pg, base))
+            base += len(params)
+        return ZeroSnapshot(groups, dp, dist.get_rank(group=dp), dp_world, int(zero.gradient_accumulation_steps),
+                            True, base)
+    except AttributeError as e:
+        raise RuntimeError(f"vrgd-ds: DeepSpeed {deepspeed.__version__}'s ZeRO-3 optimizer lacks an attribute "
+                           f"the adapter reads ({e}); {version_problem(deepspeed.__version__) or ''}") from e
+
+
+def zero_snapshot(zero) -> ZeroSnapshot:
+    return snapshot3(zero) if type(zero) is _stage3_class() else snapshot(zero)
+
+
+def is_stage3(engine) -> bool:
+    return type(engine.optimizer) is _stage3_class()
+
+
+def full_parameters(engine, params: list[Tensor]):
+    """A context in which ``params`` hold their full values, to be overwritten alike on every
+    rank. ZeRO-3: DeepSpeed's ``GatheredParameters`` with rank 0 as the modifier (on exit
+    rank 0's values are broadcast and partitioned again); other stages: nothing to do."""
+    import contextlib
+
+    if not is_stage3(engine):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def zero_optimizer(engine):
@@ -357,6 +473,8 @@ def is_accumulation_boundary(engine) -> bool:
 _ENGINE_PATCHES = ("_configure_optimizer", "allreduce_gradients", "clip_fp32_gradients", "step",
                    "coalesce_grad_reduction", "no_sync")
 _ZERO_PATCHES = ("reduce_ipg_grads", "unscale_and_clip_grads", "has_overflow_partitioned_grads_serial", "step")
+_ZERO3_REDUCE = "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads"  # name-mangled private method
+_ZERO3_PATCHES = (_ZERO3_REDUCE, "unscale_and_clip_grads", "_overflow_check_and_loss_scale_update", "step")
 _installed: list[tuple[type, str, Callable]] = []
 
 
@@ -366,6 +484,22 @@ def _patch(cls, name: str, make: Callable[[Callable], Callable]) -> None:
     replacement.__wrapped__ = original
     setattr(cls, name, replacement)
     _installed.append((cls, name, original))
+
+
+def _zero_step(original):
+    """ZeRO-1/2/3 ``step``: the adapter hears when the whole step (all groups, or a skip) is over."""
+    def run(self, *args, **kwargs):
+        adapter = adapter_of(self)
+        if adapter is None:
+            return original(self, *args, **kwargs)
+        try:
+            out = original(self, *args, **kwargs)
+        except BaseException:
+            adapter.abandon_step()
+            raise
+        adapter.after_step(skipped=bool(self.overflow), loss_scaling=bool(self.dynamic_loss_scale))
+        return out
+    return run
 
 
 def install(on_configured: Callable, check_config: Callable) -> None:
@@ -413,20 +547,6 @@ def install(on_configured: Callable, check_config: Callable) -> None:
             return flag if ours is None else flag | ours.to(flag.device)
         return run
 
-    def zero_step(original):
-        def run(self, *args, **kwargs):
-            adapter = adapter_of(self)
-            if adapter is None:
-                return original(self, *args, **kwargs)
-            try:
-                out = original(self, *args, **kwargs)
-            except BaseException:
-                adapter.abandon_step()
-                raise
-            adapter.after_step(skipped=bool(self.overflow), loss_scaling=bool(self.dynamic_loss_scale))
-            return out
-        return run
-
     def allreduce_gradients(original):
         def run(self, *args, **kwargs):
             out = original(self, *args, **kwargs)
@@ -463,6 +583,7 @@ def install(on_configured: Callable, check_config: Callable) -> None:
             return run
         return make
 
+    _install_stage3()
     _patch(engine_cls, "_configure_optimizer", configure_optimizer)
     _patch(engine_cls, "allreduce_gradients", allreduce_gradients)
     _patch(engine_cls, "clip_fp32_gradients", clip_fp32_gradients)
@@ -472,7 +593,58 @@ def install(on_configured: Callable, check_config: Callable) -> None:
     _patch(zero_cls, "reduce_ipg_grads", reduce_ipg_grads)
     _patch(zero_cls, "unscale_and_clip_grads", unscale_and_clip_grads)
     _patch(zero_cls, "has_overflow_partitioned_grads_serial", has_overflow_local)
-    _patch(zero_cls, "step", zero_step)
+    _patch(zero_cls, "step", _zero_step)
+
+
+def _install_stage3() -> None:
+    """Patches 10-13 (ZeRO-3), on ``DeepSpeedZeroOptimizer_Stage3`` (runtime/zero/stage3.py)."""
+    cls = _stage3_class()
+
+    def reduce_and_partition(original):
+        def run(self, communication_data_type):
+            adapter = adapter_of(self)
+            if adapter is not None:  # ds_id order: the same on every rank
+                params = sorted(self.ipg_buckets[communication_data_type].params, key=lambda p: p.ds_id)
+                adapter.before_bucket_reduce([(p, p.grad) for p in params])
+            return original(self, communication_data_type)
+        return run
+
+    def unscale_and_clip_grads(original):
+        def run(self, sub_group_id, total_norm):
+            adapter = adapter_of(self)
+            if adapter is not None and adapter.wants_multiplier:
+                flats = self.fp32_partitioned_groups_flat
+                real = flats[sub_group_id]
+                probe = torch.zeros(1, dtype=real.dtype, device=real.device)
+                probe.grad = torch.ones_like(probe)
+                flats[sub_group_id] = probe  # DeepSpeed's own scaling, applied to a one
+                try:
+                    original(self, sub_group_id, total_norm)
+                finally:
+                    flats[sub_group_id] = real
+                adapter.gradient_multiplier(probe.grad[0].double(), float(self.loss_scale))
+            return original(self, sub_group_id, total_norm)
+        return run
+
+    def overflow_check(original):
+        def run(self, update_scale=True):
+            out = original(self, update_scale)
+            adapter = adapter_of(self)
+            if adapter is None or update_scale or self.overflow:
+                return out
+            flag = adapter.nonfinite_to_reduce()  # None on every rank alike, or a uint8 on each
+            if flag is not None:
+                import torch.distributed as dist
+
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dp_process_group)
+                self.overflow = bool(flag.item())
+            return self.overflow
+        return run
+
+    _patch(cls, _ZERO3_REDUCE, reduce_and_partition)
+    _patch(cls, "unscale_and_clip_grads", unscale_and_clip_grads)
+    _patch(cls, "_overflow_check_and_loss_scale_update", overflow_check)
+    _patch(cls, "step", _zero_step)
 
 
 def unregister_patches() -> None:
@@ -555,7 +727,7 @@ def _torch_load(path):
 
 
 def read_zero_checkpoint(folder) -> CheckpointFiles:
-    """Read a DeepSpeed ZeRO-1/2 checkpoint tag folder of any world size."""
+    """Read a DeepSpeed ZeRO-1/2/3 checkpoint tag folder of any world size."""
     from pathlib import Path
 
     folder = Path(folder)
@@ -566,10 +738,12 @@ def read_zero_checkpoint(folder) -> CheckpointFiles:
         m = re.fullmatch(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", path.name)
         if m:
             shards_by_kind.setdefault(m.group(1) or "", {})[int(m.group(2))] = path
-    if not model_file.exists() or not shards_by_kind:
+    stage3 = not model_file.exists() and (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").exists()
+    if not (model_file.exists() or stage3) or not shards_by_kind:
         raise FileNotFoundError(
-            f"{folder} is not a DeepSpeed ZeRO-1/2 checkpoint folder: it needs "
-            "mp_rank_00_model_states.pt and zero_pp_rank_*_mp_rank_00_optim_states.pt "
+            f"{folder} is not a DeepSpeed ZeRO checkpoint folder: it needs "
+            "mp_rank_00_model_states.pt (ZeRO-3: zero_pp_rank_*_mp_rank_00_model_states.pt) and "
+            "zero_pp_rank_*_mp_rank_00_optim_states.pt "
             "(bf16_zero_pp_rank_* with bf16) (pass the tag folder, e.g. checkpoints/global_step100)")
     if len(shards_by_kind) > 1:
         raise ValueError(f"{folder} holds both zero_pp_rank_* and bf16_zero_pp_rank_* optimizer shards: "
@@ -579,13 +753,15 @@ def read_zero_checkpoint(folder) -> CheckpointFiles:
         raise ValueError(f"{folder}: optimizer shards of ranks {sorted(by_rank)}; ranks 0..{max(by_rank)} "
                          "are needed (a shard is missing)")
     shard_files = [by_rank[r] for r in range(len(by_rank))]
-    model_states = _torch_load(model_file)
     optim = [_torch_load(s)["optimizer_state_dict"] for s in shard_files]
     saved_by = optim[0]["partition_count"]
     saved_by = saved_by[0] if isinstance(saved_by, (list, tuple)) else saved_by
     if len(optim) != saved_by:
         raise ValueError(f"{folder}: {len(optim)} optimizer shards but the checkpoint was saved by "
                          f"{saved_by} ranks")
+    if stage3:
+        return _read_zero3(folder, optim)
+    model_states = _torch_load(model_file)
     shapes = model_states["param_shapes"]
     shards = []
     for sd in optim:
@@ -599,9 +775,51 @@ def read_zero_checkpoint(folder) -> CheckpointFiles:
             ShardGroup(sd["single_partition_of_fp32_groups"][i], states[i], hyper[i],
                        {n: (int(f.start), int(f.numel)) for n, f in sd["param_slice_mappings"][i].items()})
             for i in range(len(shapes))])
-    engine = {k: model_states.get(k) for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
     return CheckpointFiles(str(folder), [dict(s) for s in shapes], dict(model_states.get("module") or {}),
-                           shards, engine)
+                           shards, _engine_counters(model_states))
+
+
+def _engine_counters(model_states: dict) -> dict:
+    return {k: model_states.get(k) for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
+
+
+def _read_zero3(folder, optim: list[dict]) -> CheckpointFiles:
+    """A ZeRO-3 tag folder: per rank its model states (frozen parameter fragments) and its
+    optimizer shard (one fp32 flat partition and one optimizer state per sub-group). Rank r
+    holds elements [r P, (r + 1) P) of every parameter (P = ceil(numel / ranks)), so each
+    sub-group is read as a group whose slices are these pieces, in rank order."""
+    world = len(optim)
+    states = []
+    for r in range(world):
+        path = folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        if not path.exists():
+            raise ValueError(f"{folder}: ZeRO-3 model states of rank {r} are missing ({path.name})")
+        states.append(_torch_load(path))
+    shapes = states[0]["param_shapes"]
+    shards = []
+    for r, sd in enumerate(optim):
+        base, flats = sd["optimizer_state_dict"], sd["fp32_flat_groups"]
+        hyper = {}  # state index (= sub-group, DeepSpeed adds them in order) -> its group's hyperparameters
+        for g in base["param_groups"]:
+            hyper.update({i: {k: v for k, v in g.items() if k != "params"} for i in g["params"]})
+        groups = []
+        for i, group_shapes in enumerate(shapes):
+            slices, offset = {}, 0
+            for name, shape in group_shapes.items():
+                n = int(torch.Size(shape).numel())
+                size = -(-n // world)
+                slices[name] = (offset, max(0, min(size, n - r * size)))
+                offset += size
+            if flats[i].numel() != offset:
+                raise ValueError(f"{folder}: rank {r}'s ZeRO-3 sub-group {i} holds {flats[i].numel()} elements, "
+                                 f"its parameters' pieces {offset}; not a checkpoint of {world} ranks")
+            groups.append(ShardGroup(flats[i], base["state"].get(i, {}), hyper.get(i, {}), slices))
+        shards.append(groups)
+    module = dict(states[0].get("module") or {})
+    for name, shape in (states[0].get("frozen_param_shapes") or {}).items():  # partitioned like the rest
+        pieces = [s["frozen_param_fragments"][name].reshape(-1) for s in states]
+        module[name] = torch.cat(pieces).narrow(0, 0, torch.Size(shape).numel()).view(shape).clone()
+    return CheckpointFiles(str(folder), [dict(s) for s in shapes], module, shards, _engine_counters(states[0]))
 
 
 def restore_engine_counters(engine, saved: dict) -> None:

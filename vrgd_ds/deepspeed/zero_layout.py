@@ -1,9 +1,10 @@
-"""Layer layout of ZeRO stage 1/2 partitions.
+"""Layer layout of ZeRO stage 1/2/3 partitions.
 
 Under ZeRO-1/2 the wrapped optimizer sees one flat fp32 partition per param group. The
 partition holds consecutive pieces of the group's parameters in DeepSpeed's flattening
 order, and a parameter may continue on the next rank (:class:`.seam.GroupPartition` maps
-the pieces). Per-layer partial statistics are summed over the data-parallel group with
+the pieces). Under ZeRO-3 it sees one per sub-group, holding this rank's piece of every
+parameter of the sub-group (:class:`.seam.SubGroupPartition`). Per-layer partial statistics are summed over the data-parallel group with
 one all-reduce of a fixed-size [layers, c] table per call, which every rank joins: a rank
 whose partition of a group is pure padding holds one empty segment of that group.
 """

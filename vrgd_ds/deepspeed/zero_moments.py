@@ -134,6 +134,14 @@ class ZeroMoments:
         """The factor clipping multiplied the mean gradient by (1: unclipped)."""
         return float(self._multiplier) * self._loss_scale
 
+    def checking(self) -> bool:
+        """Whether this step's squares are checked for NaN/inf: the same on every rank."""
+        return not self._consumed and self.vr.wants_moments()
+
+    @property
+    def device(self) -> torch.device:
+        return self.snap.groups[0].flat.device
+
     def nonfinite(self) -> Tensor | None:
         """Whether this rank's reduced squares hold a NaN or inf, as a bool tensor on their
         device (nothing is read back: DeepSpeed all-reduces it with its own overflow flag);
