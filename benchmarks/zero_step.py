@@ -199,7 +199,7 @@ def worker(args):
         vr_kept = source.extra_bytes() if hasattr(source, "extra_bytes") else 0
         if opt is not None:
             vr_kept += sum(st["gsnr_momentum"].numel() * 4 for st in opt.state.values() if "gsnr_momentum" in st)
-        partition = (sum(g.flat.numel() for g in seam.snapshot(seam.zero_optimizer(engine)).groups)
+        partition = (sum(g.flat.numel() for g in seam.zero_snapshot(seam.zero_optimizer(engine)).groups)
                      if engine.zero_optimization_stage() > 0 else sum(p.numel() for p in engine.module.parameters()))
         result[label] = {"times_s": times[label], "phases_s": phases[label], "bytes_per_step": step_bytes[label],
                          "vr_kept_bytes": vr_kept, "vr_sent_bytes_total": vr_sent, "partition_numel": partition}
@@ -279,7 +279,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--bucket", type=int, default=int(5e6))
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--stage", type=int, choices=(0, 1, 2), default=2, help="zero_optimization.stage")
+    ap.add_argument("--stage", type=int, choices=(0, 1, 2, 3), default=2, help="zero_optimization.stage")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results" / "zero_step"))

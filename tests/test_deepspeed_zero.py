@@ -497,6 +497,10 @@ def test_squares_go_to_their_owner_once(matrix):
     owned3 = [sum(max(0, min(n, (r + 1) * -(-n // WORLD)) - r * -(-n // WORLD)) for n in per_param)
               for r in range(WORLD)]
     assert adapter_sent(matrix, "VRLAMB-s3-a2") == [(numel - owned3[r]) * 4 * 2 * STEPS for r in range(WORLD)]
+    # gsnr_interval 2: squares on every other step only (ZeRO-3 empties the param groups
+    # between steps; the interval is read from the optimizer state)
+    assert adapter_sent(matrix, "VRLAMB-s3-a2-interval2") == [
+        (numel - owned3[r]) * 4 * 2 * INTERVAL_STEPS // 2 for r in range(WORLD)]
     assert adapter_sent(matrix, "VRLAMB-s3-a2-chunk7") == adapter_sent(matrix, "VRLAMB-s3-a2")
 
 

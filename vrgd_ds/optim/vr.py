@@ -259,8 +259,9 @@ class GSNRTransform:
     def wants_moments(self) -> bool:
         """Whether the coming step computes the GSNR, so a moment source must reduce the
         squared gradients; with ``gsnr_interval`` N only every N-th step does."""
-        states = [self.state.get(p, {}) for g in self.param_groups if g["gamma"] < 1.0 for p in g["params"]]
-        return self._steps_taken(states) % self.gsnr_interval == 0
+        # every state a GSNR step has touched holds "vr_step" (a group with gamma 1 never gets
+        # one), so all states are read, not param_groups: ZeRO-3 empties the groups between steps
+        return self._steps_taken(self.state.values()) % self.gsnr_interval == 0
 
     def skip_nonfinite_step(self, where: str) -> None:
         """The step is skipped as a whole because a gradient or squared gradient is not
