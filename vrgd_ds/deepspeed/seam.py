@@ -8,7 +8,7 @@ Everything else in :mod:`vrgd_ds.deepspeed` works on the plain objects built her
   flat fp32 partition this rank owns, the parameters in DeepSpeed's flattening order with
   their alignment padding, the partition size, rank, world and process group), built once;
   of a ZeRO-3 optimizer, per sub-group (:class:`SubGroupPartition`).
-- :class:`CheckpointFiles`: a ZeRO-1/2 checkpoint folder read into plain tensors and dicts.
+- :class:`CheckpointFiles`: a ZeRO-1/2/3 checkpoint folder read into plain tensors and dicts.
 
 Tested DeepSpeed: exactly the versions in ``TESTED_DEEPSPEED`` (pinned in pyproject.toml);
 :func:`self_check` verifies at registration that every method patched below exists, and
