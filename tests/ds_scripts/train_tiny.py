@@ -25,6 +25,7 @@ the error if the case raised (refusals are cases too). Case keys besides name/co
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -147,10 +148,9 @@ class NaNInjector:
 def full_params(engine):
     """The model's parameters as float32 CPU copies (ZeRO-3: gathered from the ranks' partitions)."""
     params = list(engine.module.parameters())
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(params):
-            return [p.detach().float().cpu().clone() for p in params]
-    return [p.detach().float().cpu().clone() for p in params]
+    stage3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(params) if stage3 else contextlib.nullcontext():
+        return [p.detach().float().cpu().clone() for p in params]
 
 
 def state_tensors(engine):
