@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent / "ds_scripts"))
-from tiny_problem import batch  # noqa: E402
+from tiny_problem import GATE, batch, make_model as tiny_model  # noqa: E402
 from spawn_ranks import save_results, started  # noqa: E402
 
 WORLD, STEPS, CLIP, BUCKET = 2, 3, 0.05, 100
@@ -85,6 +85,9 @@ CASES = {
     "vrlamb-do1-ov1-a2-bf16grads": MCase("vrlamb", distributed=True, overlap=True, accum=2,
                                          extra={"bf16": True, "grad_reduce_in_fp32": False}),
     "vrlamb-do1-ov1-a2-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"fp16": True}),
+    # GatedMLP (tiny_problem): a side layer without a gradient on some micro-steps, alike on every rank
+    **{f"{o}-do{d:d}-ov0-a2-gated": MCase(o, distributed=d, overlap=False, accum=2, extra={"gate": GATE})
+       for o, d in (("vrlamb", False), ("vrlamb", True), ("vradam", True))},
 }
 
 
@@ -140,9 +143,11 @@ def build(name, distributed, overlap, clip, extra, model=None, device="cpu"):
     return ddps if isinstance(model, list) else ddps[0], opt, scheduler
 
 
-def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", schedule=None, world=None):
+def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", schedule=None, world=None,
+          gate=None):
     """``schedule``: (data step, input factor) per optimizer step; default: steps 0 .. STEPS-1.
-    ``rank`` of ``world`` data-parallel ranks (default: all ranks).
+    ``rank`` of ``world`` data-parallel ranks (default: all ranks). ``gate``: per data step, the
+    gated model's ``use_side`` per micro-step.
     Returns whether Megatron applied each step (False: fp16 overflow, skipped)."""
     applied = []
     for step, factor in schedule or [(s, 1.0) for s in range(STEPS)]:
@@ -150,6 +155,8 @@ def train(rank, ddp, opt, scheduler, accum, dtype=torch.float32, device="cpu", s
         opt.zero_grad()
         micro = split(step, accum, world or dist.get_world_size())
         for j in range(accum):
+            if gate is not None:
+                ddp.module.use_side = gate[step][j]
             xb, yb = (t.to(device) for t in micro[rank * accum + j])
             with ddp.no_sync() if j < accum - 1 else contextlib.nullcontext():
                 loss = loss_fn(ddp((xb * factor).to(dtype)), yb) / accum
@@ -194,9 +201,12 @@ def finish_grads(ddp) -> None:
 def run_case(rank, case: MCase, device="cpu"):
     name, distributed, overlap, accum, clip, extra = (
         case.optimizer, case.distributed, case.overlap, case.accum, case.clip, case.extra)
-    ddp, opt, scheduler = build(name, distributed, overlap, clip, extra, device=device)
+    gate = extra.get("gate")
+    ddp, opt, scheduler = build(name, distributed, overlap, clip, extra, device=device,
+                                model=gated_model() if gate else None)
     dtype = torch.bfloat16 if extra.get("bf16") else torch.float16 if extra.get("fp16") else torch.float32
-    train(rank, ddp, opt, scheduler, accum, dtype, device)
+    train(rank, ddp, opt, scheduler, accum, dtype, device, gate=gate,
+          schedule=[(s, 1.0) for s in sorted(gate)] if gate else None)
     if extra.get("overlap_param_gather"):
         ddp.start_param_sync(force_sync=True)  # the last step's all-gather waits for a forward
     inner = opt.chained_optimizers[0].optimizer
@@ -245,25 +255,32 @@ def run_fp16_overflow(rank):
     return {"applied": applied, "params": [p.detach().float().clone() for p in ddp.module.parameters()]}
 
 
-def float64_reference(name, groups, clip, gamma=None, model_fn=None):
+def gated_model():
+    return tiny_model(16, gated=True)
+
+
+def float64_reference(name, groups, clip, gamma=None, model_fn=None, gate=None):
     """docs/algorithm.md over ``groups`` explicit group gradients per step; biases (Megatron's
-    wd_mult 0) get no weight decay and, for LARS, no trust ratio."""
+    wd_mult 0) get no weight decay and, for LARS, no trust ratio. ``gate``: the gated model,
+    over its steps (group i is micro-step i % a of rank i // a)."""
     from reference import Reference, group_grads
 
     base, _, hp = HP[name]
     gamma = gamma if gamma is not None else (0.1 if name.startswith("vr") else None)
     beta3 = 0.9 if name in ("vrlamb", "vradam") else 0.0
-    model = (model_fn or make_model)()
+    model = gated_model() if gate else (model_fn or make_model)()
     params = list(model.parameters())
     ref = Reference(params, base, gamma=gamma, beta3=beta3, **hp)
     no_decay = {"weight_decay": 0.0, **({"excluded": True} if base in ("lamb", "lars") else {})}
     per_param = [no_decay if p.dim() == 1 else {} for p in params]
-    for step in range(STEPS):
+    for step in sorted(gate) if gate else range(STEPS):
         with torch.no_grad():
             for p, t in zip(params, ref.theta):
                 p.copy_(t.float())
         x, y = batch(step)
-        grads = group_grads(model, loss_fn, x, y, groups)
+        flags = gate[step] if gate else None
+        grads = group_grads(model, loss_fn, x, y, groups, before_group=None if flags is None else (
+            lambda i: setattr(model, "use_side", flags[i % len(flags)])))
         if clip > 0.0:  # Megatron clips the mean gradient by its total norm
             norm = torch.sqrt(sum((g.mean(0) ** 2).sum() for g in grads)).item()
             coef = min(1.0, clip / (norm + 1e-6))

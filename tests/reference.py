@@ -12,15 +12,18 @@ import math
 import torch
 
 
-def group_grads(model, loss_fn, xs, ys, k, params=None):
+def group_grads(model, loss_fn, xs, ys, k, params=None, before_group=None):
     """Explicit per-group gradients: a list (per parameter) of [k, *shape] float64 tensors,
-    for ``params`` (default: all of the model's)."""
+    for ``params`` (default: all of the model's). ``before_group(i)`` runs before group i's
+    forward; a parameter the group's loss does not reach has a zero gradient there."""
     params = list(model.parameters()) if params is None else list(params)
     per_param = [[] for _ in params]
-    for xb, yb in zip(xs.chunk(k), ys.chunk(k)):
-        grads = torch.autograd.grad(loss_fn(model(xb), yb), params)
-        for i, g in enumerate(grads):
-            per_param[i].append(g.detach().double())
+    for i, (xb, yb) in enumerate(zip(xs.chunk(k), ys.chunk(k))):
+        if before_group is not None:
+            before_group(i)
+        grads = torch.autograd.grad(loss_fn(model(xb), yb), params, allow_unused=True)
+        for j, (g, p) in enumerate(zip(grads, params)):
+            per_param[j].append(torch.zeros_like(p, dtype=torch.float64) if g is None else g.detach().double())
     return [torch.stack(g) for g in per_param]
 
 

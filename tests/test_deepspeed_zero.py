@@ -19,7 +19,7 @@ import torch
 
 from ds_helpers import run_deepspeed, tail
 from reference import Reference, group_grads, max_rel_err
-from tiny_problem import batch, make_model
+from tiny_problem import GATE, batch, make_model
 
 STEPS, WORLD = 3, 2
 # name: (reference base, DeepSpeed params, extra reference hyperparameters)
@@ -31,7 +31,7 @@ HP = {"NVLAMB": ("lamb", {"lr": 0.02, "betas": [0.9, 0.999], "eps": 1e-6, "weigh
       "VRLARS": ("lars", {"lr": 2.0, "momentum": 0.9, "eta": 0.001, "weight_decay": 0.001, "gamma": 0.1}, {}),
       "VRAdamW": ("adam", {"lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1,
                            "gamma": 0.1, "beta3": 0.9}, {"decoupled": True}),
-      # DeepSpeed's own AdamW (torch's, on CPU): only measured, never compared with the reference
+      # DeepSpeed's own AdamW (torch's, on CPU), for the measure-only noise scale
       "AdamW": ("adam", {"lr": 0.01, "weight_decay": 0.1, "torch_adam": True}, {"decoupled": True})}
 GNS = {"vrgd_noise_scale": {"interval": 1, "ema_decay": 0.9}}
 GNS_FIRST = {"vrgd_noise_scale": {"interval": 100}}  # measures the first step only (at the initial weights)
@@ -57,6 +57,7 @@ class Case:
     world: int = WORLD
     gas_changes: dict = field(default_factory=dict)  # data step -> accumulation from then on
     count_reads: bool = False  # count the last step's host reads (tests/ds_scripts/host_reads.py)
+    gate: dict = field(default_factory=dict)  # data step -> per micro-step flags of GatedMLP's side layer
 
     def gas_at(self, step: int) -> int:
         changed = [s for s in self.gas_changes if s <= step]
@@ -80,6 +81,8 @@ class Case:
                 out[key] = getattr(self, key)
         if self.gas_changes:
             out["gas_changes"] = {str(s): g for s, g in self.gas_changes.items()}
+        if self.gate:
+            out["gate"] = {str(s): list(f) for s, f in self.gate.items()}
         if self.frozen:
             out["frozen"] = list(self.frozen)
         return out
@@ -99,7 +102,8 @@ def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float
     base, hp, extra = HP[case.opt]
     hp = {k: tuple(v) if isinstance(v, list) else v for k, v in hp.items()}
     gamma, beta3 = hp.pop("gamma", None), hp.pop("beta3", 0.0)
-    model = make_model().to(device=device, dtype=model_dtype)
+    hp.pop("torch_adam", None)  # DeepSpeed's AdamW is torch's: the reference's decoupled Adam
+    model = make_model(gated=bool(case.gate)).to(device=device, dtype=model_dtype)
     named = [(n, p) for n, p in model.named_parameters() if n not in case.frozen]
     for n, p in model.named_parameters():
         p.requires_grad_(n not in case.frozen)
@@ -113,8 +117,11 @@ def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float
             for p, t in zip(params, ref.theta):
                 p.copy_(t.to(device))
         x, y = batch(step)
+        flags = case.gate.get(step, [True] * case.gas_at(step))  # group i: micro-step i // world, rank i % world
         groups = group_grads(model, lambda out, yb: torch.nn.functional.mse_loss(out.float(), yb),
-                             x.to(device=device, dtype=model_dtype), y.to(device), k, params)
+                             x.to(device=device, dtype=model_dtype), y.to(device), k, params,
+                             before_group=lambda i: setattr(model, "use_side", _gated(flags[i // case.world],
+                                                                                      i % case.world)))
         groups = [g.cpu() for g in groups]
         if history is not None:
             history.append(groups)
@@ -124,7 +131,14 @@ def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float
             groups = [g * coef for g in groups]
         ref.step(groups, per_param)
     theta = iter(ref.theta)
-    return [p.detach().double() if n in case.frozen else next(theta) for n, p in make_model().named_parameters()]
+    return [p.detach().double() if n in case.frozen else next(theta)
+            for n, p in make_model(gated=bool(case.gate)).named_parameters()]
+
+
+def _gated(flag, rank: int) -> bool:
+    """Whether a rank's micro-batch runs through GatedMLP's side layer: a flag for every rank, or
+    the list of ranks that do."""
+    return flag if isinstance(flag, bool) else rank in flag
 
 
 def _group_hp(case: Case, base: str, name: str) -> dict:
@@ -141,6 +155,9 @@ def _group_hp(case: Case, base: str, name: str) -> dict:
 INTERVAL_STEPS = 4
 NAN_STEPS = [[0, 1.0], [1, 1.0], [2, 1.0]]
 NAN_AT_1 = {"step": 1, "param": "2.bias", "rank": 1}  # the second param group, one rank only
+
+# GATE (tiny_problem): per micro-step, alike on every rank; GATE_RANKS: the ranks listed only
+GATE_RANKS = {0: ([1], False), 1: (True, [0]), 2: ([0], [1]), 3: (False, False), 4: (True, True)}
 
 PARITY = {
     "NVLAMB-s0-a1": Case("NVLAMB", 0, 1),
@@ -209,7 +226,18 @@ PARITY = {
     "VRLAMB-s3-a2to4": Case("VRLAMB", 3, gas_changes={2: 4}),
     **{f"VRLAMB-s3-a2-ov{o:d}-cg{c:d}-rs{r:d}": Case(
         "VRLAMB", 3, zero={"overlap_comm": o, "contiguous_gradients": c, "reduce_scatter": r})
-       for o, c, r in ((False, False, True), (True, True, False), (False, True, True))},
+       for o in (False, True) for c in (False, True) for r in (False, True)},
+    # a side layer without a gradient on some micro-steps (a branch not taken, an MoE expert no
+    # token chose): a zero group gradient there, at every stage
+    **{f"{o}-s{s}-a2-gated": Case(o, s, gate=GATE, steps=len(GATE)) for o, s in (
+        ("VRLAMB", 0), ("VRLAMB", 1), ("VRLAMB", 2), ("VRLAMB", 3), ("NVLAMB", 3), ("VRAdamW", 3))},
+    # DeepSpeed's own AdamW with the measure-only noise scale: the seam's ZeRO-3 mend applies
+    "AdamW-s3-a2-gated-gns": Case("AdamW", 3, gate=GATE, steps=len(GATE), extra=GNS),
+    "VRLAMB-s3-a2-gated-subgroups": Case("VRLAMB", 3, gate=GATE, steps=len(GATE), zero={"sub_group_size": 10}),
+    "VRLAMB-s2-a2-gated-ov1-cg1": Case("VRLAMB", 2, gate=GATE, steps=len(GATE),
+                                       zero={"overlap_comm": True, "contiguous_gradients": True}),
+    # stage 0 also takes a layer that only some ranks use (DeepSpeed's ZeRO-1/2/3 do not)
+    "VRLAMB-s0-a2-gated-ranks": Case("VRLAMB", 0, gate=GATE_RANKS, steps=len(GATE_RANKS)),
 }
 # a NaN in one rank's gradient of the second group at step 1: the whole step is skipped
 # (or raises) before any group is applied; the result is the reference without that step

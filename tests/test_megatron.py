@@ -44,7 +44,8 @@ def test_matches_float64_reference(megatron_results, cid):
     case = CASES[cid]
     got = [r[cid] for r in megatron_results]
     torch.testing.assert_close(got[0]["params"], got[1]["params"], rtol=0, atol=0)
-    err = max_rel_err(got[0]["params"], float64_reference(case.optimizer, WORLD * case.accum, case.clip))
+    err = max_rel_err(got[0]["params"], float64_reference(case.optimizer, WORLD * case.accum, case.clip,
+                                                          gate=case.extra.get("gate")))
     assert err < 2e-5, f"{cid}: max relative error {err:.2e}"
     if case.optimizer.startswith("vr"):
         assert got[0]["k"] == WORLD * case.accum
@@ -53,13 +54,15 @@ def test_matches_float64_reference(megatron_results, cid):
 
 def test_cases_cover_the_hard_layouts(megatron_results):
     """Several buckets; a layer split across the two shards; a rank whose shard holds no
-    element of a param group (placeholder); the no-decay group really has no decay."""
+    element of a param group (placeholder); the no-decay group really has no decay. The
+    gated cases (a layer without a gradient on some micro-steps) are the one exception to
+    the straddling layer: their model's layers each fall whole into one shard."""
     r0, r1 = megatron_results
     for cid, case in CASES.items():
         if case.overlap:
             assert r0[cid]["bucket_groups"] >= 2, cid
         if case.distributed:
-            assert r0[cid]["straddles"] and r1[cid]["straddles"], cid
+            assert "gate" in case.extra or (r0[cid]["straddles"] and r1[cid]["straddles"]), cid
         assert r0[cid]["weight_decays"][1] == 0.0 and r0[cid]["weight_decays"][0] > 0.0, cid
     assert r1["vrlamb-do1-ov1-a2"]["group_numels"][1] == [0]  # rank 1 holds no bias: placeholder
     assert r0["vrlamb-do1-ov1-a2"]["group_numels"][1] != [0]

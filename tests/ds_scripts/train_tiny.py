@@ -19,6 +19,8 @@ the error if the case raised (refusals are cases too). Case keys besides name/co
 - coalesce: backward passes inside engine.coalesce_grad_reduction()
 - width: the hidden width of the MLP (default 5)
 - gas_changes: {"step": accumulation}: engine.set_train_batch_size before that step
+- gate: {"step": [flag per micro-step]}: the model is tiny_problem.GatedMLP, whose side layer
+  a micro-step runs through only where its flag is true, or on the ranks its flag lists
 - measure_memory: record the peak bytes the squares' reduction allocated
 - count_reads: count the host reads (CPU) or device syncs (CUDA) of the last step's backward
   passes and engine.step(), vrgd_ds's and everyone else's (tests/ds_scripts/host_reads.py)
@@ -54,7 +56,7 @@ def loss_of(engine, x, y):
     return torch.nn.functional.mse_loss(engine(x.to(device=p.device, dtype=p.dtype)).float(), y.to(p.device))
 
 
-def train(engine, steps, coalesce=False, on_step=None, before=None, gas_changes=None):
+def train(engine, steps, coalesce=False, on_step=None, before=None, gas_changes=None, gate=None):
     for step, scale in steps:
         if before is not None:
             before(step)
@@ -62,15 +64,21 @@ def train(engine, steps, coalesce=False, on_step=None, before=None, gas_changes=
             engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * dist.get_world_size()
                                         * gas_changes[str(step)])
         pairs = micro_batches(engine, step, scale)
+        flags = (gate or {}).get(str(step), [True] * len(pairs))
+
+        def backward(j):  # the gated model's side layer (tiny_problem.GatedMLP): on every rank, or the listed
+            engine.module.use_side = flags[j] if isinstance(flags[j], bool) else dist.get_rank() in flags[j]
+            engine.backward(loss_of(engine, *pairs[j]))
+
         if coalesce:
             with engine.coalesce_grad_reduction():
-                for x, y in pairs:
-                    engine.backward(loss_of(engine, x, y))
+                for j in range(len(pairs)):
+                    backward(j)
         else:
-            for x, y in pairs[:-1]:
-                engine.backward(loss_of(engine, x, y))
+            for j in range(len(pairs) - 1):
+                backward(j)
                 engine.step()
-            engine.backward(loss_of(engine, *pairs[-1]))
+            backward(len(pairs) - 1)
         if on_step is not None:
             on_step(step, lambda: engine.step())
         else:
@@ -118,7 +126,7 @@ def build(case):
         from deepspeed.accelerator import get_accelerator
 
         get_accelerator().is_fp16_supported = lambda: True
-    model = make_model(case.get("width", 5))
+    model = make_model(case.get("width", 5), gated="gate" in case)
     for name, p in model.named_parameters():
         p.requires_grad_(name not in case.get("frozen", ()))
     params = param_groups(model, case.get("groups"))
@@ -187,7 +195,7 @@ def run_case(case):
     try:
         train(engine, steps[:len(steps) - len(counted)], coalesce=case.get("coalesce", False), on_step=on_step,
               before=(lambda s: setattr(injector, "step", s)) if injector is not None else None,
-              gas_changes=case.get("gas_changes"))
+              gas_changes=case.get("gas_changes"), gate=case.get("gate"))
         if counted:
             with reads:
                 train(engine, counted)

@@ -56,7 +56,14 @@ ZeRO-3, on ``DeepSpeedZeroOptimizer_Stage3`` (runtime/zero/stage3.py):
     flag skips the whole step, every sub-group, as DeepSpeed's own overflow does.
 13. ``step``: as patch 5. DeepSpeed steps the inner optimizer once per sub-group (a param
     group has several under a small ``sub_group_size``), as ZeRO-1/2 step it once per
-    param group.
+    param group. After the step (taken, skipped or raised) the gradient partitions
+    (``grad_partitions_flat_buffer``) are zeroed. DeepSpeed copies a parameter's reduced
+    gradient into its partition on a step's first micro-step, adds on later ones, and
+    never clears the partition: a parameter with no gradient on the first micro-step (a
+    branch not taken, an expert no token chose) would add onto, or keep, the previous
+    step's gradient. Zeroed, a micro-step without a gradient counts as a zero gradient, as
+    on ZeRO-0/1/2 and in the reference. DeepSpeed 0.19's own optimizers at ZeRO-3 keep the
+    stale gradient (AdamW off by 4.5e-2 on the tests' gated model).
 
 Instance attribute written: ``DeepSpeedZeroOptimizer.check_grad_overflow = True`` for the
 VR optimizers (DeepSpeed checks overflow only for fp16 by default), so a non-finite step
@@ -395,6 +402,9 @@ def snapshot3(zero) -> ZeroSnapshot:
     try:
         dp = zero.dp_process_group
         dp_world = dist.get_world_size(group=dp)
+        if zero.grad_partitions_flat_buffer is None:  # patch 13 clears it; None only under offload (refused)
+            raise NotImplementedError("vrgd-ds: this ZeRO-3 optimizer keeps no gradient partitions "
+                                      "(offload); not supported")
         groups, base = [], 0
         for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
             pg = zero._get_sub_group_process_group(i)
@@ -644,7 +654,18 @@ def _install_stage3() -> None:
     _patch(cls, _ZERO3_REDUCE, reduce_and_partition)
     _patch(cls, "unscale_and_clip_grads", unscale_and_clip_grads)
     _patch(cls, "_overflow_check_and_loss_scale_update", overflow_check)
-    _patch(cls, "step", _zero_step)
+    def step(original):
+        inner = _zero_step(original)
+
+        def run(self, *args, **kwargs):
+            try:
+                return inner(self, *args, **kwargs)
+            finally:
+                if adapter_of(self) is not None:  # on the current stream: the next reduce waits for it
+                    self.grad_partitions_flat_buffer.zero_()
+        return run
+
+    _patch(cls, "step", step)
 
 
 def unregister_patches() -> None:
