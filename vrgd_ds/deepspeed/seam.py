@@ -651,9 +651,6 @@ def _install_stage3() -> None:
             return self.overflow
         return run
 
-    _patch(cls, _ZERO3_REDUCE, reduce_and_partition)
-    _patch(cls, "unscale_and_clip_grads", unscale_and_clip_grads)
-    _patch(cls, "_overflow_check_and_loss_scale_update", overflow_check)
     def step(original):
         inner = _zero_step(original)
 
@@ -665,6 +662,9 @@ def _install_stage3() -> None:
                     self.grad_partitions_flat_buffer.zero_()
         return run
 
+    _patch(cls, _ZERO3_REDUCE, reduce_and_partition)
+    _patch(cls, "unscale_and_clip_grads", unscale_and_clip_grads)
+    _patch(cls, "_overflow_check_and_loss_scale_update", overflow_check)
     _patch(cls, "step", step)
 
 
