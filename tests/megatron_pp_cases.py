@@ -271,6 +271,8 @@ VP_CASES = {
                                          extra={"vr_telemetry_interval": 1}),
     "vrlamb-do0-ov1-a2-bf16": MCase("vrlamb", distributed=False, overlap=True, accum=2, extra={"bf16": True}),
     "vrlamb-do1-ov1-a2-fp16": MCase("vrlamb", distributed=True, overlap=True, accum=2, extra={"fp16": True}),
+    # 4 micro-batches: the interleaved schedule's steady state (2 have none)
+    "vrlamb-do1-ov1-a4": MCase("vrlamb", distributed=True, overlap=True, accum=4),
 }
 
 
@@ -295,10 +297,18 @@ class VirtualStage(Stage):
         return h if self.post_process else h.unsqueeze(0)  # [1, micro-batch, 16] to the next stage
 
 
-def _virtual_build(case: MCase, stage: int):
-    chunks = [VirtualStage(c * PP + stage) for c in range(VP)]
+def _virtual_build(case: MCase, stage: int, stage_cls=None):
+    """Virtual stages ``stage`` and ``stage + PP`` (``stage_cls``, default VirtualStage) as this
+    rank's model chunks, built and scheduled as Megatron-LM does for the interleaved schedule:
+    ``overlap_p2p_comm`` on, so ``batch_p2p_comm`` off. (With megatron-core's default
+    ``batch_p2p_comm=True`` at pipeline size 2, where the next and previous stage are the same
+    rank, a steady-state step's batched sends to that rank do not pair with its receives on
+    gloo: the gradients came out wrong by up to 300x with 4 micro-batches, before any
+    optimizer saw them. 2 micro-batches have no steady state.)"""
+    chunks = [(stage_cls or VirtualStage)(c * PP + stage) for c in range(VP)]
     extra = _extra(case, _dtype(case.extra))
-    extra["model_config"].update(num_layers=PP * VP, virtual_pipeline_model_parallel_size=VP)
+    extra["model_config"].update(num_layers=PP * VP, virtual_pipeline_model_parallel_size=VP,
+                                 overlap_p2p_comm=True, batch_p2p_comm=False)
     ddps, opt, scheduler = build(case.optimizer, case.distributed, case.overlap, case.clip, extra, model=chunks)
     schedule(ddps, opt)
     return ddps, opt, scheduler
@@ -408,6 +418,69 @@ def run_gpt_virtual(out_dir: Path) -> dict:
     return out
 
 
+# ---- tensor-parallel 2 x pipeline-parallel 2 x 2 virtual stages (data-parallel size 1) ----
+
+TP_VP_CASES = {
+    "vrlamb-do1-ov1-a4": MCase("vrlamb", distributed=True, overlap=True, accum=4),
+    "vradam-do0-ov0-a4-clip": MCase("vradam", distributed=False, overlap=False, accum=4, clip=0.05),
+}
+
+
+class TPVirtualStage(Stage):
+    """Virtual stage v of make_deep() (as VirtualStage), its layer ``fc`` split over the
+    tensor-parallel ranks by Megatron's own layers: stages 0 and 2 by rows
+    (ColumnParallelLinear, output gathered), stage 1 by columns (RowParallelLinear, input
+    scattered, bias whole); stage 3 whole on every rank."""
+
+    def __init__(self, v: int):
+        from megatron.core import parallel_state
+        from megatron.core.model_parallel_config import ModelParallelConfig
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        super().__init__(0)
+        del self.net
+        whole = make_deep()[2 * v]
+        self.pre_process, self.post_process = v == 0, v == PP * VP - 1
+        if self.post_process:
+            self.fc = whole
+            return
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        t = parallel_state.get_tensor_model_parallel_rank()
+        config = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True)
+        shape = dict(config=config, init_method=torch.nn.init.zeros_, bias=True)  # the weights: set below
+        if v % 2 == 0:
+            self.fc = ColumnParallelLinear(whole.in_features, whole.out_features, gather_output=True, **shape)
+            weight, bias = whole.weight.chunk(tp, 0)[t], whole.bias.chunk(tp, 0)[t]
+        else:
+            self.fc = RowParallelLinear(whole.in_features, whole.out_features, input_is_parallel=False,
+                                        skip_bias_add=False, **shape)
+            weight, bias = whole.weight.chunk(tp, 1)[t], whole.bias
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+
+    def forward(self, x):
+        h = self.fc(x if self.pre_process else self.input_tensor.squeeze(0))
+        h = h[0] if isinstance(h, tuple) else h  # Megatron's layers return (output, bias)
+        return h if self.post_process else torch.tanh(h).unsqueeze(0)
+
+
+def run_tensor_and_virtual_pipeline() -> dict:
+    """Megatron's interleaved schedule with tensor-parallel layers: 2 chunks per pipeline rank
+    (virtual stages ``stage`` and ``stage + PP``), each chunk's layer split over 2
+    tensor-parallel ranks (TPVirtualStage)."""
+    from megatron.core import parallel_state
+
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    out = {"ranks": {"tp": parallel_state.get_tensor_model_parallel_rank(), "pp": stage}}
+    for cid, case in TP_VP_CASES.items():
+        ddps, opt, scheduler = _virtual_build(case, stage, TPVirtualStage)
+        inner = opt.chained_optimizers[0].optimizer
+        out[cid] = {"applied": train(ddps, opt, scheduler, case.accum, torch.float32, data_world=1),
+                    "params": _params(ddps), "k": inner.moments.group_count, "layers": inner.layout.layer_count}
+    return out
+
+
 def worker(rank, init_file, out_dir):
     from megatron_cpu import start_gloo_worker
 
@@ -446,6 +519,9 @@ def worker(rank, init_file, out_dir):
         parallel_state.initialize_model_parallel(2, PP)
         results["tp pp"] = run_tensor_and_pipeline_parallel()
         parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(2, PP, virtual_pipeline_model_parallel_size=VP)
+        results["tp vp"] = run_tensor_and_virtual_pipeline()
+        parallel_state.destroy_model_parallel()
         return results
 
     save_results(out_dir, rank, compute)
@@ -453,4 +529,5 @@ def worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
-__all__ = ["CASES", "DP", "HP", "PP", "TP_PP_CASES", "VP", "VP_CASES", "WORLD", "make_deep", "worker"]
+__all__ = ["CASES", "DP", "HP", "PP", "TP_PP_CASES", "TP_VP_CASES", "VP", "VP_CASES", "WORLD", "make_deep",
+           "worker"]
