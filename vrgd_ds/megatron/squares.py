@@ -21,9 +21,10 @@ the reduced gradient is ``f * k * squares``. Between the reduction and the inner
 optimizer step Megatron divides the gradient by the loss scale S (fp16) and multiplies
 it by a clipping factor c: ``sq_scale = f * k * (c / S)^2``. S is read before Megatron
 prepares the gradients; c is measured, not re-derived: |g|^2 over this rank's optimizer
-tensors after gradient preparation and again at the step, whose ratio is c^2 because
-clipping scales all gradients by one factor (a rank whose gradients are all zero uses
-c = 1, which cannot change its GSNR: gbar = 0 there).
+tensors after gradient preparation and again at the step (each summed over the
+tensor-parallel group, so that every tensor-parallel rank has the same c to the last bit),
+whose ratio is c^2 because clipping scales all gradients by one factor (where all those
+gradients are zero, c = 1, which cannot change the GSNR: gbar = 0 there).
 
 Sequence parallelism: a parameter that sees only this rank's part of the sequence (a norm,
 a row-parallel bias; Megatron marks it ``sequence_parallel``) gets a partial gradient h_t on
@@ -63,6 +64,8 @@ class BufferSquares:
         self._handles = []
         summed = {p for ddp in chunks for p in seam.tensor_parallel_summed(ddp)}
         tp_group = seam.tensor_parallel_group(chunks[0]) if summed else None
+        whole_tp = seam.tensor_parallel_group(chunks[0])
+        self._tp_group = whole_tp if whole_tp.size() > 1 else None  # see _clip_sq
         for buf, sq in zip(self.layouts, self.squares):
             for p in buf.params:
                 start, end = buf.index[p]
@@ -167,11 +170,21 @@ class BufferSquares:
         return float(torch.stack(torch._foreach_norm(grads, 2)).double().square().sum())
 
     def _clip_sq(self) -> float:
+        """c^2: |g|^2 at the step over |g|^2 after Megatron prepared the gradients. Under tensor
+        parallelism the two sums are added over the tensor-parallel group first (one all-reduce
+        of two numbers): the ratio is the same, and every tensor-parallel rank then has the same
+        c to the last bit, so a layer held whole on each of them (a replicated bias) gets the
+        same update on each (measured from each rank's own tensors, it differed in the last
+        bits, and the replicas drifted apart)."""
         before = self._prepared_sq
         if before is None:
             raise RuntimeError("vrgd_ds.megatron: the optimizer step ran without Megatron's "
                                "prepare_grads; step through the Megatron optimizer")
         now = self._grad_sq()
+        if self._tp_group is not None:
+            both = torch.tensor([before, now], dtype=torch.float64, device=self.squares[0].device)
+            dist.all_reduce(both, group=self._tp_group)
+            before, now = both.tolist()
         return now / before if before > 0.0 else 1.0
 
     # ---- MomentSource -----------------------------------------------------------------
