@@ -63,8 +63,8 @@ class BufferSquares:
         self._passes: dict[Tensor, int] = {}
         self._handles = []
         summed = {p for ddp in chunks for p in seam.tensor_parallel_summed(ddp)}
-        tp_group = seam.tensor_parallel_group(chunks[0]) if summed else None
         whole_tp = seam.tensor_parallel_group(chunks[0])
+        tp_group = whole_tp if summed else None
         self._tp_group = whole_tp if whole_tp.size() > 1 else None  # see _clip_sq
         for buf, sq in zip(self.layouts, self.squares):
             for p in buf.params:
