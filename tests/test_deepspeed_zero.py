@@ -19,7 +19,7 @@ import torch
 
 from ds_helpers import run_deepspeed, tail
 from reference import Reference, group_grads, max_rel_err
-from tiny_problem import GATE, batch, make_model
+from tiny_problem import GATE, batch, make_model, uses_side
 
 STEPS, WORLD = 3, 2
 # name: (reference base, DeepSpeed params, extra reference hyperparameters)
@@ -120,8 +120,8 @@ def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float
         flags = case.gate.get(step, [True] * case.gas_at(step))  # group i: micro-step i // world, rank i % world
         groups = group_grads(model, lambda out, yb: torch.nn.functional.mse_loss(out.float(), yb),
                              x.to(device=device, dtype=model_dtype), y.to(device), k, params,
-                             before_group=lambda i: setattr(model, "use_side", _gated(flags[i // case.world],
-                                                                                      i % case.world)))
+                             before_group=lambda i: setattr(model, "use_side", uses_side(flags[i // case.world],
+                                                                                          i % case.world)))
         groups = [g.cpu() for g in groups]
         if history is not None:
             history.append(groups)
@@ -133,12 +133,6 @@ def reference(case: Case, history=None, data_steps=None, model_dtype=torch.float
     theta = iter(ref.theta)
     return [p.detach().double() if n in case.frozen else next(theta)
             for n, p in make_model(gated=bool(case.gate)).named_parameters()]
-
-
-def _gated(flag, rank: int) -> bool:
-    """Whether a rank's micro-batch runs through GatedMLP's side layer: a flag for every rank, or
-    the list of ranks that do."""
-    return flag if isinstance(flag, bool) else rank in flag
 
 
 def _group_hp(case: Case, base: str, name: str) -> dict:

@@ -25,6 +25,11 @@ class GatedMLP(torch.nn.Sequential):
 GATE = {0: (False, False), 1: (True, False), 2: (False, True), 3: (False, False), 4: (True, True)}
 
 
+def uses_side(flag, rank: int) -> bool:
+    """A GATE-style flag: True/False for every rank, or the list of ranks that use the side layer."""
+    return flag if isinstance(flag, bool) else rank in flag
+
+
 def make_model(width=5, gated=False):
     torch.manual_seed(0)
     if gated:

@@ -38,7 +38,7 @@ import vrgd_ds  # noqa: F401  (registers the optimizers with DeepSpeed)
 import deepspeed
 import torch.distributed as dist
 from host_reads import HostReads
-from tiny_problem import batch, make_model
+from tiny_problem import batch, make_model, uses_side
 from vrgd_ds.deepspeed import DS_NAMES
 from vrgd_ds.deepspeed.telemetry import named_telemetry, vr_optimizer
 
@@ -66,8 +66,8 @@ def train(engine, steps, coalesce=False, on_step=None, before=None, gas_changes=
         pairs = micro_batches(engine, step, scale)
         flags = (gate or {}).get(str(step), [True] * len(pairs))
 
-        def backward(j):  # the gated model's side layer (tiny_problem.GatedMLP): on every rank, or the listed
-            engine.module.use_side = flags[j] if isinstance(flags[j], bool) else dist.get_rank() in flags[j]
+        def backward(j):  # the gated model's side layer (tiny_problem.GatedMLP)
+            engine.module.use_side = uses_side(flags[j], dist.get_rank())
             engine.backward(loss_of(engine, *pairs[j]))
 
         if coalesce:
