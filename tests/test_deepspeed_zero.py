@@ -152,6 +152,9 @@ NAN_AT_1 = {"step": 1, "param": "2.bias", "rank": 1}  # the second param group, 
 
 # GATE (tiny_problem): per micro-step, alike on every rank; GATE_RANKS: the ranks listed only
 GATE_RANKS = {0: ([1], False), 1: (True, [0]), 2: ([0], [1]), 3: (False, False), 4: (True, True)}
+# per step, every rank reaches the side layer on some micro-step (or none does): ZeRO-1 reduces
+# once per step, so its buckets agree; ZeRO-2 reduces every micro-step, so its do not
+GATE_RANKS_STEPWISE = {0: ([0], [1]), 1: ([1], [0]), 2: (True, [1]), 3: (False, False)}
 
 PARITY = {
     "NVLAMB-s0-a1": Case("NVLAMB", 0, 1),
@@ -232,6 +235,8 @@ PARITY = {
                                        zero={"overlap_comm": True, "contiguous_gradients": True}),
     # stage 0 also takes a layer that only some ranks use (DeepSpeed's ZeRO-1/2/3 do not)
     "VRLAMB-s0-a2-gated-ranks": Case("VRLAMB", 0, gate=GATE_RANKS, steps=len(GATE_RANKS)),
+    # ZeRO-1: some ranks only on a micro-step, but every rank (or none) within each step
+    "VRLAMB-s1-a2-gated-ranks-stepwise": Case("VRLAMB", 1, gate=GATE_RANKS_STEPWISE, steps=len(GATE_RANKS_STEPWISE)),
 }
 # a NaN in one rank's gradient of the second group at step 1: the whole step is skipped
 # (or raises) before any group is applied; the result is the reference without that step
@@ -275,7 +280,8 @@ OTHER = {  # not exact by design: checked against the reference with their own t
 # host reads (device syncs on a GPU) of one whole step, vrgd_ds's own (tests/ds_scripts/host_reads.py):
 # the GSNR layer sums (ZeRO-1/2 and stage 0), and at stage 0 with clipping the factor clipping
 # applied (DeepSpeed clips there); our LAMB under DeepSpeed: none. Nothing per micro-step or
-# per bucket; DeepSpeed's own multiplier of the gradients stays on the device.
+# per bucket (the ZeRO-1/2 bucket agreement reads flags of a gloo group, never the device's);
+# DeepSpeed's own multiplier of the gradients stays on the device.
 READS = {f"{o}-s{s}-a2{'-clip' if c else ''}-reads": (Case(o, s, clip=c, count_reads=True), n) for o, s, c, n in (
     ("VRLAMB", 2, 0.0, 1), ("VRLAMB", 1, 0.0, 1), ("VRLAMB", 0, 0.0, 1), ("NVLAMB", 2, 0.0, 0),
     ("VRLAMB", 2, 0.05, 1), ("VRLAMB", 0, 0.05, 2), ("VRLAMB", 3, 0.0, 2), ("NVLAMB", 3, 0.0, 0))}
@@ -284,6 +290,21 @@ READS = {f"{o}-s{s}-a2{'-clip' if c else ''}-reads": (Case(o, s, clip=c, count_r
 MEASURED = {f"{o}-s{s}-a2{'-clip' if c else ''}": Case(o, s, clip=c, groups=g) for o, s, c, g in (
     ("NVLAMB", 2, 0.0, "decay"), ("AdamW", 2, 0.0, None), ("AdamW", 1, 0.0, None), ("AdamW", 0, 0.0, None),
     ("AdamW", 2, 0.05, None), ("LARS", 1, 0.0, "exclude"), ("AdamW", 3, 0.0, None), ("NVLAMB", 3, 0.0, "decay"))}
+# a layer that only some ranks reach: ZeRO-1/2 buckets differ between the ranks; every rank
+# stops with the same error before DeepSpeed reduces (the launch goes on with the next case)
+DIVERGED_WORDS = ["gradient buckets", "a parameter gets a gradient on some ranks only",
+                  "zero_optimization.stage 0, which supports it"]
+DIVERGED = {
+    "VRLAMB-s1-a2-gated-ranks": (Case("VRLAMB", 1, gate=GATE_RANKS, steps=len(GATE_RANKS)),
+                                 ["ZeRO-1", "on some ranks the backward pass ends with it"]),
+    "VRLAMB-s2-a2-gated-ranks-stepwise": (Case("VRLAMB", 2, gate=GATE_RANKS_STEPWISE, steps=len(GATE_RANKS_STEPWISE)),
+                                          ["ZeRO-2", "are in it on some ranks only"]),
+    "VRLAMB-s2-a2-gated-ranks-ov1-cg1": (Case("VRLAMB", 2, gate=GATE_RANKS, steps=len(GATE_RANKS),
+                                              zero={"overlap_comm": True, "contiguous_gradients": True}),
+                                         ["ZeRO-2", "are in it on some ranks only"]),
+    "NVLAMB-s2-a2-gated-ranks": (Case("NVLAMB", 2, gate=GATE_RANKS, steps=len(GATE_RANKS)), ["ZeRO-2"]),
+    "AdamW-s2-a2-gated-ranks-gns": (Case("AdamW", 2, gate=GATE_RANKS, steps=len(GATE_RANKS), extra=GNS), ["ZeRO-2"]),
+}
 REFUSED = {  # name: (case, words the error must contain)
     "VRLAMB-s3-offload": (Case("VRLAMB", 3, zero={"offload_optimizer": {"device": "cpu"}}),
                           ["'VRLAMB' with zero_optimization.offload_optimizer / offload_param",
@@ -328,7 +349,8 @@ def _worker_cases(tmp_path, world):
     for n, c in MEASURED.items():
         cases += [c.worker_case(n + "-plain", tmp_path), replace(c, extra=GNS).worker_case(n + "-gns", tmp_path),
                   replace(c, extra=GNS_FIRST).worker_case(n + "-gns-first", tmp_path)]
-    cases += [c.worker_case(n, tmp_path) for n, (c, _) in REFUSED.items() if c.world == world]
+    cases += [c.worker_case(n, tmp_path) for table in (REFUSED, DIVERGED) for n, (c, _) in table.items()
+              if c.world == world]
     return cases
 
 
@@ -637,6 +659,21 @@ def test_unsupported_routes_are_refused_at_initialize(matrix, name):
     assert error is not None, f"{name} was not refused"
     for w in words:
         assert w in error, (w, error)
+
+
+@pytest.mark.parametrize("name", list(DIVERGED))
+def test_a_layer_some_ranks_reach_stops_every_rank_with_the_layer_named(matrix, name):
+    """Before, DeepSpeed's reductions (and the squares beside them) fell out of step: gloo
+    aborted, and once a ZeRO-1 launch hung. Now both ranks raise at the same bucket, and the
+    launch goes on with its next case."""
+    _, words = DIVERGED[name]
+    error = matrix[0][name].get("error")
+    assert error is not None, f"{name} ran through"
+    assert error.startswith("RuntimeError: vrgd-ds: the data-parallel ranks are about to reduce different"), error
+    for w in DIVERGED_WORDS + words:
+        assert w in error, (w, error)
+    if "are in it on some ranks only" in words:
+        assert "3.weight" in error or "3.bias" in error, error  # the side layer, or a bucket it shifted
 
 
 def test_small_k_warns_once_with_the_fix(matrix):

@@ -17,7 +17,9 @@ import warnings
 import torch
 
 NAMES = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
-HOST_ONLY = ("_advance_torch_steps",)  # reads CPU step counters of torch's Adam state
+# reads of CPU tensors only: torch's Adam step counters; the ZeRO-1/2 bucket agreement's flags,
+# all-reduced over a gloo group (vrgd_ds.deepspeed.adapter.host_group) also beside NCCL
+HOST_ONLY = ("_advance_torch_steps", "_read_flags")
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 OURS = os.sep + "vrgd_ds" + os.sep
 

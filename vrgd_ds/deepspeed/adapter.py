@@ -16,6 +16,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from ..moments.chunked import DEFAULT_CHUNK_NUMEL
 from ..noise_scale import NoiseScaleTracker
@@ -30,13 +31,85 @@ from .zero_layout import ZeroLayout
 from .zero_moments import ZeroMoments
 
 
+_HOST_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def host_group(group):
+    """A gloo group over the ranks of ``group`` (``group`` itself where it is gloo), so that a
+    few flags can be agreed on without waiting for the device; None where none can be made
+    (``group`` is not the whole world: ``new_group`` would need every rank to build every
+    such group). Built once per process and set of ranks, on every rank alike."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if len(ranks) != dist.get_world_size():
+        return None
+    if ranks not in _HOST_GROUPS:
+        _HOST_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo")
+    return _HOST_GROUPS[ranks]
+
+
+def _read_flags(differ: Tensor) -> list[int]:
+    """The indices set in a CPU tensor of flags (a host read, no wait for the device)."""
+    return torch.nonzero(differ).flatten().tolist()
+
+
+class BucketAgreement:
+    """ZeRO-1/2: before DeepSpeed reduces a gradient bucket, every rank checks that all ranks are
+    about to reduce the same parameters (and that all are at the end of the backward pass, or
+    none is). A parameter with a gradient on some ranks only (a branch or an expert that only
+    some ranks' data reach) makes the ranks' buckets differ; DeepSpeed's reductions, and the
+    squares exchanged beside them, then fall out of step: an abort, or a hang. Checked, every
+    rank raises the same error at the same bucket instead, naming the parameters.
+
+    Cost per bucket: one all-reduce of 2 x (parameters + 1) int32 over a gloo group
+    (:func:`host_group`) and a host read of its result: no wait for the device. Where no gloo
+    group can be made, the all-reduce runs on ``group`` and the read waits for the device."""
+
+    def __init__(self, params: list[Tensor], names: dict[int, str], group, device, stage: int):
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.names = [names.get(id(p), f"parameter {i} of shape {tuple(p.shape)}") for i, p in enumerate(params)]
+        self.stage = stage
+        host = host_group(group)
+        self.group, self.device = (host, torch.device("cpu")) if host is not None else (group, device)
+
+    def check(self, params, last: bool) -> None:
+        n = len(self.names)
+        have = torch.zeros(2 * (n + 1), dtype=torch.int32)
+        idx = [self.index[id(p)] for p in params if id(p) in self.index]
+        if idx:
+            have[torch.tensor(idx)] = 1
+        have[n] = int(last)
+        have[n + 1:] = -have[:n + 1]
+        have = have.to(self.device)
+        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=self.group)  # [max, -min] per element
+        differ = _read_flags((have[:n + 1] != -have[n + 1:]).cpu())
+        if not differ:
+            return
+        which = [self.names[i] for i in differ if i < n]
+        what = (f"{', '.join(which[:8])}{f' and {len(which) - 8} more' if len(which) > 8 else ''} "
+                "are in it on some ranks only") if which else \
+            "on some ranks the backward pass ends with it, on others more gradients follow"
+        raise RuntimeError(
+            f"vrgd-ds: the data-parallel ranks are about to reduce different DeepSpeed ZeRO-{self.stage} "
+            f"gradient buckets: {what}. ZeRO-1/2 need the same buckets on every rank, or their reductions "
+            "fall out of step (an abort or a hang); they differ when a parameter gets a gradient on some "
+            "ranks only (a branch or an expert that only some ranks' data reach). Let every rank's backward "
+            "pass reach the same parameters (e.g. add 0 * the unused branch's output to the loss), or use "
+            "zero_optimization.stage 0, which supports it")
+
+
 class ZeroAdapter:
-    def __init__(self, optimizer, moments: ZeroMoments | None, meter: NoiseMeter | None = None):
+    def __init__(self, optimizer, moments: ZeroMoments | None, meter: NoiseMeter | None = None,
+                 agreement: BucketAgreement | None = None):
         self.optimizer = optimizer  # the VR optimizer, or None
         self.moments = moments
         self.meter = meter
+        self.agreement = agreement  # ZeRO-1/2: the ranks' buckets checked alike (None: ZeRO-3)
 
-    def before_bucket_reduce(self, pairs) -> None:
+    def before_bucket_reduce(self, pairs, last: bool = False) -> None:
+        if self.agreement is not None:
+            self.agreement.check([p for p, _ in pairs], last)
         if self.moments is not None:
             self.moments.add_buckets(pairs)
 
@@ -137,7 +210,12 @@ def attach_to_engine(engine) -> None:
             opt.attach_moments(moments)
             seam.force_overflow_check(zero)  # every step, every rank: no inf/NaN reaches the optimizer
             opt.grads_checked_finite = True  # so a gsnr_interval reuse step skips its own check
-        seam.attach(zero, ZeroAdapter(opt if vr else None, moments, meter))
+        agreement = None
+        if not seam.is_stage3(engine):
+            names = {id(p): n for n, p in seam.engine_module(engine).named_parameters()}
+            agreement = BucketAgreement(snap.all_params(), names, snap.dp_group, snap.groups[0].flat.device,
+                                        facts.stage)
+        seam.attach(zero, ZeroAdapter(opt if vr else None, moments, meter, agreement))
     elif vr or measure:
         group = seam.data_parallel_group(engine)
         if measure:

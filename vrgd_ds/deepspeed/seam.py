@@ -25,7 +25,9 @@ Patches. Each is installed on the class by :func:`install`, keeps the original a
    decided and the adapter attached, or refused with the setting named.
 2. ``DeepSpeedZeroOptimizer.reduce_ipg_grads`` (runtime/zero/stage_1_and_2.py): just before
    DeepSpeed reduces the pending buckets, the adapter gets their (param, grad) pairs in the
-   order DeepSpeed reduces them (``sort_dtypes`` over the dtype buckets, then bucket order).
+   order DeepSpeed reduces them (``sort_dtypes`` over the dtype buckets, then bucket order),
+   and whether this is the backward pass's last call (the epilogue's, without a dtype), so
+   that the ranks can check they reduce the same buckets (:class:`.adapter.BucketAgreement`).
 3. ``DeepSpeedZeroOptimizer.unscale_and_clip_grads``: a one-element probe is appended to
    the list DeepSpeed scales, so the adapter reads the exact factor DeepSpeed multiplied
    the gradient partition by (loss scale and clipping), never a re-derived formula.
@@ -532,7 +534,8 @@ def install(on_configured: Callable, check_config: Callable) -> None:
         def run(self, comm_dtype=None):
             adapter = adapter_of(self)
             if adapter is not None:
-                adapter.before_bucket_reduce(_pending_buckets(self, comm_dtype))
+                # comm_dtype None: the call at the end of the backward pass (the epilogue's)
+                adapter.before_bucket_reduce(_pending_buckets(self, comm_dtype), last=comm_dtype is None)
             return original(self, comm_dtype)
         return run
 
