@@ -26,7 +26,7 @@ from ..optim.vr import GSNRTransform
 from . import routes, seam
 from .measure import CONFIG_KEY, NoiseMeter, noise_config
 from .stage0_moments import Stage0Moments
-from .telemetry import TelemetryWriter
+from .telemetry import TelemetryWriter, parameter_names
 from .zero_layout import ZeroLayout
 from .zero_moments import ZeroMoments
 
@@ -66,9 +66,9 @@ class BucketAgreement:
     (:func:`host_group`) and a host read of its result: no wait for the device. Where no gloo
     group can be made, the all-reduce runs on ``group`` and the read waits for the device."""
 
-    def __init__(self, params: list[Tensor], names: dict[int, str], group, device, stage: int):
+    def __init__(self, params: list[Tensor], names: list[str], group, device, stage: int):
         self.index = {id(p): i for i, p in enumerate(params)}
-        self.names = [names.get(id(p), f"parameter {i} of shape {tuple(p.shape)}") for i, p in enumerate(params)]
+        self.names = names  # of params
         self.stage = stage
         host = host_group(group)
         self.group, self.device = (host, torch.device("cpu")) if host is not None else (group, device)
@@ -212,9 +212,9 @@ def attach_to_engine(engine) -> None:
             opt.grads_checked_finite = True  # so a gsnr_interval reuse step skips its own check
         agreement = None
         if not seam.is_stage3(engine):
-            names = {id(p): n for n, p in seam.engine_module(engine).named_parameters()}
-            agreement = BucketAgreement(snap.all_params(), names, snap.dp_group, snap.groups[0].flat.device,
-                                        facts.stage)
+            params = snap.all_params()
+            agreement = BucketAgreement(params, parameter_names(engine, params), snap.dp_group,
+                                        snap.groups[0].flat.device, facts.stage)
         seam.attach(zero, ZeroAdapter(opt if vr else None, moments, meter, agreement))
     elif vr or measure:
         group = seam.data_parallel_group(engine)

@@ -25,15 +25,20 @@ def vr_optimizer(engine):
     return opt if isinstance(opt, GSNRTransform) else None
 
 
+def parameter_names(engine, params) -> list[str]:
+    """The module's name of each of ``params`` (``param{i}`` where it has none)."""
+    names = {id(p): n for n, p in seam.engine_module(engine).named_parameters()}
+    return [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+
+
 def layer_names(engine) -> list[str]:
     """Names of the telemetry's layer indices: ZeRO's flattening order, or the optimizer's."""
-    names = {id(p): n for n, p in seam.engine_module(engine).named_parameters()}
     opt = seam.inner_optimizer(engine)
     adapter = seam.adapter_of(engine)
     layout = adapter.meter.layout if adapter is not None and adapter.meter is not None else opt.layout
     snap = getattr(layout, "snap", None)
     params = snap.all_params() if snap is not None else [p for g in opt.param_groups for p in g["params"]]
-    return [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+    return parameter_names(engine, params)
 
 
 def named_telemetry(engine) -> dict | None:
