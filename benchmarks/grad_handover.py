@@ -3,7 +3,8 @@
     python -m benchmarks.grad_handover [--rounds 6] [--micro 8] [--out results/grad_handover]
 
 A BERT MLM (``transformers.BertForMaskedLM`` from a config: BERT-base by default, random
-weights, nothing downloaded) trains with VRLAMB fed by ``MicroStepMoments``. Each round
+weights, nothing downloaded) trains with VRLAMB fed by ``MicroStepMoments`` (or, with
+``--optimizer LAMB``, plain LAMB, which hands the gradient over itself: ``opt.flat_grads``). Each round
 runs two steps of ``--micro`` micro-steps (``--batch`` x ``--seq`` tokens each), one per
 mode, in alternating order:
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from vrgd_ds import MicroStepMoments, VRLAMB
+from vrgd_ds import LAMB, MicroStepMoments, VRLAMB
 
 MODES = ("placed", "gathered")
 WARMUP = 2  # untimed rounds
@@ -46,7 +47,9 @@ def build(tiny: bool, seed: int = 0):
 
 
 def one_step(model, moments, opt, ids, micro: int, placed: bool) -> dict:
-    moments.flat_grads = placed
+    if moments is not None:
+        moments.flat_grads = placed
+    opt.flat_grads = placed  # plain LAMB hands the gradient over itself
     fwd = bwd = 0.0
     for chunk in ids.chunk(micro):
         t0 = time.perf_counter()
@@ -69,6 +72,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2, help="sequences per micro-step")
     ap.add_argument("--seq", type=int, default=32, help="tokens per sequence")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy BERT (smoke runs)")
+    ap.add_argument("--optimizer", choices=("VRLAMB", "LAMB"), default="VRLAMB",
+                    help="VRLAMB fed by MicroStepMoments, or plain LAMB (no moment source: the optimizer "
+                         "hands the gradient over itself); LAMB writes grad_handover_lamb.json")
     ap.add_argument("--out", default="results/grad_handover")
     args = ap.parse_args(argv)
     for name in ("rounds", "micro", "batch", "seq"):
@@ -77,8 +83,11 @@ def main(argv=None):
 
     model = build(args.tiny)
     params = [p for p in model.parameters() if p.requires_grad]
-    moments = MicroStepMoments(params)
-    opt = VRLAMB(params, lr=1e-5, moments=moments)
+    if args.optimizer == "VRLAMB":
+        moments = MicroStepMoments(params)
+        opt = VRLAMB(params, lr=1e-5, moments=moments)
+    else:
+        moments, opt = None, LAMB(params, lr=1e-5)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     samples = {m: {"forward": [], "backward": [], "step": []} for m in MODES}
@@ -90,15 +99,17 @@ def main(argv=None):
                 for k, v in t.items():
                     samples[mode][k].append(v)
     result = {
-        "model": "tiny BERT" if args.tiny else "BERT-base", "params": sum(p.numel() for p in params),
+        "model": "tiny BERT" if args.tiny else "BERT-base", "optimizer": args.optimizer,
+        "params": sum(p.numel() for p in params),
         "micro_steps": args.micro, "batch": args.batch, "seq": args.seq, "rounds": args.rounds,
         "torch": torch.__version__, "threads": torch.get_num_threads(), **summarise(samples),
     }
     med, total = result["median_s"], result["backward_plus_step_s"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grad_handover.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "grad_handover.png")
+    stem = "grad_handover" + ("_lamb" if args.optimizer == "LAMB" else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{stem}.png")
     print(f"{result['model']}, {result['params'] / 1e6:.1f}M parameters, {args.micro} micro-steps of "
           f"{args.batch}x{args.seq} tokens, {args.rounds} rounds, median ms:")
     print(f"{'mode':<10}{'forward':>10}{'backward':>10}{'step':>10}{'bwd+step':>10}")
@@ -108,7 +119,7 @@ def main(argv=None):
     print("placed / gathered:", {k: round(v, 3) for k, v in result["placed_over_gathered"].items()})
     print("placed - gathered, median over rounds (ms):",
           {k: round(v * 1e3, 1) for k, v in result["paired_difference_s"].items()})
-    print(f"wrote {out / 'grad_handover.json'}")
+    print(f"wrote {out / f'{stem}.json'}")
     return result
 
 
@@ -142,7 +153,8 @@ def plot(result: dict, path: Path) -> None:
             left += med[mode][part] * 1e3
     ax.set_yticks(range(len(MODES)), MODES)
     ax.set_xlabel("median ms per step")
-    ax.set_title(f"{result['model']}: gradient handed over (placed) or gathered", fontsize=9)
+    ax.set_title(f"{result['model']}, {result.get('optimizer', 'VRLAMB')}: gradient handed over (placed) or gathered",
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

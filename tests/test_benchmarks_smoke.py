@@ -18,7 +18,11 @@ def test_optim_step_small(tmp_path):
                timeout=300)
     res = json.loads((tmp_path / "optim_step.json").read_text())
     assert {"VRLAMB", "LAMB", "VRAdamW", "VRLAMB partition", "AdamW fused", "VRLAMB gathered",
-            "backward placed", "backward gathered"} <= set(res["median_s"])
+            "backward placed", "backward gathered", "LAMB backward", "LAMB backward gathered",
+            "backward LAMB placed", "backward LAMB gathered"} <= set(res["median_s"])
+    # issue 14's target is on the LAMB a training process gets: its gradient handed over
+    assert "torch-optimizer Lamb/LAMB backward" in res["targets"] and "torch-optimizer Lamb/LAMB" not in res["targets"]
+    assert "torch-optimizer Lamb/LAMB backward incl. backward cost" in res["ratios"]
     assert all(v > 0 for v in res["median_s"].values())
     assert (tmp_path / "optim_step.png").stat().st_size > 1000
     assert res["passes_synchronised"] is False  # the CPU's timed steps themselves are taken apart
@@ -27,7 +31,8 @@ def test_optim_step_small(tmp_path):
     # a telemetry record adds its noise sums to the r_raw pass and one pass for the clamped
     # counts (gbar and the squares again)
     arrays = {"AdamW fused": 4, "LAMB partition": 7, "LAMB": 8, "VRLAMB partition": 10, "VRLAMB": 10,
-              "VRLAMB gathered": 12, "VRAdamW": 8, "VRLAMB partition telemetry": 12}
+              "VRLAMB gathered": 12, "VRAdamW": 8, "VRLAMB partition telemetry": 12,
+              "LAMB backward": 7, "LAMB backward gathered": 8}  # handed over: no gather, u recomputed
     assert {k: passes[k]["arrays"] for k in arrays} == arrays
     assert "torch-optimizer Lamb" not in passes and "AdamW foreach" not in passes  # not ours: no passes
     for name in set(arrays) - {"AdamW fused"}:
@@ -52,6 +57,7 @@ def test_optim_step_keep_freed_memory(tmp_path):
     res = json.loads((tmp_path / "optim_step_keep_freed.json").read_text())
     assert res["allocator"]["keep_freed_memory"] is True
     assert {"LAMB", "AdamW fused", "torch-optimizer Lamb"} <= set(res["median_s"])
+    assert set(res["targets"]) == {"torch-optimizer Lamb/LAMB"}  # no backward passes: LAMB gathers p.grad
     assert not (tmp_path / "optim_step.json").exists()  # never over the default run's file
 
 
@@ -89,6 +95,10 @@ def test_grad_handover_small(tmp_path):
     assert set(res["median_s"]) == {"placed", "gathered"}
     assert all(len(res["samples_s"][m]["step"]) == 1 for m in ("placed", "gathered"))
     assert (tmp_path / "grad_handover.png").stat().st_size > 1000
+    run_module("benchmarks.grad_handover", "--tiny", "--rounds", "1", "--micro", "4", "--optimizer", "LAMB",
+               "--out", tmp_path, timeout=300)
+    res = json.loads((tmp_path / "grad_handover_lamb.json").read_text())
+    assert res["optimizer"] == "LAMB" and set(res["median_s"]) == {"placed", "gathered"}
 
 
 def test_grad_handover_rejects_bad_counts(tmp_path):

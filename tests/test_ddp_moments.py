@@ -113,7 +113,7 @@ def run_config(rank, name, accum, mode, variant):
     moments = Counting(ddp, mode=mode)
     moments.buckets = set()
     opt = make_opt(name, ddp.parameters(), moments)
-    buckets = []
+    buckets, moved = [], []  # moved: gradients each step gathered into its flat buffer
     amp = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1) if variant and "amp" in variant else None
     moments.grad_scaler = amp  # read when unscale_ ran before the step
     for step in range(STEPS):
@@ -140,7 +140,8 @@ def run_config(rank, name, accum, mode, variant):
         opt.zero_grad()
         buckets.append(sorted(moments.buckets))
         moments.buckets.clear()
-    return {"params": [p.detach().clone() for p in ddp.module.parameters()], "buckets": buckets}
+        moved.append(opt._buckets[0][1][0].moved.get("g"))
+    return {"params": [p.detach().clone() for p in ddp.module.parameters()], "buckets": buckets, "moved": moved}
 
 
 def run_bf16(rank, mode, accum):
@@ -215,6 +216,35 @@ def run_micro_under_ddp(rank):
     return {"refused": refused, "unchanged": unchanged, "moved": moved}
 
 
+PLAIN = {"plain-lamb": False, "plain-lamb-bucket-view": True}  # id: DDP's gradient_as_bucket_view
+PLAIN_ACCUM = 2
+
+
+def run_plain(rank, bucket_view):
+    """vrgd_ds's plain LAMB (no moment source) under DDP with accumulation: the optimizer
+    hands p.grad over into its flat buffer after its first step. DDP's default copies the
+    averaged gradient back into p.grad in place, so the hand-over holds; with
+    gradient_as_bucket_view DDP re-points p.grad at its bucket, and the optimizer drops it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vrgd_ds import LAMB
+
+    ddp = DistributedDataParallel(make_model(), bucket_cap_mb=CAP_MB, gradient_as_bucket_view=bucket_view)
+    opt = LAMB(ddp.parameters(), lr=0.02, weight_decay=0.01)
+    moved = []
+    for step in range(STEPS):
+        groups = split(step, PLAIN_ACCUM)
+        for j in range(PLAIN_ACCUM):
+            xb, yb = groups[rank * PLAIN_ACCUM + j]
+            with contextlib.nullcontext() if j == PLAIN_ACCUM - 1 else ddp.no_sync():
+                (loss_fn(ddp(xb), yb) / PLAIN_ACCUM).backward()
+        opt.step()
+        moved.append(opt._buckets[0][1][0].moved.get("g"))
+        opt.zero_grad()
+    return {"params": [p.detach().clone() for p in ddp.module.parameters()], "moved": moved,
+            "grads_home": opt._buckets[0][1][0].grads_home}
+
+
 def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=timedelta(seconds=60))
@@ -227,6 +257,8 @@ def worker(rank, init_file, out_dir):
             results[cid] = run_bf16(rank, cid.split("-")[1], accum)
         results["unequal"] = run_unequal(rank)
         results["micro_under_ddp"] = run_micro_under_ddp(rank)
+        for cid, bucket_view in PLAIN.items():
+            results[cid] = run_plain(rank, bucket_view)
         return results
 
     save_results(out_dir, rank, compute)
@@ -360,6 +392,8 @@ def test_ddp_matches_explicit_groups(ddp_results, cid):
     with one_thread():
         expected = explicit_run(name, accum, mode, variant)
     torch.testing.assert_close(got[0]["params"], expected, rtol=1e-5, atol=1e-6)
+    if variant != "unused":  # the optimizer's hand-over holds under DDPMoments: no gather after step 1
+        assert got[0]["moved"][1:] == [0] * (STEPS - 1), got[0]["moved"]
     if variant == "unused":
         never = list(Branchy().never.parameters())
         for p, p0 in zip(got[0]["params"][-2:], never):  # no rank reached it: untouched
@@ -369,6 +403,38 @@ def test_ddp_matches_explicit_groups(ddp_results, cid):
         # k = 2 (rank mode) puts the fp32 variance s - gbar^2 through heavy cancellation
         # (the same formula in float64 in the reference): measured 1.4e-4 for VRSGD.
         assert max_rel_err(got[0]["params"], float64_reference(name, k)) < (5e-4 if k == 2 else 2e-5)
+
+
+@pytest.mark.parametrize("cid", list(PLAIN))
+def test_plain_lamb_under_ddp_hands_the_gradient_over_where_ddp_lets_it(ddp_results, cid):
+    """Exact against one process stepping the mean of the W * a group gradients; after the first
+    step nothing is gathered under DDP's default, while gradient_as_bucket_view (DDP re-points
+    p.grad at its bucket) drops the hand-over after one try and gathers as before."""
+    from vrgd_ds import LAMB
+
+    got = [r[cid] for r in ddp_results]
+    for a, b in zip(got[0]["params"], got[1]["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    n = len(got[0]["params"])
+    if PLAIN[cid]:
+        # step 0: DDP's one first bucket holds the gradients flat in parameter order, so the step
+        # reads them there; DDP then rebuilds its buckets (two, in backward order), step 1 gathers
+        # and hands over, DDP re-points p.grad at its bucket before step 2, the bucket is dropped
+        assert got[0]["moved"] == [0] + [n] * (STEPS - 1) and got[0]["grads_home"] is False
+    else:
+        assert got[0]["moved"] == [n] + [0] * (STEPS - 1) and got[0]["grads_home"] is True
+    with one_thread():
+        model = make_model()
+        params = list(model.parameters())
+        opt = LAMB(params, lr=0.02, weight_decay=0.01)
+        opt.flat_grads = False
+        for step in range(STEPS):
+            grads = [torch.autograd.grad(loss_fn(model(xb), yb), params) for xb, yb in split(step, PLAIN_ACCUM)]
+            for p, gs in zip(params, zip(*grads)):
+                p.grad = torch.stack(gs).mean(0)
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(got[0]["params"], [p.detach() for p in params], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cid", list(BF16))

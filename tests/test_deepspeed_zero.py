@@ -385,6 +385,16 @@ def test_a_step_reads_back_only_what_it_must(matrix, name):
     assert max_rel_err(res["params"], reference(case)) < 2e-5
 
 
+def test_stage0_hands_the_gradient_over_to_our_plain_lamb(matrix):
+    """Stage 0 writes the averaged gradient back into p.grad in place, so our LAMB's hand-over
+    (p.grad a view of its flat buffer from the second step on) holds there, and the parity
+    case above is exact with it. Under ZeRO-1/2 the optimizer steps one flat partition per
+    group: nothing to hand over. The VR route at stage 0 places only the squares."""
+    assert result(matrix, "NVLAMB-s0-a1")["grads_home"] == [True]
+    assert result(matrix, "NVLAMB-s1-a2")["grads_home"] == [None]
+    assert result(matrix, "VRLAMB-s0-a2")["grads_home"] == [None]
+
+
 def test_frozen_parameters_do_not_move(matrix):
     start = dict(make_model().named_parameters())
     names = [n for n, _ in make_model().named_parameters()]

@@ -331,6 +331,117 @@ def test_create_graph_gradients_keep_their_graph():
     opt.zero_grad()
 
 
+def _train_plain(spec, steps, flat_grads=True, meddle=None, set_to_none=True):
+    """``steps`` steps of ``spec`` (K micro-steps each, no moment source for the base
+    optimizers); ``meddle(step, model, opt)`` runs after the backward passes. Returns the
+    model, the optimizer and per step how many gradients the step gathered."""
+    model = make_model()
+    moments = MicroStepMoments(model.parameters()) if spec.vr else None
+    opt = make_opt(spec, model.parameters(), "default", moments)
+    opt.flat_grads = flat_grads
+    if moments is not None:
+        moments.flat_grads = flat_grads  # a moment source that places p.grad has its own switch
+    moved = []
+    for step in range(steps):
+        micro_steps(model, step)
+        if meddle is not None:
+            meddle(step, model, opt)
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # p.grad untouched
+        moved.append(opt._buckets[0][1][0].moved.get("g"))
+        opt.zero_grad(set_to_none=set_to_none)
+    return model, opt, moved
+
+
+@pytest.mark.parametrize("name", ["LAMB", "LARS", "VRLAMB"])
+def test_the_optimizer_hands_the_gradient_over_after_gathering_it_once(name):
+    """A bucket whose gradients the step had to gather gets them handed over from the next
+    backward pass on (p.grad a view of its flat gradient buffer): later steps gather nothing and
+    give the same parameters bit for bit. A bucket a moment source places (VRLAMB with
+    MicroStepMoments) is left to it: the optimizer hooks nothing of its own."""
+    spec = BY_NAME[name]
+    model, opt, moved = _train_plain(spec, 5)
+    bucket = opt._buckets[0][1][0]
+    micro_steps(model, 5)
+    assert all(_same_storage(p.grad, bucket.work["g"]) for p in model.parameters())
+    assert moved == [len(bucket.params)] + [0] * 4
+    if spec.vr:
+        assert opt._hand_over is None and bucket.grads_home is None and bucket.placed_for is opt.moments
+    else:
+        assert bucket.grads_home and len(opt._hand_over._handles) == len(bucket.params)
+    gathered, _, moved_off = _train_plain(spec, 5, flat_grads=False)
+    assert moved_off == [len(bucket.params)] * 5
+    for a, b in zip(model.parameters(), gathered.parameters()):
+        assert torch.equal(a, b)
+    assert max_rel_err(list(gathered.parameters()), reference_run(spec, 5)) < 2e-5
+
+
+@pytest.mark.parametrize("how", ["clone", "none-then-own"])
+def test_a_gradient_re_pointed_after_the_hand_over_drops_the_bucket_for_good(how):
+    """Something that re-points a handed-over p.grad before the step (DDP's
+    gradient_as_bucket_view, Megatron's main_grad, the user) drops that bucket's hand-over: its
+    hooks go, it is gathered from then on, and the parameters are those of a gathering run."""
+    spec = BY_NAME["LAMB"]
+
+    def meddle(step, model, opt):
+        if step == 2:
+            p = list(model.parameters())[1]
+            p.grad = p.grad.clone() if how == "clone" else torch.zeros_like(p).copy_(p.grad)
+
+    model, opt, moved = _train_plain(spec, 5, meddle=meddle)
+    bucket = opt._buckets[0][1][0]
+    assert moved == [4, 0, 1, 4, 4]
+    assert bucket.grads_home is False and not opt._hand_over._handles and not opt._hand_over.homes
+    gathered, _, _ = _train_plain(spec, 5, flat_grads=False)
+    for a, b in zip(model.parameters(), gathered.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_flat_grads_false_stops_the_hand_over_and_true_starts_it_again():
+    spec = BY_NAME["LARS"]
+
+    def meddle(step, model, opt):
+        opt.flat_grads = step not in (2, 3)
+
+    model, opt, moved = _train_plain(spec, 6, meddle=meddle)
+    # step 2 (off) still finds the gradients handed over by then; step 3 gathers; step 4 (on
+    # again) gathers once more and hands over for step 5
+    assert moved == [4, 0, 0, 4, 4, 0]
+    gathered, _, _ = _train_plain(spec, 6, flat_grads=False)
+    for a, b in zip(model.parameters(), gathered.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="flat_grads must be True or False, got 1"):
+        opt.flat_grads = 1
+
+
+def test_an_optimizer_that_is_gone_leaves_no_hooks_behind():
+    """A new optimizer for the same model (a second training phase) finds p.grad where
+    autograd puts it: the old one's hooks went with it."""
+    import gc
+
+    model, opt, _ = _train_plain(BY_NAME["LAMB"], 2)
+    buffer = opt._buckets[0][1][0].work["g"]
+    params = list(model.parameters())
+    assert all(p._post_accumulate_grad_hooks for p in params)
+    del opt
+    gc.collect()
+    assert not any(p._post_accumulate_grad_hooks for p in params)
+    micro_steps(model, 2)
+    assert not any(_same_storage(p.grad, buffer) for p in params)
+
+
+def test_gradients_kept_by_zero_grad_set_to_none_false_are_not_re_pointed():
+    """zero_grad(set_to_none=False) keeps autograd's own p.grad: nothing is handed over (only a
+    p.grad the backward pass creates is), the step gathers it, the result is the same."""
+    spec = BY_NAME["LAMB"]
+    model, opt, moved = _train_plain(spec, 4, set_to_none=False)
+    assert moved == [4] * 4 and not opt._hand_over.handed
+    gathered, _, _ = _train_plain(spec, 4, flat_grads=False, set_to_none=False)
+    for a, b in zip(model.parameters(), gathered.parameters()):
+        assert torch.equal(a, b)
+
+
 def scaled_by_flag(spec, x, s, c):
     return {"a": x["a"] * float(spec.flags[0])}, ()
 

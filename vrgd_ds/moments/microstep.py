@@ -65,6 +65,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from .hand_over import GradHandOver
 
 PROBES = 4  # parameters whose gradient is probed for rescaling after the backward passes
 PROBE_NUMEL = 4096  # elements probed per parameter
@@ -164,11 +165,10 @@ class MicroStepMoments(FollowsRescaling):
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
         self._sum_sq: dict[Tensor, Tensor] = {}
         self._fresh: set[Tensor] = set()  # buffers that hold this step's squares (else stale)
-        self._grad_home: dict[Tensor, Tensor] = {}  # where the optimizer wants p.grad (see place)
+        self._hand = GradHandOver()  # p.grad into the optimizer's flat buffer (see place)
         self._hits: dict[Tensor, int] = {}
         self._clip_scale = 1.0
         self._backward_passes = 0
-        self._take: set[Tensor] = set()  # parameters whose p.grad was None when this backward pass began
         self._handles = [p.register_hook(self._hook_for(p)) for p in self.params]
         self._handles += [p.register_post_accumulate_grad_hook(self._hand_over) for p in self.params]
 
@@ -177,10 +177,7 @@ class MicroStepMoments(FollowsRescaling):
             self._square(p, grad.detach())  # statistics: no graph, also under create_graph=True
             self._hits[p] = self._hits.get(p, 0) + 1
             self._backward_passes = max(self._backward_passes, self._hits[p])
-            if p.grad is None and not torch.is_grad_enabled():  # autograd is about to create p.grad
-                self._take.add(p)
-            else:
-                self._take.discard(p)
+            self._hand.before(p)
             return None
         return hook
 
@@ -200,13 +197,8 @@ class MicroStepMoments(FollowsRescaling):
         """After autograd created p.grad on the step's first backward pass (never for
         ``torch.autograd.grad``, which accumulates nothing): copy it, still in cache, into the
         optimizer's flat buffer and make p.grad that view; later passes accumulate into it."""
-        if p in self._take:
-            self._take.discard(p)
-            home, grad = self._grad_home.get(p), p.grad
-            if (self.flat_grads and home is not None and grad is not None and not grad.requires_grad
-                    and grad.dtype == home.dtype and grad.shape == home.shape and grad.layout == torch.strided):
-                home.copy_(grad)
-                p.grad = home.view_as(home)
+        self._hand.enabled = self.flat_grads
+        self._hand.after(p)
         self._probe(p, p.grad)
 
     def place(self, params: list[Tensor], squares: list[Tensor], grads: list[Tensor | None]) -> None:
@@ -226,10 +218,7 @@ class MicroStepMoments(FollowsRescaling):
             if old is not None and p in self._fresh and old.data_ptr() != sq.data_ptr():
                 sq.copy_(old)
             self._sum_sq[p] = sq
-            if g is not None and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device:
-                self._grad_home[p] = g
-            else:
-                self._grad_home.pop(p, None)
+            self._hand.set_home(p, g)
 
     def local_squares(self, p: Tensor) -> Tensor:
         """This step's sum of local squares of ``p`` (zeros if no backward pass reached it)."""
@@ -280,7 +269,7 @@ class MicroStepMoments(FollowsRescaling):
 
     def reset(self) -> None:
         self._fresh.clear()  # each buffer is written by its next first hit, or zeroed when read
-        self._take.clear()
+        self._hand.clear()
         self._hits.clear()
         self._backward_passes = 0
         self._clip_scale = 1.0

@@ -10,12 +10,14 @@ flat passes (:mod:`.flat`) with that source fused into them.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from ..moments.hand_over import GradHandOver
 from .flat import Spec
 from .flat_group import BucketStep, FlatBucket, GroupBatch
 from .layout import LayerLayout
@@ -162,6 +164,8 @@ class BaseOptimizer(torch.optim.Optimizer):
         self.layout = LayerLayout()
         self._buckets: dict[int, tuple] = {}
         self._batches: dict[int, tuple] = {}  # per group, what _collect keeps between steps
+        self._flat_grads = True
+        self._hand_over: GradHandOver | None = None
 
     # state keys this optimizer keeps in fp32 whatever the parameters' dtype (its flat buffers);
     # torch's own updates keep theirs in the parameters' dtype (:mod:`.torch_bases`)
@@ -201,6 +205,8 @@ class BaseOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("layout", LayerLayout())
         self.__dict__.setdefault("_buckets", {})
         self.__dict__.setdefault("_batches", {})
+        self.__dict__.setdefault("_flat_grads", True)
+        self.__dict__.setdefault("_hand_over", None)
 
     @staticmethod
     def _weight_decay(group: dict) -> float:
@@ -282,13 +288,69 @@ class BaseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         batches = [self._collect(i, g) for i, g in enumerate(self.param_groups)]
         sources = self._transform(batches)
-        if sources is None:
-            return loss
-        for group, batch, source in zip(self.param_groups, batches, sources):
-            if batch.params:
-                self._update(group, batch, source)
-                for bs in batch.steps:
-                    bs.finish()
-                # applied steps of the group (DeepSpeed's elastic checkpoints save and restore it)
-                group["step"] = group.get("step", 0) + 1
+        if sources is not None:
+            for group, batch, source in zip(self.param_groups, batches, sources):
+                if batch.params:
+                    self._update(group, batch, source)
+                    for bs in batch.steps:
+                        bs.finish()
+                    # applied steps of the group (DeepSpeed's elastic checkpoints save and restore it)
+                    group["step"] = group.get("step", 0) + 1
+        self._finish_step()
         return loss
+
+    @property
+    def flat_grads(self) -> bool:
+        """True (the default): gradients a step had to gather into a bucket's flat buffer are
+        handed over there as later backward passes create them (:meth:`_hand_over_grads`);
+        False (may be set at any time, takes effect at the next backward pass): ``p.grad``
+        stays where autograd puts it and every step gathers it. A moment source that places
+        the gradients itself (``MicroStepMoments``) has its own switch of that name."""
+        return self._flat_grads
+
+    @flat_grads.setter
+    def flat_grads(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise ValueError(f"flat_grads must be True or False, got {on!r}")
+        self._flat_grads = on
+        if self._hand_over is not None:
+            self._hand_over.enabled = on
+
+    def _finish_step(self) -> None:
+        """After a step (applied or skipped), before the next backward pass."""
+        self._hand_over_grads()
+
+    def _hand_over_grads(self) -> None:
+        """Where this step had to gather the gradients into a bucket's flat buffer, hand the
+        next steps' gradients over there as autograd creates them (:mod:`vrgd_ds.moments.hand_over`),
+        so the step reads them where they lie; buckets of one parameter (a ZeRO partition), of
+        another dtype than fp32, of tensors that are no leaves of autograd (Megatron's shards of
+        main parameters, whose p.grad it sets), or whose gradients a moment source places
+        already are left out. A bucket where something re-pointed a handed-over ``p.grad`` before the step
+        (DDP's ``gradient_as_bucket_view``, Megatron's ``main_grad``, the user) is dropped for
+        good: it is gathered as before. Nothing here changes a value the step computes."""
+        ho = self._hand_over
+        if ho is not None:
+            strays = {id(p) for p in ho.strays()}
+            for _, buckets in self._buckets.values():
+                for b in buckets:
+                    if b.grads_home and any(id(p) in strays for p in b.params):
+                        ho.drop(b.params)
+                        b.grads_home = False
+            ho.clear()
+        if not self.flat_grads:
+            return
+        for _, buckets in self._buckets.values():
+            for b in buckets:
+                if (b.grads_home is not None or b.placed_for is not None or len(b.params) < 2
+                        or b.params[0].dtype != torch.float32 or not b.moved.get("g")
+                        or not all(p.requires_grad and p.is_leaf and p._base is None for p in b.params)):
+                    continue  # (a tensor autograd never makes a gradient for: a framework sets p.grad)
+                if ho is None:
+                    ho = self._hand_over = GradHandOver()
+                    # an optimizer that is gone (a new one for the same model) leaves no hooks behind
+                    weakref.finalize(self, ho.drop_all)
+                for p, home in zip(b.params, b.views(b.buffer("g", torch.float32), range(len(b.params)))):
+                    ho.set_home(p, home)
+                ho.hook(b.params)
+                b.grads_home = True

@@ -82,6 +82,8 @@ class FlatBucket:
         self.plans: dict[tuple, FlatPlan] = {}
         self.placed_for: object = None  # the moment source whose buffers live in this bucket's (see place)
         self.copied: dict[str, bool] = {}  # per name: the last gather returned its work buffer, all copied in
+        self.moved: dict[str, int] = {}  # per name: tensors the last gather copied (0: all lay where it reads)
+        self.grads_home: bool | None = None  # the optimizer hands p.grad over here (None: not yet; False: never)
 
     def _flatten(self) -> Tensor | None:
         if len(self.params) < 2 or not all(_owns_storage(p) for p in self.params):
@@ -117,7 +119,7 @@ class FlatBucket:
     def gathered(self, name: str, tensors: Sequence[Tensor], js: Sequence[int], dtype=torch.float32) -> Tensor:
         """Flat tensor holding ``tensors[i]`` at the offset of parameter ``js[i]``: a view where
         they already lie so (in ``dtype``), else a work buffer they are copied into."""
-        self.copied[name] = False
+        self.copied[name], self.moved[name] = False, 0
         if tensors[0].dtype == dtype:
             flat = aliased_flat(tensors, [self.offsets[j] for j in js], self.numel)
             if flat is not None:
@@ -133,6 +135,7 @@ class FlatBucket:
                 if not (m and t.data_ptr() == view.data_ptr()):
                     view.copy_(t.reshape(view.shape))
         self.copied[name] = not any(mine)
+        self.moved[name] = len(mine) - sum(mine)
         if recording():
             log_pass("gather", name, (), sum(t.numel() for t, m in zip(tensors, mine) if not m), 1, 1, 2,
                      pass_clock() - t0)

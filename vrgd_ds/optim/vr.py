@@ -189,12 +189,18 @@ class GSNRTransform:
         if getattr(self, "found_inf", None) is not None and self._amp():
             loss = None  # the scaler found an inf/NaN: skipped, nothing changed (it lowers the scale)
             self.overflow = True
+            self._finish_step()
         else:
-            loss = super().step(closure)
+            loss = super().step(closure)  # ends in _finish_step
+        return loss
+
+    def _finish_step(self) -> None:
+        """The moments start again; a moment source that can places its buffers (before the
+        optimizer's own hand-over of the gradients, which leaves placed buckets to it)."""
         if self.moments is not None:
             self.moments.reset()
             self._place_moments()
-        return loss
+        super()._finish_step()
 
     def _amp(self) -> bool:
         """A step driven by ``torch.amp.GradScaler.step``: True to skip it (an inf/NaN found).
