@@ -22,10 +22,11 @@ the PNG the medians. Parameters are fp32 in the real BERT-base shapes.
   8 backward passes (no moment source, no squares), and from its second step on the gradient
   handed over by the optimizer itself (``flat_grads``); "LAMB backward gathered" the same
   with ``opt.flat_grads = False``, and "backward LAMB placed" / "... gathered" their backward
-  passes. Issue 14's target "torch-optimizer Lamb / LAMB" is taken against this row (the
-  "LAMB" row, on the shared gradients, gathers them every step, as on routes where
-  something re-points ``p.grad``); "... incl. backward cost" charges any backward time the
-  hand-over adds to LAMB's step. With ``--no-backward`` the target is on the "LAMB" row.
+  passes. Issue 14's targets against "default LAMB" (VRLAMB / LAMB, torch-optimizer Lamb /
+  LAMB) are taken against this row (the "LAMB" row, on the shared gradients, gathers them
+  every step, as on routes where something re-points ``p.grad``); "... incl. backward cost"
+  charges any backward time the hand-over adds to LAMB's step. With ``--no-backward`` they
+  are on the "LAMB" row.
 - ``--host`` keeps every tensor (199 for BERT-base) but makes each a few hundred elements,
   with our kernels compiled as large buffers are by default: the memory traffic is gone, and
   what is timed is the host's work per step (Python, per-call dispatch, the compiled
@@ -355,7 +356,8 @@ def refill(opt) -> None:
 
 
 PAIRS = {"VRLAMB/AdamW fused": ("VRLAMB", "AdamW fused"), "VRAdamW/AdamW fused": ("VRAdamW", "AdamW fused"),
-         "VRLAMB/LAMB": ("VRLAMB", "LAMB"), "LAMB/AdamW fused": ("LAMB", "AdamW fused"),
+         "VRLAMB/LAMB": ("VRLAMB", "LAMB"), "VRLAMB/LAMB backward": ("VRLAMB", "LAMB backward"),
+         "LAMB/AdamW fused": ("LAMB", "AdamW fused"), "LAMB backward/AdamW fused": ("LAMB backward", "AdamW fused"),
          "VRLAMB gathered/AdamW fused": ("VRLAMB gathered", "AdamW fused"),
          "VRAdamW gathered/AdamW fused": ("VRAdamW gathered", "AdamW fused"),
          "VRLAMB gathered/LAMB": ("VRLAMB gathered", "LAMB"),
@@ -370,8 +372,12 @@ PAIRS = {"VRLAMB/AdamW fused": ("VRLAMB", "AdamW fused"), "VRAdamW/AdamW fused":
          "VRLAMB partition telemetry/VRLAMB partition": ("VRLAMB partition telemetry", "VRLAMB partition"),
          "VRLAMB/DeepSpeed FusedLamb": ("VRLAMB", "DeepSpeed FusedLamb"),
          "DeepSpeed FusedLamb/AdamW fused": ("DeepSpeed FusedLamb", "AdamW fused")}
+# issue 14; "default LAMB" is the row a training process gets ("LAMB backward": the gradient handed
+# over), or without backward passes in the process (--no-backward) the "LAMB" row, which gathers it
 TARGETS = {"VRLAMB/AdamW fused": ("max", 2.5), "VRAdamW/AdamW fused": ("max", 2.5),
-           "VRLAMB/LAMB": ("max", 1.3), "torch-optimizer Lamb/LAMB backward": ("min", 2.5)}  # issue 14
+           "VRLAMB/LAMB backward": ("max", 1.3), "torch-optimizer Lamb/LAMB backward": ("min", 2.5)}
+WITHOUT_BACKWARD = {"VRLAMB/LAMB backward": "VRLAMB/LAMB",
+                    "torch-optimizer Lamb/LAMB backward": "torch-optimizer Lamb/LAMB"}
 
 
 def summarise(samples: dict, targets: dict = TARGETS):
@@ -399,9 +405,8 @@ def summarise(samples: dict, targets: dict = TARGETS):
         ratios[key] = med["torch-optimizer Lamb"] / (med["LAMB backward"] + extra)
         ratios_of_min[key] = best["torch-optimizer Lamb"] / (best["LAMB backward"] + max(
             0.0, best["backward LAMB placed"] - best["backward LAMB gathered"]))
-    if "torch-optimizer Lamb/LAMB backward" in targets and "torch-optimizer Lamb/LAMB backward" not in ratios:
-        # no backward passes in the process (--no-backward): the default LAMB gathers p.grad
-        targets = {**targets, "torch-optimizer Lamb/LAMB": targets["torch-optimizer Lamb/LAMB backward"]}
+    # no backward passes in the process (--no-backward): the default LAMB gathers p.grad
+    targets = {WITHOUT_BACKWARD[k] if k in WITHOUT_BACKWARD and k not in ratios else k: v for k, v in targets.items()}
     targets = {k: v for k, v in targets.items() if k in ratios}
     met = {k: (ratios[k] <= v if kind == "max" else ratios[k] >= v) for k, (kind, v) in targets.items()}
     return med, best, ratios, ratios_of_min, per_round, targets, met

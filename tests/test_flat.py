@@ -431,6 +431,32 @@ def test_an_optimizer_that_is_gone_leaves_no_hooks_behind():
     assert not any(_same_storage(p.grad, buffer) for p in params)
 
 
+def test_a_frozen_parameter_in_the_group_leaves_the_others_handed_over():
+    """A parameter with requires_grad=False in the group (never a gradient) is not hooked; the
+    others are handed over and the step reads them in place."""
+    spec = BY_NAME["LAMB"]
+
+    def train_frozen(flat_grads):
+        model = make_model()
+        model[0].bias.requires_grad_(False)
+        opt = make_opt(spec, model.parameters(), "default")
+        opt.flat_grads = flat_grads
+        moved = []
+        for step in range(4):
+            micro_steps(model, step)
+            opt.step()
+            moved.append(opt._buckets[0][1][0].moved.get("g"))
+            opt.zero_grad()
+        return model, opt, moved
+
+    model, opt, moved = train_frozen(True)
+    assert moved == [3, 0, 0, 0]
+    assert set(opt._hand_over._handles) == {p for p in model.parameters() if p.requires_grad}
+    gathered, _, _ = train_frozen(False)
+    for a, b in zip(model.parameters(), gathered.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_gradients_kept_by_zero_grad_set_to_none_false_are_not_re_pointed():
     """zero_grad(set_to_none=False) keeps autograd's own p.grad: nothing is handed over (only a
     p.grad the backward pass creates is), the step gathers it, the result is the same."""

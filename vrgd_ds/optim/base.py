@@ -343,14 +343,19 @@ class BaseOptimizer(torch.optim.Optimizer):
         for _, buckets in self._buckets.values():
             for b in buckets:
                 if (b.grads_home is not None or b.placed_for is not None or len(b.params) < 2
-                        or b.params[0].dtype != torch.float32 or not b.moved.get("g")
-                        or not all(p.requires_grad and p.is_leaf and p._base is None for p in b.params)):
-                    continue  # (a tensor autograd never makes a gradient for: a framework sets p.grad)
+                        or b.params[0].dtype != torch.float32 or not b.moved.get("g")):
+                    continue
+                # autograd's own leaves only: a frozen parameter never gets a gradient, and
+                # autograd never makes one for a tensor that is none (a framework sets its p.grad)
+                js = [j for j, p in enumerate(b.params) if p.requires_grad and p.is_leaf and p._base is None]
+                if not js:
+                    continue
                 if ho is None:
                     ho = self._hand_over = GradHandOver()
                     # an optimizer that is gone (a new one for the same model) leaves no hooks behind
                     weakref.finalize(self, ho.drop_all)
-                for p, home in zip(b.params, b.views(b.buffer("g", torch.float32), range(len(b.params)))):
+                mine = [b.params[j] for j in js]
+                for p, home in zip(mine, b.views(b.buffer("g", torch.float32), js)):
                     ho.set_home(p, home)
-                ho.hook(b.params)
+                ho.hook(mine)
                 b.grads_home = True
