@@ -385,14 +385,15 @@ def test_a_step_reads_back_only_what_it_must(matrix, name):
     assert max_rel_err(res["params"], reference(case)) < 2e-5
 
 
-def test_stage0_hands_the_gradient_over_to_our_plain_lamb(matrix):
-    """Stage 0 writes the averaged gradient back into p.grad in place, so our LAMB's hand-over
-    (p.grad a view of its flat buffer from the second step on) holds there, and the parity
-    case above is exact with it. Under ZeRO-1/2 the optimizer steps one flat partition per
-    group: nothing to hand over. The VR route at stage 0 places only the squares."""
-    assert result(matrix, "NVLAMB-s0-a1")["grads_home"] == [True]
-    assert result(matrix, "NVLAMB-s1-a2")["grads_home"] == [None]
-    assert result(matrix, "VRLAMB-s0-a2")["grads_home"] == [None]
+def test_stage0_hands_the_gradient_over(matrix):
+    """Stage 0 writes the averaged gradient back into p.grad in place, so a gradient handed over
+    into the optimizer's flat buffer stays there: our LAMB hands it over itself, the VR route's
+    moment source places it; the last step gathers nothing, and the parity cases above are
+    exact with it. Under ZeRO-1/2 the optimizer steps one flat partition per group."""
+    nv, vr, s1 = (result(matrix, n) for n in ("NVLAMB-s0-a1", "VRLAMB-s0-a2", "NVLAMB-s1-a2"))
+    assert nv["grads_home"] == [True] and nv["moved"] == [0]
+    assert vr["grads_home"] == [None] and vr["moved"] == [0]  # the moment source's hand-over
+    assert s1["grads_home"] == [None] and s1["moved"] == [0]  # a partition: nothing gathered
 
 
 def test_frozen_parameters_do_not_move(matrix):

@@ -210,9 +210,12 @@ def run_case(case):
             "grads_checked_finite": getattr(opt, "grads_checked_finite", None),
             "peak_square_bytes": max(peaks, default=None), **record,
             "sub_groups": len(engine.optimizer.fp16_groups) if engine.zero_optimization_stage() == 3 else None,
-            # per flat bucket of our optimizer: whether it hands p.grad over (vrgd_ds.optim.base)
+            # per flat bucket of our optimizer: whether it hands p.grad over itself
+            # (vrgd_ds.optim.base), and how many gradients its last step gathered
             "grads_home": [b.grads_home for _, bs in getattr(engine.basic_optimizer, "_buckets", {}).values()
                            for b in bs],
+            "moved": [b.moved.get("g") for _, bs in getattr(engine.basic_optimizer, "_buckets", {}).values()
+                      for b in bs],
             **({"reads": reads.summary()} if reads is not None else {})}
 
 

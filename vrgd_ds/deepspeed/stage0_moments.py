@@ -5,6 +5,9 @@ boundary, after summing the micro-steps. Per-micro-step squares therefore come f
 tensor hooks (:class:`~vrgd_ds.moments.MicroStepMoments`, one full-size fp32 buffer, the
 same size as the full gradient stage 0 holds anyway), and are all-reduced in bounded
 chunks right after DeepSpeed all-reduces the gradients (:mod:`.seam`, patch 6).
+The VR optimizer places both the squares and the gradients in its flat buffers
+(:meth:`~vrgd_ds.moments.MicroStepMoments.place`): DeepSpeed's stage-0 all-reduce writes the
+averaged gradient back into ``p.grad`` in place, so a gradient handed over stays there.
 Measure-only (``norms_only``): the hooks keep one float64 number per parameter, the sum of
 its local squares, which is all the noise scale needs; those are all-reduced instead, and no
 gradient-sized buffer exists. On a step that uses no squares (``gsnr_interval``, the noise
@@ -109,10 +112,6 @@ class Stage0Moments(MicroStepMoments):
         dist.all_reduce(local, group=self.group)
         self._norm_bytes += local.numel() * local.element_size()
         self._norms = {id(p): v for p, v in zip(self.params, local.tolist())}
-
-    def place(self, params, squares, grads) -> None:
-        """Squares only: DeepSpeed owns the gradients at stage 0."""
-        super().place(params, squares, [None] * len(params))
 
     def square_sum(self, param) -> float:
         """norms_only: the sum over all ranks and elements of ``param``'s local squares (the
