@@ -390,21 +390,22 @@ def summarise(samples: dict, targets: dict = TARGETS):
     # each round times every row once: the median over rounds of the ratio within a round
     # follows the pair through the machine's changes of pace better than a ratio of medians
     per_round = {k: statistics.median(x / y for x, y in zip(samples[a], samples[b])) for k, (a, b) in pairs.items()}
-    if "backward placed" in med and "backward gathered" in med:
-        # what handing p.grad over adds to the backward passes, charged to the step (never credited)
+
+    def charged(stats, name, kind):
+        """The step of ``name`` plus what handing p.grad over added to its backward passes
+        (rows "{kind} placed" / "{kind} gathered"): charged, never credited."""
+        return stats[name] + max(0.0, stats[f"{kind} placed"] - stats[f"{kind} gathered"])
+
+    if "backward placed" in med and "backward gathered" in med and "AdamW fused" in med:
         for name in ("VRLAMB", "VRAdamW"):
-            if name in med and "AdamW fused" in med:
+            if name in med:
                 key = f"{name} incl. backward cost/AdamW fused"
-                ratios[key] = (med[name] + max(0.0, med["backward placed"] - med["backward gathered"])) \
-                    / med["AdamW fused"]
-                ratios_of_min[key] = (best[name] + max(0.0, best["backward placed"] - best["backward gathered"])) \
-                    / best["AdamW fused"]
+                ratios[key] = charged(med, name, "backward") / med["AdamW fused"]
+                ratios_of_min[key] = charged(best, name, "backward") / best["AdamW fused"]
     if "backward LAMB placed" in med and "torch-optimizer Lamb" in med:  # the same for plain LAMB
-        key, extra = "torch-optimizer Lamb/LAMB backward incl. backward cost", \
-            max(0.0, med["backward LAMB placed"] - med["backward LAMB gathered"])
-        ratios[key] = med["torch-optimizer Lamb"] / (med["LAMB backward"] + extra)
-        ratios_of_min[key] = best["torch-optimizer Lamb"] / (best["LAMB backward"] + max(
-            0.0, best["backward LAMB placed"] - best["backward LAMB gathered"]))
+        key = "torch-optimizer Lamb/LAMB backward incl. backward cost"
+        ratios[key] = med["torch-optimizer Lamb"] / charged(med, "LAMB backward", "backward LAMB")
+        ratios_of_min[key] = best["torch-optimizer Lamb"] / charged(best, "LAMB backward", "backward LAMB")
     # no backward passes in the process (--no-backward): the default LAMB gathers p.grad
     targets = {WITHOUT_BACKWARD[k] if k in WITHOUT_BACKWARD and k not in ratios else k: v for k, v in targets.items()}
     targets = {k: v for k, v in targets.items() if k in ratios}

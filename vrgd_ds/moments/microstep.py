@@ -151,6 +151,7 @@ class MicroStepMoments(FollowsRescaling):
         self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
         if not isinstance(flat_grads, bool):
             raise ValueError(f"flat_grads must be True or False, got {flat_grads!r}")
+        self._hand = GradHandOver()  # p.grad into the optimizer's flat buffer (see place)
         self.flat_grads = flat_grads  # False (may be set at any time): p.grad stays where autograd puts it
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
@@ -165,7 +166,6 @@ class MicroStepMoments(FollowsRescaling):
             raise ValueError("MicroStepMoments needs at least one parameter with requires_grad=True")
         self._sum_sq: dict[Tensor, Tensor] = {}
         self._fresh: set[Tensor] = set()  # buffers that hold this step's squares (else stale)
-        self._hand = GradHandOver()  # p.grad into the optimizer's flat buffer (see place)
         self._hits: dict[Tensor, int] = {}
         self._clip_scale = 1.0
         self._backward_passes = 0
@@ -197,9 +197,16 @@ class MicroStepMoments(FollowsRescaling):
         """After autograd created p.grad on the step's first backward pass (never for
         ``torch.autograd.grad``, which accumulates nothing): copy it, still in cache, into the
         optimizer's flat buffer and make p.grad that view; later passes accumulate into it."""
-        self._hand.enabled = self.flat_grads
         self._hand.after(p)
         self._probe(p, p.grad)
+
+    @property
+    def flat_grads(self) -> bool:
+        return self._hand.enabled
+
+    @flat_grads.setter
+    def flat_grads(self, on: bool) -> None:
+        self._hand.enabled = on
 
     def place(self, params: list[Tensor], squares: list[Tensor], grads: list[Tensor | None]) -> None:
         """Keep the squares of ``params`` in the given fp32 views (e.g. an optimizer's flat
