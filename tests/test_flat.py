@@ -535,6 +535,10 @@ def test_compiled_edge_kernel_matches_the_reference(name, monkeypatch):
 def test_micro_step_moments_rejects_a_non_bool_flat_grads():
     with pytest.raises(ValueError, match="flat_grads must be True or False, got 'yes'"):
         MicroStepMoments(make_model().parameters(), flat_grads="yes")
+    moments = MicroStepMoments(make_model().parameters())
+    with pytest.raises(ValueError, match="flat_grads must be True or False, got 1"):
+        moments.flat_grads = 1  # set later, as the optimizer's switch is
+    assert moments.flat_grads is True
 
 
 def reads_of_the_third_step(name, clip=None):

@@ -26,6 +26,13 @@ import torch
 from torch import Tensor
 
 
+def check_flat_grads(on) -> bool:
+    """The ``flat_grads`` switch of an optimizer or a moment source: True or False only."""
+    if not isinstance(on, bool):
+        raise ValueError(f"flat_grads must be True or False, got {on!r}")
+    return on
+
+
 class GradHandOver:
     def __init__(self):
         self.enabled = True  # False: p.grad stays where autograd puts it

@@ -65,7 +65,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .hand_over import GradHandOver
+from .hand_over import GradHandOver, check_flat_grads
 
 PROBES = 4  # parameters whose gradient is probed for rescaling after the backward passes
 PROBE_NUMEL = 4096  # elements probed per parameter
@@ -149,8 +149,6 @@ class MicroStepMoments(FollowsRescaling):
                                               or not isinstance(samples_per_group, int) or samples_per_group < 1):
             raise ValueError(f"samples_per_group must be an integer >= 1 or None, got {samples_per_group!r}")
         self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
-        if not isinstance(flat_grads, bool):
-            raise ValueError(f"flat_grads must be True or False, got {flat_grads!r}")
         self._hand = GradHandOver()  # p.grad into the optimizer's flat buffer (see place)
         self.flat_grads = flat_grads  # False (may be set at any time): p.grad stays where autograd puts it
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
@@ -206,7 +204,7 @@ class MicroStepMoments(FollowsRescaling):
 
     @flat_grads.setter
     def flat_grads(self, on: bool) -> None:
-        self._hand.enabled = on
+        self._hand.enabled = check_flat_grads(on)
 
     def place(self, params: list[Tensor], squares: list[Tensor], grads: list[Tensor | None]) -> None:
         """Keep the squares of ``params`` in the given fp32 views (e.g. an optimizer's flat

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..moments.hand_over import GradHandOver
+from ..moments.hand_over import GradHandOver, check_flat_grads
 from .flat import Spec
 from .flat_group import BucketStep, FlatBucket, GroupBatch
 from .layout import LayerLayout
@@ -310,9 +310,7 @@ class BaseOptimizer(torch.optim.Optimizer):
 
     @flat_grads.setter
     def flat_grads(self, on: bool) -> None:
-        if not isinstance(on, bool):
-            raise ValueError(f"flat_grads must be True or False, got {on!r}")
-        self._flat_grads = on
+        self._flat_grads = check_flat_grads(on)
         if self._hand_over is not None:
             self._hand_over.enabled = on
 
