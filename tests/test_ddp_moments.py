@@ -97,23 +97,41 @@ def forward(model, variant, step, group, xb):
 # ------------------------------------------------------------------ the 2-rank DDP worker
 
 
-def run_config(rank, name, accum, mode, variant):
-    from torch.nn.parallel import DistributedDataParallel
+def ddp_micro_steps(ddp, rank, step, accum, forward=None):
+    """This rank's ``accum`` micro-steps of ``step`` through ``forward`` (default: ``ddp``),
+    under ``no_sync`` but the last."""
+    groups = split(step, accum)
+    for j in range(accum):
+        xb, yb = groups[rank * accum + j]
+        with contextlib.nullcontext() if j == accum - 1 else ddp.no_sync():
+            (loss_fn((ddp if forward is None else forward)(xb), yb) / accum).backward()
 
+
+
+def counting_moments(ddp, **kw):
+    """A DDPMoments whose ``buckets`` records the (index, parameter count) of each bucket its
+    hook saw."""
     from vrgd_ds.moments import DDPMoments
 
-    class Counting(DDPMoments):  # records which buckets the hook saw
+    class Counting(DDPMoments):
         def _hook(self, state, bucket):
             self.buckets.add((bucket.index(), len(bucket.parameters())))
             return super()._hook(state, bucket)
 
+    moments = Counting(ddp, **kw)
+    moments.buckets = set()
+    return moments
+
+
+def run_config(rank, name, accum, mode, variant):
+    from torch.nn.parallel import DistributedDataParallel
+
     model = Branchy() if variant == "unused" else make_model()
     ddp = DistributedDataParallel(model, bucket_cap_mb=CAP_MB,
                                   find_unused_parameters=variant == "unused")
-    moments = Counting(ddp, mode=mode)
-    moments.buckets = set()
+    moments = counting_moments(ddp, mode=mode)
     opt = make_opt(name, ddp.parameters(), moments)
-    buckets, moved = [], []  # moved: gradients each step gathered into its flat buffer
+    buckets, moved, counts = [], [], []  # moved: gradients each step gathered into its flat buffer
     amp = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1) if variant and "amp" in variant else None
     moments.grad_scaler = amp  # read when unscale_ ran before the step
     for step in range(STEPS):
@@ -125,6 +143,8 @@ def run_config(rank, name, accum, mode, variant):
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 loss = loss_fn(forward(ddp, variant, step, g, xb), yb) / accum
                 (amp.scale(loss) if amp else loss).backward()
+        counts.append(sorted(float(c) for c in moments._counts))  # each reduced bucket's count
+        moments._counts.reverse()  # the order the collectives finished in must not matter
         assert moments.group_count == (WORLD * accum if mode == "micro" else WORLD)
         if variant == "amp-clip":
             amp.unscale_(opt)
@@ -141,7 +161,8 @@ def run_config(rank, name, accum, mode, variant):
         buckets.append(sorted(moments.buckets))
         moments.buckets.clear()
         moved.append(opt._buckets[0][1][0].moved.get("g"))
-    return {"params": [p.detach().clone() for p in ddp.module.parameters()], "buckets": buckets, "moved": moved}
+    return {"params": [p.detach().clone() for p in ddp.module.parameters()], "buckets": buckets, "moved": moved,
+            "counts": counts}
 
 
 def run_bf16(rank, mode, accum):
@@ -216,6 +237,91 @@ def run_micro_under_ddp(rank):
     return {"refused": refused, "unchanged": unchanged, "moved": moved}
 
 
+class WideMLP(torch.nn.Module):
+    """tiny_problem's MLP with a 720 x 720 layer in the middle (2 MiB): with 1 MiB buckets DDP
+    makes several, and Dynamo's DDPOptimizer (whose first bucket is DDP's 1 MiB) splits a
+    compiled model's graph there. A module of our own: Dynamo traces user code, and compiles
+    nothing for a bare ``torch.nn.Sequential`` inside DDP."""
+
+    def __init__(self, w):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(6, w), torch.nn.Linear(w, w), torch.nn.Linear(w, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def wide_model():
+    return WideMLP(COMPILED_WIDTH)
+
+
+COMPILED_WIDTH, COMPILED_ACCUM = 720, 2
+
+
+def run_compiled(rank):
+    """VRLAMB under torch.compile(ddp) (DDPOptimizer: one compiled graph per bucket, DDP's
+    reducer calling our hook) with micro-steps under no_sync; the same run eagerly."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vrgd_ds import VRLAMB
+
+    out = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = wide_model()
+        ddp = DistributedDataParallel(model, bucket_cap_mb=1)
+        moments = counting_moments(ddp)
+        opt = VRLAMB(ddp.parameters(), lr=0.02, weight_decay=0.01, moments=moments)
+        graphs = []
+
+        def inductor(gm, example_inputs):  # counts the graphs Dynamo hands over
+            graphs.append(gm)
+            return compile_fx(gm, example_inputs)
+
+        run = torch.compile(ddp, backend=inductor) if compiled else ddp
+        for step in range(STEPS):
+            ddp_micro_steps(ddp, rank, step, COMPILED_ACCUM, forward=run)
+            opt.step()
+            opt.zero_grad()
+        name = "compiled" if compiled else "eager"
+        out[name] = [p.detach().clone() for p in model.parameters()]
+        out[f"{name}_buckets"] = sorted(moments.buckets)
+        out[f"{name}_graphs"] = len(graphs)
+    return out
+
+
+def run_refused_ddp(rank):
+    """DDP set-ups whose gradients bypass the bucket hook: refused at DDPMoments' construction."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vrgd_ds.moments import DDPMoments
+
+    def refusal(build):
+        ddp = build()
+        try:
+            DDPMoments(ddp)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def python_reducer():
+        old = torch._dynamo.config.optimize_ddp
+        torch._dynamo.config.optimize_ddp = "python_reducer"
+        try:
+            return DistributedDataParallel(make_model())
+        finally:
+            torch._dynamo.config.optimize_ddp = old
+
+    def delayed():
+        model = make_model()
+        return DistributedDataParallel(model, delay_all_reduce_named_params=list(model[2].named_parameters()),
+                                       param_to_hook_all_reduce=model[0].weight)
+
+    return {"python_reducer": refusal(python_reducer), "delayed": refusal(delayed)}
+
+
 PLAIN = {"plain-lamb": False, "plain-lamb-bucket-view": True}  # id: DDP's gradient_as_bucket_view
 PLAIN_ACCUM = 2
 
@@ -233,11 +339,7 @@ def run_plain(rank, bucket_view):
     opt = LAMB(ddp.parameters(), lr=0.02, weight_decay=0.01)
     moved = []
     for step in range(STEPS):
-        groups = split(step, PLAIN_ACCUM)
-        for j in range(PLAIN_ACCUM):
-            xb, yb = groups[rank * PLAIN_ACCUM + j]
-            with contextlib.nullcontext() if j == PLAIN_ACCUM - 1 else ddp.no_sync():
-                (loss_fn(ddp(xb), yb) / PLAIN_ACCUM).backward()
+        ddp_micro_steps(ddp, rank, step, PLAIN_ACCUM)
         opt.step()
         moved.append(opt._buckets[0][1][0].moved.get("g"))
         opt.zero_grad()
@@ -257,6 +359,8 @@ def worker(rank, init_file, out_dir):
             results[cid] = run_bf16(rank, cid.split("-")[1], accum)
         results["unequal"] = run_unequal(rank)
         results["micro_under_ddp"] = run_micro_under_ddp(rank)
+        results["refused_ddp"] = run_refused_ddp(rank)
+        results["compiled"] = run_compiled(rank)
         for cid, bucket_view in PLAIN.items():
             results[cid] = run_plain(rank, bucket_view)
         return results
@@ -359,8 +463,8 @@ def explicit_run(name, accum, mode, variant):
     return [p.detach() for p in params]
 
 
-def float64_reference(name, k):
-    model = make_model()
+def float64_reference(name, k, model=None):
+    model = make_model() if model is None else model
     base, hp, beta3 = (("lamb", dict(lr=0.02, weight_decay=0.01), 0.9) if name == "VRLAMB"
                        else ("sgd", dict(lr=0.2, weight_decay=0.01), 0.0))
     ref = Reference(list(model.parameters()), base, gamma=0.1, beta3=beta3, **hp)
@@ -395,6 +499,11 @@ def test_ddp_matches_explicit_groups(ddp_results, cid):
     if variant != "unused":  # the optimizer's hand-over holds under DDPMoments: no gather after step 1
         assert got[0]["moved"][1:] == [0] * (STEPS - 1), got[0]["moved"]
     if variant == "unused":
+        # DDP marked a bucket of parameters the pass did not reach ready at the pass's first
+        # gradient, before the other hooks had counted the pass: its count is short, and the
+        # moments take the largest (the last bucket's), whatever order the collectives end in
+        k = WORLD * accum
+        assert any(c[0] < k for c in got[0]["counts"]) and all(c[-1] == k for c in got[0]["counts"]), got[0]["counts"]
         never = list(Branchy().never.parameters())
         for p, p0 in zip(got[0]["params"][-2:], never):  # no rank reached it: untouched
             torch.testing.assert_close(p, p0, rtol=0, atol=0)
@@ -460,6 +569,29 @@ def test_bf16_buckets(ddp_results, cid):
         scale = g.abs().max()
         torch.testing.assert_close(grad.float(), g.mean(0), rtol=3e-2, atol=3e-2 * scale)
         torch.testing.assert_close(msq, (g * g).mean(0), rtol=3e-2, atol=3e-2 * scale**2)
+
+
+def test_compiled_ddp_model_matches_eager_and_the_reference(ddp_results):
+    """torch.compile(ddp): Dynamo's DDPOptimizer compiles one graph per bucket and DDP's reducer
+    calls the hook for each; the result is the eager run's up to fp32 rounding, and that of
+    docs/algorithm.md."""
+    got = [r["compiled"] for r in ddp_results]
+    for a, b in zip(got[0]["compiled"], got[1]["compiled"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # DDPOptimizer split the graph (a graph per bucket; more where a step recompiles)
+    assert got[0]["compiled_graphs"] >= 2 and got[0]["eager_graphs"] == 0, got[0]
+    assert len({i for i, _ in got[0]["compiled_buckets"]}) >= 2, got[0]["compiled_buckets"]
+    # Inductor's fused forward/backward round differently from eager kernels: fp32 rounding
+    assert max_rel_err(got[0]["compiled"], got[0]["eager"]) < 2e-5
+    expected = float64_reference("VRLAMB", WORLD * COMPILED_ACCUM, wide_model())
+    assert max_rel_err(got[0]["compiled"], expected) < 2e-5 and max_rel_err(got[0]["eager"], expected) < 2e-5
+
+
+def test_ddp_set_ups_that_bypass_the_bucket_hook_are_refused(ddp_results):
+    for r in ddp_results:
+        got = r["refused_ddp"]
+        assert got["python_reducer"] is not None and "optimize_ddp = 'python_reducer'" in got["python_reducer"]
+        assert got["delayed"] is not None and "delay_all_reduce_named_params" in got["delayed"]
 
 
 def test_unequal_micro_steps_refused(ddp_results):

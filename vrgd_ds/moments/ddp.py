@@ -47,6 +47,13 @@ Details
   leaves it (None after ``zero_grad(set_to_none=True)``) and the optimizer skips it.
 - Parameters DDP ignores (``_ddp_params_and_buffers_to_ignore``) get no moments; keep them
   out of the VR optimizer.
+- ``torch.compile``: a compiled DDP model (``torch.compile(ddp)``: Dynamo's DDPOptimizer
+  splits the graph at the buckets, and DDP's reducer calls the hook as usual) and a compiled
+  module inside DDP are supported. Refused at construction, naming the setting: DDP built
+  with ``torch._dynamo.config.optimize_ddp = "python_reducer"`` (the compiled-autograd
+  route: it calls the communication hook once per parameter from traced code, without
+  buckets), and ``delay_all_reduce_named_params`` (those gradients are all-reduced outside
+  the hook, so their squares would never be).
 - DDPMoments owns the model's communication hook (DDP allows one); it is registered at
   construction, before the first backward.
 - Clipping: :meth:`clip_grad_norm_` (p.grad is identical on all ranks after the sync, so
@@ -67,6 +74,25 @@ from .microstep import FollowsRescaling, MicroStepMoments, clip_mean_gradient_
 MODES = ("micro", "rank")
 
 
+def refuse_unsupported_ddp(ddp_model) -> None:
+    """Raise ``ValueError`` where DDP would reduce gradients without calling the bucket hook
+    (see the module docstring)."""
+    if getattr(ddp_model, "_use_python_reducer", False):
+        raise ValueError(
+            "DDPMoments: this DDP model was built with torch._dynamo.config.optimize_ddp = "
+            "'python_reducer' (the compiled-autograd route), which calls the communication hook "
+            "once per parameter from traced code instead of once per gradient bucket, so the "
+            "squared gradients cannot travel with the gradients. Build the DDP model with "
+            "optimize_ddp left at its default (True); torch.compile(ddp) is supported then")
+    delayed = getattr(ddp_model, "_delay_all_reduce_params", ())
+    if len(delayed):
+        raise ValueError(
+            f"DDPMoments: this DDP model delays the all-reduce of {len(delayed)} parameter(s) "
+            "(delay_all_reduce_named_params / param_to_hook_all_reduce); DDP reduces those "
+            "gradients outside the communication hook, so their squared gradients would never "
+            "be reduced. Build the DDP model without delay_all_reduce_named_params")
+
+
 class DDPMoments(FollowsRescaling):
     def __init__(self, ddp_model, process_group=None, mode: str = "micro", samples_per_group: int | None = None):
         if mode not in MODES:
@@ -74,6 +100,7 @@ class DDPMoments(FollowsRescaling):
         self.mode = mode
         self.group = process_group
         self.world = dist.get_world_size(process_group)
+        refuse_unsupported_ddp(ddp_model)
         ignored = getattr(ddp_model, "parameters_to_ignore", set())
         self.params = [p for n, p in ddp_model.module.named_parameters()
                        if p.requires_grad and n not in ignored]
@@ -82,7 +109,9 @@ class DDPMoments(FollowsRescaling):
             self.local.follow_rescaling = False
             self.local.per_rank = True  # this rank's local squares, reduced by the bucket hook
         self._reduced: dict[Tensor, Tensor] = {}
-        self._count: Tensor | None = None  # sum over ranks of local backward passes
+        # per reduced bucket: the sum over ranks of the local backward passes counted when the
+        # bucket's hook ran (appended from the collective's callbacks, read lazily)
+        self._counts: list[Tensor] = []
         self._clip_scale = 1.0
         self._init_probes()
         self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
@@ -114,7 +143,9 @@ class DDPMoments(FollowsRescaling):
                 self._reduced[p] = total[offset:offset + p.numel()].view_as(p).float()
                 self._probe(p, g)  # the reduced gradient DDP puts into p.grad
                 offset += p.numel()
-            self._count = total[offset]  # read lazily: no device sync inside the hook
+            # read lazily (no device sync in the hook); a copy, not a view that would keep the
+            # reduced buffer of every synced micro-step alive
+            self._counts.append(total[offset].clone())
             return buf
 
         return fut.then(finish)
@@ -133,9 +164,13 @@ class DDPMoments(FollowsRescaling):
         if self.local is None:
             return self.world
         local = self.local.group_count
-        if self._count is None:  # nothing synced yet: what this rank alone can say
+        if not self._counts:  # nothing synced yet: what this rank alone can say
             return self.world * local
-        count = int(round(self._count.item()))
+        # The largest: the last bucket of a synced pass is reduced after every hook of the pass
+        # has counted it. An earlier one may not be: DDP (find_unused_parameters) marks a bucket
+        # of parameters this pass did not reach ready at the pass's first gradient, when only
+        # that gradient's parameter has counted the pass; that bucket's count then misses it.
+        count = int(round(torch.stack(self._counts).max().item()))
         if count != self.world * local:
             raise RuntimeError(
                 f"ranks ran different numbers of backward passes ({count} in all, "
@@ -166,7 +201,7 @@ class DDPMoments(FollowsRescaling):
 
     def reset(self) -> None:
         self._reduced.clear()
-        self._count = None
+        self._counts = []
         self._clip_scale = 1.0
         self._reset_probes()
         if self.local is not None:
