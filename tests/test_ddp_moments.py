@@ -73,6 +73,9 @@ CONFIGS = {
     "sgd-rank-a2-torchclip": ("VRSGD", 2, "rank", "torchclip"),
     "sgd-a3-unused": ("VRSGD", 3, "micro", "unused"),
     "lamb-a3-syncall": ("VRLAMB", 3, "micro", "syncall"),  # no no_sync: every micro-step syncs
+    "lamb-a2-static": ("VRLAMB", 2, "micro", "static"),  # DDP(static_graph=True), every micro-step synced
+    "lamb-a2-bucket-view": ("VRLAMB", 2, "micro", "bucket-view"),  # DDP(gradient_as_bucket_view=True)
+    "sgd-rank-a2-bucket-view": ("VRSGD", 2, "rank", "bucket-view"),
 }
 BF16 = {"bf16-micro-a2": 2, "bf16-rank-a2": 2}
 
@@ -127,8 +130,8 @@ def run_config(rank, name, accum, mode, variant):
     from torch.nn.parallel import DistributedDataParallel
 
     model = Branchy() if variant == "unused" else make_model()
-    ddp = DistributedDataParallel(model, bucket_cap_mb=CAP_MB,
-                                  find_unused_parameters=variant == "unused")
+    ddp = DistributedDataParallel(model, bucket_cap_mb=CAP_MB, find_unused_parameters=variant == "unused",
+                                  static_graph=variant == "static", gradient_as_bucket_view=variant == "bucket-view")
     moments = counting_moments(ddp, mode=mode)
     opt = make_opt(name, ddp.parameters(), moments)
     buckets, moved, counts = [], [], []  # moved: gradients each step gathered into its flat buffer
@@ -139,7 +142,7 @@ def run_config(rank, name, accum, mode, variant):
         for j in range(accum):
             g = rank * accum + j
             xb, yb = groups[g]
-            sync = j == accum - 1 or variant == "syncall"
+            sync = j == accum - 1 or variant in ("syncall", "static")  # torch: no no_sync with a static graph
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 loss = loss_fn(forward(ddp, variant, step, g, xb), yb) / accum
                 (amp.scale(loss) if amp else loss).backward()
@@ -496,7 +499,10 @@ def test_ddp_matches_explicit_groups(ddp_results, cid):
     with one_thread():
         expected = explicit_run(name, accum, mode, variant)
     torch.testing.assert_close(got[0]["params"], expected, rtol=1e-5, atol=1e-6)
-    if variant != "unused":  # the optimizer's hand-over holds under DDPMoments: no gather after step 1
+    n = len(got[0]["params"])
+    if variant == "bucket-view":  # DDP re-points p.grad at its bucket: the hand-over is dropped (see PLAIN)
+        assert got[0]["moved"] == [0] + [n] * (STEPS - 1), got[0]["moved"]
+    elif variant != "unused":  # the optimizer's hand-over holds under DDPMoments: no gather after step 1
         assert got[0]["moved"][1:] == [0] * (STEPS - 1), got[0]["moved"]
     if variant == "unused":
         # DDP marked a bucket of parameters the pass did not reach ready at the pass's first

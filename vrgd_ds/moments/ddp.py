@@ -47,6 +47,10 @@ Details
   leaves it (None after ``zero_grad(set_to_none=True)``) and the optimizer skips it.
 - Parameters DDP ignores (``_ddp_params_and_buffers_to_ignore``) get no moments; keep them
   out of the VR optimizer.
+- ``static_graph=True`` and ``gradient_as_bucket_view=True`` are exact too (tested). With a
+  static graph torch itself refuses ``no_sync`` in the first iteration, so sync every
+  micro-step there. With bucket views DDP re-points ``p.grad`` at its bucket after each
+  step, so the optimizer gathers the gradient instead of having it handed over.
 - ``torch.compile``: a compiled DDP model (``torch.compile(ddp)``: Dynamo's DDPOptimizer
   splits the graph at the buckets, and DDP's reducer calls the hook as usual) and a compiled
   module inside DDP are supported. Refused at construction, naming the setting: DDP built
