@@ -58,6 +58,7 @@ class Case:
     gas_changes: dict = field(default_factory=dict)  # data step -> accumulation from then on
     count_reads: bool = False  # count the last step's host reads (tests/ds_scripts/host_reads.py)
     gate: dict = field(default_factory=dict)  # data step -> per micro-step flags of GatedMLP's side layer
+    compile: str | None = None  # engine.compile(): "model", or "autograd" (compiled autograd too)
 
     def gas_at(self, step: int) -> int:
         changed = [s for s in self.gas_changes if s <= step]
@@ -76,7 +77,7 @@ class Case:
 
     def worker_case(self, name, tmp_path):
         out = {"name": name, "config": self.config(tmp_path, name), "steps": self.steps}
-        for key in ("groups", "client", "nan", "coalesce", "count_reads"):
+        for key in ("groups", "client", "nan", "coalesce", "count_reads", "compile"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         if self.gas_changes:
@@ -203,6 +204,9 @@ PARITY = {
     # squares formed and reduced in chunks of 7 elements (pieces split across chunks)
     **{f"VRLAMB-s{s}-a{a}-chunk7": Case("VRLAMB", s, a, vr={"sq_chunk_numel": 7}) for s, a in (
         (0, 2), (1, 1), (1, 2), (2, 2), (3, 2))},
+    # engine.compile(): the module compiled with torch.compile (Dynamo, Inductor)
+    **{f"VRLAMB-s{s}-a2-compiled": Case("VRLAMB", s, compile="model") for s in (0, 1, 2, 3)},
+    "NVLAMB-s2-a2-compiled": Case("NVLAMB", 2, groups="decay", compile="model"),
     # ZeRO-3: every parameter is split over both ranks, so every layer spans partitions
     "NVLAMB-s3-a2": Case("NVLAMB", 3),
     "NVLAMB-s3-a1-callable": Case("NVLAMB", 3, 1, client="callable"),
@@ -327,6 +331,10 @@ REFUSED = {  # name: (case, words the error must contain)
                                                        "step with zero gradients while it is built"]),
     "VRLAMB-s0-bf16-instance": (Case("VRLAMB", 0, extra=BF16, client="instance"),
                                 ["'VRLAMB' with bf16 and zero_optimization.stage 0"]),
+    **{f"{o}-s{s}-compiled-autograd": (Case(o, s, compile="autograd"),
+                                        [f"'{cls}' with engine.compile(compiled_autograd_enabled=True)",
+                                         "call engine.compile() without it"])
+       for o, cls, s in (("VRLAMB", "VRLAMB", 2), ("VRLAMB", "VRLAMB", 0), ("NVLAMB", "LAMB", 1))},
     "VRLAMB-s2-unmanaged": (Case("VRLAMB", 2, extra={"managed_gradient_accumulation": False}),
                             ["managed_gradient_accumulation false"]),
     "VRLAMB-s2-coalesce": (Case("VRLAMB", 2, coalesce=True),

@@ -22,6 +22,8 @@ the error if the case raised (refusals are cases too). Case keys besides name/co
 - gate: {"step": [flag per micro-step]}: the model is tiny_problem.GatedMLP, whose side layer
   a micro-step runs through only where its flag is true, or on the ranks its flag lists
 - measure_memory: record the peak bytes the squares' reduction allocated
+- compile: "model" (engine.compile(): torch.compile of the module) or "autograd" (and
+  compiled autograd for the backward passes)
 - count_reads: count the host reads (CPU) or device syncs (CUDA) of the last step's backward
   passes and engine.step(), vrgd_ds's and everyone else's (tests/ds_scripts/host_reads.py)
 """
@@ -137,6 +139,9 @@ def build(case):
         cls, hp = DS_NAMES[spec["type"]], spec.get("params", {})
         optimizer = (lambda ps: cls(ps, **hp)) if client == "callable" else cls(params, **hp)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer, config=cfg)
+    if case.get("compile"):
+        torch._dynamo.reset()  # each case compiles its own module: no recompile limit across cases
+        engine.compile(compiled_autograd_enabled=case["compile"] == "autograd")
     return engine
 
 

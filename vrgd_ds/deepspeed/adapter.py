@@ -177,6 +177,9 @@ class EngineAdapter:
         kind = "vr" if isinstance(self.optimizer, GSNRTransform) or self.meter is not None else "layer"
         raise routes.refuse_context(type(self.optimizer).__name__, context, kind)
 
+    def refuse_compiled_autograd(self) -> None:
+        raise routes.refuse_compiled_autograd(type(self.optimizer).__name__)
+
 
 def attach_to_engine(engine) -> None:
     """Decide the route of an engine whose optimizer is ours, or that measures the noise

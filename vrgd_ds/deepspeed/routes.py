@@ -42,6 +42,9 @@ ROUTE_TABLE = [
      "refused", "other process groups reduce the gradients"),
     ("engine.coalesce_grad_reduction(), engine.no_sync()", "refused",
      "VR: micro-step squares would be lost; NVLAMB/LARS: not covered by the tests"),
+    ("engine.compile() (the module compiled with torch.compile)", "supported", "all, stages 0 to 3"),
+    ("engine.compile(compiled_autograd_enabled=True)", "refused",
+     "Dynamo would trace DeepSpeed's gradient hooks and the squares' reduction in them"),
     ("managed_gradient_accumulation false", "refused for VR", "the number of groups per step is not fixed"),
     ("elastic_checkpoint, consolidated checkpoints across world sizes", "supported", "all"),
 ]
@@ -121,6 +124,14 @@ def group_count_advice(f: EngineFacts) -> str | None:
             "k = 2 fp32 cancellation in s - gbar^2 moves results by 1e-4..1e-3. Raise k with more ranks or a "
             "larger gradient_accumulation_steps (same global batch: a smaller "
             "train_micro_batch_size_per_gpu).")
+
+
+def refuse_compiled_autograd(name: str) -> RouteRefused:
+    return _refuse(name, "engine.compile(compiled_autograd_enabled=True)",
+                   "compiled autograd traces DeepSpeed's gradient-reduction hooks, where vrgd-ds reduces "
+                   "the squared gradients and checks the buckets; Dynamo failed there on some ranks and "
+                   "not on others (a hang), and at ZeRO-3 on DeepSpeed's own code",
+                   "call engine.compile() without it (the module compiled: supported at stages 0 to 3)")
 
 
 def refuse_context(name: str, context: str, kind: str) -> RouteRefused:

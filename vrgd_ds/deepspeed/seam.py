@@ -43,6 +43,9 @@ Patches. Each is installed on the class by :func:`install`, keeps the original a
 8. ``DeepSpeedEngine.step``: telemetry is written through the monitor after each step.
 9. ``DeepSpeedEngine.coalesce_grad_reduction`` and ``DeepSpeedEngine.no_sync``: refused
    where the adapter says so (they change what a gradient group is).
+9a. ``DeepSpeedEngine.compile``: ``compiled_autograd_enabled=True`` is refused (Dynamo would
+   trace DeepSpeed's gradient hooks, and the adapter's code in them); ``engine.compile()``
+   without it (the module compiled) is exact and passes through.
 
 ZeRO-3, on ``DeepSpeedZeroOptimizer_Stage3`` (runtime/zero/stage3.py):
 
@@ -83,6 +86,7 @@ step or not, overflow, telemetry) are functions of rank-independent values.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -483,7 +487,7 @@ def is_accumulation_boundary(engine) -> bool:
 # ---- patches -----------------------------------------------------------------------------
 
 _ENGINE_PATCHES = ("_configure_optimizer", "allreduce_gradients", "clip_fp32_gradients", "step",
-                   "coalesce_grad_reduction", "no_sync")
+                   "coalesce_grad_reduction", "no_sync", "compile")
 _ZERO_PATCHES = ("reduce_ipg_grads", "unscale_and_clip_grads", "has_overflow_partitioned_grads_serial", "step")
 _ZERO3_REDUCE = "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads"  # name-mangled private method
 _ZERO3_PATCHES = (_ZERO3_REDUCE, "unscale_and_clip_grads", "_overflow_check_and_loss_scale_update", "step")
@@ -586,6 +590,16 @@ def install(on_configured: Callable, check_config: Callable) -> None:
             return out
         return run
 
+    def compile_engine(original):
+        def run(self, *args, **kwargs):
+            adapter = adapter_of(self)
+            if adapter is not None:
+                call = inspect.signature(original).bind(self, *args, **kwargs)
+                if call.arguments.get("compiled_autograd_enabled"):
+                    adapter.refuse_compiled_autograd()
+            return original(self, *args, **kwargs)
+        return run
+
     def refusing_context(name):
         def make(original):
             def run(self, *args, **kwargs):
@@ -603,6 +617,7 @@ def install(on_configured: Callable, check_config: Callable) -> None:
     _patch(engine_cls, "step", engine_step)
     _patch(engine_cls, "coalesce_grad_reduction", refusing_context("engine.coalesce_grad_reduction()"))
     _patch(engine_cls, "no_sync", refusing_context("engine.no_sync()"))
+    _patch(engine_cls, "compile", compile_engine)
     _patch(zero_cls, "reduce_ipg_grads", reduce_ipg_grads)
     _patch(zero_cls, "unscale_and_clip_grads", unscale_and_clip_grads)
     _patch(zero_cls, "has_overflow_partitioned_grads_serial", has_overflow_local)

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..moments.hand_over import eager_hook
 from . import seam
 
 
@@ -69,8 +70,8 @@ class BufferSquares:
         for buf, sq in zip(self.layouts, self.squares):
             for p in buf.params:
                 start, end = buf.index[p]
-                self._handles.append(p.register_hook(self._hook_for(p, sq[start:end].view(p.shape),
-                                                                    tp_group if p in summed else None)))
+                self._handles.append(p.register_hook(eager_hook(self._hook_for(
+                    p, sq[start:end].view(p.shape), tp_group if p in summed else None))))
         self.syncs: list[seam.BucketSync] = []
         first = 0  # the chunk's first buffer in self.layouts
         for ddp, layouts in zip(chunks, per_chunk):

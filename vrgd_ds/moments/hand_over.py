@@ -26,6 +26,15 @@ import torch
 from torch import Tensor
 
 
+def eager_hook(hook):
+    """``hook`` for ``register_hook`` / ``register_post_accumulate_grad_hook``, kept out of
+    Dynamo: under compiled autograd the backward graph breaks around it and it runs eagerly,
+    as without compilation. Traced, the bookkeeping in our hooks (dicts and sets of tensors,
+    buffers made on first use) made Dynamo fail on some sequences of steps, and a traced hook
+    would be specialised on that state. Costs under a microsecond a call."""
+    return torch.compiler.disable(hook)
+
+
 def check_flat_grads(on) -> bool:
     """The ``flat_grads`` switch of an optimizer or a moment source: True or False only."""
     if not isinstance(on, bool):
@@ -73,8 +82,8 @@ class GradHandOver:
         """Register this object's own two hooks on each of ``params`` not hooked yet."""
         for p in params:
             if p not in self._handles:
-                self._handles[p] = [p.register_hook(lambda grad, p=p: self.before(p)),
-                                    p.register_post_accumulate_grad_hook(self.after)]
+                self._handles[p] = [p.register_hook(eager_hook(lambda grad, p=p: self.before(p))),
+                                    p.register_post_accumulate_grad_hook(eager_hook(self.after))]
 
     def drop(self, params: Iterable[Tensor]) -> None:
         """No more hand-over for ``params``: homes forgotten, this object's hooks removed."""

@@ -65,7 +65,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .hand_over import GradHandOver, check_flat_grads
+from .hand_over import GradHandOver, check_flat_grads, eager_hook
 
 PROBES = 4  # parameters whose gradient is probed for rescaling after the backward passes
 PROBE_NUMEL = 4096  # elements probed per parameter
@@ -167,8 +167,8 @@ class MicroStepMoments(FollowsRescaling):
         self._hits: dict[Tensor, int] = {}
         self._clip_scale = 1.0
         self._backward_passes = 0
-        self._handles = [p.register_hook(self._hook_for(p)) for p in self.params]
-        self._handles += [p.register_post_accumulate_grad_hook(self._hand_over) for p in self.params]
+        self._handles = [p.register_hook(eager_hook(self._hook_for(p))) for p in self.params]
+        self._handles += [p.register_post_accumulate_grad_hook(eager_hook(self._hand_over)) for p in self.params]
 
     def _hook_for(self, p: Tensor):
         def hook(grad: Tensor) -> Tensor | None:
