@@ -181,6 +181,9 @@ class EngineAdapter:
         raise routes.refuse_compiled_autograd(type(self.optimizer).__name__)
 
 
+_ADVISED: set[str] = set()  # the group-count advice given in this process
+
+
 def attach_to_engine(engine) -> None:
     """Decide the route of an engine whose optimizer is ours, or that measures the noise
     scale (:mod:`.measure`), and attach the adapters."""
@@ -237,5 +240,8 @@ def attach_to_engine(engine) -> None:
         opt.register_step_pre_hook(meter.observe)
     seam.attach(engine, EngineAdapter(engine, opt, route, stage0, meter))
     advice = routes.group_count_advice(facts) if vr or measure else None
-    if advice and dist.get_rank() == 0:
+    if advice and dist.get_rank() == 0 and advice not in _ADVISED:
+        # once per process, kept here: Python's own once-per-place registry is cleared when
+        # the filters change, as torch.compile does
+        _ADVISED.add(advice)
         warnings.warn(advice, stacklevel=2)
