@@ -121,6 +121,12 @@ class DDPMoments(FollowsRescaling):
         self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
         ddp_model.register_comm_hook(process_group, self._hook)
 
+    def remove(self) -> None:
+        """Detach the tensor hooks (mode "micro"); the DDP model keeps the communication hook,
+        which DDP cannot unregister: build a new DDP model to drop it."""
+        if self.local is not None:
+            self.local.remove()
+
     # -- the communication hook -------------------------------------------------------------
 
     def _hook(self, _state, bucket):
