@@ -128,6 +128,25 @@ def test_trainer_ddp_rank_mode_counts_ranks(tmp_path):
     assert worst < 5e-3  # k = 2: fp32 cancellation in s - gbar^2 (README), not a different algorithm
 
 
+def test_trainer_ddp_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    """4 steps straight (checkpoints at 2 and 4) against 2 steps, then a new torchrun launch
+    resuming from Trainer's checkpoint-2 (our optimizer state, GSNR momentum included, in
+    Trainer's optimizer.pt) for 2 more: the same weights to the last bit."""
+    straight = tmp_path / "straight"
+    proc = run_trainer(straight, "--steps", 4, "--save-steps", 2)
+    assert proc.returncode == 0, tail(proc)
+    saved = torch.load(straight / "checkpoint-2" / "optimizer.pt", weights_only=False)
+    assert "gsnr_momentum" in saved["state"][0] and "noise_scale" in saved
+    resumed = tmp_path / "resumed"
+    proc = run_trainer(resumed, "--steps", 4, "--resume", straight / "checkpoint-2")
+    assert proc.returncode == 0, tail(proc)
+    a, b = torch.load(straight / "result.pt"), torch.load(resumed / "result.pt")
+    assert len(b["seen"][0]) == 2 * 2  # the resumed launch ran steps 3 and 4 only
+    assert [torch.equal(x[0], y[0]) for x, y in zip(a["seen"][0][4:], b["seen"][0])] == [True] * 4
+    assert all(torch.equal(x, y) for x, y in zip(a["final"], b["final"]))
+    assert not all(torch.equal(x, y) for x, y in zip(a["final"], a["initial"]))
+
+
 def test_trainer_ddp_refuses_an_optimizer_with_its_own_source(tmp_path):
     proc = run_trainer(tmp_path / "run", "--own-moments", "--steps", 1)
     assert proc.returncode != 0

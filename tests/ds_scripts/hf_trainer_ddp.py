@@ -50,13 +50,15 @@ def main():
     ap.add_argument("--accumulation", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-grad-norm", type=float, default=0.05)
+    ap.add_argument("--save-steps", type=int, default=0, help="save a Trainer checkpoint every N steps")
+    ap.add_argument("--resume", default=None, help="resume from this Trainer checkpoint")
     ap.add_argument("--train-twice", action="store_true", help="call trainer.train() a second time")
     ap.add_argument("--own-moments", action="store_true", help="attach a MicroStepMoments first (refused)")
     args = ap.parse_args()
     targs = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=4, gradient_accumulation_steps=args.accumulation,
         max_steps=args.steps, max_grad_norm=args.max_grad_norm, lr_scheduler_type="constant",
-        report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, seed=0)
+        report_to=[], save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, use_cpu=True, logging_steps=1, seed=0)
     world = dist.get_world_size() if dist.is_initialized() else 1
     assert targs.device.type == "cpu"
     model = tiny_bert()
@@ -76,7 +78,7 @@ def main():
     counts = GroupCounts()
     counts.source = attach_moments(trainer, mode=args.mode)
     trainer.add_callback(counts)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume)
     src = counts.source.moments
     history = list(trainer.state.log_history)
     if args.train_twice:  # the same DDP model: the callback keeps its source (DDP takes one hook)
