@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from reference import Reference, max_rel_err
+from reference import Reference, group_grads, max_rel_err
 from spawn_ranks import save_results, spawn_ranks, started, startup_abort
 
 from tiny_problem import batch, make_model  # noqa: E402
@@ -146,7 +146,7 @@ def run_config(rank, name, accum, mode, variant):
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 loss = loss_fn(forward(ddp, variant, step, g, xb), yb) / accum
                 (amp.scale(loss) if amp else loss).backward()
-        counts.append(sorted(float(c) for c in moments._counts))  # each reduced bucket's count
+        counts.append(sorted(float(c[0]) for c in moments._counts))  # each reduced bucket's count
         moments._counts.reverse()  # the order the collectives finished in must not matter
         assert moments.group_count == (WORLD * accum if mode == "micro" else WORLD)
         if variant == "amp-clip":
@@ -211,6 +211,38 @@ def run_unequal(rank):
     except RuntimeError as e:
         return str(e)
     return None
+
+
+class Disjoint(torch.nn.Module):
+    """Two branches, no parameter shared: micro-step j of every rank takes branch j % 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = make_model(), make_model(width=4)
+
+    def forward(self, x, task):
+        return (self.a if task == 0 else self.b)(x)
+
+
+def run_disjoint(rank, count_by):
+    """k is ambiguous here (4 backward() calls, at most 2 reach one parameter): every rank must
+    refuse alike, or, with count_by="backward", count the calls (k = 4)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vrgd_ds.moments import DDPMoments
+
+    model = Disjoint()
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    moments = DDPMoments(ddp, count_by=count_by)
+    opt = make_opt("VRLAMB", ddp.parameters(), moments)
+    try:
+        for step in range(STEPS):
+            ddp_micro_steps(ddp, rank, step, 2, forward=lambda xb, j=iter(range(2)): ddp(xb, next(j)))
+            opt.step()
+            opt.zero_grad()
+    except RuntimeError as e:
+        return str(e)
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def run_micro_under_ddp(rank):
@@ -362,6 +394,7 @@ def worker(rank, init_file, out_dir):
             results[cid] = run_bf16(rank, cid.split("-")[1], accum)
         results["unequal"] = run_unequal(rank)
         results["micro_under_ddp"] = run_micro_under_ddp(rank)
+        results["disjoint"] = {c: run_disjoint(rank, c) for c in (None, "backward")}
         results["compiled"] = run_compiled(rank)
         # last: building a python_reducer DDP changes Dynamo's and Inductor's settings for the process
         results["refused_ddp"] = run_refused_ddp(rank)
@@ -604,6 +637,30 @@ def test_ddp_set_ups_that_bypass_the_bucket_hook_are_refused(ddp_results):
 def test_unequal_micro_steps_refused(ddp_results):
     for r in ddp_results:
         assert r["unequal"] is not None and "different numbers of backward passes" in r["unequal"]
+
+
+def test_disjoint_micro_steps_refused_alike_or_counted_by_backward_calls(ddp_results):
+    for r in ddp_results:
+        assert isinstance(r["disjoint"][None], str), r["disjoint"][None]
+        assert "k is ambiguous this step on 2 of 2 ranks" in r["disjoint"][None]
+        assert "4 backward() calls" not in r["disjoint"][None]  # per rank: 2 calls, at most 1 per parameter
+        assert "2 backward() calls reached the parameters, but no parameter was reached by more than 1" \
+            in r["disjoint"][None]
+    got = [r["disjoint"]["backward"] for r in ddp_results]
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model = Disjoint()
+    params = list(model.parameters())
+    ref = Reference(params, "lamb", gamma=0.1, beta3=0.9, lr=0.02, weight_decay=0.01)
+    with one_thread():
+        for step in range(STEPS):
+            with torch.no_grad():
+                for p, t in zip(params, ref.theta):
+                    p.copy_(t.float())
+            x, y = batch(step)
+            tasks = iter([0, 1] * WORLD)
+            ref.step(group_grads(lambda xb: model(xb, next(tasks)), loss_fn, x, y, WORLD * 2, params))
+    assert max_rel_err(got[0], ref.theta) < 2e-5
 
 
 def test_micro_step_moments_under_ddp_refused(ddp_results):

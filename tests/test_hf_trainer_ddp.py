@@ -185,3 +185,5 @@ def test_attach_moments_checks_its_mode():
 
     with pytest.raises(ValueError, match="mode must be one of \\('micro', 'rank'\\), got 'ranks'"):
         MomentsCallback(trainer=None, mode="ranks")
+    with pytest.raises(ValueError, match="count_by must be one of"):
+        MomentsCallback(trainer=None, count_by="calls")

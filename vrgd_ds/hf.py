@@ -42,6 +42,7 @@ from transformers import TrainerCallback
 
 from .moments import DDPMoments, MicroStepMoments
 from .moments.ddp import MODES
+from .moments.microstep import check_count_by
 
 
 def vr_optimizer(optimizer):
@@ -63,11 +64,12 @@ def _unwrap_compiled(model):
 class MomentsCallback(TrainerCallback):
     """Built by :func:`attach_moments`; see the module docstring."""
 
-    def __init__(self, trainer, mode: str = "micro"):
+    def __init__(self, trainer, mode: str = "micro", count_by: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.trainer = trainer
         self.mode = mode
+        self.count_by = check_count_by(count_by)
         self.moments = None  # what this callback attached (None: nothing yet, or nothing needed)
         self._bound_to = None  # the wrapped model it was built for
 
@@ -112,22 +114,23 @@ class MomentsCallback(TrainerCallback):
             if self.moments is not None:  # built for an earlier wrapping (an earlier train())
                 self.moments.remove()
             group = per_device * (accumulation if self.mode == "rank" else 1)
-            moments = DDPMoments(wrapped, mode=self.mode, samples_per_group=group)
+            moments = DDPMoments(wrapped, mode=self.mode, samples_per_group=group, count_by=self.count_by)
         else:
             if opt.moments is not None:
                 return opt.moments  # the user's own source, for one process
             params = [p for p in trainer.model.parameters() if p.requires_grad]
-            moments = MicroStepMoments(params, samples_per_group=per_device)
+            moments = MicroStepMoments(params, samples_per_group=per_device, count_by=self.count_by)
         opt.attach_moments(moments)
         self.moments, self._bound_to = moments, wrapped
         return moments
 
 
-def attach_moments(trainer, mode: str = "micro") -> MomentsCallback:
+def attach_moments(trainer, mode: str = "micro", count_by: str | None = None) -> MomentsCallback:
     """Add the callback that attaches the squared-gradient source when ``trainer.train()``
     starts (module docstring); returns it (its ``moments`` is the source once attached).
     ``mode``: ``"micro"`` (a group per micro-batch per process) or ``"rank"`` (a group per
-    process's accumulated batch), as in :class:`~vrgd_ds.moments.DDPMoments`."""
-    callback = MomentsCallback(trainer, mode)
+    process's accumulated batch), as in :class:`~vrgd_ds.moments.DDPMoments`; ``count_by``: see
+    :meth:`~vrgd_ds.moments.MicroStepMoments.pass_count`."""
+    callback = MomentsCallback(trainer, mode, count_by)
     trainer.add_callback(callback)
     return callback

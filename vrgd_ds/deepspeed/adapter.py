@@ -229,7 +229,7 @@ def attach_to_engine(engine) -> None:
         stage0 = Stage0Moments(seam.engine_module(engine).parameters(), group, dist.get_world_size(group=group),
                                torch.float32 if measure else opt.sq_comm_dtype,
                                DEFAULT_CHUNK_NUMEL if measure else opt.sq_chunk_numel, facts.micro_batch,
-                               norms_only=not vr)
+                               norms_only=not vr, accumulation=engine.gradient_accumulation_steps)
         stage0.wants = (meter or opt).wants_moments
         if vr:
             opt.attach_moments(stage0)

@@ -32,9 +32,13 @@ from ..moments.chunked import ChunkedSquares
 
 class Stage0Moments(MicroStepMoments):
     def __init__(self, params, group, world: int, comm_dtype, chunk_numel: int, samples_per_group=None,
-                 norms_only: bool = False):
+                 norms_only: bool = False, accumulation: Callable[[], int] | None = None):
         super().__init__(params, samples_per_group)
         self.world = world
+        # the engine's gradient_accumulation_steps: backward passes per step on every rank, by
+        # DeepSpeed's contract (the hooks' own count would miss a pass that reached no parameter
+        # every other pass reached, and could differ between ranks)
+        self.accumulation = accumulation
         self.group = group
         self.norms_only = norms_only
         self.squares = ChunkedSquares(group, chunk_numel, comm_dtype)
@@ -53,7 +57,7 @@ class Stage0Moments(MicroStepMoments):
 
     @property
     def group_count(self) -> int:
-        return self.world * self._backward_passes
+        return self.world * (self.local_passes if self.accumulation is None else self.accumulation())
 
     @property
     def sq_scale(self) -> float:

@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .microstep import FollowsRescaling, MicroStepMoments, clip_mean_gradient_
+from .microstep import FollowsRescaling, MicroStepMoments, ambiguous_count_message, check_count_by, clip_mean_gradient_
 
 MODES = ("micro", "rank")
 
@@ -98,7 +98,8 @@ def refuse_unsupported_ddp(ddp_model) -> None:
 
 
 class DDPMoments(FollowsRescaling):
-    def __init__(self, ddp_model, process_group=None, mode: str = "micro", samples_per_group: int | None = None):
+    def __init__(self, ddp_model, process_group=None, mode: str = "micro", samples_per_group: int | None = None,
+                 count_by: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -108,7 +109,7 @@ class DDPMoments(FollowsRescaling):
         ignored = getattr(ddp_model, "parameters_to_ignore", set())
         self.params = [p for n, p in ddp_model.module.named_parameters()
                        if p.requires_grad and n not in ignored]
-        self.local = MicroStepMoments(self.params) if mode == "micro" else None
+        self.local = MicroStepMoments(self.params, count_by=check_count_by(count_by)) if mode == "micro" else None
         if self.local is not None:  # its p.grad is the all-reduced one: nothing to follow
             self.local.follow_rescaling = False
             self.local.per_rank = True  # this rank's local squares, reduced by the bucket hook
@@ -135,13 +136,13 @@ class DDPMoments(FollowsRescaling):
         dtype = torch.promote_types(buf.dtype, torch.float32)
         if self.local is not None:
             sq = [self._local_sq(p).view(-1) for p in params]
-            count = float(self.local.group_count)
+            count, ambiguous = self.local.pass_count()  # never raises here: every rank must reduce
         else:
             sq = [g.reshape(-1).to(dtype).square() for g in bucket.gradients()]
-            count = 1.0
+            count, ambiguous = 1, False
         n = buf.numel()
         combined = torch.cat([buf.view(-1).to(dtype), *(s.to(dtype) for s in sq),
-                              torch.tensor([count], dtype=dtype, device=buf.device)])
+                              torch.tensor([float(count), float(ambiguous)], dtype=dtype, device=buf.device)])
         fut = dist.all_reduce(combined, group=self.group, async_op=True).get_future()
         views = bucket.gradients()  # the parameters' views of buf
 
@@ -155,7 +156,7 @@ class DDPMoments(FollowsRescaling):
                 offset += p.numel()
             # read lazily (no device sync in the hook); a copy, not a view that would keep the
             # reduced buffer of every synced micro-step alive
-            self._counts.append(total[offset].clone())
+            self._counts.append(total[offset:offset + 2].clone())  # [count, ranks that found k ambiguous]
             return buf
 
         return fut.then(finish)
@@ -173,14 +174,23 @@ class DDPMoments(FollowsRescaling):
         """k: W x micro-steps per rank (``"micro"``) or W (``"rank"``)."""
         if self.local is None:
             return self.world
-        local = self.local.group_count
         if not self._counts:  # nothing synced yet: what this rank alone can say
-            return self.world * local
+            return self.world * self.local.local_passes
+        local = self.local.pass_count()[0]
         # The largest: the last bucket of a synced pass is reduced after every hook of the pass
         # has counted it. An earlier one may not be: DDP (find_unused_parameters) marks a bucket
         # of parameters this pass did not reach ready at the pass's first gradient, when only
         # that gradient's parameter has counted the pass; that bucket's count then misses it.
-        count = int(round(torch.stack(self._counts).max().item()))
+        counts = torch.stack(self._counts)
+        count = int(round(counts[:, 0].max().item()))
+        # Ambiguity (MicroStepMoments.pass_count) can only clear as a pass's hooks run, so the
+        # final state is the least among the buckets reduced after the whole pass; summed over
+        # the ranks, so that every rank raises, or none
+        ambiguous = int(round(counts[counts[:, 0] == counts[:, 0].max(), 1].min().item()))
+        if ambiguous:
+            raise RuntimeError("DDPMoments: " + ambiguous_count_message(
+                self.local._passes, self.local._backward_passes,
+                f" on {ambiguous} of {self.world} ranks (this rank's counts follow)"))
         if count != self.world * local:
             raise RuntimeError(
                 f"ranks ran different numbers of backward passes ({count} in all, "

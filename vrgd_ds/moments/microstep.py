@@ -19,7 +19,14 @@ an fp32 buffer. After k backward passes ``p.grad = sum_i h_i`` and the buffer ho
 Scale: with ``p.grad = sum_i h_i`` and h_i = c g_i for any common c (1/k above), the mean
 of squared group gradients in p.grad's scale is ``k * sum_i h_i^2``; ``sq_scale`` says so.
 A parameter that a micro-batch does not reach has h_i = 0 for that group, so k is the
-number of backward passes, not a per-parameter count.
+number of backward passes, not a per-parameter count. Two counts are kept: P, the backward()
+calls that reached a parameter (autograd graph tasks; the nested backward of a reentrant
+activation checkpoint belongs to the call that runs it), and H, the most calls that reached
+one parameter. They agree unless no parameter is reached by every call: micro-batches that
+take disjoint parts of the model (k = P) look like micro-batches that each run several
+backward() calls over different parts (k = H), so reading k raises until ``count_by``
+("backward" or "parameter") says which. Where every trainable parameter sits inside reentrant
+checkpoints, P is not seen and k = H.
 
 Clipping: :meth:`clip_grad_norm_` clips the mean gradient and rescales the squares with it,
 so the GSNR stays that of the unclipped moments (section 1). A gradient rescaled any other
@@ -60,6 +67,7 @@ and the step reads S from it (without it that step raises).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Iterable
 
 import torch
@@ -140,15 +148,48 @@ class FollowsRescaling:
         return math.sqrt(float(factor))
 
 
+_FUNCTION_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__
+
+
+COUNT_BY = ("backward", "parameter")
+
+
+def check_count_by(count_by):
+    if count_by is not None and count_by not in COUNT_BY:
+        raise ValueError(f"count_by must be one of {COUNT_BY} or None, got {count_by!r}")
+    return count_by
+
+
+def ambiguous_count_message(passes: int, hits: int, where: str = "") -> str:
+    return (f"the number of gradient groups k is ambiguous this step{where}: {passes} backward() calls "
+            f"reached the parameters, but no parameter was reached by more than {hits} of them. Either "
+            f"the micro-batches took disjoint parts of the model (no parameter is used by all of them: "
+            f"then k counts the backward() calls; set count_by='backward' on the moment source), or each "
+            f"micro-batch ran several backward() calls over different parts of the model (then k counts "
+            f"the most calls that reached one parameter; set count_by='parameter')")
+
+
+def _inside_function_backward() -> bool:
+    """Whether this thread is inside an autograd Function's backward (its Python frames: the
+    engine runs a nested backward on the thread that called it, also on CUDA's device thread)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_BACKWARD:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class MicroStepMoments(FollowsRescaling):
     squares_consumable = True  # rewritten by the next step's first backward pass (or zeroed when read)
 
     def __init__(self, params: Iterable[Tensor], samples_per_group: int | None = None, flat_grads: bool = True,
-                 grad_scaler=None):
+                 grad_scaler=None, count_by: str | None = None):
         if samples_per_group is not None and (isinstance(samples_per_group, bool)
                                               or not isinstance(samples_per_group, int) or samples_per_group < 1):
             raise ValueError(f"samples_per_group must be an integer >= 1 or None, got {samples_per_group!r}")
         self.samples_per_group = samples_per_group  # b: the noise scale in samples needs it
+        self.count_by = check_count_by(count_by)  # how k is counted where the two counts disagree
         self._hand = GradHandOver()  # p.grad into the optimizer's flat buffer (see place)
         self.flat_grads = flat_grads  # False (may be set at any time): p.grad stays where autograd puts it
         if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
@@ -166,7 +207,10 @@ class MicroStepMoments(FollowsRescaling):
         self._fresh: set[Tensor] = set()  # buffers that hold this step's squares (else stale)
         self._hits: dict[Tensor, int] = {}
         self._clip_scale = 1.0
-        self._backward_passes = 0
+        self._backward_passes = 0  # the most backward passes that reached one parameter
+        self._passes = 0  # top-level autograd graph tasks that reached any (see _count_pass)
+        self._tasks: set[int] = set()
+        self._task = -1
         self._handles = [p.register_hook(eager_hook(self._hook_for(p))) for p in self.params]
         self._handles += [p.register_post_accumulate_grad_hook(eager_hook(self._hand_over)) for p in self.params]
 
@@ -175,9 +219,25 @@ class MicroStepMoments(FollowsRescaling):
             self._square(p, grad.detach())  # statistics: no graph, also under create_graph=True
             self._hits[p] = self._hits.get(p, 0) + 1
             self._backward_passes = max(self._backward_passes, self._hits[p])
+            self._count_pass()
             self._hand.before(p)
             return None
         return hook
+
+    def _count_pass(self) -> None:
+        """Count the backward pass this hook runs in, once per autograd graph task. A task
+        started inside an autograd Function's backward (reentrant activation checkpointing:
+        torch's, DeepSpeed's, Megatron's) is part of the pass that called it, not a pass of its
+        own. The per-parameter count alone would miss a pass when no parameter is reached by
+        every pass (micro-batches that take disjoint branches, e.g. per-task adapters)."""
+        task = torch._C._current_graph_task_id()
+        if task == self._task or task < 0:  # the same task as the last hook, or none known
+            return
+        self._task = task
+        if task not in self._tasks:
+            self._tasks.add(task)
+            if not _inside_function_backward():
+                self._passes += 1
 
     def _square(self, p: Tensor, grad: Tensor) -> None:
         """Add this micro-step's squared gradient of ``p`` to its buffer."""
@@ -241,10 +301,40 @@ class MicroStepMoments(FollowsRescaling):
 
     @property
     def group_count(self) -> int:
-        """k: backward passes since the last reset (one per micro-batch)."""
+        """k: backward passes since the last reset (one per micro-batch); see :meth:`pass_count`."""
         if not self.per_rank:
             self._check_one_process()
-        return self._backward_passes
+        return self.local_passes
+
+    @property
+    def local_passes(self) -> int:
+        """This process's backward passes since the last reset; raises where they are ambiguous."""
+        count, ambiguous = self.pass_count()
+        if ambiguous:
+            raise RuntimeError(ambiguous_count_message(self._passes, self._backward_passes))
+        return count
+
+    def pass_count(self) -> tuple[int, bool]:
+        """``(k, ambiguous)`` from two counts: P, the backward() calls (top-level autograd graph
+        tasks) that reached a parameter, and H, the most passes that reached one parameter.
+        They agree unless no parameter is reached by every pass; then P > H, and ``count_by``
+        says which is meant: "backward" (one backward() per micro-batch, e.g. micro-batches
+        that take disjoint branches) or "parameter" (several backward() calls per micro-batch
+        over different parts of the model). Without it that case is ambiguous: H, flagged.
+        P < H is H: a parameter reached only inside reentrant activation checkpoints, whose
+        nested backward belongs to the call that ran it, on micro-batches where no parameter
+        outside one was reached. Where every parameter is inside reentrant checkpoints P = 0:
+        H, unflagged (disjoint micro-batches are not seen there; with "backward" this raises)."""
+        hits, passes = self._backward_passes, self._passes
+        if self.count_by == "backward":
+            if hits and not passes:
+                raise RuntimeError(
+                    "count_by='backward': no backward() call reached a parameter outside a reentrant "
+                    "activation checkpoint this step (every gradient came from a checkpoint's own nested "
+                    "backward), so the calls cannot be counted; use torch.utils.checkpoint(..., "
+                    "use_reentrant=False)")
+            return passes, False
+        return hits, self.count_by is None and passes > hits
 
     def _check_one_process(self) -> None:
         import torch.distributed as dist
@@ -261,7 +351,7 @@ class MicroStepMoments(FollowsRescaling):
     def sq_scale(self) -> float | Tensor:
         """After :meth:`clip_grad_norm_` a float64 tensor on the gradients' device (the
         optimizer uses it there; reading it back would wait for the device)."""
-        return self._backward_passes * self._factor()
+        return self.local_passes * self._factor()
 
     def sum_sq(self, param: Tensor) -> Tensor:
         return self.local_squares(param)
@@ -277,6 +367,9 @@ class MicroStepMoments(FollowsRescaling):
         self._hand.clear()
         self._hits.clear()
         self._backward_passes = 0
+        self._passes = 0
+        self._tasks.clear()
+        self._task = -1
         self._clip_scale = 1.0
         self._reset_probes()
 
