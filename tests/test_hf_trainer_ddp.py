@@ -104,6 +104,23 @@ def test_trainer_ddp_matches_the_reference(tmp_path, optimizer, base, steps, bou
     assert worst < bound, errs
 
 
+@pytest.mark.parametrize("route", [("--gradient-checkpointing", "reentrant"), ("--gradient-checkpointing", "non-reentrant"),
+                                   ("--torch-compile",)], ids=["ckpt-reentrant", "ckpt-non-reentrant", "compiled"])
+def test_trainer_ddp_routes_match_the_reference(tmp_path, route):
+    """Trainer's activation checkpointing (HF's layers inside torch's checkpoint: a reentrant
+    one runs its own nested backward) and torch_compile (Trainer's DDP model compiled: the
+    callback finds DDP inside the OptimizedModule), VR-LAMB, 2 ranks x 2 steps."""
+    out = tmp_path / "run"
+    proc = run_trainer(out, "--steps", 2, *route)
+    assert proc.returncode == 0, tail(proc)
+    res = torch.load(out / "result.pt")
+    assert res["source"] == "DDPMoments" and res["k"] == [4, 4]
+    assert res["checkpointing"] == (route[0] == "--gradient-checkpointing")
+    assert res["wrapped"] == ("OptimizedModule" if route[0] == "--torch-compile" else "DistributedDataParallel")
+    worst, errs = compare(res, reference_run(res, 2, "lamb"))
+    assert worst < 2e-5, errs
+
+
 def test_trainer_one_process_matches_the_reference(tmp_path):
     """One process, 4 accumulation steps: the callback attaches MicroStepMoments (k = 4)."""
     out = tmp_path / "run"

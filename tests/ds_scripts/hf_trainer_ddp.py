@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--max-grad-norm", type=float, default=0.05)
     ap.add_argument("--save-steps", type=int, default=0, help="save a Trainer checkpoint every N steps")
     ap.add_argument("--resume", default=None, help="resume from this Trainer checkpoint")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--gradient-checkpointing", choices=["reentrant", "non-reentrant"], default=None)
     ap.add_argument("--torch-compile", action="store_true")
     ap.add_argument("--train-twice", action="store_true", help="call trainer.train() a second time")
     ap.add_argument("--own-moments", action="store_true", help="attach a MicroStepMoments first (refused)")
@@ -61,7 +61,8 @@ def main():
         output_dir=args.out, per_device_train_batch_size=4, gradient_accumulation_steps=args.accumulation,
         max_steps=args.steps, max_grad_norm=args.max_grad_norm, lr_scheduler_type="constant",
         report_to=[], save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, use_cpu=True, logging_steps=1, seed=0,
-        gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.torch_compile)
+        gradient_checkpointing=args.gradient_checkpointing is not None, torch_compile=args.torch_compile,
+        gradient_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing == "reentrant"})
     world = dist.get_world_size() if dist.is_initialized() else 1
     assert targs.device.type == "cpu"
     model = tiny_bert()
@@ -95,7 +96,8 @@ def main():
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"names": names, "initial": initial, "final": [p.detach().clone() for p in model.parameters()],
                     "seen": everyone, "hp": hp, "source": type(src).__name__,
-                    "wrapped": type(trainer.model_wrapped).__name__, "k": counts.counts,
+                    "wrapped": type(trainer.model_wrapped).__name__,
+                    "checkpointing": model.is_gradient_checkpointing, "k": counts.counts,
                     "samples_per_group": src.samples_per_group,
                     "max_grad_norm": args.max_grad_norm,
                     "grad_norms": [h["grad_norm"] for h in history if "grad_norm" in h],
