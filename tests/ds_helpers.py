@@ -63,14 +63,21 @@ def run_deepspeed(script, config, tmp_path, *args, ranks=2, timeout=600):
         cfg = tmp_path / "ds_config.json"
         cfg.write_text(json.dumps(config))
         cfg_args = ["--config", str(cfg)]
+    return retry_bare_gloo_abort(
+        lambda: run_local(ROOT / "tests" / "ds_scripts" / script, [*cfg_args, *args], ranks, ds_env(),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout), script)
+
+
+def retry_bare_gloo_abort(launch, name: str):
+    """``launch()`` (returns a finished process), run once more after a bare gloo abort (above),
+    with a warning; any other result is returned as it is."""
     for attempt in (1, 2):
-        proc = run_local(ROOT / "tests" / "ds_scripts" / script, [*cfg_args, *args], ranks, ds_env(),
-                         cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+        proc = launch()
         if attempt == 2 or not gloo_transport_abort(proc):
             return proc
-        message = (f"a rank of {script} aborted in gloo's transport ({GLOO_ABORT!r}); launching once more. "
+        message = (f"a rank of {name} aborted in gloo's transport ({GLOO_ABORT!r}); launching once more. "
                    f"Where (fault handler): {fault_stack(proc)}")
-        print(f"[run_deepspeed] {message}\n{tail(proc, 6000)}", file=sys.stderr)
+        print(f"[{name}] {message}\n{tail(proc, 6000)}", file=sys.stderr)
         warnings.warn(message)
 
 

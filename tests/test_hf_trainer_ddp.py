@@ -11,31 +11,35 @@ the norm Trainer logged, which makes the result independent of that common scale
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from ds_helpers import ROOT, free_port, launch_env, tail
+from ds_helpers import ROOT, free_port, launch_env, retry_bare_gloo_abort, tail
 from reference import Reference, max_rel_err
 
 WORKER = ROOT / "tests" / "ds_scripts" / "hf_trainer_ddp.py"
+ACCELERATE = WORKER.with_name("accelerate_ddp.py")
 # Its true gradient is 0 (softmax ignores a bias shared by every key); in fp32 it is rounding
 # noise, which no reference can follow.
 ZERO_GRADIENT = "bert.encoder.layer.0.attention.self.key.bias"
 
 
-def run_trainer(out, *args, ranks=2):
-    out.mkdir()
-    if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(free_port()), str(WORKER)]
-    else:
-        cmd = [sys.executable, str(WORKER)]
-    proc = subprocess.run([*cmd, "--out", str(out), *map(str, args)], env=launch_env(pythonpath=ROOT),
-                          cwd=out, capture_output=True, text=True, timeout=600)
-    return proc
+def run_trainer(out, *args, ranks=2, script=WORKER):
+    """SCRIPT under torchrun (RANKS gloo CPU ranks; 1: plain python) writing into OUT."""
+    def launch():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        cmd = [sys.executable, str(script)]
+        if ranks > 1:
+            cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+        return subprocess.run([*cmd, "--out", str(out), *map(str, args)], cwd=out, capture_output=True, text=True,
+                              env=launch_env({"PYTHONFAULTHANDLER": "1"}, pythonpath=ROOT), timeout=600)
+
+    return retry_bare_gloo_abort(launch, script.name)
 
 
 def reference_run(res, accumulation, base, mode="micro"):
@@ -117,6 +121,19 @@ def test_trainer_ddp_routes_match_the_reference(tmp_path, route):
     assert res["source"] == "DDPMoments" and res["k"] == [4, 4]
     assert res["checkpointing"] == (route[0] == "--gradient-checkpointing")
     assert res["wrapped"] == ("OptimizedModule" if route[0] == "--torch-compile" else "DistributedDataParallel")
+    worst, errs = compare(res, reference_run(res, 2, "lamb"))
+    assert worst < 2e-5, errs
+
+
+def test_accelerate_loop_matches_the_reference(tmp_path):
+    """A plain Accelerate loop (accumulate, backward, clip_grad_norm_) with attach_to_model on
+    the prepared DDP model: 2 ranks x 2 accumulation steps, 3 steps."""
+    out = tmp_path / "run"
+    proc = run_trainer(out, script=ACCELERATE)
+    assert proc.returncode == 0, tail(proc)
+    res = torch.load(out / "result.pt")
+    assert res["source"] == "DDPMoments" and res["wrapped"] == "DistributedDataParallel"
+    assert res["k"] == [4, 4, 4] and res["samples_per_group"] == 4
     worst, errs = compare(res, reference_run(res, 2, "lamb"))
     assert worst < 2e-5, errs
 

@@ -78,9 +78,6 @@ class MomentsCallback(TrainerCallback):
 
     def bind(self):
         """Attach the source the wrapped model needs (a no-op when already attached for it)."""
-        import torch
-        from torch.nn.parallel import DistributedDataParallel
-
         trainer = self.trainer
         if getattr(trainer, "is_deepspeed_enabled", False):
             return None
@@ -90,39 +87,65 @@ class MomentsCallback(TrainerCallback):
         wrapped = _unwrap_compiled(trainer.model_wrapped)
         if self.moments is not None and wrapped is self._bound_to and opt.moments is self.moments:
             return self.moments
-        name = type(wrapped).__name__
-        if isinstance(wrapped, torch.nn.DataParallel):
-            raise ValueError(
-                "vrgd_ds.hf: Trainer wrapped the model in torch.nn.DataParallel (several GPUs in one "
-                "process), which sums the replicas' gradients inside autograd, so no hook sees a "
-                "group's gradient and the squared gradients cannot be formed. Launch one process "
-                "per GPU instead (torchrun --nproc_per_node N ...), which gives DistributedDataParallel")
-        if "FullyShardedDataParallel" in name or getattr(trainer, "is_fsdp_enabled", False):
-            raise ValueError(
-                f"vrgd_ds.hf: Trainer wrapped the model in FSDP ({name}); each rank would hold shards "
-                "of layers, whose layer statistics the VR optimizers cannot take. Use DDP (no fsdp "
-                "setting) or DeepSpeed ZeRO (TrainingArguments(deepspeed=...))")
-        per_device = trainer.args.per_device_train_batch_size
-        accumulation = trainer.args.gradient_accumulation_steps
-        if isinstance(wrapped, DistributedDataParallel):
-            if opt.moments is not None and opt.moments is not self.moments:
-                raise ValueError(
-                    f"vrgd_ds.hf: {type(opt).__name__} already has a moment source "
-                    f"({type(opt.moments).__name__}), but under DistributedDataParallel the squared "
-                    "gradients must travel in DDP's gradient buckets (DDPMoments, which attach_moments "
-                    "builds): build the optimizer without moments=")
-            if self.moments is not None:  # built for an earlier wrapping (an earlier train())
-                self.moments.remove()
-            group = per_device * (accumulation if self.mode == "rank" else 1)
-            moments = DDPMoments(wrapped, mode=self.mode, samples_per_group=group, count_by=self.count_by)
-        else:
-            if opt.moments is not None:
-                return opt.moments  # the user's own source, for one process
-            params = [p for p in trainer.model.parameters() if p.requires_grad]
-            moments = MicroStepMoments(params, samples_per_group=per_device, count_by=self.count_by)
-        opt.attach_moments(moments)
+        if getattr(trainer, "is_fsdp_enabled", False):
+            raise ValueError(_FSDP.format(name=type(wrapped).__name__, fix="no fsdp setting",
+                                          zero="TrainingArguments(deepspeed=...)"))
+        moments = attach_to_model(wrapped, opt, mode=self.mode, count_by=self.count_by,
+                                  batch_size=trainer.args.per_device_train_batch_size,
+                                  accumulation=trainer.args.gradient_accumulation_steps, previous=self.moments,
+                                  params=trainer.model.parameters())
         self.moments, self._bound_to = moments, wrapped
         return moments
+
+
+_FSDP = ("vrgd_ds.hf: the model is wrapped in FSDP ({name}); each rank would hold shards of layers, "
+         "whose layer statistics the VR optimizers cannot take. Use DDP ({fix}) or DeepSpeed ZeRO ({zero})")
+
+
+def attach_to_model(model, optimizer, mode: str = "micro", count_by: str | None = None,
+                    batch_size: int | None = None, accumulation: int = 1, previous=None, params=None):
+    """Attach to ``optimizer`` (ours, or Accelerate's wrapper of it) the moment source that
+    ``model`` needs, and return it (None for an optimizer without GSNR): ``DDPMoments`` for a
+    ``DistributedDataParallel`` model (compiled or not), else ``MicroStepMoments`` on the
+    trainable parameters (``params``, default the model's), unless the optimizer has a
+    source already. For Accelerate: call it with what ``accelerator.prepare`` returned, before
+    the first backward pass. ``batch_size`` (per device and micro-step) and ``accumulation``
+    give ``samples_per_group``; ``previous``: a source built for an earlier wrapping, whose
+    hooks are removed. Refuses torch ``DataParallel`` and FSDP, naming them."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    opt = vr_optimizer(optimizer)
+    if opt is None:
+        return None
+    model = _unwrap_compiled(model)
+    name = type(model).__name__
+    if isinstance(model, torch.nn.DataParallel):
+        raise ValueError(
+            "vrgd_ds.hf: the model is wrapped in torch.nn.DataParallel (several GPUs in one "
+            "process), which sums the replicas' gradients inside autograd, so no hook sees a "
+            "group's gradient and the squared gradients cannot be formed. Launch one process "
+            "per GPU instead (torchrun --nproc_per_node N ...), which gives DistributedDataParallel")
+    if "FullyShardedDataParallel" in name:
+        raise ValueError(_FSDP.format(name=name, fix="no FSDP plugin", zero="a DeepSpeed plugin"))
+    if isinstance(model, DistributedDataParallel):
+        if opt.moments is not None and opt.moments is not previous:
+            raise ValueError(
+                f"vrgd_ds.hf: {type(opt).__name__} already has a moment source "
+                f"({type(opt.moments).__name__}), but under DistributedDataParallel the squared "
+                "gradients must travel in DDP's gradient buckets (DDPMoments, which vrgd_ds.hf "
+                "builds): build the optimizer without moments=")
+        if previous is not None:  # built for an earlier wrapping (an earlier train())
+            previous.remove()
+        group = None if batch_size is None else batch_size * (accumulation if mode == "rank" else 1)
+        moments = DDPMoments(model, mode=mode, samples_per_group=group, count_by=count_by)
+    else:
+        if opt.moments is not None:
+            return opt.moments  # the user's own source, for one process
+        params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        moments = MicroStepMoments(params, samples_per_group=batch_size, count_by=count_by)
+    opt.attach_moments(moments)
+    return moments
 
 
 def attach_moments(trainer, mode: str = "micro", count_by: str | None = None) -> MomentsCallback:

@@ -42,6 +42,31 @@ class GroupCounts(TrainerCallback):
         self.counts.append(self.source.moments.group_count)
 
 
+def recorded_model():
+    """tiny_bert, its initial weights kept, and the list its forward passes append their
+    batches to (this rank's, in order)."""
+    model = tiny_bert()
+    model.initial = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append((kw["input_ids"].clone(), kw["labels"].clone())), with_kwargs=True)
+    return model, seen
+
+
+def save_result(out, model, seen, **extra):
+    """Rank 0 writes ``result.pt``: names, initial and final weights, every rank's batches."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    everyone = [seen]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, seen)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save({"names": [n for n, _ in model.named_parameters()], "initial": model.initial,
+                    "final": [p.detach().clone() for p in model.parameters()], "seen": everyone, **extra},
+                   f"{out}/result.pt")
+        json.dump({"ok": True}, open(f"{out}/done.json", "w"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -63,14 +88,8 @@ def main():
         report_to=[], save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, use_cpu=True, logging_steps=1, seed=0,
         gradient_checkpointing=args.gradient_checkpointing is not None, torch_compile=args.torch_compile,
         gradient_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing == "reentrant"})
-    world = dist.get_world_size() if dist.is_initialized() else 1
     assert targs.device.type == "cpu"
-    model = tiny_bert()
-    names = [n for n, _ in model.named_parameters()]
-    initial = [p.detach().clone() for p in model.parameters()]
-    seen = []  # this rank's forward passes, in order
-    model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append((kw["input_ids"].clone(), kw["labels"].clone())), with_kwargs=True)
+    model, seen = recorded_model()
     cls, hp = OPTIMIZERS[args.optimizer]
     moments = None
     if args.own_moments:
@@ -89,21 +108,11 @@ def main():
         trainer.train()  # a new TrainerState: its log starts again
         assert counts.source.moments is src
         history += trainer.state.log_history
-    everyone = [seen]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, seen)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save({"names": names, "initial": initial, "final": [p.detach().clone() for p in model.parameters()],
-                    "seen": everyone, "hp": hp, "source": type(src).__name__,
-                    "wrapped": type(trainer.model_wrapped).__name__,
-                    "checkpointing": model.is_gradient_checkpointing, "k": counts.counts,
-                    "samples_per_group": src.samples_per_group,
-                    "max_grad_norm": args.max_grad_norm,
-                    "grad_norms": [h["grad_norm"] for h in history if "grad_norm" in h],
-                    "losses": [h["loss"] for h in history if "loss" in h]},
-                   f"{args.out}/result.pt")
-        json.dump({"ok": True}, open(f"{args.out}/done.json", "w"))
+    save_result(args.out, model, seen, hp=hp, source=type(src).__name__,
+                wrapped=type(trainer.model_wrapped).__name__, checkpointing=model.is_gradient_checkpointing,
+                k=counts.counts, samples_per_group=src.samples_per_group, max_grad_norm=args.max_grad_norm,
+                grad_norms=[h["grad_norm"] for h in history if "grad_norm" in h],
+                losses=[h["loss"] for h in history if "loss" in h])
     if dist.is_initialized():
         dist.destroy_process_group()  # see hf_trainer_tiny.py: Trainer leaves the group alive
 
