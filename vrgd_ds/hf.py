@@ -1,5 +1,5 @@
-"""Hugging Face ``Trainer`` without DeepSpeed: the squared-gradient source, bound once Trainer
-has wrapped the model.
+"""Hugging Face ``Trainer`` and Accelerate without DeepSpeed: the squared-gradient source,
+bound once the model is wrapped.
 
 Trainer (through Accelerate) wraps the model in ``DistributedDataParallel`` inside
 ``train()``, after the optimizer exists, so the source a VR optimizer needs under DDP
@@ -29,6 +29,9 @@ Refused with a ``ValueError`` naming the setting: torch ``DataParallel`` (severa
 process: the replicas' gradients are summed inside autograd, so no hook sees a group's
 gradient), FSDP (each rank holds shards of layers), and an optimizer that already has a
 source of its own where DDP needs ``DDPMoments`` (build it without ``moments=``).
+
+A plain Accelerate loop calls :func:`attach_to_model` itself, on what ``accelerator.prepare``
+returned, before the first backward pass.
 
 The groups must be equally weighted, as everywhere (``docs/algorithm.md`` section 1):
 Trainer divides each micro-batch's loss by the accumulation steps, or, for models that take
