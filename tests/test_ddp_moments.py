@@ -225,7 +225,7 @@ class Disjoint(torch.nn.Module):
 
 
 def run_disjoint(rank, count_by):
-    """k is ambiguous here (4 backward() calls, at most 2 reach one parameter): every rank must
+    """k is ambiguous here (per rank 2 backward() calls, at most 1 reaches a parameter): every rank must
     refuse alike, or, with count_by="backward", count the calls (k = 4)."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -642,7 +642,8 @@ def test_unequal_micro_steps_refused(ddp_results):
 def test_disjoint_micro_steps_refused_alike_or_counted_by_backward_calls(ddp_results):
     for r in ddp_results:
         assert isinstance(r["disjoint"][None], str), r["disjoint"][None]
-        assert "k is ambiguous this step on 2 of 2 ranks" in r["disjoint"][None]
+        assert ("k is not known this step on 2 of 2 ranks; this rank: the number of gradient groups k is "
+                "ambiguous") in r["disjoint"][None]
         assert "4 backward() calls" not in r["disjoint"][None]  # per rank: 2 calls, at most 1 per parameter
         assert "2 backward() calls reached the parameters, but no parameter was reached by more than 1" \
             in r["disjoint"][None]

@@ -86,7 +86,8 @@ def reference(model):
             for p, t in zip(params, ref.theta):
                 p.copy_(t.float())
         x, y = data(step)
-        ref.step(group_grads(model, loss_fn, x, y, K, params, before_group=lambda i: setattr(model, "task", task_of(i))))
+        ref.step(group_grads(model, loss_fn, x, y, K, params,
+                             before_group=lambda i: setattr(model, "task", task_of(i))))
     return ref.theta
 
 

@@ -35,7 +35,8 @@ def run_trainer(out, *args, ranks=2, script=WORKER):
         out.mkdir()
         cmd = [sys.executable, str(script)]
         if ranks > 1:
-            cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+            cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                        "--master_port", str(free_port())]
         return subprocess.run([*cmd, "--out", str(out), *map(str, args)], cwd=out, capture_output=True, text=True,
                               env=launch_env({"PYTHONFAULTHANDLER": "1"}, pythonpath=ROOT), timeout=600)
 
@@ -108,7 +109,8 @@ def test_trainer_ddp_matches_the_reference(tmp_path, optimizer, base, steps, bou
     assert worst < bound, errs
 
 
-@pytest.mark.parametrize("route", [("--gradient-checkpointing", "reentrant"), ("--gradient-checkpointing", "non-reentrant"),
+@pytest.mark.parametrize("route", [("--gradient-checkpointing", "reentrant"),
+                                   ("--gradient-checkpointing", "non-reentrant"),
                                    ("--torch-compile",)], ids=["ckpt-reentrant", "ckpt-non-reentrant", "compiled"])
 def test_trainer_ddp_routes_match_the_reference(tmp_path, route):
     """Trainer's activation checkpointing (HF's layers inside torch's checkpoint: a reentrant

@@ -85,7 +85,8 @@ def main():
     targs = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=4, gradient_accumulation_steps=args.accumulation,
         max_steps=args.steps, max_grad_norm=args.max_grad_norm, lr_scheduler_type="constant",
-        report_to=[], save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, use_cpu=True, logging_steps=1, seed=0,
+        report_to=[], save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        use_cpu=True, logging_steps=1, seed=0,
         gradient_checkpointing=args.gradient_checkpointing is not None, torch_compile=args.torch_compile,
         gradient_checkpointing_kwargs={"use_reentrant": args.gradient_checkpointing == "reentrant"})
     assert targs.device.type == "cpu"

@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .microstep import FollowsRescaling, MicroStepMoments, ambiguous_count_message, check_count_by, clip_mean_gradient_
+from .microstep import FollowsRescaling, MicroStepMoments, check_count_by, clip_mean_gradient_
 
 MODES = ("micro", "rank")
 
@@ -136,13 +136,13 @@ class DDPMoments(FollowsRescaling):
         dtype = torch.promote_types(buf.dtype, torch.float32)
         if self.local is not None:
             sq = [self._local_sq(p).view(-1) for p in params]
-            count, ambiguous = self.local.pass_count()  # never raises here: every rank must reduce
+            count, unknown = self.local.pass_count()  # never raises: every rank must reduce
         else:
             sq = [g.reshape(-1).to(dtype).square() for g in bucket.gradients()]
-            count, ambiguous = 1, False
+            count, unknown = 1, False
         n = buf.numel()
         combined = torch.cat([buf.view(-1).to(dtype), *(s.to(dtype) for s in sq),
-                              torch.tensor([float(count), float(ambiguous)], dtype=dtype, device=buf.device)])
+                              torch.tensor([float(count), float(unknown)], dtype=dtype, device=buf.device)])
         fut = dist.all_reduce(combined, group=self.group, async_op=True).get_future()
         views = bucket.gradients()  # the parameters' views of buf
 
@@ -156,7 +156,7 @@ class DDPMoments(FollowsRescaling):
                 offset += p.numel()
             # read lazily (no device sync in the hook); a copy, not a view that would keep the
             # reduced buffer of every synced micro-step alive
-            self._counts.append(total[offset:offset + 2].clone())  # [count, ranks that found k ambiguous]
+            self._counts.append(total[offset:offset + 2].clone())  # [count, ranks where k is unknown]
             return buf
 
         return fut.then(finish)
@@ -183,14 +183,13 @@ class DDPMoments(FollowsRescaling):
         # that gradient's parameter has counted the pass; that bucket's count then misses it.
         counts = torch.stack(self._counts)
         count = int(round(counts[:, 0].max().item()))
-        # Ambiguity (MicroStepMoments.pass_count) can only clear as a pass's hooks run, so the
+        # An unknown k (MicroStepMoments.pass_count) can only clear as a pass's hooks run, so the
         # final state is the least among the buckets reduced after the whole pass; summed over
         # the ranks, so that every rank raises, or none
-        ambiguous = int(round(counts[counts[:, 0] == counts[:, 0].max(), 1].min().item()))
-        if ambiguous:
-            raise RuntimeError("DDPMoments: " + ambiguous_count_message(
-                self.local._passes, self.local._backward_passes,
-                f" on {ambiguous} of {self.world} ranks (this rank's counts follow)"))
+        unknown = int(round(counts[counts[:, 0] == counts[:, 0].max(), 1].min().item()))
+        if unknown:
+            raise RuntimeError(f"DDPMoments: k is not known this step on {unknown} of {self.world} ranks; this "
+                               f"rank: {self.local.count_problem() or 'known'} (set DDPMoments(..., count_by=...))")
         if count != self.world * local:
             raise RuntimeError(
                 f"ranks ran different numbers of backward passes ({count} in all, "

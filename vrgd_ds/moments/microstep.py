@@ -308,33 +308,40 @@ class MicroStepMoments(FollowsRescaling):
 
     @property
     def local_passes(self) -> int:
-        """This process's backward passes since the last reset; raises where they are ambiguous."""
-        count, ambiguous = self.pass_count()
-        if ambiguous:
-            raise RuntimeError(ambiguous_count_message(self._passes, self._backward_passes))
+        """This process's backward passes since the last reset; raises where k is not known."""
+        count, unknown = self.pass_count()
+        if unknown:
+            raise RuntimeError(self.count_problem())
         return count
 
     def pass_count(self) -> tuple[int, bool]:
-        """``(k, ambiguous)`` from two counts: P, the backward() calls (top-level autograd graph
+        """``(k, unknown)`` from two counts: P, the backward() calls (top-level autograd graph
         tasks) that reached a parameter, and H, the most passes that reached one parameter.
         They agree unless no parameter is reached by every pass; then P > H, and ``count_by``
         says which is meant: "backward" (one backward() per micro-batch, e.g. micro-batches
         that take disjoint branches) or "parameter" (several backward() calls per micro-batch
-        over different parts of the model). Without it that case is ambiguous: H, flagged.
+        over different parts of the model). Without it that case is unknown (H, flagged).
         P < H is H: a parameter reached only inside reentrant activation checkpoints, whose
         nested backward belongs to the call that ran it, on micro-batches where no parameter
         outside one was reached. Where every parameter is inside reentrant checkpoints P = 0:
-        H, unflagged (disjoint micro-batches are not seen there; with "backward" this raises)."""
+        H, unflagged (disjoint micro-batches are not seen there), but with "backward" unknown.
+        Never raises (DDPMoments calls it inside its bucket hook); :meth:`count_problem` says
+        what is wrong."""
         hits, passes = self._backward_passes, self._passes
         if self.count_by == "backward":
-            if hits and not passes:
-                raise RuntimeError(
-                    "count_by='backward': no backward() call reached a parameter outside a reentrant "
+            return (passes, False) if passes or not hits else (hits, True)
+        return hits, self.count_by is None and passes > hits
+
+    def count_problem(self) -> str | None:
+        """Why :meth:`pass_count` flags k as unknown this step, or None."""
+        if not self.pass_count()[1]:
+            return None
+        if self.count_by == "backward":
+            return ("count_by='backward': no backward() call reached a parameter outside a reentrant "
                     "activation checkpoint this step (every gradient came from a checkpoint's own nested "
                     "backward), so the calls cannot be counted; use torch.utils.checkpoint(..., "
                     "use_reentrant=False)")
-            return passes, False
-        return hits, self.count_by is None and passes > hits
+        return ambiguous_count_message(self._passes, self._backward_passes)
 
     def _check_one_process(self) -> None:
         import torch.distributed as dist
