@@ -23,10 +23,22 @@ SCRIPT = textwrap.dedent("""
     if kind == "fsdp2":
         from torch.distributed.fsdp import fully_shard
         fully_shard(model)
-    else:
+    elif kind.startswith("fsdp1"):
         from torch.distributed.fsdp import FullyShardedDataParallel
         model = FullyShardedDataParallel(model.cuda(), use_orig_params=kind == "fsdp1-orig")
     out = {}
+    if kind == "fsdp2-hf":  # an optimizer built before the model was sharded (as passed to Trainer)
+        from vrgd_ds.hf import attach_to_model
+        opt = VRLAMB(model.parameters(), lr=1e-3)
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model)
+        try:
+            attach_to_model(model, opt)
+        except ValueError as e:
+            out["attach_to_model"] = str(e)
+        dist.destroy_process_group()
+        print(json.dumps(out))
+        sys.exit(0)
     for cls in (LAMB, LARS, VRLAMB, VRAdamW, VRSGD):
         try:
             cls(model.parameters(), lr=1e-3)
@@ -49,6 +61,12 @@ def test_fsdp2_parameters_are_refused():
         assert msg is not None, name
         assert f"{name}: a parameter of shape" in msg and "DTensor (FSDP2 fully_shard" in msg
         assert "per shard" in msg
+
+
+def test_hf_attach_refuses_an_fsdp2_model():
+    msg = refusals("fsdp2-hf").get("attach_to_model")
+    assert msg is not None and "the model is wrapped in FSDP (FSDPSequential)" in msg
+    assert "layer statistics" in msg
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs an accelerator")

@@ -60,6 +60,14 @@ def vr_optimizer(optimizer):
     return None
 
 
+def _is_fsdp2(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover (older torch)
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _unwrap_compiled(model):
     return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
 
@@ -129,7 +137,7 @@ def attach_to_model(model, optimizer, mode: str = "micro", count_by: str | None 
             "process), which sums the replicas' gradients inside autograd, so no hook sees a "
             "group's gradient and the squared gradients cannot be formed. Launch one process "
             "per GPU instead (torchrun --nproc_per_node N ...), which gives DistributedDataParallel")
-    if "FullyShardedDataParallel" in name:
+    if "FullyShardedDataParallel" in name or _is_fsdp2(model):
         raise ValueError(_FSDP.format(name=name, fix="no FSDP plugin", zero="a DeepSpeed plugin"))
     if isinstance(model, DistributedDataParallel):
         if opt.moments is not None and opt.moments is not previous:
