@@ -98,19 +98,12 @@ class MomentsCallback(TrainerCallback):
         wrapped = _unwrap_compiled(trainer.model_wrapped)
         if self.moments is not None and wrapped is self._bound_to and opt.moments is self.moments:
             return self.moments
-        if getattr(trainer, "is_fsdp_enabled", False):
-            raise ValueError(_FSDP.format(name=type(wrapped).__name__, fix="no fsdp setting",
-                                          zero="TrainingArguments(deepspeed=...)"))
         moments = attach_to_model(wrapped, opt, mode=self.mode, count_by=self.count_by,
                                   batch_size=trainer.args.per_device_train_batch_size,
                                   accumulation=trainer.args.gradient_accumulation_steps, previous=self.moments,
                                   params=trainer.model.parameters())
         self.moments, self._bound_to = moments, wrapped
         return moments
-
-
-_FSDP = ("vrgd_ds.hf: the model is wrapped in FSDP ({name}); each rank would hold shards of layers, "
-         "whose layer statistics the VR optimizers cannot take. Use DDP ({fix}) or DeepSpeed ZeRO ({zero})")
 
 
 def attach_to_model(model, optimizer, mode: str = "micro", count_by: str | None = None,
@@ -138,7 +131,9 @@ def attach_to_model(model, optimizer, mode: str = "micro", count_by: str | None 
             "group's gradient and the squared gradients cannot be formed. Launch one process "
             "per GPU instead (torchrun --nproc_per_node N ...), which gives DistributedDataParallel")
     if "FullyShardedDataParallel" in name or _is_fsdp2(model):
-        raise ValueError(_FSDP.format(name=name, fix="no FSDP plugin", zero="a DeepSpeed plugin"))
+        raise ValueError(f"vrgd_ds.hf: the model is wrapped in FSDP ({name}); each rank would hold shards of "
+                         "layers, whose layer statistics the VR optimizers cannot take. Use DDP (no FSDP "
+                         "setting or plugin) or DeepSpeed ZeRO")
     if isinstance(model, DistributedDataParallel):
         if opt.moments is not None and opt.moments is not previous:
             raise ValueError(

@@ -32,7 +32,7 @@ from ..moments.chunked import ChunkedSquares
 
 class Stage0Moments(MicroStepMoments):
     def __init__(self, params, group, world: int, comm_dtype, chunk_numel: int, samples_per_group=None,
-                 norms_only: bool = False, accumulation: Callable[[], int] | None = None):
+                 norms_only: bool = False, *, accumulation: Callable[[], int]):
         super().__init__(params, samples_per_group)
         self.world = world
         # the engine's gradient_accumulation_steps: backward passes per step on every rank, by
@@ -57,7 +57,7 @@ class Stage0Moments(MicroStepMoments):
 
     @property
     def group_count(self) -> int:
-        return self.world * (self.local_passes if self.accumulation is None else self.accumulation())
+        return self.world * self.accumulation()
 
     @property
     def sq_scale(self) -> float:

@@ -210,7 +210,6 @@ class MicroStepMoments(FollowsRescaling):
         self._backward_passes = 0  # the most backward passes that reached one parameter
         self._passes = 0  # top-level autograd graph tasks that reached any (see _count_pass)
         self._tasks: set[int] = set()
-        self._task = -1
         self._handles = [p.register_hook(eager_hook(self._hook_for(p))) for p in self.params]
         self._handles += [p.register_post_accumulate_grad_hook(eager_hook(self._hand_over)) for p in self.params]
 
@@ -231,10 +230,7 @@ class MicroStepMoments(FollowsRescaling):
         own. The per-parameter count alone would miss a pass when no parameter is reached by
         every pass (micro-batches that take disjoint branches, e.g. per-task adapters)."""
         task = torch._C._current_graph_task_id()
-        if task == self._task or task < 0:  # the same task as the last hook, or none known
-            return
-        self._task = task
-        if task not in self._tasks:
+        if task >= 0 and task not in self._tasks:  # -1: autograd reports no task
             self._tasks.add(task)
             if not _inside_function_backward():
                 self._passes += 1
@@ -376,7 +372,6 @@ class MicroStepMoments(FollowsRescaling):
         self._backward_passes = 0
         self._passes = 0
         self._tasks.clear()
-        self._task = -1
         self._clip_scale = 1.0
         self._reset_probes()
 
